@@ -1,0 +1,53 @@
+"""Errors raised by sparsegraph.
+
+Every error names the problem and the fix. The CLI turns any `SparsegraphError` into a one-line
+message on stderr and exit code 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class SparsegraphError(Exception):
+    """Base class of every error that is the user's input, not our bug."""
+
+
+class TraceError(SparsegraphError):
+    """The model could not be captured into a graph."""
+
+
+class ConfigError(SparsegraphError):
+    """A config key or value is invalid."""
+
+
+class PlanError(SparsegraphError):
+    """A plan is malformed, from another schema version, or for another model."""
+
+
+class PassError(SparsegraphError):
+    """A pass failed; the message names the pass and, where known, the site."""
+
+    def __init__(self, pass_name: str, message: str, site: str | None = None):
+        where = f" at site {site!r}" if site else ""
+        super().__init__(f"pass {pass_name!r} failed{where}: {message}")
+        self.pass_name = pass_name
+        self.site = site
+
+
+class ExportError(SparsegraphError):
+    """The compiled model could not be exported to ONNX."""
+
+
+class ModelSpecError(SparsegraphError):
+    """A model name such as `zoo:minilm` or `pkg.module:factory` could not be resolved."""
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """' (did you mean 'x'?)' for the nearest choice, or a list of the valid ones when none is near."""
+    choices = sorted(choices)
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean {close[0]!r}?)"
+    return f" (valid: {', '.join(map(repr, choices))})" if choices else ""
