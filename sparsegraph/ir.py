@@ -1,0 +1,624 @@
+"""The IR: an FX GraphModule, and the queries every pass uses to read it.
+
+Two capture paths produce two dialects: torch.export gives ATen nodes (``aten.linear.default``),
+``torch.fx.symbolic_trace`` gives torch-level nodes (``call_module`` on an ``nn.Linear``, ``F.gelu``,
+``x.softmax(-1)``). `kind` maps both to one small vocabulary of canonical op kinds, so passes never
+match raw targets.
+
+Site queries find the places sparsity applies and return frozen dataclasses:
+
+- `attention_sites`: ``scaled_dot_product_attention`` calls and explicit ``matmul → softmax → matmul``
+  chains, with heads, KV heads (GQA is read off the K projection), head dim, causality (from
+  ``is_causal`` or from a mask built by comparing aranges / ``tril``), and the Q/K/V/output projections;
+- `mlp_sites`: ``linear → act → linear`` and gated ``act(linear_g(x)) * linear_u(x) → linear`` blocks.
+
+`annotate` writes each site's facts onto its nodes (`sparsegraph.meta`), `propagate_shapes` writes
+concrete shapes at the example inputs into ``node.meta["val"]`` (for both dialects), and
+`to_networkx` gives the dataflow graph for analyses that are graph algorithms.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import operator
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import networkx as nx
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+from torch.utils import _pytree as pytree
+
+from sparsegraph import meta
+
+aten = torch.ops.aten
+
+# ------------------------------------------------------------------------------------------------------------
+# Canonical op kinds
+
+_FUNCTIONS: dict[object, str] = {}
+_METHODS: dict[str, str] = {}
+_MODULES: dict[type, str] = {}
+
+
+def _targets(kind: str, *targets: object) -> None:
+    for t in targets:
+        _FUNCTIONS[t] = kind
+
+
+def _aten(kind: str, *names: str) -> None:
+    """Register ATen overloads by name; overloads missing from an older torch are skipped."""
+    for name in names:
+        packet, _, overload = name.partition(".")
+        op = getattr(aten, packet, None)
+        if op is not None and hasattr(op, overload or "default"):
+            _FUNCTIONS[getattr(op, overload or "default")] = kind
+
+
+_aten("linear", "linear.default")
+_targets("linear", F.linear)
+_aten("sdpa", "scaled_dot_product_attention.default")
+_targets("sdpa", F.scaled_dot_product_attention)
+_aten("matmul", "matmul.default", "bmm.default", "mm.default")
+_targets("matmul", torch.matmul, torch.bmm, torch.mm, operator.matmul)
+_aten("softmax", "softmax.int", "_softmax.default", "_safe_softmax.default")
+_targets("softmax", torch.softmax, F.softmax)
+_aten("gelu", "gelu.default")
+_targets("gelu", F.gelu)
+_aten("relu", "relu.default", "relu_.default")
+_targets("relu", F.relu, torch.relu)
+_aten("silu", "silu.default", "silu_.default")
+_targets("silu", F.silu)
+_aten("conv", "conv1d.default", "conv2d.default", "conv3d.default", "convolution.default")
+_targets("conv", F.conv1d, F.conv2d, F.conv3d)
+_aten("mul", "mul.Tensor", "mul.Scalar")
+_targets("mul", operator.mul, torch.mul)
+_aten("div", "div.Tensor", "div.Scalar")
+_targets("div", operator.truediv, torch.div)
+_aten("add", "add.Tensor", "add.Scalar")
+_targets("add", operator.add, torch.add)
+_aten("sub", "sub.Tensor", "rsub.Scalar")
+_targets("sub", operator.sub, torch.sub)
+_aten("neg", "neg.default")
+_targets("neg", operator.neg, torch.neg)
+_aten("cat", "cat.default")
+_targets("cat", torch.cat)
+_aten("masked_fill", "masked_fill.Scalar", "masked_fill.Tensor", "where.self", "where.ScalarOther")
+_targets("masked_fill", torch.where)
+_aten("compare", "le.Tensor", "lt.Tensor", "ge.Tensor", "gt.Tensor", "le.Scalar", "lt.Scalar", "ge.Scalar",
+      "gt.Scalar")
+_targets("compare", operator.le, operator.lt, operator.ge, operator.gt, torch.le, torch.lt, torch.ge, torch.gt)
+_aten("triangle", "tril.default", "triu.default")
+_targets("triangle", torch.tril, torch.triu)
+_aten("arange", "arange.default", "arange.start", "arange.start_step")
+_targets("arange", torch.arange)
+_aten("sym_size", "sym_size.int")
+_aten("embedding", "embedding.default")
+_targets("embedding", F.embedding)
+_aten("dropout", "dropout.default", "native_dropout.default")
+_targets("dropout", F.dropout)
+_aten("layer_norm", "layer_norm.default", "native_layer_norm.default")
+_targets("layer_norm", F.layer_norm)
+# Ops that only move or reinterpret data: walks through the graph pass across them.
+_aten("shape", "view.default", "reshape.default", "_unsafe_view.default", "transpose.int", "permute.default",
+      "contiguous.default", "clone.default", "expand.default", "unsqueeze.default", "squeeze.dim",
+      "squeeze.default", "flatten.using_ints", "unflatten.int", "select.int", "slice.Tensor", "split.Tensor",
+      "split_with_sizes.default", "chunk.default", "unbind.int", "t.default", "to.dtype", "to.dtype_layout",
+      "to.device", "_to_copy.default", "alias.default", "detach.default", "type_as.default",
+      "_assert_tensor_metadata.default", "lift_fresh_copy.default")
+_targets("shape", operator.getitem, torch.reshape, torch.transpose, torch.permute, torch.flatten, torch.unflatten,
+         torch.unbind, torch.chunk, torch.split, torch.squeeze, torch.unsqueeze, torch.t)
+
+_METHODS.update({
+    "matmul": "matmul", "bmm": "matmul", "softmax": "softmax", "relu": "relu", "mul": "mul", "add": "add",
+    "div": "div", "sub": "sub", "neg": "neg", "masked_fill": "masked_fill", "tril": "triangle", "triu": "triangle",
+    "le": "compare", "lt": "compare", "ge": "compare", "gt": "compare",
+    **{m: "shape" for m in ("view", "reshape", "transpose", "permute", "contiguous", "clone", "expand",
+                            "unsqueeze", "squeeze", "flatten", "unflatten", "unbind", "chunk", "split",
+                            "to", "type_as", "float", "half", "bfloat16", "detach", "t", "size")},
+})
+_MODULES.update({
+    torch.nn.Linear: "linear", torch.nn.Conv1d: "conv", torch.nn.Conv2d: "conv", torch.nn.Conv3d: "conv",
+    torch.nn.GELU: "gelu", torch.nn.ReLU: "relu", torch.nn.SiLU: "silu", torch.nn.Softmax: "softmax",
+    torch.nn.Dropout: "dropout", torch.nn.Embedding: "embedding", torch.nn.Identity: "shape", torch.nn.LayerNorm: "layer_norm",
+})
+
+ACTIVATIONS = frozenset({"gelu", "relu", "silu"})
+_SCORE_OPS = frozenset({"mul", "div", "add", "sub", "masked_fill", "shape"})  # between QKᵀ and softmax
+_ROPE_OPS = frozenset({"shape", "mul", "add", "sub", "neg", "cat"})  # between a projection and attention
+_PASS_THROUGH = frozenset({"shape", "dropout"})
+
+
+def kind(node: torch.fx.Node) -> str | None:
+    """The canonical op kind of `node` (``"linear"``, ``"sdpa"``, ``"softmax"``, ``"shape"``, …) or None."""
+    if node.op == "call_function":
+        return _FUNCTIONS.get(node.target)
+    if node.op == "call_method":
+        return _METHODS.get(node.target)
+    if node.op == "call_module":
+        module = _submodule(node)
+        for cls in type(module).__mro__:
+            if cls in _MODULES:
+                return _MODULES[cls]
+    return None
+
+
+def register_kind(kind_name: str, *targets: object) -> None:
+    """Teach `kind` new targets (for example a plugin's custom op that behaves like a linear layer)."""
+    _targets(kind_name, *targets)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Node helpers
+
+
+def val(node: torch.fx.Node):
+    """The example value recorded on `node` (a fake tensor, a tuple of them, a number) or None."""
+    return node.meta.get("val")
+
+
+def shape(node: torch.fx.Node) -> tuple[int, ...] | None:
+    v = val(node)
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def get_attr(gm: torch.nn.Module, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _submodule(node: torch.fx.Node) -> torch.nn.Module:
+    return get_attr(node.graph.owning_module, node.target)
+
+
+def _arg(node: torch.fx.Node, index: int, name: str, default=None):
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+@dataclass(frozen=True)
+class LinearParts:
+    """The operands of a linear node, in either dialect: ``y = x @ weight.T + bias``."""
+
+    x: torch.fx.Node
+    weight: torch.Tensor | None  # None when the weight is computed in the graph
+    bias: torch.Tensor | None
+    in_features: int
+    out_features: int
+    module_path: str
+
+
+def linear_parts(node: torch.fx.Node) -> LinearParts:
+    gm = node.graph.owning_module
+    if node.op == "call_module":
+        mod = _submodule(node)
+        return LinearParts(node.args[0], mod.weight, mod.bias, mod.in_features, mod.out_features, node.target)
+    x, w = node.args[0], node.args[1]
+    b = _arg(node, 2, "bias")
+    weight = get_attr(gm, w.target) if w.op == "get_attr" else None
+    bias = get_attr(gm, b.target) if isinstance(b, torch.fx.Node) and b.op == "get_attr" else None
+    w_shape = tuple(weight.shape) if weight is not None else shape(w)
+    path = w.target.rsplit(".", 1)[0] if w.op == "get_attr" else module_path(node)
+    return LinearParts(x, weight, bias, int(w_shape[1]), int(w_shape[0]), path)
+
+
+def module_path(node: torch.fx.Node) -> str:
+    """Dotted path of the module `node` came from, or "" when the graph does not say."""
+    if node.op == "call_module":
+        return str(node.target)
+    if kind(node) == "linear" and isinstance(node.args[1], torch.fx.Node) and node.args[1].op == "get_attr":
+        return node.args[1].target.rsplit(".", 1)[0]
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        return path if isinstance(path, str) else ""
+    return ""
+
+
+def users_through(node: torch.fx.Node, through: frozenset[str]) -> list[torch.fx.Node]:
+    """Users of `node`, looking through chains of ops whose kind is in `through`."""
+    found, seen, queue = [], set(), deque([node])
+    while queue:
+        n = queue.popleft()
+        for user in n.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            if kind(user) in through:
+                queue.append(user)
+            else:
+                found.append(user)
+    return found
+
+
+def producers_through(node, through: frozenset[str], stop: Callable[[torch.fx.Node], bool],
+                      limit: int = 64) -> list[torch.fx.Node]:
+    """Nodes satisfying `stop` found walking back from `node` across ops whose kind is in `through`."""
+    found, seen, queue = [], set(), deque([node])
+    while queue and len(seen) < limit:
+        n = queue.popleft()
+        if not isinstance(n, torch.fx.Node) or n in seen:
+            continue
+        seen.add(n)
+        if stop(n):
+            found.append(n)
+        elif kind(n) in through:
+            queue.extend(n.all_input_nodes)
+    return found
+
+
+def _is_linear(n: torch.fx.Node) -> bool:
+    return kind(n) == "linear"
+
+
+def _single_linear(node, through=_ROPE_OPS) -> torch.fx.Node | None:
+    found = producers_through(node, through, _is_linear)
+    return found[0] if len(set(found)) == 1 else None
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Calling a GraphModule with flat inputs, and shapes
+
+
+def flatten_inputs(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> list:
+    """The values bound to `gm`'s placeholders when it is called as ``gm(*args, **kwargs)``."""
+    codegen = gm.graph._codegen
+    info = getattr(codegen, "pytree_info", None)
+    if info is not None and info.in_spec is not None:
+        from torch.export._tree_utils import reorder_kwargs
+        from torch.fx._pytree import tree_flatten_spec
+
+        if kwargs:
+            kwargs = reorder_kwargs(kwargs, info.in_spec)
+        return list(tree_flatten_spec((list(args), kwargs), info.in_spec))
+    bound = inspect.signature(gm.forward).bind(*args, **kwargs)
+    bound.apply_defaults()
+    placeholders = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    return [bound.arguments[name.lstrip("*")] for name in placeholders]
+
+
+def propagate_shapes(gm: torch.fx.GraphModule, args: tuple, kwargs: dict | None = None) -> None:
+    """Run `gm` on fake copies of the example inputs and record each node's value in ``meta["val"]``.
+
+    Concrete shapes at the example inputs are what the site queries and the cost model read. The graph's
+    code stays dynamic; only this meta is specialised. Parameters stay real (no copy is made).
+    """
+    flat = flatten_inputs(gm, args, kwargs or {})
+    mode = torch._subclasses.fake_tensor.FakeTensorMode(allow_non_fake_inputs=True)
+    fake = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in flat]
+    with torch.no_grad():
+        _NamedFakeProp(gm, mode).propagate_dont_convert_inputs(*fake)
+
+
+class NodeError(Exception):
+    """Running the graph failed at `node`."""
+
+    def __init__(self, node: torch.fx.Node, error: BaseException):
+        info = meta.get(node)
+        where = f" (site {info.site}, role {info.role})" if info else ""
+        super().__init__(f"node {node.name} = {node.target}{where}: {type(error).__name__}: {error}")
+        self.node = node
+
+
+class _NamedFakeProp(FakeTensorProp):
+    def run_node(self, n):
+        try:
+            return super().run_node(n)
+        except NodeError:
+            raise
+        except Exception as e:
+            raise NodeError(n, e) from e
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Sites
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """One attention: ``softmax(q kᵀ · scale + mask) v`` over ``heads`` query heads.
+
+    q, k, v are the attention core's inputs, shaped [batch, heads, seq, head_dim] (k and v may already be
+    repeated across query heads: `kv_heads` is read off the K projection). `out` is the node producing the
+    attention output (the SDPA call, or the second matmul of an explicit chain); `core` all nodes between.
+    """
+
+    id: str
+    layer: int
+    module_path: str
+    form: str  # "sdpa" | "explicit"
+    heads: int
+    kv_heads: int
+    head_dim: int
+    causal: bool
+    has_mask: bool
+    q: torch.fx.Node
+    k: torch.fx.Node
+    v: torch.fx.Node
+    core: tuple[torch.fx.Node, ...]
+    out: torch.fx.Node
+    mask: torch.fx.Node | None
+    q_proj: torch.fx.Node | None
+    k_proj: torch.fx.Node | None
+    v_proj: torch.fx.Node | None
+    o_proj: torch.fx.Node | None
+
+    @property
+    def gqa(self) -> bool:
+        return self.kv_heads != self.heads
+
+
+@dataclass(frozen=True)
+class MLPSite:
+    """One MLP block: ``down(act(up(x)))``, or gated ``down(act(gate(x)) * up(x))`` (SwiGLU, GeGLU)."""
+
+    id: str
+    layer: int
+    module_path: str
+    gated: bool
+    activation: str
+    hidden: int
+    intermediate: int
+    up: torch.fx.Node
+    gate: torch.fx.Node | None
+    act: torch.fx.Node
+    mul: torch.fx.Node | None
+    down: torch.fx.Node
+
+    @property
+    def intermediate_node(self) -> torch.fx.Node:
+        """The node whose output feeds the down projection: ``act(...)``, or the gate product."""
+        return self.mul if self.gated else self.act
+
+
+def attention_sites(gm: torch.fx.GraphModule) -> list[AttentionSite]:
+    """Every attention in `gm`, in graph order."""
+    found = []
+    for node in gm.graph.nodes:
+        k = kind(node)
+        if k == "sdpa":
+            found.append(_sdpa_site(node))
+        elif k == "softmax":
+            site = _explicit_site(node)
+            if site is not None:
+                found.append(site)
+    return _number(found, "attn", _attention_paths)
+
+
+def mlp_sites(gm: torch.fx.GraphModule) -> list[MLPSite]:
+    """Every MLP block in `gm`, in graph order."""
+    found = [s for n in gm.graph.nodes if kind(n) in ACTIVATIONS for s in [_mlp_site(n)] if s is not None]
+    return _number(found, "mlp", lambda s: [s.up, s.gate, s.down])
+
+
+def sites(gm: torch.fx.GraphModule) -> list[AttentionSite | MLPSite]:
+    return [*attention_sites(gm), *mlp_sites(gm)]
+
+
+def _sdpa_site(node: torch.fx.Node) -> AttentionSite:
+    q, k, v = node.args[:3]
+    mask = _arg(node, 3, "attn_mask")
+    is_causal = bool(_arg(node, 5, "is_causal", False))
+    gqa = bool(node.kwargs.get("enable_gqa", False))
+    return _attention(form="sdpa", q=q, k=k, v=v, core=(node,), out=node, mask=mask,
+                      causal=is_causal or (mask is not None and _causal_mask(mask)), kv_from_k=gqa)
+
+
+def _explicit_site(softmax: torch.fx.Node) -> AttentionSite | None:
+    qk = [n for n in producers_through(softmax.args[0], _SCORE_OPS, lambda n: kind(n) == "matmul")]
+    pv = [u for u in users_through(softmax, _PASS_THROUGH) if kind(u) == "matmul"]
+    if len(set(qk)) != 1 or len(pv) != 1:
+        return None
+    qk, pv = qk[0], pv[0]
+    if softmax not in producers_through(pv.args[0], _PASS_THROUGH, lambda n: n is softmax):
+        return None  # the probabilities must be the left operand of the second matmul
+    q, kt, v = qk.args[0], qk.args[1], pv.args[1]
+    if shape(q) is None or len(shape(q)) != 4:
+        return None
+    between = _nodes_between(qk, softmax)
+    masks = [a for n in between if kind(n) in ("add", "masked_fill") for a in n.all_input_nodes
+             if a not in between and a is not qk]
+    mask = masks[0] if masks else None
+    return _attention(form="explicit", q=q, k=kt, v=v, core=(qk, *sorted(between - {qk}), pv),
+                      out=pv, mask=mask, causal=any(_causal_mask(m) for m in masks), kv_from_k=False)
+
+
+def _attention(*, form, q, k, v, core, out, mask, causal, kv_from_k) -> AttentionSite:
+    q_shape, k_shape = shape(q), shape(k)
+    heads, head_dim = q_shape[1], q_shape[-1]
+    q_proj, k_proj, v_proj = _single_linear(q), _single_linear(k), _single_linear(v)
+    kv_heads = k_shape[1] if kv_from_k else heads
+    if not kv_from_k and k_proj is not None and k_proj is not q_proj:
+        kv_heads = linear_parts(k_proj).out_features // head_dim
+    outs = [u for u in users_through(out, _PASS_THROUGH) if _is_linear(u)]
+    o_proj = outs[0] if len(outs) == 1 else None
+    return AttentionSite(id="", layer=-1, module_path="", form=form, heads=heads, kv_heads=kv_heads,
+                         head_dim=head_dim, causal=causal, has_mask=mask is not None and _depends_on_input(mask),
+                         q=q, k=k, v=v, core=core, out=out, mask=mask if isinstance(mask, torch.fx.Node) else None,
+                         q_proj=q_proj, k_proj=k_proj, v_proj=v_proj, o_proj=o_proj)
+
+
+def _mlp_site(act: torch.fx.Node) -> MLPSite | None:
+    first = _single_linear(act.args[0], through=frozenset({"shape"}))
+    if first is None:
+        return None
+    users = users_through(act, _PASS_THROUGH)
+    if len(users) != 1:
+        return None
+    (user,) = users
+    gate = mul = None
+    if _is_linear(user):
+        up, down = first, user
+    elif kind(user) == "mul":
+        others = [a for a in user.all_input_nodes
+                  if act not in producers_through(a, _PASS_THROUGH, lambda n: n is act)]
+        up = _single_linear(others[0], through=frozenset({"shape"})) if len(others) == 1 else None
+        downs = [u for u in users_through(user, _PASS_THROUGH) if _is_linear(u)]
+        if up is None or len(downs) != 1 or linear_parts(up).x is not linear_parts(first).x:
+            return None
+        gate, mul, down = first, user, downs[0]
+    else:
+        return None
+    up_parts, down_parts = linear_parts(up), linear_parts(down)
+    if down_parts.in_features != up_parts.out_features:
+        return None
+    return MLPSite(id="", layer=-1, module_path="", gated=gate is not None, activation=kind(act),
+                   hidden=up_parts.in_features, intermediate=up_parts.out_features,
+                   up=up, gate=gate, act=act, mul=mul, down=down)
+
+
+def _attention_paths(site: AttentionSite):
+    return [site.q_proj, site.k_proj, site.v_proj, site.o_proj]
+
+
+def _number(found: list, prefix: str, linears: Callable) -> list:
+    """Give each site its layer index (graph order) and a stable id from its modules' common path."""
+    numbered, used = [], set()
+    for layer, site in enumerate(found):
+        paths = [linear_parts(n).module_path for n in linears(site) if n is not None]
+        path = _common_prefix(paths)
+        anchor = meta.get(site.core[0] if prefix == "attn" else site.up)
+        if anchor is not None:  # keep the id given at capture time, whatever was rewritten since
+            site_id, layer, path = anchor.site, anchor.layer, anchor.module_path
+        else:
+            site_id = f"{prefix}:{path}" if path else f"{prefix}:{layer}"
+            while site_id in used:
+                site_id += "'"
+        used.add(site_id)
+        numbered.append(dataclasses.replace(site, id=site_id, layer=layer, module_path=path))
+    return numbered
+
+
+def _common_prefix(paths: list[str]) -> str:
+    parts = [p.split(".") for p in paths if p]
+    if not parts:
+        return ""
+    common = []
+    for pieces in zip(*parts):
+        if len(set(pieces)) != 1:
+            break
+        common.append(pieces[0])
+    return ".".join(common)
+
+
+def _nodes_between(src: torch.fx.Node, dst: torch.fx.Node) -> set[torch.fx.Node]:
+    """Nodes on paths from `src` to `dst` (both included)."""
+    forward, queue = {src}, deque([src])
+    while queue:
+        for u in queue.popleft().users:
+            if u not in forward and u <= dst:
+                forward.add(u)
+                queue.append(u)
+    backward, queue = {dst}, deque([dst])
+    while queue:
+        for a in queue.popleft().all_input_nodes:
+            if a in forward and a not in backward:
+                backward.add(a)
+                queue.append(a)
+    return backward
+
+
+def _ancestors(node: torch.fx.Node, limit: int = 256) -> list[torch.fx.Node]:
+    """Ancestors by value (shape-only edges, ``sym_size``, are not followed)."""
+    seen, queue, out = set(), deque([node]), []
+    while queue and len(out) < limit:
+        n = queue.popleft()
+        if n in seen:
+            continue
+        seen.add(n)
+        out.append(n)
+        if kind(n) != "sym_size":
+            queue.extend(n.all_input_nodes)
+    return out
+
+
+def _causal_mask(mask) -> bool:
+    """Whether `mask` is built causally: a ``tril``/``triu``, a comparison of two aranges, or a constant
+    lower-triangular buffer."""
+    if not isinstance(mask, torch.fx.Node):
+        return False
+    for n in _ancestors(mask):
+        k = kind(n)
+        if k == "triangle":
+            return True
+        if k == "compare" and len(n.all_input_nodes) == 2 and all(
+                any(kind(a) == "arange" for a in _ancestors(x, 32)) for x in n.all_input_nodes):
+            return True
+        if n.op == "get_attr":
+            t = get_attr(n.graph.owning_module, n.target)
+            if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-1] == t.shape[-2] > 1:
+                square = t.reshape(-1, t.shape[-2], t.shape[-1])[0]
+                keep = square.bool() if t.dtype == torch.bool else square > square.min()
+                if torch.equal(keep, torch.ones_like(keep).tril()):
+                    return True
+    return False
+
+
+def _depends_on_input(node) -> bool:
+    return isinstance(node, torch.fx.Node) and any(n.op == "placeholder" for n in _ancestors(node))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Annotation and views
+
+
+def annotate(gm: torch.fx.GraphModule) -> None:
+    """Write every site's facts onto its nodes (``node.meta["sparsegraph"]``)."""
+    for site in attention_sites(gm):
+        def put(node, role, site=site):
+            if node is not None:
+                meta.set_info(node, meta.NodeInfo(site.id, role, site.layer, site.module_path))
+
+        packed = site.q_proj is not None and site.q_proj is site.k_proj
+        put(site.q_proj, "attn.qkv" if packed else "attn.q")
+        if not packed:
+            put(site.k_proj, "attn.k")
+            put(site.v_proj, "attn.v")
+        if site.form == "sdpa":
+            put(site.out, "attn.core")
+        else:
+            put(site.core[0], "attn.qk")
+            for n in site.core[1:-1]:
+                if kind(n) == "softmax":
+                    put(n, "attn.softmax")
+            put(site.out, "attn.pv")
+        put(site.o_proj, "attn.out")
+    for site in mlp_sites(gm):
+        for node, role in ((site.up, "mlp.up"), (site.gate, "mlp.gate"), (site.act, "mlp.act"),
+                           (site.mul, "mlp.mul"), (site.down, "mlp.down")):
+            if node is not None:
+                meta.set_info(node, meta.NodeInfo(site.id, role, site.layer, site.module_path))
+
+
+def site_nodes(gm: torch.fx.GraphModule) -> dict[str, list[torch.fx.Node]]:
+    """Annotated nodes grouped by site id (rewritten nodes keep the site of the nodes they replaced)."""
+    groups: dict[str, list[torch.fx.Node]] = {}
+    for node in gm.graph.nodes:
+        info = meta.get(node)
+        if info is not None:
+            groups.setdefault(info.site, []).append(node)
+    return groups
+
+
+def to_networkx(gm: torch.fx.GraphModule) -> nx.DiGraph:
+    """The dataflow graph: one vertex per node (attributes op, target, kind, shape, site, role)."""
+    g = nx.DiGraph()
+    for node in gm.graph.nodes:
+        info = meta.get(node)
+        g.add_node(node.name, op=node.op, target=str(node.target), kind=kind(node), shape=shape(node),
+                   site=info.site if info else None, role=info.role if info else None)
+        for src in node.all_input_nodes:
+            g.add_edge(src.name, node.name)
+    return g
+
+
+def tensors(value) -> Iterable[torch.Tensor]:
+    """Every tensor inside a (possibly nested) value."""
+    return [x for x in pytree.tree_leaves(value) if isinstance(x, torch.Tensor)]

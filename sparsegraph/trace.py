@@ -1,0 +1,185 @@
+"""Capture: a model and example inputs become one GraphModule, the IR every pass works on.
+
+Order of attempts:
+
+1. ``torch.export.export(strict=False)`` with dynamic batch and sequence dimensions (``Dim.AUTO``: export
+   keeps a dimension dynamic where the model allows it and specialises it silently where not);
+2. the same with static shapes, if the dynamic attempt failed on a shape constraint;
+3. ``torch.fx.symbolic_trace`` (torch-level nodes instead of ATen; `sparsegraph.ir` reads both).
+
+If all fail, `TraceError` lists what each attempt hit and what to try. The exported program is
+unlifted (``ExportedProgram.module()``): parameters are ``get_attr`` nodes under the model's own module
+paths, and the GraphModule takes the same arguments as the model's ``forward``.
+
+Tracing runs the model in eval mode (sparsity is an inference optimisation): the ``training`` flags are
+switched off for the capture and restored afterwards, so the user's model leaves exactly as it came.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.fx
+from torch.utils import _pytree as pytree
+
+from sparsegraph import ir
+from sparsegraph.errors import TraceError
+
+__all__ = ["dynamic_shapes_for", "trace"]
+
+
+def trace(
+    model: torch.nn.Module,
+    example_inputs: tuple = (),
+    example_kwargs: dict | None = None,
+    *,
+    dynamic: bool = True,
+) -> torch.fx.GraphModule:
+    """Capture `model` called as ``model(*example_inputs, **example_kwargs)`` into a GraphModule.
+
+    With ``dynamic=True`` the batch dimension of every tensor input, and the sequence dimension of
+    token-like inputs (integer or boolean 2-D tensors, float 3-D tensors), may vary at run time.
+    The returned graph carries our site annotations (`ir.annotate`) and concrete shapes at the example
+    inputs in ``node.meta["val"]``.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TraceError(f"expected a torch.nn.Module, got {type(model).__name__}; wrap callables in a Module")
+    example_inputs = _as_tuple(example_inputs)
+    example_kwargs = dict(example_kwargs or {})
+    attempts: list[tuple[str, BaseException]] = []
+    gm = None
+    with _eval_mode(model):
+        if dynamic:
+            gm = _try(attempts, "torch.export (dynamic batch/sequence)",
+                      lambda: _export(model, example_inputs, example_kwargs, dynamic=True))
+        if gm is None:
+            gm = _try(attempts, "torch.export (static shapes)",
+                      lambda: _export(model, example_inputs, example_kwargs, dynamic=False))
+            if gm is not None and dynamic:
+                warnings.warn(
+                    "dynamic-shape export failed, so the graph is specialised to the example shapes: "
+                    f"{_first_line(attempts[-1][1])}", stacklevel=2)
+        if gm is None:
+            gm = _try(attempts, "torch.fx.symbolic_trace", lambda: _symbolic_trace(model, example_kwargs))
+    if gm is None:
+        raise TraceError(_explain(model, attempts))
+    ir.propagate_shapes(gm, example_inputs, example_kwargs)
+    ir.annotate(gm)
+    return gm
+
+
+def dynamic_shapes_for(fn: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """A ``dynamic_shapes`` spec for torch.export / torch.onnx.export, keyed by ``fn``'s parameter names.
+
+    Batch (dim 0) of every tensor is dynamic; so is dim 1 of integer/boolean 2-D tensors (token ids,
+    masks) and of float 3-D tensors (embeddings). ``Dim.AUTO`` lets export keep a dimension static where
+    the model fixes it instead of failing.
+    """
+    auto = torch.export.Dim.AUTO
+
+    def spec(x):
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            return None
+        dims = {0: auto}
+        token_like = x.dim() == 2 and not torch.is_floating_point(x)
+        if token_like or (x.dim() == 3 and torch.is_floating_point(x)):
+            dims[1] = auto
+        return dims
+
+    bound = _bind(fn, args, kwargs)
+    return {name: pytree.tree_map(spec, value) for name, value in bound.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _export(model, args, kwargs, *, dynamic: bool) -> torch.fx.GraphModule:
+    shapes = None
+    if dynamic:
+        # A size-1 dimension would be specialised to 1 by export's 0/1 rule: trace at size 2 instead.
+        args, kwargs = pytree.tree_map(widen, (args, kwargs))
+        shapes = dynamic_shapes_for(model.forward, args, kwargs)
+    ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=shapes)
+    return ep.module()
+
+
+def _symbolic_trace(model, kwargs) -> torch.fx.GraphModule:
+    # Non-tensor keyword arguments (flags such as use_cache=False) are fixed at their example values.
+    concrete = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
+    return torch.fx.symbolic_trace(model, concrete_args=concrete or None)
+
+
+def widen(x):
+    """`x` with a size-1 batch (and token) dimension doubled, so that export does not specialise it."""
+    if not isinstance(x, torch.Tensor) or x.dim() == 0:
+        return x
+    if x.shape[0] == 1:
+        x = torch.cat([x, x], dim=0)
+    if x.dim() >= 2 and x.shape[1] == 1 and (not torch.is_floating_point(x) or x.dim() == 3):
+        x = torch.cat([x, x], dim=1)
+    return x
+
+
+def _bind(fn, args, kwargs) -> dict[str, Any]:
+    try:
+        bound = inspect.signature(fn).bind(*args, **kwargs)
+    except TypeError as e:
+        raise TraceError(f"the example inputs do not match the signature of forward: {e}") from e
+    return dict(bound.arguments)
+
+
+def _try(attempts, label, fn):
+    try:
+        return fn()
+    except Exception as e:  # every failure is reported, none is swallowed: see _explain
+        attempts.append((label, e))
+        return None
+
+
+def _explain(model, attempts) -> str:
+    lines = [f"could not capture {type(model).__name__} into a graph."]
+    text = ""
+    for label, err in attempts:
+        lines.append(f"  - {label}: {type(err).__name__}: {_first_line(err)}")
+        text += f"{type(err).__name__} {err}\n"
+    lines.append("What to try:")
+    if "Cache" in text or "pytree" in text.lower():
+        lines.append("  - the model returns a cache object export cannot flatten: call it with use_cache=False "
+                     "(example_kwargs={'use_cache': False}) or wrap it so it returns tensors only")
+    if "data-dependent" in text.lower() or "GuardOnDataDependent" in text:
+        lines.append("  - the model branches on tensor values: make the branch static, use torch.cond, "
+                     "or trace with dynamic=False")
+    if "Constraint" in text or "specializ" in text.lower():
+        lines.append("  - a dynamic dimension was fixed by the model: trace with dynamic=False")
+    lines.append("  - pass keyword inputs through example_kwargs, positional ones through example_inputs")
+    lines.append("  - wrap the model in a torch.nn.Module whose forward takes and returns tensors only")
+    return "\n".join(lines)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip() or repr(err)
+    return text.splitlines()[0][:300]
+
+
+def _as_tuple(x) -> tuple:
+    if isinstance(x, tuple):
+        return x
+    if isinstance(x, list):
+        return tuple(x)
+    return (x,)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
