@@ -1,0 +1,153 @@
+"""`Config`: the pipeline as data.
+
+::
+
+    passes:                          # run in order; each item a name, or {name: {option: value}}
+      - activation_profile: {}
+      - neuron_sparsity: {target: 0.5}
+    overrides:                       # per-site options; glob on the site's module path (or its id)
+      "encoder.layer.0.*": {neuron_sparsity: {target: 0.0}}
+    backend: auto                    # auto | eager | triton | onnx
+
+`Config.load` takes a dict, a YAML or JSON path, a named pipeline (`sparsegraph.pipelines`) or a
+Config. Every key and value is checked when the config is built: an unknown key, pass or option raises
+`ConfigError` with the nearest valid name; a bad value names the option and what it accepts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sparsegraph.errors import ConfigError, did_you_mean
+from sparsegraph.pass_contract import Pass
+from sparsegraph.registry import get_pass
+
+BACKENDS = ("auto", "eager", "triton", "onnx")
+_TOP_KEYS = ("passes", "overrides", "backend")
+
+
+@dataclass(frozen=True)
+class Config:
+    passes: tuple[Pass, ...] = ()
+    overrides: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    backend: str = "auto"
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend {self.backend!r} is not one of {BACKENDS}{did_you_mean(self.backend, BACKENDS)}")
+        names = [p.name for p in self.passes]
+        for glob, per_pass in self.overrides.items():
+            if not isinstance(per_pass, dict):
+                raise ConfigError(f"overrides[{glob!r}] must map pass names to options, got {per_pass!r}")
+            for pass_name, opts in per_pass.items():
+                if pass_name not in names:
+                    raise ConfigError(f"overrides[{glob!r}] names pass {pass_name!r}, which is not in the pipeline"
+                                      f"{did_you_mean(pass_name, names)}")
+                base = self.passes[names.index(pass_name)]
+                _with_options(base, opts, f"overrides[{glob!r}][{pass_name!r}]")
+
+    # -- loading --------------------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, source: Config | dict | str | os.PathLike | None) -> Config:
+        """A Config from a Config, a dict, a path to YAML/JSON, or a named pipeline."""
+        if source is None:
+            return cls()
+        if isinstance(source, Config):
+            return source
+        if isinstance(source, dict):
+            return cls.from_dict(source)
+        if isinstance(source, (str, os.PathLike)):
+            from sparsegraph import pipelines
+
+            text = str(source)
+            if text in pipelines.names():
+                return pipelines.get(text)
+            path = Path(source)
+            if path.suffix.lower() in (".yaml", ".yml", ".json") or path.exists():
+                return cls.from_dict(_read(path))
+            raise ConfigError(f"config {text!r} is neither a file nor a named pipeline"
+                              f"{did_you_mean(text, pipelines.names())}")
+        raise ConfigError(f"config must be a dict, a path or a Config, got {type(source).__name__}")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Config:
+        if not isinstance(data, dict):
+            raise ConfigError(f"a config is a mapping with keys {_TOP_KEYS}, got {type(data).__name__}")
+        for key in data:
+            if key not in _TOP_KEYS:
+                raise ConfigError(f"unknown config key {key!r}{did_you_mean(key, _TOP_KEYS)}")
+        items = data.get("passes") or []
+        if not isinstance(items, list):
+            raise ConfigError("config 'passes' must be a list of pass names or {name: {options}} items")
+        passes = tuple(_pass_from_item(item, i) for i, item in enumerate(items))
+        seen = set()
+        for p in passes:
+            if p.name in seen:
+                raise ConfigError(f"pass {p.name!r} appears twice in the pipeline; give it once and use "
+                                  "overrides for per-site options")
+            seen.add(p.name)
+        return cls(passes=passes, overrides=dict(data.get("overrides") or {}), backend=data.get("backend", "auto"))
+
+    def to_dict(self) -> dict:
+        return {"passes": [{p.name: p.options()} for p in self.passes],
+                "overrides": json.loads(json.dumps(self.overrides)), "backend": self.backend}
+
+    # -- per-site options -----------------------------------------------------------------------------------
+
+    def for_site(self, p: Pass, site_id: str, module_path: str) -> Pass:
+        """`p` with the options of every override whose glob matches the site (in config order)."""
+        merged: dict[str, Any] = {}
+        for glob, per_pass in self.overrides.items():
+            if p.name in per_pass and (fnmatch.fnmatchcase(module_path, glob) or fnmatch.fnmatchcase(site_id, glob)):
+                merged.update(per_pass[p.name])
+        return _with_options(p, merged, f"overrides for {site_id!r}") if merged else p
+
+
+def _pass_from_item(item, index: int) -> Pass:
+    if isinstance(item, str):
+        name, options = item, {}
+    elif isinstance(item, dict) and len(item) == 1:
+        ((name, options),) = item.items()
+    else:
+        raise ConfigError(f"passes[{index}] must be a pass name or a one-key mapping {{name: {{options}}}}, "
+                          f"got {item!r}")
+    if options is not None and not isinstance(options, dict):
+        raise ConfigError(f"options of pass {name!r} must be a mapping, got {options!r}")
+    return get_pass(name).from_options(_tuples(options or {}))
+
+
+def _with_options(p: Pass, options: dict, where: str) -> Pass:
+    known = {f.name for f in dataclasses.fields(p)}
+    for key in options:
+        if key not in known:
+            raise ConfigError(f"{where}: pass {p.name!r} has no option {key!r}{did_you_mean(key, known)}")
+    return dataclasses.replace(p, **_tuples(options))
+
+
+def _tuples(options: dict) -> dict:
+    """YAML/JSON give lists; pass options are tuples (frozen dataclasses)."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+
+
+def _read(path: Path) -> dict:
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text()
+    if path.suffix.lower() == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from e
+    import yaml
+
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from e

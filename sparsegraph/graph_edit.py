@@ -1,0 +1,48 @@
+"""Small, shared graph edits for rewrite passes: add a constant tensor, replace a node by an op call.
+
+New nodes get the replaced node's provenance (our site facts and torch's ``nn_module_stack`` etc.), and
+new tensors become buffers of the GraphModule: copies owned by the compiled model, never the user's.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.fx
+
+from sparsegraph import meta
+
+
+def add_tensor(gm: torch.fx.GraphModule, name: str, tensor: torch.Tensor, before: torch.fx.Node) -> torch.fx.Node:
+    """Register `tensor` as a buffer of `gm` under a unique name derived from `name`; return its get_attr node."""
+    base = "sg_" + re.sub(r"\W", "_", name)
+    unique, i = base, 1
+    while hasattr(gm, unique):
+        unique, i = f"{base}_{i}", i + 1
+    gm.register_buffer(unique, tensor)
+    with gm.graph.inserting_before(before):
+        return gm.graph.get_attr(unique)
+
+
+def replace_with_call(node: torch.fx.Node, target, args: tuple, kwargs: dict | None = None) -> torch.fx.Node:
+    """Insert ``target(*args, **kwargs)`` before `node`, move `node`'s users onto it, and erase `node`."""
+    graph = node.graph
+    with graph.inserting_before(node):
+        new = graph.call_function(target, args, kwargs or {})
+    meta.copy_provenance(node, new)
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    return new
+
+
+def linear_bias_node(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The node holding a linear node's bias (created as a get_attr for an ``nn.Linear`` call_module)."""
+    if node.op == "call_module":
+        module = node.graph.owning_module.get_submodule(node.target)
+        if module.bias is None:
+            return None
+        with node.graph.inserting_before(node):
+            return node.graph.get_attr(f"{node.target}.bias")
+    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    return bias if isinstance(bias, torch.fx.Node) else None

@@ -1,0 +1,82 @@
+"""`PassManager`: runs a pipeline of passes over a GraphModule and checks the graph after each one.
+
+Before running, every pass's ``requires`` must be met by an earlier pass of the pipeline. After each
+pass the graph is verified: FX lint, our meta keys well-formed, shapes re-propagated at the example
+inputs (which also checks that every new op has a fake implementation), and, for analysis passes, that
+the graph's code did not change. Any failure is re-raised as `PassError` naming the pass and the site.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch.fx
+
+from sparsegraph import ir, meta
+from sparsegraph.context import PassContext
+from sparsegraph.errors import ConfigError, PassError, SparsegraphError
+from sparsegraph.instruments import Instrument
+from sparsegraph.pass_contract import AnalysisPass, Pass, PassResult
+
+
+class PassManager:
+    def __init__(self, passes: Sequence[Pass], instruments: Sequence[Instrument] = ()):
+        self.passes = list(passes)
+        self.instruments = list(instruments)
+        check_requires(self.passes)
+
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModule:
+        for p in self.passes:
+            for inst in self.instruments:
+                inst.before_pass(p, gm, ctx)
+            result = self._run_one(p, gm, ctx)
+            gm = result.gm
+            kind = "analysis" if isinstance(p, AnalysisPass) else "rewrite"
+            ctx.plan.record_pass(p.name, kind, p.options(), result.stats)
+            for inst in self.instruments:
+                inst.after_pass(p, result, ctx)
+        return gm
+
+    def _run_one(self, p: Pass, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        code_before = gm.code
+        try:
+            result = p.run(gm, ctx)
+        except PassError:
+            raise
+        except SparsegraphError as e:
+            raise PassError(p.name, str(e), ctx.site) from e
+        except Exception as e:
+            raise PassError(p.name, f"{type(e).__name__}: {e}", ctx.site) from e
+        if not isinstance(result, PassResult):
+            raise PassError(p.name, f"run() returned {type(result).__name__}, expected PassResult")
+        if isinstance(p, AnalysisPass) and result.gm.code != code_before:
+            raise PassError(p.name, "an analysis pass changed the graph; only rewrite passes may")
+        verify(result.gm, ctx, p.name)
+        return result
+
+
+def check_requires(passes: Sequence[Pass]) -> None:
+    seen: set[str] = set()
+    for p in passes:
+        for need in p.requires:
+            if need not in seen:
+                raise ConfigError(f"pass {p.name!r} requires {need!r} earlier in the pipeline; "
+                                  f"add `- {need}: {{}}` before it")
+        seen.add(p.name)
+
+
+def verify(gm: torch.fx.GraphModule, ctx: PassContext, pass_name: str) -> None:
+    """Lint, meta check and shape propagation; raises `PassError` naming the pass and the node's site."""
+    try:
+        gm.graph.lint()
+    except Exception as e:
+        raise PassError(pass_name, f"left a malformed graph: {e}") from e
+    problems = meta.check(gm)
+    if problems:
+        raise PassError(pass_name, "left malformed meta: " + "; ".join(problems[:3]))
+    try:
+        ir.propagate_shapes(gm, ctx.example.args, ctx.example.kwargs)
+    except ir.NodeError as e:
+        info = meta.get(e.node)
+        raise PassError(pass_name, f"the graph no longer runs at the example shapes: {e}",
+                        info.site if info else None) from e
