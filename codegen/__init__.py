@@ -1,0 +1,40 @@
+"""Codegen: the ``sparsegraph::`` op vocabulary and its kernels (see codegen/README.md for the table).
+
+`OPS` names every op and its module; `ops()` imports them all (cheap: Triton kernels load lazily) and
+returns them by name. `onnx_translations()` is the ``custom_translation_table`` for ``torch.onnx.export``;
+`cost_of(node)` gives the cost model the MACs and bytes of a sparse-op node.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+from sparsegraph.codegen.op import KERNEL_BACKENDS, SparseOp, triton_available, use_backend
+
+__all__ = ["KERNEL_BACKENDS", "OPS", "SparseOp", "cost_of", "onnx_translations", "ops", "triton_available",
+           "use_backend"]
+
+OPS: dict[str, str] = {
+    "nm_linear": "sparsegraph.codegen.nm_linear",
+}
+
+
+def ops() -> dict[str, SparseOp]:
+    return {name: importlib.import_module(module).OP for name, module in OPS.items()}
+
+
+def onnx_translations() -> dict:
+    return {op.overload: op.onnx for op in ops().values() if op.onnx is not None}
+
+
+def op_of(node: torch.fx.Node) -> SparseOp | None:
+    """The SparseOp a graph node calls, or None."""
+    if node.op != "call_function":
+        return None
+    return next((op for op in ops().values() if node.target is op.overload), None)
+
+
+def cost_of(node: torch.fx.Node) -> tuple[int, int] | None:
+    op = op_of(node)
+    return op.cost(node) if op is not None and op.cost is not None else None

@@ -1,0 +1,94 @@
+"""``sparsegraph::nm_linear``: a linear layer whose weight is N:M structured sparse.
+
+In every group of ``m`` consecutive input features, at most ``n`` weights of an output row are nonzero
+(2:4 is what sparse tensor cores execute at twice the dense rate). The weight is stored compressed:
+
+- ``values``  [out, in/m·n]: the kept weights, group by group, in input order;
+- ``offsets`` [out, in/m·n] (uint8): each kept weight's position inside its group, in ``[0, m)``.
+
+So kept entry ``j`` of row ``o`` sits at column ``(j // n)·m + offsets[o, j]`` and
+
+    y = x Wᵀ + b,   W[o, (j // n)·m + offsets[o, j]] = values[o, j],   W zero elsewhere.
+
+Backends: the reference builds W with one-hot masks; the CPU path scatters W and calls one GEMM (CPUs
+have no N:M hardware, so this op saves weight memory there, not time); the Triton kernel decompresses
+weight tiles in registers and feeds ``tl.dot``; ONNX scatters W with ``ScatterElements`` from the
+constant values and offsets (folded once by the runtime) and multiplies.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from onnxscript import opset18 as op
+from sparsegraph.codegen.op import SparseOp
+
+from sparsegraph import ir
+
+
+def nm_pack(weight: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the `n` largest-magnitude weights of every group of `m` inputs: ``(values, offsets)``.
+
+    Ties go to the lower position (stable sort), so packing is deterministic.
+    """
+    out_f, in_f = weight.shape
+    if in_f % m:
+        raise ValueError(f"in_features {in_f} is not a multiple of m={m}")
+    groups = weight.detach().reshape(out_f, in_f // m, m)
+    order = torch.sort(-groups.abs(), dim=-1, stable=True).indices[..., :n]
+    offsets = torch.sort(order, dim=-1).values
+    values = torch.gather(groups, -1, offsets)
+    return values.reshape(out_f, -1).contiguous(), offsets.reshape(out_f, -1).to(torch.uint8).contiguous()
+
+
+def nm_unpack(values: torch.Tensor, offsets: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """The dense weight [out, in] (zeros where pruned), by scatter."""
+    out_f, kept = values.shape
+    dense = values.new_zeros(out_f, kept // n, m)
+    dense.scatter_(-1, offsets.reshape(out_f, -1, n).long(), values.reshape(out_f, -1, n))
+    return dense.reshape(out_f, -1)
+
+
+def reference(x: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, bias: torch.Tensor | None,
+              n: int, m: int) -> torch.Tensor:
+    out_f, kept = values.shape
+    one_hot = F.one_hot(offsets.long(), m).to(values.dtype)  # [out, kept, m]
+    weight = (one_hot * values[..., None]).reshape(out_f, kept // n, n, m).sum(2).reshape(out_f, -1)
+    return F.linear(x, weight, bias)
+
+
+def cpu(x, values, offsets, bias, n, m):
+    return F.linear(x, nm_unpack(values, offsets, n, m), bias)
+
+
+def fake(x, values, offsets, bias, n, m):
+    return x.new_empty(*x.shape[:-1], values.shape[0])
+
+
+def onnx(x, values, offsets, bias, n: int, m: int):
+    out_f = op.Shape(values, start=0, end=1)
+    kept = op.Shape(values, start=1, end=2)
+    position = op.Range(op.Constant(value_int=0), op.Squeeze(kept), op.Constant(value_int=1))
+    column = op.Add(op.Mul(op.Div(position, op.Constant(value_int=n)), op.Constant(value_int=m)),
+                    op.Cast(offsets, to=7))  # INT64
+    in_f = op.Mul(op.Div(kept, op.Constant(value_ints=[n])), op.Constant(value_ints=[m]))
+    zeros = op.ConstantOfShape(op.Concat(out_f, in_f, axis=0))
+    weight = op.ScatterElements(zeros, column, values, axis=1)
+    y = op.MatMul(x, op.Transpose(op.CastLike(weight, x), perm=[1, 0]))
+    return y if bias is None else op.Add(y, bias)
+
+
+def cost(node: torch.fx.Node) -> tuple[int, int]:
+    """MACs the N:M hardware executes (n/m of dense) and bytes read and written."""
+    x, values, offsets, bias = (ir.val(a) if isinstance(a, torch.fx.Node) else None for a in node.args[:4])
+    out = ir.val(node)
+    rows = math.prod(x.shape[:-1])
+    macs = rows * values.shape[0] * values.shape[1]
+    moved = sum(t.numel() * t.element_size() for t in (x, values, offsets, bias, out) if t is not None)
+    return macs, moved
+
+
+OP = SparseOp("nm_linear", reference, fake=fake, cpu=cpu, onnx=onnx, cost=cost,
+              triton="sparsegraph.codegen.triton_kernels.nm_linear:nm_linear")

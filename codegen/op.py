@@ -1,0 +1,105 @@
+"""The sparse-op mechanism: each op of the ``sparsegraph::`` vocabulary is one `SparseOp`.
+
+A `SparseOp` bundles, for one ``torch.library.custom_op``:
+
+- ``reference``: clear and slow, the oracle of every test; its signature (type-annotated) is the op's
+  schema;
+- ``fake``: shapes only, so the op survives ``torch.export`` and our shape propagation;
+- ``cpu``: the fast PyTorch path (optional; the reference runs where there is none);
+- ``triton``: ``"module:function"`` of a Triton launcher, imported on first use so that nothing imports
+  triton unless a Triton kernel runs (on CUDA, or on CPU under ``TRITON_INTERPRET=1``);
+- ``onnx``: an onnxscript translation (a plain function over ``onnxscript.opset18`` ops), handed to
+  ``torch.onnx.export`` as its ``custom_translation_table`` entry;
+- ``cost``: ``(node) -> (macs, bytes)`` for the cost model, from the node's example shapes.
+
+Which kernel runs is chosen per call from the tensor's device and the active backend
+(`use_backend`): ``reference``; ``eager`` (the CPU path, also used on CUDA); ``triton``; ``auto``
+(Triton on CUDA when available, else eager).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib
+import os
+from collections.abc import Callable, Iterator
+
+import torch
+
+KERNEL_BACKENDS = ("auto", "eager", "triton", "reference")
+_backend: contextvars.ContextVar[str] = contextvars.ContextVar("sparsegraph_backend", default="auto")
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run sparse ops with kernel backend `name` (one of `KERNEL_BACKENDS`) inside the block."""
+    if name not in KERNEL_BACKENDS:
+        raise ValueError(f"kernel backend {name!r} is not one of {KERNEL_BACKENDS}")
+    token = _backend.set(name)
+    try:
+        yield
+    finally:
+        _backend.reset(token)
+
+
+def triton_available() -> bool:
+    """Whether Triton kernels can run: triton imports and there is a GPU or the interpreter is on."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+class SparseOp:
+    def __init__(self, name: str, reference: Callable, *, fake: Callable, cpu: Callable | None = None,
+                 triton: str | None = None, onnx: Callable | None = None,
+                 cost: Callable[[torch.fx.Node], tuple[int, int]] | None = None):
+        self.name = name
+        self.reference = reference
+        self.cpu = cpu
+        self._triton = triton
+        self.onnx = onnx
+        self.cost = cost
+
+        @functools.wraps(reference)
+        def dispatch(*args, **kwargs):
+            device = next(a.device for a in args if isinstance(a, torch.Tensor))
+            return self.kernel(device)(*args, **kwargs)
+
+        self.custom_op = torch.library.custom_op(f"sparsegraph::{name}", dispatch, mutates_args=())
+        self.custom_op.register_fake(fake)
+
+    @property
+    def overload(self) -> torch._ops.OpOverload:
+        """``torch.ops.sparsegraph.<name>.default``: the target graph nodes call."""
+        return getattr(torch.ops.sparsegraph, self.name).default
+
+    def __call__(self, *args, **kwargs):
+        return self.overload(*args, **kwargs)
+
+    def kernel(self, device: torch.device, backend: str | None = None) -> Callable:
+        """The kernel that runs on `device` under `backend` (default: the active one)."""
+        backend = backend or _backend.get()
+        if backend == "reference":
+            return self.reference
+        wants_triton = backend == "triton" or (backend == "auto" and device.type == "cuda")
+        if wants_triton and self._triton is not None and triton_available():
+            return self.triton
+        if backend == "triton":
+            raise RuntimeError(f"sparsegraph::{self.name}: Triton backend asked for but "
+                               f"{'this op has no Triton kernel' if self._triton is None else 'triton cannot run here'}"
+                               "; use backend 'eager' or set TRITON_INTERPRET=1 to run Triton on the CPU")
+        return self.cpu or self.reference
+
+    @functools.cached_property
+    def triton(self) -> Callable:
+        module, _, fn = self._triton.partition(":")
+        return getattr(importlib.import_module(module), fn)
+
+    @property
+    def backends(self) -> list[str]:
+        return ["reference", *(["cpu"] if self.cpu else []), *(["triton"] if self._triton else []),
+                *(["onnx"] if self.onnx else [])]

@@ -1,0 +1,104 @@
+"""``nm_weights``: N:M structured weight sparsity on the linear layers of attention and MLP sites.
+
+Matches every linear node whose role (``attn.q``, ``mlp.down``, …) is in ``roles``. For each, keeps the
+``n`` largest-magnitude weights of every group of ``m`` consecutive inputs (one-shot magnitude pruning,
+no fine-tuning: fidelity drops on dense models, which is why no default pipeline uses it) and replaces
+``linear(x, W, b)`` by ``sparsegraph::nm_linear(x, values, offsets, b, n, m)``.
+
+Refuses, with the reason recorded: a weight computed in the graph rather than stored; ``in_features``
+not a multiple of ``m``; ``n == m`` (nothing would be pruned: the layer stays dense, exactly).
+
+Counts are in linear layers: matched, rewritten, refused (with the reason); ``counters["sites"]`` is the
+number of sites touched.
+
+The plan records, per site and layer, ``n`` and ``m`` (the decision) and the share of weight magnitude
+kept plus a sha256 of the kept positions (the evidence). Replaying a plan repacks the weights and checks
+the hash, so a plan applied to changed weights is refused instead of silently pruning differently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from sparsegraph.codegen.nm_linear import OP, nm_pack
+
+from sparsegraph import graph_edit, ir, meta
+from sparsegraph.errors import ConfigError, PlanError
+from sparsegraph.pass_contract import RewritePass, SiteDecision, option
+from sparsegraph.registry import register_pass
+
+LINEAR_ROLES = ("attn.q", "attn.k", "attn.v", "attn.qkv", "attn.out", "mlp.up", "mlp.gate", "mlp.down")
+
+
+@register_pass("nm_weights")
+@dataclass(frozen=True)
+class NMWeights(RewritePass):
+    """N:M structured weights (2:4 by default) on the linear layers of attention and MLP sites."""
+
+    n: int = option(2, "weights kept in every group of m inputs", range=(1, None))
+    m: int = option(4, "group size along the input dimension", range=(1, None))
+    roles: tuple[str, ...] = option(LINEAR_ROLES, "roles of the linear layers to sparsify")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.n > self.m:
+            raise ConfigError(f"pass 'nm_weights': n={self.n} must not exceed m={self.m}")
+        unknown = set(self.roles) - set(LINEAR_ROLES)
+        if unknown:
+            raise ConfigError(f"pass 'nm_weights': roles {sorted(unknown)} are not linear roles {LINEAR_ROLES}")
+
+    def decide(self, gm, ctx, stats):
+        decisions: dict[str, dict] = {}
+        for node, info in _linears(gm):
+            opts = ctx.options(self, info.site, info.module_path)
+            if info.role not in opts.roles:
+                continue
+            stats.matched += 1
+            parts = ir.linear_parts(node)
+            label = f"{info.site} [{parts.module_path}]"
+            if parts.weight is None:
+                stats.refuse(label, "weight is computed in the graph, not a stored parameter")
+            elif parts.in_features % opts.m:
+                stats.refuse(label, f"in_features {parts.in_features} is not a multiple of m={opts.m}")
+            elif opts.n == opts.m:
+                stats.refuse(label, f"n == m == {opts.m} keeps every weight (dense)")
+            else:
+                values, offsets = nm_pack(parts.weight, opts.n, opts.m)
+                entry = decisions.setdefault(info.site, {"decision": {}, "evidence": {}})
+                entry["decision"][parts.module_path] = {"n": opts.n, "m": opts.m}
+                entry["evidence"][parts.module_path] = {
+                    "kept_magnitude": float(values.abs().sum() / parts.weight.abs().sum().clamp(min=1e-30)),
+                    "positions_sha256": _digest(offsets)}
+        return {site: SiteDecision(e["decision"], e["evidence"]) for site, e in decisions.items()}
+
+    def apply(self, gm, ctx, decisions, stats):
+        done: set[str] = set()
+        for node, info in _linears(gm):
+            layer = decisions.get(info.site)
+            parts = ir.linear_parts(node)
+            if layer is None or parts.module_path not in layer.decision:
+                continue
+            with ctx.at(info.site):
+                n, m = layer.decision[parts.module_path]["n"], layer.decision[parts.module_path]["m"]
+                values, offsets = nm_pack(parts.weight, n, m)
+                expected = layer.evidence.get(parts.module_path, {}).get("positions_sha256")
+                if expected is not None and expected != _digest(offsets):
+                    raise PlanError(f"the weights of {parts.module_path} differ from those the plan was made "
+                                    "with (kept positions changed); make a new plan for these weights")
+                bias = graph_edit.linear_bias_node(node)
+                v = graph_edit.add_tensor(gm, f"{parts.module_path}.nm_values", values, node)
+                o = graph_edit.add_tensor(gm, f"{parts.module_path}.nm_offsets", offsets, node)
+                graph_edit.replace_with_call(node, OP.overload, (parts.x, v, o, bias, n, m))
+                done.add(info.site)
+                stats.rewritten += 1
+        stats.counters["sites"] = len(done)
+
+
+def _linears(gm):
+    return [(n, meta.get(n)) for n in list(gm.graph.nodes)
+            if ir.kind(n) == "linear" and meta.get(n) is not None and meta.get(n).role in LINEAR_ROLES]
+
+
+def _digest(offsets) -> str:
+    return hashlib.sha256(offsets.contiguous().numpy().tobytes()).hexdigest()

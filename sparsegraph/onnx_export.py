@@ -1,0 +1,85 @@
+"""ONNX export of a (compiled) GraphModule, and a runner that calls the exported file like the model.
+
+Export re-captures the graph with torch.export (dynamic batch and sequence axes, as in `trace`) and
+converts it with ``torch.onnx.export``, handing it every sparse op's onnxscript translation
+(`sparsegraph.codegen.onnx_translations`). The file is checked with ``onnx.checker``.
+
+`OnnxModel` runs the file in onnxruntime: it takes the same arguments as the model (flattened the way
+the graph's placeholders are) and returns the same output structure, as torch tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from torch.utils import _pytree as pytree
+
+from sparsegraph import codegen, ir
+from sparsegraph.errors import ExportError
+from sparsegraph.trace import dynamic_shapes_for, widen
+
+_TWO_GB = 2**31
+
+
+def export_onnx(gm: torch.fx.GraphModule, path: str | os.PathLike, args: tuple, kwargs: dict | None = None,
+                *, dynamic: bool = True, opset: int = 18) -> Path:
+    """Write `gm` (called as ``gm(*args, **kwargs)``) to `path` as ONNX; return the path."""
+    path = Path(path)
+    kwargs = dict(kwargs or {})
+    try:
+        if dynamic:
+            args, kwargs = pytree.tree_map(widen, (args, kwargs))
+        shapes = dynamic_shapes_for(gm.forward, args, kwargs) if dynamic else None
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            ep = torch.export.export(gm, args, kwargs, strict=False, dynamic_shapes=shapes)
+            program = torch.onnx.export(ep, dynamo=True, opset_version=opset, verbose=False,
+                                        custom_translation_table=codegen.onnx_translations())
+    except Exception as e:
+        raise ExportError(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0][:400]}. "
+                          "If an op has no ONNX translation, add one to its codegen module; "
+                          "if the graph is specialised, retry with dynamic=False") from e
+    path.parent.mkdir(parents=True, exist_ok=True)
+    size = sum(t.numel() * t.element_size() for t in gm.state_dict().values())
+    program.save(str(path), external_data=size >= _TWO_GB)
+    onnx.checker.check_model(str(path))
+    return path
+
+
+class OnnxModel:
+    """An exported model in onnxruntime, called like the original: ``OnnxModel(path, gm)(*args)``."""
+
+    def __init__(self, path: str | os.PathLike, gm: torch.fx.GraphModule, threads: int | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.gm = gm
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        info = getattr(gm.graph._codegen, "pytree_info", None)
+        self.out_spec = info.out_spec if info is not None else None
+
+    def feeds(self, *args, **kwargs) -> dict:
+        flat = [x for x in ir.flatten_inputs(self.gm, args, kwargs) if isinstance(x, torch.Tensor)]
+        if len(flat) != len(self.input_names):
+            raise ExportError(f"the ONNX model takes {len(self.input_names)} inputs {self.input_names}, "
+                              f"got {len(flat)} tensors")
+        return {name: x.detach().cpu().numpy() for name, x in zip(self.input_names, flat)}
+
+    def run_feeds(self, feeds: dict) -> list:
+        return self.session.run(None, feeds)
+
+    def __call__(self, *args, **kwargs):
+        outputs = [torch.from_numpy(o) for o in self.run_feeds(self.feeds(*args, **kwargs))]
+        if self.out_spec is not None:
+            return pytree.tree_unflatten(outputs, self.out_spec)
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
