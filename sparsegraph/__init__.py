@@ -1,10 +1,31 @@
-"""sparsegraph: a graph compiler that makes PyTorch models sparse and fast.
+"""sparsegraph: trace a PyTorch model into a graph, make it sparse with passes, run it and export it.
+
+::
 
     import sparsegraph as sg
-    cm = sg.compile(model, config, example_inputs=(x,), calibration=batches)
-    y = cm(x); cm.plan.save("plan.json"); cm.export_onnx("model.onnx")
-
-See docs/ARCHITECTURE.md for the flow of one compile.
+    cm = sg.compile(model, "analyze", example_inputs=(x,))
+    cm(x); cm.plan.save("plan.json"); cm.report().to_markdown(); cm.export_onnx("model.onnx")
 """
 
 __version__ = "0.1.0"
+
+from sparsegraph.compile import CompiledModel, compile
+from sparsegraph.config import Config
+from sparsegraph.errors import (
+    ConfigError,
+    ExportError,
+    ModelSpecError,
+    PassError,
+    PlanError,
+    SparsegraphError,
+    TraceError,
+)
+from sparsegraph.pass_contract import AnalysisPass, PassResult, PassStats, RewritePass, SiteDecision, option
+from sparsegraph.plan import SparsityPlan, load_plan
+from sparsegraph.registry import available_passes, register_pass
+from sparsegraph.trace import trace
+
+__all__ = ["AnalysisPass", "CompiledModel", "Config", "ConfigError", "ExportError", "ModelSpecError", "PassError",
+           "PassResult", "PassStats", "PlanError", "RewritePass", "SiteDecision", "SparsegraphError",
+           "SparsityPlan", "TraceError", "__version__", "available_passes", "compile", "load_plan", "option",
+           "register_pass", "trace"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 import torch.fx
 
 from sparsegraph import ir, meta
@@ -40,7 +41,8 @@ class PassManager:
     def _run_one(self, p: Pass, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         code_before = gm.code
         try:
-            result = p.run(gm, ctx)
+            with torch.no_grad():  # passes compute on weights; nothing they make should carry autograd history
+                result = p.run(gm, ctx)
         except PassError:
             raise
         except SparsegraphError as e:

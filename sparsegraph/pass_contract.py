@@ -175,10 +175,10 @@ def _check_option(owner: str, f: dataclasses.Field, hint, value) -> None:
     if hint is not None and not _type_ok(value, hint):
         raise ConfigError(f"{where} must be {_type_name(hint)}, got {value!r}")
     lo, hi = f.metadata.get("range") or (None, None)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
-            bounds = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
-            raise ConfigError(f"{where} is {value!r}, outside {bounds}")
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if is_number and ((lo is not None and value < lo) or (hi is not None and value > hi)):
+        bounds = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+        raise ConfigError(f"{where} is {value!r}, outside {bounds}")
     choices = f.metadata.get("choices")
     if choices and value not in choices:
         raise ConfigError(f"{where} is {value!r}{did_you_mean(str(value), map(str, choices))}")

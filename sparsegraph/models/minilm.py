@@ -37,8 +37,8 @@ class SentenceEncoder(torch.nn.Module):
     def tokenize(self, texts: Sequence[str], max_length: int = 128, pad_to: int | None = None):
         """``(input_ids, attention_mask)`` for `texts`, truncated to `max_length`; padded to the longest
         text, or to `pad_to` tokens when given (fixed shapes for benchmarks)."""
-        enc = self.tokenizer(list(texts), truncation=True, max_length=max_length, return_tensors="pt",
-                             padding="max_length" if pad_to else True, **({"max_length": pad_to} if pad_to else {}))
+        enc = self.tokenizer(list(texts), truncation=True, max_length=pad_to or max_length, return_tensors="pt",
+                             padding="max_length" if pad_to else True)
         return enc["input_ids"], enc["attention_mask"]
 
 

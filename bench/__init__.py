@@ -1,0 +1,1 @@
+"""Benchmarks: speed claimed as same-run ratios (see bench/run.py)."""

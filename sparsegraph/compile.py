@@ -1,0 +1,137 @@
+"""`compile`: trace, run the pipeline (or replay a plan), and wrap the result as a `CompiledModel`.
+
+One compile, top to bottom::
+
+    config  = Config.load(config)             # or the config stored in the plan
+    gm      = trace(model, example_inputs)    # torch.export → GraphModule, sites annotated, shapes known
+    plan    = SparsityPlan.for_graph(gm)      # or the given plan, checked against gm's fingerprint
+    gm      = PassManager(config.passes).run(gm, ctx)   # analysis facts and rewrites, verified per pass
+    return CompiledModel(gm, plan)
+
+The user's model is never changed: tracing restores its ``training`` flags, and passes never write
+into existing tensors (a rewrite adds new buffers to the traced graph and leaves the originals alone).
+The compiled graph shares the parameters it did not rewrite with the user's model, as ``torch.compile``
+does, so compiling a large model does not double its memory.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from sparsegraph.codegen import use_backend
+from sparsegraph.config import Config
+from sparsegraph.context import Batch, PassContext
+from sparsegraph.errors import ConfigError
+from sparsegraph.instruments import default_instruments
+from sparsegraph.manager import PassManager
+from sparsegraph.onnx_export import OnnxModel, export_onnx
+from sparsegraph.pass_contract import AnalysisPass
+from sparsegraph.passes.analysis.cost import NodeCost, total_cost
+from sparsegraph.plan import SparsityPlan, load_plan
+from sparsegraph.trace import trace
+
+_KERNELS = {"auto": "auto", "eager": "eager", "triton": "triton"}
+
+
+def compile(
+    model: torch.nn.Module,
+    config: Config | dict | str | os.PathLike | None = None,
+    *,
+    example_inputs=(),
+    example_kwargs: dict | None = None,
+    calibration=None,
+    plan: SparsityPlan | str | os.PathLike | None = None,
+    dynamic: bool = True,
+    quiet: bool = False,
+) -> CompiledModel:
+    """Compile `model` with `config` (or replay `plan`) into a sparse `CompiledModel`.
+
+    ``example_inputs``/``example_kwargs`` are one call's inputs (tensor or tuple, dict): they fix what is
+    traced. ``calibration`` is an iterable of batches (tensor, tuple or dict each) that analysis passes
+    profile; it is needed only when the pipeline has such passes and no plan is given. With ``plan``
+    (a `SparsityPlan` or a path to one) the plan's own config runs and its decisions are replayed
+    exactly; the plan must have been made for this model (its fingerprint is checked).
+    """
+    if config is not None and plan is not None:
+        raise ConfigError("give a config or a plan, not both: a plan carries the config it was made with")
+    if isinstance(plan, (str, os.PathLike)):
+        plan = load_plan(plan)
+    cfg = Config.load(plan.config if plan is not None else config)
+    example = Batch.of(example_inputs) if not example_kwargs else Batch(Batch.of(example_inputs).args,
+                                                                        dict(example_kwargs))
+    gm = trace(model, example.args, example.kwargs, dynamic=dynamic)
+    model_class = type(model).__name__
+    replay = plan is not None
+    if replay:
+        plan.check_model(gm, model_class)
+        plan = SparsityPlan.from_json(copy.deepcopy(plan.to_json()))
+    else:
+        plan = SparsityPlan.for_graph(gm, cfg.to_dict(), model_class)
+        needing = [p.name for p in cfg.passes if isinstance(p, AnalysisPass) and p.needs_calibration]
+        if needing and calibration is None:
+            raise ConfigError(f"passes {needing} profile calibration data: pass calibration=[batch, ...] "
+                              "(inputs like example_inputs), or compile from a saved plan")
+    dense_cost = total_cost(gm)
+    ctx = PassContext(plan=plan, config=cfg, example=example,
+                      calibration=[Batch.of(b) for b in (calibration or [])],
+                      replay=replay, quiet=quiet,
+                      instruments=default_instruments(len(cfg.passes), quiet))
+    gm = PassManager(cfg.passes, ctx.instruments).run(gm, ctx)
+    return CompiledModel(gm, plan, cfg, example, model_class, dense_cost, dict(ctx.timings))
+
+
+class CompiledModel(torch.nn.Module):
+    """The compiled model: call it like the original. Holds the plan, the graph, and what it cost.
+
+    ``backend`` (from the config) picks how sparse ops run: ``auto`` (Triton on CUDA, CPU kernels
+    otherwise), ``eager`` (CPU kernels), ``triton``, or ``onnx`` (the whole model exported once to a
+    temporary file and run in onnxruntime).
+    """
+
+    def __init__(self, gm: torch.fx.GraphModule, plan: SparsityPlan, config: Config, example: Batch,
+                 model_class: str, dense_cost: NodeCost, timings: dict[str, float]):
+        super().__init__()
+        self.graph_module = gm
+        self.plan = plan
+        self.config = config
+        self.example = example
+        self.model_class = model_class
+        self.dense_cost = dense_cost
+        self.timings = timings
+        self._onnx: OnnxModel | None = None
+        self._onnx_dir: tempfile.TemporaryDirectory | None = None
+
+    def forward(self, *args, **kwargs):
+        if self.config.backend == "onnx":
+            return self.onnx_model()(*args, **kwargs)
+        with use_backend(_KERNELS[self.config.backend]):
+            return self.graph_module(*args, **kwargs)
+
+    @property
+    def cost(self) -> NodeCost:
+        """MACs and bytes of the compiled graph at the example shapes."""
+        return total_cost(self.graph_module)
+
+    def report(self):
+        """A `Report` of this compile: passes, counts, refusals, per-site decisions, cost before/after."""
+        from sparsegraph.report import Report
+
+        return Report.of(self)
+
+    def export_onnx(self, path: str | os.PathLike, *, dynamic: bool = True, opset: int = 18) -> Path:
+        """Write the compiled model as ONNX (dynamic batch and sequence axes); checked with onnx.checker."""
+        return export_onnx(self.graph_module, path, self.example.args, self.example.kwargs,
+                           dynamic=dynamic, opset=opset)
+
+    def onnx_model(self, threads: int | None = None) -> OnnxModel:
+        """This model exported to a temporary ONNX file and loaded in onnxruntime (cached)."""
+        if self._onnx is None:
+            self._onnx_dir = tempfile.TemporaryDirectory(prefix="sparsegraph-")
+            path = self.export_onnx(Path(self._onnx_dir.name) / "model.onnx")
+            self._onnx = OnnxModel(path, self.graph_module, threads=threads)
+        return self._onnx

@@ -1,0 +1,68 @@
+"""Real English text with no download: sentences from the docstrings of Python's standard library.
+
+Every ``.py`` file under the interpreter's stdlib directory is parsed (``ast``, not imported) and its
+module, class and function docstrings are split into sentences. Kept: 6 to 60 words, starting with a
+capital letter, ending with a full stop, with no code-like characters (``>>>``, ``::``, ``{``, ``=``,
+backticks). Duplicates are dropped.
+
+The split is deterministic and independent of the file walk order: a sentence goes to ``heldout`` when
+its sha1 (first byte) falls in the last 5/16ths, to ``calibration`` otherwise, and each split is sorted
+by hash. So calibration and evaluation never share a sentence, on every machine with the same Python.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+import re
+import sysconfig
+from pathlib import Path
+
+_SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+_CODE_LIKE = re.compile(r">>>|::|[{}=`\\]|\w\(\)|\(\w*\)|\w_\w|--")
+SPLITS = ("calibration", "heldout")
+
+
+def sentences(split: str = "calibration", limit: int | None = None, min_words: int = 6) -> list[str]:
+    """Sentences of one split (``calibration`` or ``heldout``), in a fixed order, at most `limit`."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    chosen = [s for s in _all() if (_hash(s)[0] >= 176) == (split == "heldout")
+              and len(s.split()) >= min_words]
+    return chosen[:limit] if limit is not None else chosen
+
+
+@functools.lru_cache(maxsize=1)
+def _all() -> tuple[str, ...]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    found: set[str] = set()
+    for path in sorted(root.rglob("*.py")):
+        if any(part in ("test", "tests", "idlelib", "site-packages", "lib2to3") for part in path.parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc:
+                    found.update(_sentences(doc))
+    return tuple(sorted(found, key=_hash))
+
+
+def _sentences(doc: str) -> list[str]:
+    out = []
+    for para in doc.split("\n\n"):
+        text = " ".join(para.split())
+        for s in _SPLIT.split(text):
+            words = s.split()
+            if (6 <= len(words) <= 60 and s[0].isupper() and s.endswith(".") and not _CODE_LIKE.search(s)
+                    and s.isascii()):
+                out.append(s)
+    return out
+
+
+def _hash(s: str) -> bytes:
+    return hashlib.sha1(s.encode()).digest()

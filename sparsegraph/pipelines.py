@@ -1,0 +1,57 @@
+"""Named pipelines: plain functions that return a `Config`.
+
+``sparsegraph.compile(model, "analyze", ...)`` or ``sparsegraph compile zoo:minilm --config nm-2-4`` look
+the name up here. A pipeline is data (a `Config`), so ``Config.to_dict()`` of any of them is a valid
+YAML/JSON config to start a custom one from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sparsegraph.config import Config
+from sparsegraph.errors import ConfigError, did_you_mean
+
+
+def dense() -> Config:
+    """No passes: the traced graph as it is (the baseline every fidelity figure compares against)."""
+    return Config.from_dict({"passes": []})
+
+
+def analyze() -> Config:
+    """Analysis only: the cost model per site; the graph is not changed."""
+    return Config.from_dict({"passes": ["cost"]})
+
+
+def nm_2_4() -> Config:
+    """2:4 structured weights on the MLP linear layers (one-shot magnitude pruning, no fine-tuning).
+
+    Fidelity drops on dense pretrained models; this pipeline exists for hardware with 2:4 support and
+    for models fine-tuned for it.
+    """
+    return Config.from_dict({"passes": ["cost", {"nm_weights": {"n": 2, "m": 4, "roles": ["mlp.up", "mlp.gate",
+                                                                                           "mlp.down"]}}]})
+
+
+_PIPELINES: dict[str, Callable[[], Config]] = {
+    "dense": dense,
+    "analyze": analyze,
+    "nm-2-4": nm_2_4,
+}
+
+DEFAULT = "analyze"
+
+
+def names() -> list[str]:
+    return list(_PIPELINES)
+
+
+def get(name: str) -> Config:
+    if name not in _PIPELINES:
+        raise ConfigError(f"no pipeline named {name!r}{did_you_mean(name, _PIPELINES)}")
+    return _PIPELINES[name]()
+
+
+def describe() -> dict[str, str]:
+    """Pipeline name → the first line of its docstring."""
+    return {name: (fn.__doc__ or "").strip().splitlines()[0] for name, fn in _PIPELINES.items()}

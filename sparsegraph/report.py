@@ -1,0 +1,102 @@
+"""`Report`: what one compile did, as markdown, self-contained HTML or JSON.
+
+Built from a `CompiledModel` (``cm.report()``): the model and its sites, each pass with its counts
+(matched, rewritten, refused with the reasons) and time, the per-site decisions, and the cost of the
+graph before and after (MACs and bytes at the example shapes). Everything shown comes from the plan
+and the two graphs; nothing is estimated here.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class Table:
+    title: str
+    header: list[str]
+    rows: list[list] = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    title: str
+    facts: dict[str, str]
+    tables: list[Table]
+
+    @classmethod
+    def of(cls, cm) -> Report:
+        plan = cm.plan
+        sites = plan.model["sites"]
+        dense, ours = cm.dense_cost, cm.cost
+        facts = {
+            "model": plan.model["class"],
+            "fingerprint": plan.model["fingerprint"][:16],
+            "sites": f"{sum(s['kind'] == 'attention' for s in sites)} attention, "
+                     f"{sum(s['kind'] == 'mlp' for s in sites)} MLP",
+            "backend": cm.config.backend,
+            "versions": ", ".join(f"{k} {v}" for k, v in plan.versions.items()),
+        }
+        cost = Table("Cost at the example shapes", ["", "dense", "compiled", "compiled / dense"], [
+            ["GMACs", f"{dense.macs / 1e9:.4f}", f"{ours.macs / 1e9:.4f}", _ratio(ours.macs, dense.macs)],
+            ["MB moved", f"{dense.bytes / 1e6:.1f}", f"{ours.bytes / 1e6:.1f}", _ratio(ours.bytes, dense.bytes)],
+        ])
+        passes = Table("Passes", ["pass", "kind", "matched", "rewritten", "refused", "seconds", "counters"])
+        refusals = Table("Refused sites", ["pass", "site", "reason"])
+        for name, entry in plan.passes.items():
+            stats = entry.get("stats", {})
+            passes.rows.append([name, entry.get("kind", ""), stats.get("matched", 0), stats.get("rewritten", 0),
+                                len(stats.get("refused", [])), f"{cm.timings.get(name, 0.0):.2f}",
+                                json.dumps(stats.get("counters", {}), sort_keys=True)])
+            refusals.rows += [[name, r["site"], r["reason"]] for r in stats.get("refused", [])]
+        decisions = Table("Decisions per site", ["site", "pass", "decision"])
+        for site, per_pass in plan.sites.items():
+            for name, entry in per_pass.items():
+                if "decision" in entry:
+                    decisions.rows.append([site, name, _short(entry["decision"])])
+        tables = [cost, passes] + [t for t in (refusals, decisions) if t.rows]
+        return cls(f"sparsegraph report: {plan.model['class']}", facts, tables)
+
+    def to_json(self) -> dict:
+        return {"title": self.title, "facts": self.facts,
+                "tables": [{"title": t.title, "header": t.header, "rows": t.rows} for t in self.tables]}
+
+    def to_markdown(self) -> str:
+        lines = [f"# {self.title}", ""]
+        lines += [f"- **{k}**: {v}" for k, v in self.facts.items()]
+        for t in self.tables:
+            lines += ["", f"## {t.title}", "", "| " + " | ".join(t.header) + " |",
+                      "|" + "---|" * len(t.header)]
+            lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in t.rows]
+        return "\n".join(lines) + "\n"
+
+    def to_html(self, path: str | os.PathLike | None = None) -> str:
+        """One self-contained HTML page (no external assets); written to `path` when given."""
+        e = html.escape
+        parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(self.title)}</title>",
+                 "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
+                 "td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}th{background:#eee}</style>",
+                 f"</head><body><h1>{e(self.title)}</h1><ul>"]
+        parts += [f"<li><b>{e(k)}</b>: {e(str(v))}</li>" for k, v in self.facts.items()]
+        parts.append("</ul>")
+        for t in self.tables:
+            parts.append(f"<h2>{e(t.title)}</h2><table><tr>" + "".join(f"<th>{e(h)}</th>" for h in t.header) + "</tr>")
+            parts += ["<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in row) + "</tr>" for row in t.rows]
+            parts.append("</table>")
+        text = "".join(parts) + "</body></html>\n"
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.3f}" if b else "n/a"
+
+
+def _short(value, limit: int = 160) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= limit else text[: limit - 1] + "…"

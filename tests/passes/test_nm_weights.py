@@ -1,0 +1,88 @@
+"""nm_weights: structure (what the graph becomes), numerics (vs the pruned dense model), counts."""
+
+import copy
+
+import pytest
+import torch
+from sparsegraph.codegen.nm_linear import OP, nm_pack, nm_unpack
+
+import sparsegraph as sg
+from sparsegraph import ir, models
+
+
+@pytest.fixture(scope="module")
+def explicit():
+    return models.load("explicit_attention")
+
+
+def _compile(model, example, **options):
+    return sg.compile(model, {"passes": [{"nm_weights": options}]}, example_inputs=example, quiet=True)
+
+
+def test_structure_every_matched_linear_becomes_nm_linear(explicit):
+    model, example = explicit
+    cm = _compile(model, example, roles=["mlp.up", "mlp.down"])
+    gm = cm.graph_module
+    nm_nodes = [n for n in gm.graph.nodes if n.target is OP.overload]
+    assert len(nm_nodes) == 6  # 3 MLPs × (up, down)
+    assert {sg.meta.get(n).role for n in nm_nodes} == {"mlp.up", "mlp.down"}
+    assert all(sg.meta.get(n).site.startswith("mlp:") for n in nm_nodes)
+    # attention projections untouched, MLP sites still found on the rewritten graph
+    assert sum(ir.kind(n) == "linear" for n in gm.graph.nodes) > 0
+    for n in nm_nodes:
+        x, values, offsets, _, n_, m_ = n.args
+        assert ir.shape(values) == ir.shape(offsets) and (n_, m_) == (2, 4)
+        assert ir.shape(values)[1] * 4 // 2 == ir.shape(x)[-1]  # n/m of the inputs are stored
+
+
+def test_numeric_equals_dense_model_with_pruned_weights(explicit):
+    model, example = explicit
+    cm = _compile(model, example)
+    pruned = copy.deepcopy(model)
+    with torch.no_grad():
+        for mod in pruned.modules():
+            if isinstance(mod, torch.nn.Linear):
+                mod.weight.copy_(nm_unpack(*nm_pack(mod.weight, 2, 4), 2, 4))
+        expected = pruned(*example)
+        torch.testing.assert_close(cm(*example), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_counts_and_refusals(explicit):
+    model, example = explicit
+    cm = _compile(model, example, n=4, m=4, roles=["mlp.up"])
+    stats = cm.plan.passes["nm_weights"]["stats"]
+    assert stats["matched"] == 3 and stats["rewritten"] == 0
+    assert [r["reason"] for r in stats["refused"]] == ["n == m == 4 keeps every weight (dense)"] * 3
+    cm = _compile(model, example, n=2, m=3, roles=["mlp.up", "attn.out"])
+    stats = cm.plan.passes["nm_weights"]["stats"]
+    assert stats["matched"] == 6 and stats["rewritten"] == 0
+    assert all("not a multiple of m=3" in r["reason"] for r in stats["refused"])
+    cm = _compile(model, example)
+    stats = cm.plan.passes["nm_weights"]["stats"]
+    assert stats["rewritten"] == stats["matched"] > 0 and stats["counters"]["sites"] == 6
+
+
+def test_overrides_keep_one_site_dense(explicit):
+    model, example = explicit
+    config = {"passes": [{"nm_weights": {}}], "overrides": {"blocks.0.*": {"nm_weights": {"roles": []}}}}
+    cm = sg.compile(model, config, example_inputs=example, quiet=True)
+    sites = {sg.meta.get(n).site for n in cm.graph_module.graph.nodes if n.target is OP.overload}
+    assert sites and not any("blocks.0" in s for s in sites)
+
+
+def test_replay_refuses_changed_weights(explicit, tmp_path):
+    model, example = explicit
+    cm = _compile(model, example)
+    cm.plan.save(tmp_path / "plan.json")
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed.blocks[0].mlp[0].weight.mul_(-1).add_(torch.randn_like(changed.blocks[0].mlp[0].weight))
+    with pytest.raises(sg.PassError, match=r"weights of blocks\.0\.mlp\.0 differ"):
+        sg.compile(changed, plan=tmp_path / "plan.json", example_inputs=example, quiet=True)
+
+
+def test_bad_options_are_config_errors():
+    with pytest.raises(sg.ConfigError, match="must not exceed"):
+        sg.Config.from_dict({"passes": [{"nm_weights": {"n": 5, "m": 4}}]})
+    with pytest.raises(sg.ConfigError, match="not linear roles"):
+        sg.Config.from_dict({"passes": [{"nm_weights": {"roles": ["mlp.upp"]}}]})

@@ -1,0 +1,46 @@
+"""The CLI: each command on a small model, and our errors as one line with exit status 2."""
+
+import json
+
+import pytest
+
+from sparsegraph.cli import main
+
+
+def test_inspect_prints_sites_and_cost(capsys):
+    assert main(["inspect", "zoo:explicit_attention"]) == 0
+    out = capsys.readouterr().out
+    assert "attn:blocks.0.attn" in out and "explicit attention, 4 heads (4 kv), head_dim 32" in out
+    assert "6 sites" in out and "GMACs" in out
+
+
+def test_compile_writes_plan_and_reports_then_replays(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["compile", "zoo:explicit_attention", "--config", "nm-2-4", "--out", str(out)]) == 0
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["passes"]["nm_weights"]["stats"]["rewritten"] == 6
+    assert (out / "report.html").read_text().startswith("<!doctype html>")
+    assert main(["compile", "zoo:explicit_attention", "--plan", str(out / "plan.json"), "--out", str(tmp_path / "b")]) == 0
+    assert json.loads((tmp_path / "b" / "plan.json").read_text())["sites"] == plan["sites"]
+
+
+def test_export_writes_onnx(tmp_path):
+    assert main(["export", "zoo:explicit_attention", "--config", "dense", "--out", str(tmp_path / "m.onnx")]) == 0
+    assert (tmp_path / "m.onnx").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["inspect", "zoo:minilmm"], "no zoo model 'minilmm' (did you mean 'minilm'?)"),
+    (["inspect", "minilm"], "is not of the form SOURCE:NAME"),
+    (["compile", "zoo:explicit_attention", "--config", "nm24", "--out", "x"], "(did you mean 'nm-2-4'?)"),
+])
+def test_errors_are_one_clear_line_with_status_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+
+
+def test_passes_lists_builtins_and_pipelines(capsys):
+    assert main(["passes"]) == 0
+    out = capsys.readouterr().out
+    assert "nm_weights" in out and "pipeline analyze" in out
