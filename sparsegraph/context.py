@@ -51,7 +51,8 @@ class PassContext:
     quiet: bool = False
     instruments: list = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
-    site: str | None = None  # the site being worked on, for error messages
+    site: str | None = None  # the site being worked on
+    error_site: str | None = None  # the innermost site an exception left, for error messages
 
     def options(self, p: Pass, site_id: str, module_path: str) -> Pass:
         """`p` with the config's overrides for the site applied (globs match its module path or id)."""
@@ -62,6 +63,9 @@ class PassContext:
         previous, self.site = self.site, site_id
         try:
             yield
+        except BaseException:
+            self.error_site = self.error_site or site_id
+            raise
         finally:
             self.site = previous
 

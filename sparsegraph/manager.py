@@ -40,15 +40,16 @@ class PassManager:
 
     def _run_one(self, p: Pass, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         code_before = gm.code
+        ctx.error_site = None
         try:
             with torch.no_grad():  # passes compute on weights; nothing they make should carry autograd history
                 result = p.run(gm, ctx)
         except PassError:
             raise
         except SparsegraphError as e:
-            raise PassError(p.name, str(e), ctx.site) from e
+            raise PassError(p.name, str(e), ctx.error_site) from e
         except Exception as e:
-            raise PassError(p.name, f"{type(e).__name__}: {e}", ctx.site) from e
+            raise PassError(p.name, f"{type(e).__name__}: {e}", ctx.error_site) from e
         if not isinstance(result, PassResult):
             raise PassError(p.name, f"run() returned {type(result).__name__}, expected PassResult")
         if isinstance(p, AnalysisPass) and result.gm.code != code_before:

@@ -1,0 +1,1 @@
+"""An example sparsegraph plugin package (see README.md)."""
