@@ -6,7 +6,10 @@ names its pass. Plugins register through the ``sparsegraph.passes`` entry-point 
 
 BUILTIN: dict[str, str] = {
     # analysis
+    "activation_profile": "sparsegraph.passes.analysis.activation_profile",
     "cost": "sparsegraph.passes.analysis.cost",
     # rewrite
+    "neuron_sparsity": "sparsegraph.passes.rewrite.neuron_sparsity",
+    "neuron_pruning": "sparsegraph.passes.rewrite.neuron_pruning",
     "nm_weights": "sparsegraph.passes.rewrite.nm_weights",
 }

@@ -46,3 +46,14 @@ def linear_bias_node(node: torch.fx.Node) -> torch.fx.Node | None:
             return node.graph.get_attr(f"{node.target}.bias")
     bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
     return bias if isinstance(bias, torch.fx.Node) else None
+
+
+def replace_linear(gm: torch.fx.GraphModule, node: torch.fx.Node, weight: torch.Tensor,
+                   bias: torch.Tensor | None) -> torch.fx.Node:
+    """Replace a linear node by ``aten.linear(x, weight, bias)`` with new (copied) weight tensors."""
+    from sparsegraph import ir
+
+    parts = ir.linear_parts(node)
+    w = add_tensor(gm, f"{parts.module_path}.weight", weight.detach().contiguous().clone(), node)
+    b = add_tensor(gm, f"{parts.module_path}.bias", bias.detach().contiguous().clone(), node) if bias is not None else None
+    return replace_with_call(node, torch.ops.aten.linear.default, (parts.x, w, b))

@@ -32,13 +32,16 @@ class NodeInfo:
     site: stable id of the site (``"attn:encoder.layer.0.attention"``, ``"mlp:model.layers.3.mlp"``);
     role: the node's part in the site, one of `ROLES`;
     layer: index of the site among the sites of its kind, in graph order;
-    module_path: dotted path of the module the node came from (``""`` when unknown).
+    module_path: dotted path of the module the node came from (``""`` when unknown);
+    density: for a data-dependent sparse op, the fraction of its dense work expected to run, measured
+    on calibration data by the pass that inserted it (the cost model reads it); None elsewhere.
     """
 
     site: str
     role: str
     layer: int
     module_path: str
+    density: float | None = None
 
     def __post_init__(self):
         if self.role not in ROLES:

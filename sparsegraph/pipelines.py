@@ -33,10 +33,31 @@ def nm_2_4() -> Config:
                                                                                            "mlp.down"]}}]})
 
 
+def activation_sparsity() -> Config:
+    """Centred dynamic activation sparsity, 50% of every MLP's activations skipped (needs calibration)."""
+    return Config.from_dict({"passes": ["activation_profile", "cost",
+                                        {"neuron_sparsity": {"target": 0.5, "method": "centred"}}]})
+
+
+def neuron_pruning() -> Config:
+    """Static removal of the 50% coldest MLP neurons by contribution energy (needs calibration)."""
+    return Config.from_dict({"passes": ["activation_profile", "cost", {"neuron_pruning": {"fraction": 0.5}}]})
+
+
+def llm_activation_sparsity() -> Config:
+    """TEAL-style: 50% of the inputs of up, gate and down projections skipped (decoders; needs calibration)."""
+    return Config.from_dict({"passes": [{"activation_profile": {"inputs": True}}, "cost",
+                                        {"neuron_sparsity": {"target": 0.5, "method": "magnitude",
+                                                             "inputs": True}}]})
+
+
 _PIPELINES: dict[str, Callable[[], Config]] = {
     "dense": dense,
     "analyze": analyze,
     "nm-2-4": nm_2_4,
+    "activation-sparsity": activation_sparsity,
+    "neuron-pruning": neuron_pruning,
+    "llm-activation-sparsity": llm_activation_sparsity,
 }
 
 DEFAULT = "analyze"

@@ -1,0 +1,109 @@
+"""``sparsegraph::sparse_linear``: a linear layer whose *input* is sparse at run time.
+
+With the weight stored input-major, ``weight_t`` [in, out], a centre ``c`` [in] (or none) and the
+centred input ``a = x − c``, only the inputs that survive the test feed the product:
+
+    keep_j = |a_j| > threshold                      (threshold mode, k = 0)
+    keep_j = |a_j| ≥ (k-th largest |a| of the row)  (top-k mode, k > 0)
+    y      = Σ_{j kept} a_j · weight_t[j, :] + bias
+
+The caller folds ``weight_t ᵀ c`` into ``bias`` once, so that ``y = W x + b`` exactly when nothing is
+dropped: ``W x = W (x − c) + W c``. This one primitive covers activation sparsity on an MLP's down
+projection (inputs = the intermediate activations: CATS/TEAL thresholds, Deja Vu-style top-k, and the
+centred variant) and TEAL's input sparsity on any projection.
+
+Why input-major: a skipped input skips a whole contiguous row of ``weight_t``, so the kernels read
+only the rows they use, in place. (Gathering the active rows into a copy first reads and writes as much
+memory as the dense product and is slower than dense; see ``../shared/FINDINGS.md``.)
+
+Backends:
+
+- reference: mask and dense matmul;
+- CPU: ``embedding_bag`` in ``sum`` mode with ``per_sample_weights`` is exactly Σ_j a_j · row_j over a
+  list of row indices, read in place; each input row (token) is one bag, and a row is split into as
+  many bags as there are threads when there are fewer rows than threads, so one token uses all cores;
+- Triton (`triton_kernels/sparse_linear.py`): masked loads of the active weight rows only; a GEMV-style
+  path for decode (≤ 4 rows) and a ``tl.dot`` path for batches;
+- ONNX: ``Where(|a| > t, a, 0)`` then ``MatMul`` (top-k: threshold at the k-th ``TopK`` value), which
+  keeps the semantics; runtimes without sparse kernels run it at dense speed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from onnxscript import opset18 as op
+from sparsegraph.codegen.op import SparseOp
+
+from sparsegraph import ir, meta
+
+
+def _centred_kept(x, centre, threshold: float, k: int):
+    a = x if centre is None else x - centre
+    if k > 0:
+        kth = a.abs().topk(k, dim=-1).values[..., -1:]
+        return a, a.abs() >= kth
+    return a, a.abs() > threshold
+
+
+def reference(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, centre: torch.Tensor | None,
+              threshold: float, k: int) -> torch.Tensor:
+    a, keep = _centred_kept(x, centre, threshold, k)
+    y = torch.where(keep, a, torch.zeros_like(a)) @ weight_t
+    return y if bias is None else y + bias
+
+
+def cpu(x, weight_t, bias, centre, threshold, k):
+    in_f, out_f = weight_t.shape
+    a, keep = _centred_kept(x.reshape(-1, in_f), centre, threshold, k)
+    rows = a.shape[0]
+    row, col = keep.nonzero(as_tuple=True)
+    counts = torch.bincount(row, minlength=rows)
+    pieces = max(1, math.ceil(torch.get_num_threads() / rows)) if rows else 1
+    starts = torch.cumsum(counts, 0) - counts
+    offsets = (starts[:, None] + counts[:, None] * torch.arange(pieces) // pieces).reshape(-1)
+    y = F.embedding_bag(col, weight_t, offsets, mode="sum", per_sample_weights=a[row, col].to(weight_t.dtype))
+    y = y.view(rows, pieces, out_f).sum(1) if pieces > 1 else y
+    if bias is not None:
+        y = y + bias
+    return y.to(x.dtype).reshape(*x.shape[:-1], out_f)
+
+
+def fake(x, weight_t, bias, centre, threshold, k):
+    return x.new_empty(*x.shape[:-1], weight_t.shape[1])
+
+
+def onnx(x, weight_t, bias, centre, threshold: float, k: int):
+    a = x if centre is None else op.Sub(x, centre)
+    magnitude = op.Abs(a)
+    if k > 0:
+        values, _ = op.TopK(magnitude, op.Constant(value_ints=[k]), axis=-1, largest=1, sorted=1)
+        kth = op.Slice(values, op.Constant(value_ints=[k - 1]), op.Constant(value_ints=[k]),
+                       op.Constant(value_ints=[-1]))
+        keep = op.GreaterOrEqual(magnitude, kth)
+    else:
+        keep = op.Greater(magnitude, op.CastLike(op.Constant(value_float=threshold), a))
+    y = op.MatMul(op.Where(keep, a, op.CastLike(op.Constant(value_float=0.0), a)), weight_t)
+    return y if bias is None else op.Add(y, bias)
+
+
+def cost(node: torch.fx.Node) -> tuple[int, int]:
+    """MACs and bytes at the expected density (top-k: k/in; threshold: calibrated, from node meta)."""
+    x, weight_t = ir.val(node.args[0]), ir.val(node.args[1])
+    in_f, out_f = weight_t.shape
+    k = node.args[5]
+    info = meta.get(node)
+    density = k / in_f if k > 0 else (info.density if info is not None and info.density is not None else 1.0)
+    rows = math.prod(x.shape[:-1])
+    macs = int(rows * in_f * out_f * density)
+    out = ir.val(node)
+    # one row reads only its active weight rows; many rows together touch (nearly) all of them
+    weight_read = weight_t.numel() * weight_t.element_size() * (density if rows == 1 else 1.0)
+    moved = x.numel() * x.element_size() + out.numel() * out.element_size() + int(weight_read)
+    return macs, moved
+
+
+OP = SparseOp("sparse_linear", reference, fake=fake, cpu=cpu, onnx=onnx, cost=cost,
+              triton="sparsegraph.codegen.triton_kernels.sparse_linear:sparse_linear")

@@ -1,0 +1,191 @@
+"""``activation_profile``: how the MLP activations of a model behave on calibration data.
+
+Runs every calibration batch through the traced graph and observes, at each MLP site, the
+intermediate activation that feeds the down projection (``act(up(x))``, or ``act(gate(x)) * up(x)``
+for gated MLPs) and, with ``inputs=True``, the site's input ``x`` (what TEAL sparsifies before the up
+and gate projections). Padding tokens are left out when the model takes an ``attention_mask``.
+
+Statistics stream, in bounded memory, per site and per observed tensor (``I`` neurons):
+
+- token count, exact-zero fraction, a 64-bin histogram of log10|a|;
+- per neuron: mean, rms, mean |a| (its activation mass);
+- a uniform reservoir sample of ``reservoir`` tokens (each token draws a random key; the tokens with
+  the smallest keys are kept, so two samples merge by concatenating and keeping the smallest keys
+  again). Quantiles, per-neuron medians and thresholds are computed on it.
+
+Written to the plan as evidence per site (``"down_input"`` and, optionally, ``"mlp_input"``):
+
+- ``centre``: per-neuron median c_j. GELU/SiLU outputs of one neuron cluster around a small negative
+  value rather than zero, so sparsifying ``a − c`` and folding ``W c`` into the bias loses far less
+  than zeroing small ``a`` (see ``../shared/FINDINGS.md``);
+- ``thresholds``: for each sparsity in ``targets``, the per-layer threshold t with
+  P(|a| ≤ t) = target (``magnitude``) and P(|a − c| ≤ t) = target (``centred``);
+- ``firing``: per-neuron fraction of tokens with |a| above the ``magnitude`` threshold at 50%;
+- ``hot``: the fewest neurons that carry ``hot_mass`` of the total activation mass (core neurons);
+- ``quantiles`` of |a|, the histogram, ``mass`` and ``rms`` per neuron.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+
+from sparsegraph import ir
+from sparsegraph.pass_contract import AnalysisPass, option
+from sparsegraph.registry import register_pass
+
+QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
+HIST_RANGE = (-6.0, 2.0)  # log10|a|
+HIST_BINS = 64
+
+
+@register_pass("activation_profile")
+@dataclass(frozen=True)
+class ActivationProfile(AnalysisPass):
+    """Per-site activation statistics of the MLPs on calibration data (see the module docstring)."""
+
+    needs_calibration = True
+
+    targets: tuple[float, ...] = option((0.3, 0.5, 0.6, 0.7, 0.9),
+                                        "sparsities whose per-layer thresholds are recorded")
+    hot_mass: float = option(0.8, "share of activation mass the hot (core) neuron set covers", range=(0.0, 1.0))
+    reservoir: int = option(4096, "tokens kept per site for quantiles and medians (bounded memory)",
+                            range=(16, None))
+    inputs: bool = option(False, "also profile each MLP's input (for input sparsity on up/gate)")
+    seed: int = option(0, "seed of the reservoir sampling")
+
+    def analyze(self, gm, ctx, stats):
+        sites = ir.mlp_sites(gm)
+        watched: dict[torch.fx.Node, tuple[str, str]] = {}
+        for s in sites:
+            watched[s.intermediate_node] = (s.id, "down_input")
+            if self.inputs:
+                watched[ir.linear_parts(s.up).x] = (s.id, "mlp_input")
+        streams: dict[tuple[str, str], Stream] = {}
+        generator = torch.Generator().manual_seed(self.seed)
+        observer = _Observer(gm, watched, streams, self.reservoir, generator)
+        for batch in ctx.progress(ctx.calibration, "activation_profile"):
+            observer.run_batch(batch.args, batch.kwargs)
+        for s in sites:
+            stats.matched += 1
+            evidence = {what: streams[(s.id, what)].summary(self.targets, self.hot_mass)
+                        for what in ("down_input", "mlp_input") if (s.id, what) in streams}
+            ctx.plan.set_evidence(self.name, s.id, evidence)
+        tokens = {site: st.tokens for (site, what), st in streams.items() if what == "down_input"}
+        ctx.plan.set_summary(self.name, {"batches": len(ctx.calibration), "tokens_per_site": tokens,
+                                         "targets": list(self.targets)})
+        stats.counters.update(batches=len(ctx.calibration), tokens=max(tokens.values(), default=0))
+
+
+class Stream:
+    """Streaming statistics of one observed activation [tokens, I] (see the module docstring)."""
+
+    def __init__(self, width: int, reservoir: int):
+        self.tokens = 0
+        self.zeros = 0
+        self.sum = torch.zeros(width, dtype=torch.float64)
+        self.sum_sq = torch.zeros(width, dtype=torch.float64)
+        self.sum_abs = torch.zeros(width, dtype=torch.float64)
+        self.hist = torch.zeros(HIST_BINS + 2, dtype=torch.int64)  # underflow, bins, overflow
+        self.capacity = reservoir
+        self.sample = torch.empty(0, width)
+        self.keys = torch.empty(0)
+
+    def add(self, rows: torch.Tensor, generator: torch.Generator) -> None:
+        rows = rows.detach().float()
+        self.tokens += rows.shape[0]
+        self.zeros += int((rows == 0).sum())
+        self.sum += rows.sum(0, dtype=torch.float64)
+        self.sum_sq += rows.double().square().sum(0)
+        self.sum_abs += rows.abs().sum(0, dtype=torch.float64)
+        logs = rows.abs().clamp(min=1e-30).log10().flatten()
+        lo, hi = HIST_RANGE
+        index = ((logs - lo) / (hi - lo) * HIST_BINS).floor().clamp(-1, HIST_BINS).long() + 1
+        self.hist += torch.bincount(index, minlength=HIST_BINS + 2)
+        keys = torch.rand(rows.shape[0], generator=generator)
+        self.merge(rows, keys)
+
+    def merge(self, rows: torch.Tensor, keys: torch.Tensor) -> None:
+        """Add sampled rows with their keys, keeping the `capacity` smallest keys."""
+        self.sample = torch.cat([self.sample, rows])
+        self.keys = torch.cat([self.keys, keys])
+        if self.keys.numel() > self.capacity:
+            keep = self.keys.topk(self.capacity, largest=False).indices.sort().values
+            self.sample, self.keys = self.sample[keep], self.keys[keep]
+
+    def summary(self, targets: tuple[float, ...], hot_mass: float) -> dict:
+        n = max(self.tokens, 1)
+        mean, mass = self.sum / n, self.sum_abs / n
+        rms = (self.sum_sq / n).sqrt()
+        centre = self.sample.median(0).values if len(self.sample) else torch.zeros_like(mean).float()
+        magnitude = self.sample.abs().flatten()
+        centred = (self.sample - centre).abs().flatten()
+        thresholds = {
+            "magnitude": {str(t): _quantile(magnitude, t) for t in targets},
+            "centred": {str(t): _quantile(centred, t) for t in targets},
+        }
+        t50 = _quantile(magnitude, 0.5)
+        firing = (self.sample.abs() > t50).float().mean(0) if len(self.sample) else torch.zeros_like(centre)
+        order = mass.argsort(descending=True)
+        cumulative = mass[order].cumsum(0) / mass.sum().clamp(min=1e-30)
+        hot_count = int((cumulative < hot_mass).sum()) + 1
+        lo, hi = HIST_RANGE
+        return {
+            "tokens": self.tokens, "sampled": len(self.sample), "zero_fraction": self.zeros / (n * len(mean)),
+            "quantiles": {str(q): _quantile(magnitude, q) for q in QUANTILES},
+            "thresholds": thresholds,
+            "centre": _floats(centre), "mean": _floats(mean), "rms": _floats(rms), "mass": _floats(mass),
+            "firing": _floats(firing),
+            "hot": sorted(order[:min(hot_count, len(order))].tolist()),
+            "histogram": {"log10_range": [lo, hi], "counts": self.hist.tolist()},
+        }
+
+
+class _Observer(torch.fx.Interpreter):
+    """Runs the graph and streams the watched nodes' outputs (padding tokens dropped)."""
+
+    def __init__(self, gm, watched, streams, reservoir, generator):
+        super().__init__(gm)
+        self.watched, self.streams = watched, streams
+        self.reservoir, self.generator = reservoir, generator
+        self.token_mask: torch.Tensor | None = None
+
+    def run_batch(self, args, kwargs) -> None:
+        flat = ir.flatten_inputs(self.module, args, kwargs)
+        placeholders = [n for n in self.module.graph.nodes if n.op == "placeholder"]
+        self.token_mask = next((x.bool() for p, x in zip(placeholders, flat)
+                                if "attention_mask" in p.name and isinstance(x, torch.Tensor) and x.dim() == 2),
+                               None)
+        with torch.no_grad():
+            self.run(*flat)
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if n in self.watched and isinstance(out, torch.Tensor):
+            rows = out
+            if self.token_mask is not None and tuple(out.shape[:2]) == tuple(self.token_mask.shape):
+                rows = out[self.token_mask]
+            rows = rows.reshape(-1, out.shape[-1])
+            key = self.watched[n]
+            if key not in self.streams:
+                self.streams[key] = Stream(out.shape[-1], self.reservoir)
+            self.streams[key].add(rows, self.generator)
+        return out
+
+
+def _quantile(values: torch.Tensor, q: float) -> float:
+    if values.numel() == 0:
+        return 0.0
+    k = min(values.numel(), max(1, math.ceil(q * values.numel())))
+    return _float(values.kthvalue(k).values)
+
+
+def _float(x) -> float:
+    return float(f"{float(x):.7g}")
+
+
+def _floats(t: torch.Tensor) -> list[float]:
+    return [float(f"{v:.7g}") for v in t.tolist()]

@@ -1,0 +1,92 @@
+"""``neuron_pruning``: static removal of the coldest MLP neurons, by slicing the weights.
+
+For each MLP site with intermediate size I, the ``round(fraction·I)`` neurons with the lowest score
+are removed: rows of W_up (and W_gate) and their biases, columns of W_down. The kept weights are new
+tensors of the compiled model (the user's model is untouched). Every backend runs the smaller dense
+matmuls, ONNX on CPU included: this is the speed-up that needs no sparse kernel.
+
+Scores come from the ``activation_profile`` evidence of the site (never from the neuron index):
+
+- ``energy`` (default): ‖W_down[:, j]‖ · rms(a_j), the size of neuron j's contribution to the output;
+- ``mass``: mean |a_j| on calibration data.
+
+With ``compensate`` (default) the removed neurons' mean activation is folded into the down bias,
+``b' = b + W_down[:, removed] · mean(a_removed)``, so the layer's output keeps its average (GELU
+neurons sit at a nonzero mean; dropping them outright shifts every token).
+
+A fraction of 0 refuses the site (dense, exact). Decisions hold the kept neuron indices and the
+removed neurons' means; replay slices the same neurons without calibration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sparsegraph import graph_edit, ir
+from sparsegraph.pass_contract import RewritePass, SiteDecision, option
+from sparsegraph.registry import register_pass
+
+
+@register_pass("neuron_pruning")
+@dataclass(frozen=True)
+class NeuronPruning(RewritePass):
+    """Remove the coldest MLP neurons (static; see the module docstring)."""
+
+    requires = ("activation_profile",)
+
+    fraction: float = option(0.5, "fraction of each MLP's intermediate neurons removed", range=(0.0, 0.95))
+    score: str = option("energy", "how neurons are ranked", choices=("energy", "mass"))
+    compensate: bool = option(True, "fold the removed neurons' mean activation into the down bias")
+
+    def decide(self, gm, ctx, stats):
+        decisions = {}
+        for site in ir.mlp_sites(gm):
+            opts = ctx.options(self, site.id, site.module_path)
+            stats.matched += 1
+            evidence = (ctx.plan.evidence("activation_profile", site.id) or {}).get("down_input")
+            removed = round(opts.fraction * site.intermediate)
+            if removed == 0:
+                stats.refuse(site.id, f"fraction {opts.fraction} removes no neuron: the site stays dense")
+            elif any(ir.linear_parts(n).weight is None for n in (site.up, site.gate, site.down) if n is not None):
+                stats.refuse(site.id, "a projection weight is computed in the graph, not a stored parameter")
+            elif evidence is None:
+                stats.refuse(site.id, "activation_profile has no statistics for this site")
+            else:
+                down = ir.linear_parts(site.down).weight
+                if opts.score == "energy":
+                    score = down.norm(dim=0) * torch.tensor(evidence["rms"], dtype=down.dtype)
+                else:
+                    score = torch.tensor(evidence["mass"])
+                order = score.argsort(descending=True)
+                keep = sorted(order[: site.intermediate - removed].tolist())
+                gone = sorted(order[site.intermediate - removed:].tolist())
+                means = [evidence["mean"][j] for j in gone] if opts.compensate else []
+                decisions[site.id] = SiteDecision(
+                    {"keep": keep, "removed": gone, "removed_mean": means},
+                    {"score": opts.score, "kept_score_share": float(score[keep].sum() / score.sum())})
+        return decisions
+
+    def apply(self, gm, ctx, decisions, stats):
+        for site in ir.mlp_sites(gm):
+            decision = decisions.get(site.id)
+            if decision is None:
+                continue
+            with ctx.at(site.id):
+                keep = torch.tensor(decision.decision["keep"], dtype=torch.long)
+                for node in (site.up, site.gate):
+                    if node is not None:
+                        parts = ir.linear_parts(node)
+                        bias = parts.bias[keep] if parts.bias is not None else None
+                        graph_edit.replace_linear(gm, node, parts.weight[keep], bias)
+                parts = ir.linear_parts(site.down)
+                bias = parts.bias.clone() if parts.bias is not None else torch.zeros(parts.out_features,
+                                                                                     dtype=parts.weight.dtype)
+                if decision.decision["removed_mean"]:
+                    gone = torch.tensor(decision.decision["removed"], dtype=torch.long)
+                    bias += parts.weight[:, gone] @ torch.tensor(decision.decision["removed_mean"],
+                                                                 dtype=parts.weight.dtype)
+                graph_edit.replace_linear(gm, site.down, parts.weight[:, keep], bias)
+                stats.rewritten += 1
+        stats.counters["neurons_removed"] = sum(len(d.decision["removed"]) for d in decisions.values())

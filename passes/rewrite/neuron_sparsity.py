@@ -1,0 +1,123 @@
+"""``neuron_sparsity``: dynamic activation sparsity, only the active neurons feed the down projection.
+
+For each MLP site, the down projection ``y = W_down a + b`` becomes
+``sparsegraph::sparse_linear(a, W_downᵀ, b + W_down c, c, t, k)``, which at run time keeps only the
+inputs with ``|a_j − c_j| > t`` (or the k largest per token) and reads only their weight rows.
+Methods, one option away:
+
+- ``magnitude`` (CATS / TEAL): c = 0, t = the per-layer threshold the profile measured for `target`;
+- ``centred``: c = the per-neuron calibrated median, t the per-layer threshold of |a − c| for
+  `target`; ``W_down c`` is folded into the bias once. Far better fidelity on GELU models;
+- ``topk`` (Deja Vu-style selection, with an exact oracle instead of a learned predictor): each token
+  keeps its k = round((1 − target)·I) largest |a − c| (c = 0 unless ``centre_topk``).
+
+With ``inputs=True`` the same happens to the up and gate projections' input (TEAL's input sparsity on
+all three projections; needs ``activation_profile`` with ``inputs=True``).
+
+A target of 0 refuses the site (dense, exact). A target that the profile did not record is refused
+with the list of recorded ones. Decisions hold the threshold, k and the centre; the evidence holds the
+sparsity measured on the calibration sample. Counts are in sites (matched, rewritten, refused).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from sparsegraph.codegen.sparse_linear import OP
+
+from sparsegraph import graph_edit, ir, meta
+from sparsegraph.pass_contract import RewritePass, SiteDecision, option
+from sparsegraph.registry import register_pass
+
+METHODS = ("magnitude", "centred", "topk")
+
+
+@register_pass("neuron_sparsity")
+@dataclass(frozen=True)
+class NeuronSparsity(RewritePass):
+    """Dynamic activation sparsity on MLP down projections (and optionally their inputs)."""
+
+    requires = ("activation_profile",)
+
+    target: float = option(0.5, "fraction of activations skipped", range=(0.0, 0.99))
+    method: str = option("centred", "how active neurons are chosen", choices=METHODS)
+    centre_topk: bool = option(True, "in topk mode, rank |a − c| instead of |a|")
+    inputs: bool = option(False, "also sparsify the MLP input feeding up/gate (TEAL)")
+
+    def decide(self, gm, ctx, stats):
+        decisions = {}
+        for site in ir.mlp_sites(gm):
+            opts = ctx.options(self, site.id, site.module_path)
+            stats.matched += 1
+            evidence = ctx.plan.evidence("activation_profile", site.id) or {}
+            if any(ir.linear_parts(n).weight is None for n in (site.up, site.gate, site.down) if n is not None):
+                stats.refuse(site.id, "a projection weight is computed in the graph, not a stored parameter")
+                continue
+            if opts.target == 0:
+                stats.refuse(site.id, "target 0: the site stays dense")
+                continue
+            wanted = ["down_input"] + (["mlp_input"] if opts.inputs else [])
+            missing = [w for w in wanted if w not in evidence]
+            if missing:
+                stats.refuse(site.id, f"activation_profile has no {missing} statistics for this site "
+                                      "(set activation_profile inputs: true for input sparsity)")
+                continue
+            choice = {w: _choose(opts, evidence[w], site.intermediate if w == "down_input" else site.hidden)
+                      for w in wanted}
+            bad = [c for c in choice.values() if isinstance(c, str)]
+            if bad:
+                stats.refuse(site.id, bad[0])
+                continue
+            decisions[site.id] = SiteDecision(
+                {w: c["decision"] for w, c in choice.items()},
+                {w: c["evidence"] for w, c in choice.items()})
+        return decisions
+
+    def apply(self, gm, ctx, decisions, stats):
+        for site in ir.mlp_sites(gm):
+            decision = decisions.get(site.id)
+            if decision is None:
+                continue
+            with ctx.at(site.id):
+                targets = [("down_input", site.down)]
+                if "mlp_input" in decision.decision:
+                    targets += [("mlp_input", site.up)] + ([("mlp_input", site.gate)] if site.gate else [])
+                for what, node in targets:
+                    d = decision.decision[what]
+                    density = 1.0 - decision.evidence.get(what, {}).get("measured_sparsity", 0.0)
+                    _replace(gm, node, d, density)
+                stats.rewritten += 1
+
+
+def _choose(opts: NeuronSparsity, evidence: dict, width: int) -> dict | str:
+    """The decision for one observed tensor, or the reason to refuse."""
+    centred = opts.method == "centred" or (opts.method == "topk" and opts.centre_topk)
+    if opts.method == "topk":
+        k = max(1, round((1 - opts.target) * width))
+        decision = {"threshold": 0.0, "k": k, "centre": evidence["centre"] if centred else None}
+        return {"decision": decision, "evidence": {"measured_sparsity": 1 - k / width}}
+    table = evidence["thresholds"]["centred" if centred else "magnitude"]
+    key = next((t for t in table if abs(float(t) - opts.target) < 1e-9), None)
+    if key is None:
+        return (f"activation_profile recorded targets {sorted(float(t) for t in table)}, not {opts.target}; "
+                f"add it to activation_profile's targets")
+    decision = {"threshold": table[key], "k": 0, "centre": evidence["centre"] if centred else None}
+    return {"decision": decision, "evidence": {"measured_sparsity": float(key)}}
+
+
+def _replace(gm, node: torch.fx.Node, d: dict, density: float) -> None:
+    parts = ir.linear_parts(node)
+    weight = parts.weight.detach()
+    bias = parts.bias.detach() if parts.bias is not None else torch.zeros(weight.shape[0], dtype=weight.dtype)
+    centre = torch.tensor(d["centre"], dtype=weight.dtype) if d["centre"] is not None else None
+    if centre is not None:
+        bias = bias + weight @ centre  # W x = W (x − c) + W c
+    path = parts.module_path
+    w_t = graph_edit.add_tensor(gm, f"{path}.weight_t", weight.t().contiguous(), node)
+    b = graph_edit.add_tensor(gm, f"{path}.sparse_bias", bias, node)
+    c = graph_edit.add_tensor(gm, f"{path}.centre", centre, node) if centre is not None else None
+    new = graph_edit.replace_with_call(node, OP.overload, (parts.x, w_t, b, c, float(d["threshold"]), int(d["k"])))
+    info = meta.get(new)
+    if info is not None:
+        meta.set_info(new, meta.NodeInfo(info.site, info.role, info.layer, info.module_path, density=density))

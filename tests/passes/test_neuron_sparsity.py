@@ -1,0 +1,92 @@
+"""neuron_sparsity: structure (down projections → sparse_linear), numerics, counts, target 0, replay."""
+
+import pytest
+import torch
+from sparsegraph.codegen.sparse_linear import OP
+
+import sparsegraph as sg
+from sparsegraph import ir, meta
+
+
+def _compile(model, example, batches, profile=None, **options):
+    config = {"passes": [{"activation_profile": profile or {}}, {"neuron_sparsity": options}]}
+    return sg.compile(model, config, example_inputs=example, calibration=batches, quiet=True)
+
+
+def test_structure_down_projections_become_sparse_linear(explicit_calibrated):
+    cm = _compile(*explicit_calibrated, target=0.5)
+    gm = cm.graph_module
+    nodes = [n for n in gm.graph.nodes if n.target is OP.overload]
+    assert len(nodes) == 3 and {meta.get(n).role for n in nodes} == {"mlp.down"}
+    for n in nodes:
+        x, w_t, bias, centre, threshold, k = n.args
+        assert meta.get(x).role == "mlp.act"  # fed by the activation, as the site says
+        assert ir.shape(w_t) == (512, 128) and ir.shape(centre) == (512,) and threshold > 0 and k == 0
+        assert meta.get(n).density == pytest.approx(0.5)
+    assert len(ir.mlp_sites(gm)) == 0  # the down linear is gone, so no plain MLP site remains
+    assert cm.cost.macs < cm.dense_cost.macs
+
+
+def test_numeric_equals_the_masked_dense_computation(explicit_calibrated):
+    model, example, batches = explicit_calibrated
+    cm = _compile(model, example, batches, target=0.5, method="centred")
+
+    def masked(c, t):  # the dense MLP fed masked(a − c) + c: what sparse_linear computes, W c folded in
+        return lambda module, args: (torch.where((args[0] - c).abs() > t, args[0] - c, 0) + c,)
+
+    hooks = [block.mlp[2].register_forward_pre_hook(masked(*_ct(cm, i))) for i, block in enumerate(model.blocks)]
+    try:
+        with torch.no_grad():
+            expected = model(*example)
+    finally:
+        for h in hooks:
+            h.remove()
+    torch.testing.assert_close(cm(*example), expected, rtol=1e-4, atol=1e-4)
+
+
+def _ct(cm, i):
+    d = cm.plan.sites[f"mlp:blocks.{i}.mlp"]["neuron_sparsity"]["decision"]["down_input"]
+    return torch.tensor(d["centre"]), d["threshold"]
+
+
+def test_target_zero_is_exactly_dense_and_refused_with_reason(explicit_calibrated):
+    model, example, batches = explicit_calibrated
+    cm = _compile(model, example, batches, target=0.0)
+    with torch.no_grad():
+        torch.testing.assert_close(cm(*example), model(*example), rtol=0, atol=1e-6)
+    stats = cm.plan.passes["neuron_sparsity"]["stats"]
+    assert stats["matched"] == 3 and stats["rewritten"] == 0
+    assert {r["reason"] for r in stats["refused"]} == {"target 0: the site stays dense"}
+
+
+def test_counts_overrides_and_unrecorded_target(explicit_calibrated):
+    model, example, batches = explicit_calibrated
+    config = {"passes": [{"activation_profile": {}}, {"neuron_sparsity": {"target": 0.5}}],
+              "overrides": {"blocks.1.*": {"neuron_sparsity": {"target": 0.0}},
+                            "blocks.2.*": {"neuron_sparsity": {"target": 0.55}}}}
+    cm = sg.compile(model, config, example_inputs=example, calibration=batches, quiet=True)
+    stats = cm.plan.passes["neuron_sparsity"]["stats"]
+    assert (stats["matched"], stats["rewritten"], len(stats["refused"])) == (3, 1, 2)
+    reasons = {r["site"]: r["reason"] for r in stats["refused"]}
+    assert "not 0.55" in reasons["mlp:blocks.2.mlp"] and "add it to activation_profile" in reasons["mlp:blocks.2.mlp"]
+
+
+@pytest.mark.parametrize("method", ["magnitude", "topk"])
+def test_other_methods_and_input_sparsity(explicit_calibrated, method):
+    cm = _compile(*explicit_calibrated, profile={"inputs": True}, target=0.5, method=method, inputs=True)
+    nodes = [n for n in cm.graph_module.graph.nodes if n.target is OP.overload]
+    assert sorted(meta.get(n).role for n in nodes) == sorted(["mlp.down", "mlp.up"] * 3)
+    k = {meta.get(n).role: n.args[5] for n in nodes}
+    if method == "topk":
+        assert k == {"mlp.down": 256, "mlp.up": 64}
+    else:
+        assert set(k.values()) == {0} and all(n.args[3] is None for n in nodes)  # magnitude: no centre
+
+
+def test_replay_from_plan_needs_no_calibration(explicit_calibrated, tmp_path):
+    model, example, batches = explicit_calibrated
+    cm = _compile(model, example, batches, target=0.6)
+    path = cm.plan.save(tmp_path / "plan.json")
+    again = sg.compile(model, plan=path, example_inputs=example, quiet=True)
+    assert torch.equal(again(*example), cm(*example))
+    assert again.plan.passes["activation_profile"]["stats"]["counters"].get("replayed") is True
