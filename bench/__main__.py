@@ -1,5 +1,15 @@
+"""``python -m bench SUITE [options]``: run one benchmark suite (``python -m bench SUITE -h`` for its options).
+
+Suites: ``foundation`` (dense eager vs torch.compile vs onnxruntime), ``activation`` (MiniLM activation
+sparsity: fidelity curves and static-pruning speed), ``decode`` (SwiGLU decode microbenchmark).
+"""
+
+import importlib
 import sys
 
-from bench.run import main
+SUITES = ("foundation", "activation", "decode")
 
-sys.exit(main())
+if len(sys.argv) < 2 or sys.argv[1] not in SUITES:
+    print(__doc__)
+    sys.exit(2)
+sys.exit(importlib.import_module(f"bench.{sys.argv[1]}").main(sys.argv[2:]))

@@ -18,6 +18,7 @@ __all__ = ["KERNEL_BACKENDS", "OPS", "SparseOp", "cost_of", "onnx_translations",
 OPS: dict[str, str] = {
     "nm_linear": "sparsegraph.codegen.nm_linear",
     "sparse_linear": "sparsegraph.codegen.sparse_linear",
+    "core_linear": "sparsegraph.codegen.core_linear",
 }
 
 

@@ -59,7 +59,7 @@ def cpu(x, weight_t, bias, centre, threshold, k):
     in_f, out_f = weight_t.shape
     a, keep = _centred_kept(x.reshape(-1, in_f), centre, threshold, k)
     rows = a.shape[0]
-    row, col = keep.nonzero(as_tuple=True)
+    row, col = (t.contiguous() for t in keep.nonzero(as_tuple=True))  # strided indices miss the fast path
     counts = torch.bincount(row, minlength=rows)
     pieces = max(1, math.ceil(torch.get_num_threads() / rows)) if rows else 1
     starts = torch.cumsum(counts, 0) - counts

@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
         src.add_argument("--config", help=f"YAML/JSON path or pipeline name {pipelines.names()}")
         src.add_argument("--plan", help="a saved plan.json to replay")
         p.add_argument("--out", required=True, help="output directory (compile) or .onnx path (export)")
+        p.add_argument("--calibration", type=int, default=128, metavar="N",
+                       help="calibration sentences for text models with a tokenizer (stdlib docstrings); "
+                            "other models calibrate on their example inputs")
         p.set_defaults(run=fn)
 
     p = sub.add_parser("passes", help="list passes (built-in and plugins) and named pipelines")
@@ -107,7 +110,19 @@ def _compile(args) -> sg.CompiledModel:
     model, example = models.resolve(args.model)
     if args.plan:
         return sg.compile(model, plan=args.plan, example_inputs=example)
-    return sg.compile(model, args.config or pipelines.DEFAULT, example_inputs=example)
+    return sg.compile(model, args.config or pipelines.DEFAULT, example_inputs=example,
+                      calibration=calibration_for(model, example, args.calibration))
+
+
+def calibration_for(model, example, n: int) -> list:
+    """`n` held-in stdlib sentences in batches of 32 for models with a tokenizer, else the example inputs."""
+    if hasattr(model, "tokenize"):
+        from sparsegraph.data.stdlib_text import sentences
+
+        texts = sentences("calibration", limit=n)
+        return [model.tokenize(texts[i:i + 32]) for i in range(0, len(texts), 32)]
+    print("note: calibrating on the example inputs only (no tokenizer to read real text with)", file=sys.stderr)
+    return [example]
 
 
 def inspect_table(gm) -> str:

@@ -53,12 +53,18 @@ def export_onnx(gm: torch.fx.GraphModule, path: str | os.PathLike, args: tuple, 
 
 
 class OnnxModel:
-    """An exported model in onnxruntime, called like the original: ``OnnxModel(path, gm)(*args)``."""
+    """An exported model in onnxruntime, called like the original: ``OnnxModel(path, gm)(*args)``.
+
+    ``threads`` sets onnxruntime's intra-op threads. Its threads do not spin-wait between runs
+    (``allow_spinning = 0``): spinning threads keep cores busy after a run returns, which on a small
+    machine starves whatever runs next (another model in a side-by-side benchmark, or the caller).
+    """
 
     def __init__(self, path: str | os.PathLike, gm: torch.fx.GraphModule, threads: int | None = None):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1

@@ -9,7 +9,10 @@ Methods, one option away:
 - ``centred``: c = the per-neuron calibrated median, t the per-layer threshold of |a − c| for
   `target`; ``W_down c`` is folded into the bias once. Far better fidelity on GELU models;
 - ``topk`` (Deja Vu-style selection, with an exact oracle instead of a learned predictor): each token
-  keeps its k = round((1 − target)·I) largest |a − c| (c = 0 unless ``centre_topk``).
+  keeps its k = round((1 − target)·I) largest |a − c| (c = 0 unless ``rank_centred``);
+- ``core`` (CoreMatching / PowerInfer "core neurons"): each *sequence* keeps the k inputs with the
+  largest Σ|a − c| over its first ``core_prefix`` tokens (its prompt; 0 = all its tokens), and every
+  token of the sequence uses those: ``sparsegraph::core_linear``.
 
 With ``inputs=True`` the same happens to the up and gate projections' input (TEAL's input sparsity on
 all three projections; needs ``activation_profile`` with ``inputs=True``).
@@ -24,13 +27,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from sparsegraph.codegen.core_linear import OP as CORE
 from sparsegraph.codegen.sparse_linear import OP
 
 from sparsegraph import graph_edit, ir, meta
 from sparsegraph.pass_contract import RewritePass, SiteDecision, option
 from sparsegraph.registry import register_pass
 
-METHODS = ("magnitude", "centred", "topk")
+METHODS = ("magnitude", "centred", "topk", "core")
 
 
 @register_pass("neuron_sparsity")
@@ -42,7 +46,9 @@ class NeuronSparsity(RewritePass):
 
     target: float = option(0.5, "fraction of activations skipped", range=(0.0, 0.99))
     method: str = option("centred", "how active neurons are chosen", choices=METHODS)
-    centre_topk: bool = option(True, "in topk mode, rank |a − c| instead of |a|")
+    rank_centred: bool = option(True, "in topk and core modes, rank |a − c| instead of |a|")
+    core_prefix: int = option(0, "core mode: tokens of each sequence that choose its core (0: all)",
+                              range=(0, None))
     inputs: bool = option(False, "also sparsify the MLP input feeding up/gate (TEAL)")
 
     def decide(self, gm, ctx, stats):
@@ -92,10 +98,12 @@ class NeuronSparsity(RewritePass):
 
 def _choose(opts: NeuronSparsity, evidence: dict, width: int) -> dict | str:
     """The decision for one observed tensor, or the reason to refuse."""
-    centred = opts.method == "centred" or (opts.method == "topk" and opts.centre_topk)
-    if opts.method == "topk":
+    centred = opts.method == "centred" or (opts.method in ("topk", "core") and opts.rank_centred)
+    if opts.method in ("topk", "core"):
         k = max(1, round((1 - opts.target) * width))
         decision = {"threshold": 0.0, "k": k, "centre": evidence["centre"] if centred else None}
+        if opts.method == "core":
+            decision.update(core=True, prefix=opts.core_prefix)
         return {"decision": decision, "evidence": {"measured_sparsity": 1 - k / width}}
     table = evidence["thresholds"]["centred" if centred else "magnitude"]
     key = next((t for t in table if abs(float(t) - opts.target) < 1e-9), None)
@@ -117,7 +125,12 @@ def _replace(gm, node: torch.fx.Node, d: dict, density: float) -> None:
     w_t = graph_edit.add_tensor(gm, f"{path}.weight_t", weight.t().contiguous(), node)
     b = graph_edit.add_tensor(gm, f"{path}.sparse_bias", bias, node)
     c = graph_edit.add_tensor(gm, f"{path}.centre", centre, node) if centre is not None else None
-    new = graph_edit.replace_with_call(node, OP.overload, (parts.x, w_t, b, c, float(d["threshold"]), int(d["k"])))
+    if d.get("core"):
+        args = (parts.x, w_t, b, c, int(d["k"]), int(d["prefix"]))
+        new = graph_edit.replace_with_call(node, CORE.overload, args)
+    else:
+        args = (parts.x, w_t, b, c, float(d["threshold"]), int(d["k"]))
+        new = graph_edit.replace_with_call(node, OP.overload, args)
     info = meta.get(new)
     if info is not None:
         meta.set_info(new, meta.NodeInfo(info.site, info.role, info.layer, info.module_path, density=density))

@@ -90,3 +90,22 @@ def test_replay_from_plan_needs_no_calibration(explicit_calibrated, tmp_path):
     again = sg.compile(model, plan=path, example_inputs=example, quiet=True)
     assert torch.equal(again(*example), cm(*example))
     assert again.plan.passes["activation_profile"]["stats"]["counters"].get("replayed") is True
+
+
+def test_core_mode_keeps_one_set_per_sequence(explicit_calibrated, tmp_path):
+    from sparsegraph.codegen import core_linear
+
+    from sparsegraph.onnx_export import OnnxModel
+
+    model, example, batches = explicit_calibrated
+    cm = _compile(model, example, batches, target=0.75, method="core", core_prefix=8)
+    nodes = [n for n in cm.graph_module.graph.nodes if n.target is core_linear.OP.overload]
+    assert len(nodes) == 3 and all(n.args[4:] == (128, 8) for n in nodes)  # k = 25% of 512, prefix 8
+    x = torch.randn(2, 20, 512)
+    w_t, c = torch.randn(512, 128), torch.randn(512) * 0.1
+    ref = core_linear.reference(x, w_t, None, c, 128, 8)
+    torch.testing.assert_close(core_linear.cpu(x, w_t, None, c, 128, 8), ref, rtol=1e-5, atol=1e-4)
+    used = (core_linear.reference(x, torch.eye(512), None, None, 128, 8) != 0)
+    assert (used.any(1).sum(-1) <= 128).all()  # every token of a sequence uses the same ≤ k inputs
+    ort = OnnxModel(cm.export_onnx(tmp_path / "core.onnx"), cm.graph_module)
+    torch.testing.assert_close(ort(*example), cm(*example), rtol=0, atol=1e-4)

@@ -1,4 +1,4 @@
-"""``python -m bench``: dense eager vs torch.compile vs ONNX Runtime vs sparsegraph, as same-run ratios.
+"""``python -m bench foundation``: dense eager vs torch.compile vs ONNX Runtime vs sparsegraph, as same-run ratios.
 
 For each workload (model, batch, sequence) every candidate runs on the same inputs with the same
 thread count (torch intra-op threads = onnxruntime intra-op threads = ``--threads``), after warm-up,
@@ -15,8 +15,6 @@ Writes ``<out>/<name>.json`` and ``<out>/<name>.md`` (the table, with the machin
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +22,7 @@ from pathlib import Path
 import torch
 
 import sparsegraph as sg
+from bench.common import machine, machine_line, write
 from sparsegraph import models
 from sparsegraph.measure import compare
 from sparsegraph.onnx_export import OnnxModel
@@ -36,7 +35,7 @@ WORKLOADS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m bench foundation", description=__doc__.splitlines()[0])
     ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     ap.add_argument("--pipelines", nargs="*", default=[], help="sparsegraph pipelines to add as candidates")
     ap.add_argument("--threads", type=int, default=2)
@@ -51,11 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     for workload in args.workloads:
         print(f"== {workload}", flush=True)
         results["workloads"][workload] = run_workload(workload, args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out / f"{args.name}.md").write_text(markdown(results))
-    print(markdown(results))
+    write(args.out, args.name, results, markdown(results))
     return 0
 
 
@@ -87,26 +82,8 @@ def run_workload(workload: str, args) -> dict:
             "speedup_vs_eager": {k: times["eager"] / v for k, v in times.items()}, "notes": notes}
 
 
-def machine(threads: int) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import onnxruntime
-
-    return {"cpu": cpu, "logical_cores": torch.multiprocessing.cpu_count(), "threads": threads,
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
-
-
 def markdown(results: dict) -> str:
-    m = results["machine"]
-    lines = [f"Machine: {m['cpu']}, {m['logical_cores']} logical cores, {m['threads']} threads, "
-             f"GPU: {m['gpu'] or 'none'}; torch {m['torch']}, onnxruntime {m['onnxruntime']}.",
+    lines = [machine_line(results["machine"]),
              f"Median of {results['settings']['repeats']} interleaved rounds after {results['settings']['warmup']} "
              "warm-up rounds; speed-up = eager time / candidate time, same run.", ""]
     for workload, r in results["workloads"].items():
@@ -116,5 +93,3 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,0 +1,43 @@
+"""What every bench suite shares: the machine's description and writing results as JSON + markdown."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+
+def machine(threads: int) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import onnxruntime
+
+    return {"cpu": cpu, "logical_cores": torch.multiprocessing.cpu_count(), "threads": threads,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
+
+
+def machine_line(m: dict) -> str:
+    return (f"Machine: {m['cpu']}, {m['logical_cores']} logical cores, {m['threads']} threads, "
+            f"GPU: {m['gpu'] or 'none'}; torch {m['torch']}, onnxruntime {m['onnxruntime']}.")
+
+
+def write(out: str, name: str, results: dict, markdown: str) -> None:
+    path = Path(out)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")
+    (path / f"{name}.md").write_text(markdown)
+    print(markdown)
+
+
+def table(header: list[str], rows: list[list]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
+        ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
