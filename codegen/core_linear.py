@@ -79,7 +79,7 @@ def onnx(x, weight_t, bias, centre, k: int, prefix: int):
 def cost(node: torch.fx.Node) -> tuple[int, int]:
     """k/in of the dense MACs; the core rows of the weight read once per sequence."""
     x, weight_t, k = ir.val(node.args[0]), ir.val(node.args[1]), node.args[4]
-    in_f, out_f = weight_t.shape
+    out_f = weight_t.shape[1]
     rows = math.prod(x.shape[:-1])
     sequences = math.prod(x.shape[:-2]) if x.dim() >= 3 else 1
     out = ir.val(node)

@@ -19,7 +19,7 @@ def test_structure_down_projections_become_sparse_linear(explicit_calibrated):
     nodes = [n for n in gm.graph.nodes if n.target is OP.overload]
     assert len(nodes) == 3 and {meta.get(n).role for n in nodes} == {"mlp.down"}
     for n in nodes:
-        x, w_t, bias, centre, threshold, k = n.args
+        x, w_t, _, centre, threshold, k = n.args
         assert meta.get(x).role == "mlp.act"  # fed by the activation, as the site says
         assert ir.shape(w_t) == (512, 128) and ir.shape(centre) == (512,) and threshold > 0 and k == 0
         assert meta.get(n).density == pytest.approx(0.5)
