@@ -110,8 +110,10 @@ def _compile(args) -> sg.CompiledModel:
     model, example = models.resolve(args.model)
     if args.plan:
         return sg.compile(model, plan=args.plan, example_inputs=example)
-    return sg.compile(model, args.config or pipelines.DEFAULT, example_inputs=example,
-                      calibration=calibration_for(model, example, args.calibration))
+    config = sg.Config.load(args.config or pipelines.DEFAULT)
+    needs = any(getattr(p, "needs_calibration", False) for p in config.passes)
+    return sg.compile(model, config, example_inputs=example,
+                      calibration=calibration_for(model, example, args.calibration) if needs else None)
 
 
 def calibration_for(model, example, n: int) -> list:

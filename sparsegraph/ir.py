@@ -109,9 +109,9 @@ _aten("shape", "view.default", "reshape.default", "_unsafe_view.default", "trans
       "squeeze.default", "flatten.using_ints", "unflatten.int", "select.int", "slice.Tensor", "split.Tensor",
       "split_with_sizes.default", "chunk.default", "unbind.int", "t.default", "to.dtype", "to.dtype_layout",
       "to.device", "_to_copy.default", "alias.default", "detach.default", "type_as.default",
-      "_assert_tensor_metadata.default", "lift_fresh_copy.default")
+      "_assert_tensor_metadata.default", "lift_fresh_copy.default", "repeat_interleave.self_int")
 _targets("shape", operator.getitem, torch.reshape, torch.transpose, torch.permute, torch.flatten, torch.unflatten,
-         torch.unbind, torch.chunk, torch.split, torch.squeeze, torch.unsqueeze, torch.t)
+         torch.unbind, torch.chunk, torch.split, torch.squeeze, torch.unsqueeze, torch.t, torch.repeat_interleave)
 
 _METHODS.update({
     "matmul": "matmul", "bmm": "matmul", "softmax": "softmax", "relu": "relu", "mul": "mul", "add": "add",
@@ -119,7 +119,8 @@ _METHODS.update({
     "le": "compare", "lt": "compare", "ge": "compare", "gt": "compare",
     **{m: "shape" for m in ("view", "reshape", "transpose", "permute", "contiguous", "clone", "expand",
                             "unsqueeze", "squeeze", "flatten", "unflatten", "unbind", "chunk", "split",
-                            "to", "type_as", "float", "half", "bfloat16", "detach", "t", "size")},
+                            "to", "type_as", "float", "half", "bfloat16", "detach", "t", "size",
+                            "repeat_interleave")},
 })
 _MODULES.update({
     torch.nn.Linear: "linear", torch.nn.Conv1d: "conv", torch.nn.Conv2d: "conv", torch.nn.Conv3d: "conv",

@@ -51,6 +51,9 @@ def trace(
         raise TraceError(f"expected a torch.nn.Module, got {type(model).__name__}; wrap callables in a Module")
     example_inputs = _as_tuple(example_inputs)
     example_kwargs = dict(example_kwargs or {})
+    # Checked up front: otherwise export fails on the mismatch, the fx fallback (which never calls the
+    # model) succeeds, and the mismatch surfaces later as a bare TypeError from shape propagation.
+    _bind(model.forward, example_inputs, example_kwargs)
     attempts: list[tuple[str, BaseException]] = []
     gm = None
     with _eval_mode(model):
