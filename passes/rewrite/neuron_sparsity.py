@@ -86,13 +86,13 @@ class NeuronSparsity(RewritePass):
             if decision is None:
                 continue
             with ctx.at(site.id):
-                targets = [("down_input", site.down)]
-                if "mlp_input" in decision.decision:
-                    targets += [("mlp_input", site.up)] + ([("mlp_input", site.gate)] if site.gate else [])
-                for what, node in targets:
+                targets = [("down_input", [site.down])]
+                if "mlp_input" in decision.decision:  # gate and up read the same input: one fused op
+                    targets.append(("mlp_input", [n for n in (site.gate, site.up) if n is not None]))
+                for what, nodes in targets:
                     d = decision.decision[what]
                     density = 1.0 - decision.evidence.get(what, {}).get("measured_sparsity", 0.0)
-                    _replace(gm, node, d, density)
+                    _replace(gm, nodes, d, density)
                 stats.rewritten += 1
 
 
@@ -114,23 +114,44 @@ def _choose(opts: NeuronSparsity, evidence: dict, width: int) -> dict | str:
     return {"decision": decision, "evidence": {"measured_sparsity": float(key)}}
 
 
-def _replace(gm, node: torch.fx.Node, d: dict, density: float) -> None:
-    parts = ir.linear_parts(node)
-    weight = parts.weight.detach()
-    bias = parts.bias.detach() if parts.bias is not None else torch.zeros(weight.shape[0], dtype=weight.dtype)
+def _replace(gm, nodes: list[torch.fx.Node], d: dict, density: float) -> None:
+    """Replace linear `nodes` that share one input by one sparse op over their stacked weights.
+
+    With several nodes (gate and up) the op's output is sliced back into each one's columns, so the
+    input is tested once and the kept rows of both weights are read in one pass.
+    """
+    parts = [ir.linear_parts(n) for n in nodes]
+    weight = torch.cat([p.weight.detach() for p in parts])
+    bias = torch.cat([p.bias.detach() if p.bias is not None else torch.zeros(p.out_features, dtype=weight.dtype)
+                      for p in parts])
     centre = torch.tensor(d["centre"], dtype=weight.dtype) if d["centre"] is not None else None
     if centre is not None:
         bias = bias + weight @ centre  # W x = W (x − c) + W c
-    path = parts.module_path
-    w_t = graph_edit.add_tensor(gm, f"{path}.weight_t", weight.t().contiguous(), node)
-    b = graph_edit.add_tensor(gm, f"{path}.sparse_bias", bias, node)
-    c = graph_edit.add_tensor(gm, f"{path}.centre", centre, node) if centre is not None else None
+    first = nodes[0]
+    path = "+".join(p.module_path for p in parts)
+    w_t = graph_edit.add_tensor(gm, f"{path}.weight_t", weight.t().contiguous(), first)
+    b = graph_edit.add_tensor(gm, f"{path}.sparse_bias", bias, first)
+    c = graph_edit.add_tensor(gm, f"{path}.centre", centre, first) if centre is not None else None
     if d.get("core"):
-        args = (parts.x, w_t, b, c, int(d["k"]), int(d["prefix"]))
-        new = graph_edit.replace_with_call(node, CORE.overload, args)
+        target, args = CORE.overload, (parts[0].x, w_t, b, c, int(d["k"]), int(d["prefix"]))
     else:
-        args = (parts.x, w_t, b, c, float(d["threshold"]), int(d["k"]))
-        new = graph_edit.replace_with_call(node, OP.overload, args)
-    info = meta.get(new)
+        target, args = OP.overload, (parts[0].x, w_t, b, c, float(d["threshold"]), int(d["k"]))
+    with gm.graph.inserting_before(first):
+        fused = gm.graph.call_function(target, args)
+    meta.copy_provenance(first, fused)
+    info = meta.get(first)
     if info is not None:
-        meta.set_info(new, meta.NodeInfo(info.site, info.role, info.layer, info.module_path, density=density))
+        meta.set_info(fused, meta.NodeInfo(info.site, info.role, info.layer, info.module_path, density=density))
+    outs, start = [], 0
+    for node, p in zip(nodes, parts):  # every slice is placed before anything is erased
+        if len(nodes) == 1:
+            outs.append(fused)
+            continue
+        with gm.graph.inserting_before(first):
+            out = gm.graph.call_function(torch.ops.aten.slice.Tensor, (fused, -1, start, start + p.out_features))
+        meta.copy_provenance(node, out)
+        outs.append(out)
+        start += p.out_features
+    for node, out in zip(nodes, outs):
+        node.replace_all_uses_with(out)
+        gm.graph.erase_node(node)

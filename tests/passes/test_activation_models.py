@@ -54,7 +54,7 @@ def test_llama_tiny_teal_sparsity_compiles_and_exports(tmp_path):
     stats = cm.plan.passes["neuron_sparsity"]["stats"]
     assert (stats["matched"], stats["rewritten"], stats["refused"]) == (4, 4, [])
     nodes = [n for n in cm.graph_module.graph.nodes if n.target is OP.overload]
-    assert len(nodes) == 12  # gate, up and down of 4 gated MLPs
+    assert len(nodes) == 8  # per gated MLP: gate+up fused (one shared input), and down
     ort = OnnxModel(cm.export_onnx(tmp_path / "llama.onnx"), cm.graph_module)
     _, other = models.load("llama_tiny", seq_len=20, batch=2)
     for inputs in (example, other):
