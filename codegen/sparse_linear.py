@@ -19,9 +19,11 @@ memory as the dense product and is slower than dense; see ``../shared/FINDINGS.m
 Backends:
 
 - reference: mask and dense matmul;
-- CPU: ``embedding_bag`` in ``sum`` mode with ``per_sample_weights`` is exactly Σ_j a_j · row_j over a
-  list of row indices, read in place; each input row (token) is one bag, and a row is split into as
-  many bags as there are threads when there are fewer rows than threads, so one token uses all cores;
+- CPU: for up to ``GATHER_MAX_ROWS`` rows (decoding), ``embedding_bag`` in ``sum`` mode with
+  ``per_sample_weights``, which is exactly Σ_j a_j · row_j over a list of row indices read in place;
+  each row is one bag, split into as many bags as there are threads when there are fewer rows than
+  threads, so one token uses all cores. For more rows (prefill, encoders) the kept rows of all tokens
+  together cover nearly every weight row, nothing is saved by skipping, and a masked GEMM is faster;
 - Triton (`triton_kernels/sparse_linear.py`): masked loads of the active weight rows only; a GEMV-style
   path for decode (≤ 4 rows) and a ``tl.dot`` path for batches;
 - ONNX: ``Where(|a| > t, a, 0)`` then ``MatMul`` (top-k: threshold at the k-th ``TopK`` value), which
@@ -55,10 +57,17 @@ def reference(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None
     return y if bias is None else y + bias
 
 
+GATHER_MAX_ROWS = 4  # above this many rows the kept weight rows cover (nearly) all rows: GEMM wins
+
+
 def cpu(x, weight_t, bias, centre, threshold, k):
     in_f, out_f = weight_t.shape
     a, keep = _centred_kept(x.reshape(-1, in_f), centre, threshold, k)
     rows = a.shape[0]
+    if rows > GATHER_MAX_ROWS:  # measured: at 8+ rows masked GEMM beats embedding_bag (docs/findings.md)
+        y = torch.where(keep, a, torch.zeros_like(a)) @ weight_t
+        y = y if bias is None else y + bias
+        return y.to(x.dtype).reshape(*x.shape[:-1], out_f)
     row, col = (t.contiguous() for t in keep.nonzero(as_tuple=True))  # strided indices miss the fast path
     counts = torch.bincount(row, minlength=rows)
     pieces = max(1, math.ceil(torch.get_num_threads() / rows)) if rows else 1

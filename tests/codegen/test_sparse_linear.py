@@ -14,6 +14,8 @@ CASES = [  # rows, threshold, k, centred
     ((2,), 0.0, 7, True),
     ((20,), 0.8, 0, True),
     ((1,), 0.0, 5, False),
+    ((3,), 0.5, 0, False),  # rows ≤ GATHER_MAX_ROWS: embedding_bag; more rows: masked GEMM
+    ((4,), 0.0, 9, True),
 ]
 
 
