@@ -6,8 +6,11 @@
     sparsegraph compile zoo:minilm --config nm-2-4 --out out/   # plan.json, report.md, report.html
     sparsegraph compile zoo:minilm --plan out/plan.json --out out2/
     sparsegraph export zoo:minilm --config nm-2-4 --out model.onnx
+    sparsegraph report out/plan.json --out report.html   # a plan's report (HTML + markdown)
     sparsegraph passes                                # built-in and plugin passes, named pipelines
     sparsegraph demo                                  # MiniLM end to end
+
+``--quiet`` silences progress bars and tables; ``--json`` prints one JSON object instead (for scripts).
 
 A model is ``zoo:NAME``, ``torchvision:NAME``, ``timm:NAME``, ``hf:PATH`` or ``pkg.module:factory``.
 Errors of ours print one clear message and exit with status 2.
@@ -16,6 +19,7 @@ Errors of ours print one clear message and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -38,15 +42,23 @@ def main(argv: list[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsegraph", description="Make PyTorch models sparse and fast.")
     parser.add_argument("--version", action="version", version=sg.__version__)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quiet", action="store_true", help="no progress bars, no tables")
+    common.add_argument("--json", action="store_true", help="print one JSON object (implies --quiet)")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    p = sub.add_parser("inspect", help="print a model's sites, parameters and cost")
+    p = sub.add_parser("inspect", help="print a model's sites, parameters and cost", parents=[common])
     p.add_argument("model")
     p.set_defaults(run=cmd_inspect)
 
+    p = sub.add_parser("report", help="write the report of a saved plan", parents=[common])
+    p.add_argument("plan")
+    p.add_argument("--out", required=True, help="the HTML file to write")
+    p.set_defaults(run=cmd_report)
+
     for name, fn, helptext in (("compile", cmd_compile, "compile a model; write plan and report"),
                                ("export", cmd_export, "compile a model and write it as ONNX")):
-        p = sub.add_parser(name, help=helptext)
+        p = sub.add_parser(name, help=helptext, parents=[common])
         p.add_argument("model")
         src = p.add_mutually_exclusive_group()
         src.add_argument("--config", help=f"YAML/JSON path or pipeline name {pipelines.names()}")
@@ -57,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
                             "other models calibrate on their example inputs")
         p.set_defaults(run=fn)
 
-    p = sub.add_parser("passes", help="list passes (built-in and plugins) and named pipelines")
+    p = sub.add_parser("passes", help="list passes (built-in and plugins) and named pipelines", parents=[common])
     p.set_defaults(run=cmd_passes)
 
     p = sub.add_parser("demo", help="MiniLM end to end: trace, inspect, compile, export, compare")
@@ -71,7 +83,17 @@ def _parser() -> argparse.ArgumentParser:
 
 def cmd_inspect(args) -> None:
     model, example = models.resolve(args.model)
-    print(inspect_table(sg.trace(model, example)))
+    gm = sg.trace(model, example)
+    if args.json:
+        from sparsegraph.passes.analysis.cost import site_costs, total_cost
+        from sparsegraph.plan import describe_sites
+
+        costs = site_costs(gm)
+        sites = [{**s, "macs": costs[s["id"]].macs if s["id"] in costs else 0} for s in describe_sites(gm)]
+        _emit(args, {"sites": sites, "parameters": sum(p.numel() for p in gm.parameters()),
+                     "macs": total_cost(gm).macs})
+    else:
+        print(inspect_table(gm))
 
 
 def cmd_compile(args) -> None:
@@ -82,19 +104,29 @@ def cmd_compile(args) -> None:
     report = cm.report()
     (out / "report.md").write_text(report.to_markdown())
     report.to_html(out / "report.html")
-    print(report.to_markdown())
-    print(f"wrote {out / 'plan.json'}, {out / 'report.md'}, {out / 'report.html'}")
+    files = [str(out / name) for name in ("plan.json", "report.md", "report.html")]
+    _emit(args, {"files": files, "passes": {k: v.get("stats") for k, v in cm.plan.passes.items()},
+                 "macs": {"dense": cm.dense_cost.macs, "compiled": cm.cost.macs}},
+          f"{report.to_markdown()}\nwrote {', '.join(files)}")
 
 
 def cmd_export(args) -> None:
     path = _compile(args).export_onnx(args.out)
-    print(f"wrote {path}")
+    _emit(args, {"files": [str(path)]}, f"wrote {path}")
+
+
+def cmd_report(args) -> None:
+    from sparsegraph.report import Report
+
+    report = Report.of_plan(sg.load_plan(args.plan))
+    report.to_html(args.out)
+    _emit(args, {"files": [args.out]}, f"{report.to_markdown()}\nwrote {args.out}")
 
 
 def cmd_passes(args) -> None:
-    print("passes:", ", ".join(sg.available_passes()))
-    for name, doc in pipelines.describe().items():
-        print(f"pipeline {name}: {doc}")
+    _emit(args, {"passes": sg.available_passes(), "pipelines": pipelines.describe()},
+          "passes: " + ", ".join(sg.available_passes()) + "\n"
+          + "\n".join(f"pipeline {name}: {doc}" for name, doc in pipelines.describe().items()))
 
 
 def cmd_demo(args) -> None:
@@ -106,13 +138,22 @@ def cmd_demo(args) -> None:
 # -- helpers ----------------------------------------------------------------------------------------------
 
 
+def _emit(args, data: dict, text: str = "") -> None:
+    """Print `data` as JSON with --json, else `text` unless --quiet."""
+    if args.json:
+        print(json.dumps(data, indent=1))
+    elif not args.quiet and text:
+        print(text)
+
+
 def _compile(args) -> sg.CompiledModel:
     model, example = models.resolve(args.model)
+    quiet = args.quiet or args.json
     if args.plan:
-        return sg.compile(model, plan=args.plan, example_inputs=example)
+        return sg.compile(model, plan=args.plan, example_inputs=example, quiet=quiet)
     config = sg.Config.load(args.config or pipelines.DEFAULT)
     needs = any(getattr(p, "needs_calibration", False) for p in config.passes)
-    return sg.compile(model, config, example_inputs=example,
+    return sg.compile(model, config, example_inputs=example, quiet=quiet,
                       calibration=calibration_for(model, example, args.calibration) if needs else None)
 
 

@@ -31,7 +31,7 @@ from sparsegraph.instruments import default_instruments
 from sparsegraph.manager import PassManager
 from sparsegraph.onnx_export import OnnxModel, export_onnx
 from sparsegraph.pass_contract import AnalysisPass
-from sparsegraph.passes.analysis.cost import NodeCost, total_cost
+from sparsegraph.passes.analysis.cost import NodeCost, site_costs, total_cost
 from sparsegraph.plan import SparsityPlan, load_plan
 from sparsegraph.trace import trace
 
@@ -76,13 +76,13 @@ def compile(
         if needing and calibration is None:
             raise ConfigError(f"passes {needing} profile calibration data: pass calibration=[batch, ...] "
                               "(inputs like example_inputs), or compile from a saved plan")
-    dense_cost = total_cost(gm)
+    dense_cost, dense_sites = total_cost(gm), site_costs(gm)
     ctx = PassContext(plan=plan, config=cfg, example=example,
                       calibration=[Batch.of(b) for b in (calibration or [])],
                       replay=replay, quiet=quiet,
                       instruments=default_instruments(len(cfg.passes), quiet))
     gm = PassManager(cfg.passes, ctx.instruments).run(gm, ctx)
-    return CompiledModel(gm, plan, cfg, example, model_class, dense_cost, dict(ctx.timings))
+    return CompiledModel(gm, plan, cfg, example, model_class, dense_cost, dense_sites, dict(ctx.timings))
 
 
 class CompiledModel(torch.nn.Module):
@@ -94,7 +94,8 @@ class CompiledModel(torch.nn.Module):
     """
 
     def __init__(self, gm: torch.fx.GraphModule, plan: SparsityPlan, config: Config, example: Batch,
-                 model_class: str, dense_cost: NodeCost, timings: dict[str, float]):
+                 model_class: str, dense_cost: NodeCost, dense_site_costs: dict[str, NodeCost],
+                 timings: dict[str, float]):
         super().__init__()
         self.graph_module = gm
         self.plan = plan
@@ -102,6 +103,7 @@ class CompiledModel(torch.nn.Module):
         self.example = example
         self.model_class = model_class
         self.dense_cost = dense_cost
+        self.dense_site_costs = dense_site_costs
         self.timings = timings
         self._onnx: OnnxModel | None = None
         self._onnx_dir: tempfile.TemporaryDirectory | None = None
@@ -116,6 +118,10 @@ class CompiledModel(torch.nn.Module):
     def cost(self) -> NodeCost:
         """MACs and bytes of the compiled graph at the example shapes."""
         return total_cost(self.graph_module)
+
+    def site_costs(self) -> dict[str, NodeCost]:
+        """MACs and bytes per site of the compiled graph at the example shapes."""
+        return site_costs(self.graph_module)
 
     def report(self):
         """A `Report` of this compile: passes, counts, refusals, per-site decisions, cost before/after."""

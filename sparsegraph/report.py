@@ -1,18 +1,24 @@
 """`Report`: what one compile did, as markdown, self-contained HTML or JSON.
 
-Built from a `CompiledModel` (``cm.report()``): the model and its sites, each pass with its counts
-(matched, rewritten, refused with the reasons) and time, the per-site decisions, and the cost of the
-graph before and after (MACs and bytes at the example shapes). Everything shown comes from the plan
-and the two graphs; nothing is estimated here.
+Built from a plan (`Report.of_plan`, what ``sparsegraph report plan.json`` shows) or from a
+`CompiledModel` (``cm.report()``, which adds what only the compiled graphs know): the model and its
+sites, each pass with its counts (matched, rewritten, refused with the reasons) and time, the per-site
+decisions, the cost of the graph before and after per site (MACs at the example shapes), and the
+activation histograms per layer with their thresholds. Everything shown comes from the plan and the
+two graphs; nothing is estimated here. Figures are inline SVG (`sparsegraph.svg`): the HTML file is
+self-contained.
 """
 
 from __future__ import annotations
 
 import html
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from sparsegraph import svg
 
 
 @dataclass
@@ -27,30 +33,45 @@ class Report:
     title: str
     facts: dict[str, str]
     tables: list[Table]
+    figures: list[tuple[str, str]] = field(default_factory=list)  # (title, inline SVG)
 
     @classmethod
     def of(cls, cm) -> Report:
-        plan = cm.plan
-        sites = plan.model["sites"]
+        """The plan's report plus cost before/after (totals and per site) and pass timings."""
+        report = cls.of_plan(cm.plan, cm.timings)
+        report.facts["backend"] = cm.config.backend
         dense, ours = cm.dense_cost, cm.cost
+        report.tables.insert(0, Table("Cost at the example shapes", ["", "dense", "compiled", "compiled / dense"], [
+            ["GMACs", f"{dense.macs / 1e9:.4f}", f"{ours.macs / 1e9:.4f}", _ratio(ours.macs, dense.macs)],
+            ["MB moved", f"{dense.bytes / 1e6:.1f}", f"{ours.bytes / 1e6:.1f}", _ratio(ours.bytes, dense.bytes)],
+        ]))
+        after = cm.site_costs()
+        labels = list(cm.dense_site_costs)
+        if labels:
+            report.figures.insert(0, ("Cost per site", svg.bars(
+                "MACs per site (millions) at the example shapes", labels,
+                {"dense": [cm.dense_site_costs[s].macs / 1e6 for s in labels],
+                 "compiled": [after[s].macs / 1e6 if s in after else 0.0 for s in labels]})))
+        return report
+
+    @classmethod
+    def of_plan(cls, plan, timings: dict[str, float] | None = None) -> Report:
+        """What the plan alone says: model, passes and counts, refusals, decisions, activation histograms."""
+        timings = timings or {}
+        sites = plan.model["sites"]
         facts = {
             "model": plan.model["class"],
             "fingerprint": plan.model["fingerprint"][:16],
             "sites": f"{sum(s['kind'] == 'attention' for s in sites)} attention, "
                      f"{sum(s['kind'] == 'mlp' for s in sites)} MLP",
-            "backend": cm.config.backend,
             "versions": ", ".join(f"{k} {v}" for k, v in plan.versions.items()),
         }
-        cost = Table("Cost at the example shapes", ["", "dense", "compiled", "compiled / dense"], [
-            ["GMACs", f"{dense.macs / 1e9:.4f}", f"{ours.macs / 1e9:.4f}", _ratio(ours.macs, dense.macs)],
-            ["MB moved", f"{dense.bytes / 1e6:.1f}", f"{ours.bytes / 1e6:.1f}", _ratio(ours.bytes, dense.bytes)],
-        ])
         passes = Table("Passes", ["pass", "kind", "matched", "rewritten", "refused", "seconds", "counters"])
         refusals = Table("Refused sites", ["pass", "site", "reason"])
         for name, entry in plan.passes.items():
             stats = entry.get("stats", {})
             passes.rows.append([name, entry.get("kind", ""), stats.get("matched", 0), stats.get("rewritten", 0),
-                                len(stats.get("refused", [])), f"{cm.timings.get(name, 0.0):.2f}",
+                                len(stats.get("refused", [])), f"{timings.get(name, 0.0):.2f}",
                                 json.dumps(stats.get("counters", {}), sort_keys=True)])
             refusals.rows += [[name, r["site"], r["reason"]] for r in stats.get("refused", [])]
         decisions = Table("Decisions per site", ["site", "pass", "decision"])
@@ -58,12 +79,13 @@ class Report:
             for name, entry in per_pass.items():
                 if "decision" in entry:
                     decisions.rows.append([site, name, _short(entry["decision"])])
-        tables = [cost, passes] + [t for t in (refusals, decisions) if t.rows]
-        return cls(f"sparsegraph report: {plan.model['class']}", facts, tables)
+        tables = [passes] + [t for t in (refusals, decisions) if t.rows]
+        return cls(f"sparsegraph report: {plan.model['class']}", facts, tables, _activation_figures(plan))
 
     def to_json(self) -> dict:
         return {"title": self.title, "facts": self.facts,
-                "tables": [{"title": t.title, "header": t.header, "rows": t.rows} for t in self.tables]}
+                "tables": [{"title": t.title, "header": t.header, "rows": t.rows} for t in self.tables],
+                "figures": [title for title, _ in self.figures]}
 
     def to_markdown(self) -> str:
         lines = [f"# {self.title}", ""]
@@ -72,6 +94,8 @@ class Report:
             lines += ["", f"## {t.title}", "", "| " + " | ".join(t.header) + " |",
                       "|" + "---|" * len(t.header)]
             lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in t.rows]
+        if self.figures:
+            lines += ["", f"Figures in the HTML report: {', '.join(title for title, _ in self.figures)}."]
         return "\n".join(lines) + "\n"
 
     def to_html(self, path: str | os.PathLike | None = None) -> str:
@@ -79,7 +103,8 @@ class Report:
         e = html.escape
         parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(self.title)}</title>",
                  "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
-                 "td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}th{background:#eee}</style>",
+                 "td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}th{background:#eee}"
+                 ".figures svg{margin:.4em}</style>",
                  f"</head><body><h1>{e(self.title)}</h1><ul>"]
         parts += [f"<li><b>{e(k)}</b>: {e(str(v))}</li>" for k, v in self.facts.items()]
         parts.append("</ul>")
@@ -87,10 +112,28 @@ class Report:
             parts.append(f"<h2>{e(t.title)}</h2><table><tr>" + "".join(f"<th>{e(h)}</th>" for h in t.header) + "</tr>")
             parts += ["<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in row) + "</tr>" for row in t.rows]
             parts.append("</table>")
+        for title, figure in self.figures:
+            parts.append(f"<h2>{e(title)}</h2><div class='figures'>{figure}</div>")
         text = "".join(parts) + "</body></html>\n"
         if path is not None:
             Path(path).write_text(text)
         return text
+
+
+def _activation_figures(plan) -> list[tuple[str, str]]:
+    """One histogram of log10|a| per MLP site from the activation profile, thresholds marked."""
+    charts = []
+    for site, per_pass in plan.sites.items():
+        evidence = per_pass.get("activation_profile", {}).get("evidence", {}).get("down_input")
+        if not evidence:
+            continue
+        lo, hi = evidence["histogram"]["log10_range"]
+        counts = evidence["histogram"]["counts"][1:-1]  # drop under/overflow bins
+        markers = {f"t{round(float(t) * 100)}%": math.log10(v)
+                   for t, v in evidence["thresholds"]["magnitude"].items() if v > 0}
+        charts.append(svg.histogram(f"{site}: log10|a|", counts, lo, hi, markers,
+                                    f"zero fraction {evidence['zero_fraction']:.3f}"))
+    return [("Activation magnitudes per MLP (thresholds for each target sparsity)", "".join(charts))] if charts else []
 
 
 def _ratio(a: float, b: float) -> str:

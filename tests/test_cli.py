@@ -44,3 +44,16 @@ def test_passes_lists_builtins_and_pipelines(capsys):
     assert main(["passes"]) == 0
     out = capsys.readouterr().out
     assert "nm_weights" in out and "pipeline analyze" in out
+
+
+def test_json_output_and_report_from_plan(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["compile", "zoo:explicit_attention", "--config", "nm-2-4", "--out", str(out), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["passes"]["nm_weights"]["rewritten"] == 6 and data["macs"]["compiled"] < data["macs"]["dense"]
+    assert main(["report", str(out / "plan.json"), "--out", str(tmp_path / "r.html"), "--quiet"]) == 0
+    assert capsys.readouterr().out == ""
+    assert "nm_weights" in (tmp_path / "r.html").read_text()
+    assert main(["inspect", "zoo:explicit_attention", "--json"]) == 0
+    sites = json.loads(capsys.readouterr().out)["sites"]
+    assert len(sites) == 6 and all(s["macs"] > 0 for s in sites)

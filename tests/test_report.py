@@ -1,7 +1,10 @@
-"""Report: the figures it shows come from the plan and the graphs."""
+"""Report: the figures it shows come from the plan and the graphs; the HTML is self-contained."""
+
+import re
 
 import sparsegraph as sg
 from sparsegraph import models
+from sparsegraph.report import Report
 
 
 def test_report_markdown_html_json_agree(tmp_path):
@@ -13,8 +16,27 @@ def test_report_markdown_html_json_agree(tmp_path):
     assert f"{cm.dense_cost.macs / 1e9:.4f}" in md
     assert "## Refused sites" in md and "not a multiple of m=3" in md  # every refusal is shown with its reason
     html = report.to_html(tmp_path / "r.html")
-    assert (tmp_path / "r.html").read_text() == html and "<script" not in html and "http" not in html
+    assert (tmp_path / "r.html").read_text() == html
+    assert not re.search(r"<script|<link|src=|url\(", html)  # nothing loaded from anywhere
     tables = {t["title"]: t for t in report.to_json()["tables"]}
     passes = {row[0]: row for row in tables["Passes"]["rows"]}
     stats = cm.plan.passes["nm_weights"]["stats"]
     assert passes["nm_weights"][2:5] == [stats["matched"], stats["rewritten"], len(stats["refused"])]
+
+
+def test_report_draws_cost_per_site_and_activation_histograms(tmp_path):
+    model, example = models.load("explicit_attention")
+    cm = sg.compile(model, {"passes": ["activation_profile", {"neuron_pruning": {"fraction": 0.5}}]},
+                    example_inputs=example, calibration=[example], quiet=True)
+    report = cm.report()
+    titles = [t for t, _ in report.figures]
+    assert titles[0] == "Cost per site" and "Activation magnitudes" in titles[1]
+    html = report.to_html()
+    assert html.count("<svg") == 1 + 3  # one bar chart, one histogram per MLP site
+    # the bar of a pruned MLP is half its dense MACs (up and down lose half their neurons)
+    mlp = "mlp:blocks.0.mlp"
+    assert cm.site_costs()[mlp].macs * 2 == cm.dense_site_costs[mlp].macs
+    # a report from the saved plan alone has the same decisions and histograms, no cost table
+    from_plan = Report.of_plan(sg.load_plan(cm.plan.save(tmp_path / "plan.json")))
+    assert [t for t, _ in from_plan.figures] == titles[1:]
+    assert "Cost at the example shapes" not in [t.title for t in from_plan.tables]

@@ -1,0 +1,73 @@
+"""Small self-contained SVG charts for reports: no plotting library, no network, plain strings.
+
+`bars` draws grouped horizontal bars (one group per label, one bar per series); `histogram` draws
+counts over equal bins with optional vertical markers (thresholds). Both return an ``<svg>`` element
+to embed in HTML as is.
+"""
+
+from __future__ import annotations
+
+import html
+
+PALETTE = ("#4878d0", "#ee854a", "#6acc64", "#d65f5f", "#956cb4")
+
+
+def bars(title: str, labels: list[str], series: dict[str, list[float]], unit: str = "") -> str:
+    """Grouped horizontal bars: ``series[name][i]`` is the bar of `name` for ``labels[i]``."""
+    row, label_w, plot_w = 6 + 10 * len(series), 260, 420
+    height = 40 + row * len(labels) + 20 * len(series)
+    top = max((v for values in series.values() for v in values), default=0) or 1
+    parts = [_open(label_w + plot_w + 90, height), _text(8, 18, title, bold=True)]
+    for i, label in enumerate(labels):
+        y = 30 + i * row
+        parts.append(_text(label_w - 6, y + row / 2 + 3, label, anchor="end", size=10))
+        for j, (name, values) in enumerate(series.items()):
+            w = plot_w * values[i] / top
+            parts.append(f'<rect x="{label_w}" y="{y + 3 + 10 * j}" width="{w:.1f}" height="9" '
+                         f'fill="{PALETTE[j % len(PALETTE)]}"><title>{html.escape(name)}: {values[i]:.4g}{unit}</title></rect>')
+            parts.append(_text(label_w + w + 4, y + 11 + 10 * j, f"{values[i]:.3g}{unit}", size=9))
+    parts += _legend(list(series), 30 + row * len(labels) + 6)
+    return "".join(parts) + "</svg>"
+
+
+def histogram(title: str, counts: list[int], lo: float, hi: float, markers: dict[str, float] | None = None,
+              xlabel: str = "") -> str:
+    """Bars over ``len(counts)`` equal bins spanning [lo, hi]; `markers` are labelled vertical lines."""
+    width, height, left, bottom = 360, 170, 36, 30
+    plot_w, plot_h = width - left - 10, height - bottom - 28
+    top = max(counts, default=0) or 1
+    step = plot_w / max(len(counts), 1)
+    parts = [_open(width, height), _text(6, 14, title, bold=True, size=11)]
+    for i, c in enumerate(counts):
+        h = plot_h * c / top
+        parts.append(f'<rect x="{left + i * step:.1f}" y="{22 + plot_h - h:.1f}" width="{max(step - 0.5, 0.5):.1f}" '
+                     f'height="{h:.1f}" fill="{PALETTE[0]}"/>')
+    for j, (name, value) in enumerate((markers or {}).items()):
+        x = left + plot_w * (value - lo) / (hi - lo) if hi > lo else left
+        if left <= x <= left + plot_w:
+            color = PALETTE[(j + 1) % len(PALETTE)]
+            parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="22" y2="{22 + plot_h}" stroke="{color}" stroke-width="1.5"/>')
+            parts.append(_text(x + 2, 30 + 10 * j, name, size=9, color=color))
+    parts.append(_text(left, height - 8, f"{lo:g}", size=9))
+    parts.append(_text(left + plot_w, height - 8, f"{hi:g}", size=9, anchor="end"))
+    parts.append(_text(left + plot_w / 2, height - 8, xlabel, size=9, anchor="middle"))
+    return "".join(parts) + "</svg>"
+
+
+def _open(width: float, height: float) -> str:
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
+            f'viewBox="0 0 {width:.0f} {height:.0f}" font-family="sans-serif">')
+
+
+def _text(x, y, text, *, anchor="start", size=12, bold=False, color="#222") -> str:
+    weight = ' font-weight="bold"' if bold else ""
+    return (f'<text x="{x:.1f}" y="{y:.1f}" font-size="{size}" text-anchor="{anchor}" fill="{color}"{weight}>'
+            f"{html.escape(str(text))}</text>")
+
+
+def _legend(names: list[str], y: float) -> list[str]:
+    out = []
+    for j, name in enumerate(names):
+        out.append(f'<rect x="{10 + 140 * j}" y="{y}" width="10" height="10" fill="{PALETTE[j % len(PALETTE)]}"/>')
+        out.append(_text(24 + 140 * j, y + 9, name, size=10))
+    return out
