@@ -23,9 +23,9 @@ import math
 
 import torch
 from onnxscript import opset18 as op
-from sparsegraph.codegen.op import SparseOp
 
 from sparsegraph import ir
+from sparsegraph.codegen.op import SparseOp
 
 
 def _sequences(x: torch.Tensor) -> torch.Tensor:
@@ -54,6 +54,13 @@ def cpu(x, weight_t, bias, centre, k, prefix):
     y = torch.stack([a[s][:, core[s]] @ weight_t.index_select(0, core[s]) for s in range(a.shape[0])])
     y = y if bias is None else y + bias
     return y.reshape(*x.shape[:-1], weight_t.shape[1])
+
+
+def dense(x, weight_t, bias, centre, k, prefix):
+    """Nothing skipped: (x − c) Wᵀ + b, the original dense layer."""
+    a = x if centre is None else x - centre
+    y = torch.matmul(a, weight_t)
+    return y if bias is None else y + bias
 
 
 def fake(x, weight_t, bias, centre, k, prefix):
@@ -88,4 +95,4 @@ def cost(node: torch.fx.Node) -> tuple[int, int]:
     return rows * k * out_f, moved
 
 
-OP = SparseOp("core_linear", reference, fake=fake, cpu=cpu, onnx=onnx, cost=cost)
+OP = SparseOp("core_linear", reference, fake=fake, cpu=cpu, onnx=onnx, cost=cost, dense=dense)

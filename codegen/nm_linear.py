@@ -23,9 +23,9 @@ import math
 import torch
 import torch.nn.functional as F
 from onnxscript import opset18 as op
-from sparsegraph.codegen.op import SparseOp
 
 from sparsegraph import ir
+from sparsegraph.codegen.op import SparseOp
 
 
 def nm_pack(weight: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:

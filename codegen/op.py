@@ -10,7 +10,9 @@ A `SparseOp` bundles, for one ``torch.library.custom_op``:
   triton unless a Triton kernel runs (on CUDA, or on CPU under ``TRITON_INTERPRET=1``);
 - ``onnx``: an onnxscript translation (a plain function over ``onnxscript.opset18`` ops), handed to
   ``torch.onnx.export`` as its ``custom_translation_table`` entry;
-- ``cost``: ``(node) -> (macs, bytes)`` for the cost model, from the node's example shapes.
+- ``cost``: ``(node) -> (macs, bytes)`` for the cost model, from the node's example shapes;
+- ``dense``: the same call computed densely with nothing skipped (same arguments, plain torch ops):
+  what ``speed_check`` times the op against, and what it puts back where sparsity does not pay.
 
 Which kernel runs is chosen per call from the tensor's device and the active backend
 (`use_backend`): ``reference``; ``eager`` (the CPU path, also used on CUDA); ``triton``; ``auto``
@@ -56,8 +58,10 @@ def triton_available() -> bool:
 class SparseOp:
     def __init__(self, name: str, reference: Callable, *, fake: Callable, cpu: Callable | None = None,
                  triton: str | None = None, onnx: Callable | None = None,
-                 cost: Callable[[torch.fx.Node], tuple[int, int]] | None = None):
+                 cost: Callable[[torch.fx.Node], tuple[int, int]] | None = None,
+                 dense: Callable | None = None):
         self.name = name
+        self.dense = dense
         self.reference = reference
         self.cpu = cpu
         self._triton = triton

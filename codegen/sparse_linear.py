@@ -37,9 +37,9 @@ import math
 import torch
 import torch.nn.functional as F
 from onnxscript import opset18 as op
-from sparsegraph.codegen.op import SparseOp
 
 from sparsegraph import ir, meta
+from sparsegraph.codegen.op import SparseOp
 
 
 def _centred_kept(x, centre, threshold: float, k: int):
@@ -80,6 +80,13 @@ def cpu(x, weight_t, bias, centre, threshold, k):
     return y.to(x.dtype).reshape(*x.shape[:-1], out_f)
 
 
+def dense(x, weight_t, bias, centre, threshold, k):
+    """Nothing skipped: (x − c) Wᵀ + b, which is the original dense layer (W c is folded into b)."""
+    a = x if centre is None else x - centre
+    y = torch.matmul(a, weight_t)
+    return y if bias is None else y + bias
+
+
 def fake(x, weight_t, bias, centre, threshold, k):
     return x.new_empty(*x.shape[:-1], weight_t.shape[1])
 
@@ -114,5 +121,5 @@ def cost(node: torch.fx.Node) -> tuple[int, int]:
     return macs, moved
 
 
-OP = SparseOp("sparse_linear", reference, fake=fake, cpu=cpu, onnx=onnx, cost=cost,
+OP = SparseOp("sparse_linear", reference, fake=fake, cpu=cpu, onnx=onnx, cost=cost, dense=dense,
               triton="sparsegraph.codegen.triton_kernels.sparse_linear:sparse_linear")

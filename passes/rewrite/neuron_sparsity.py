@@ -27,10 +27,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from sparsegraph.codegen.core_linear import OP as CORE
-from sparsegraph.codegen.sparse_linear import OP
 
 from sparsegraph import graph_edit, ir, meta
+from sparsegraph.codegen.core_linear import OP as CORE
+from sparsegraph.codegen.sparse_linear import OP
 from sparsegraph.pass_contract import RewritePass, SiteDecision, option
 from sparsegraph.registry import register_pass
 

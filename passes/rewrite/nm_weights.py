@@ -21,9 +21,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from sparsegraph.codegen.nm_linear import OP, nm_pack
-
 from sparsegraph import graph_edit, ir, meta
+from sparsegraph.codegen.nm_linear import OP, nm_pack
 from sparsegraph.errors import ConfigError, PlanError
 from sparsegraph.pass_contract import RewritePass, SiteDecision, option
 from sparsegraph.registry import register_pass

@@ -3,9 +3,9 @@
 import onnx
 import pytest
 import torch
+
 from sparsegraph.codegen import nm_linear, triton_available, use_backend
 from sparsegraph.codegen.nm_linear import OP, nm_pack, nm_unpack
-
 from sparsegraph.onnx_export import OnnxModel, export_onnx
 
 

@@ -3,9 +3,9 @@
 import onnx
 import pytest
 import torch
+
 from sparsegraph.codegen import sparse_linear, triton_available, use_backend
 from sparsegraph.codegen.sparse_linear import OP
-
 from sparsegraph.onnx_export import OnnxModel, export_onnx
 
 CASES = [  # rows, threshold, k, centred

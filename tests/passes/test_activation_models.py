@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from sparsegraph.codegen.sparse_linear import OP
 
 import sparsegraph as sg
 from sparsegraph import models
+from sparsegraph.codegen.sparse_linear import OP
 from sparsegraph.onnx_export import OnnxModel
 
 

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from sparsegraph.passes.analysis.cost import node_cost, site_costs, total_cost
 
 import sparsegraph as sg
 from sparsegraph import ir, models
+from sparsegraph.passes.analysis.cost import node_cost, site_costs, total_cost
 
 
 def test_minilm_seq128_matches_the_analytic_count():

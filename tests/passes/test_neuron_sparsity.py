@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from sparsegraph.codegen.sparse_linear import OP
 
 import sparsegraph as sg
 from sparsegraph import ir, meta
+from sparsegraph.codegen.sparse_linear import OP
 
 
 def _compile(model, example, batches, profile=None, **options):
@@ -94,7 +94,6 @@ def test_replay_from_plan_needs_no_calibration(explicit_calibrated, tmp_path):
 
 def test_core_mode_keeps_one_set_per_sequence(explicit_calibrated, tmp_path):
     from sparsegraph.codegen import core_linear
-
     from sparsegraph.onnx_export import OnnxModel
 
     model, example, batches = explicit_calibrated

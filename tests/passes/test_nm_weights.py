@@ -4,10 +4,10 @@ import copy
 
 import pytest
 import torch
-from sparsegraph.codegen.nm_linear import OP, nm_pack, nm_unpack
 
 import sparsegraph as sg
 from sparsegraph import ir, models
+from sparsegraph.codegen.nm_linear import OP, nm_pack, nm_unpack
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,46 @@
+"""speed_check: sites whose sparse ops do not pay are reverted to the dense form; the plan says why."""
+
+import torch
+
+import sparsegraph as sg
+from sparsegraph.codegen import op_of
+
+
+def _compile(model, example, batches, **options):
+    config = {"passes": ["activation_profile", {"neuron_sparsity": {"target": 0.5}}, {"speed_check": options}]}
+    return sg.compile(model, config, example_inputs=example, calibration=batches, quiet=True)
+
+
+def test_revert_everything_gives_the_dense_result(explicit_calibrated, tmp_path):
+    model, example, batches = explicit_calibrated
+    cm = _compile(model, example, batches, min_speedup=1e9, repeats=2, warmup=0)  # nothing can be that fast
+    assert not [n for n in cm.graph_module.graph.nodes if op_of(n) is not None]  # structure: all reverted
+    stats = cm.plan.passes["speed_check"]["stats"]
+    assert (stats["matched"], stats["rewritten"]) == (3, 3) and len(stats["counters"]["reverted"]) == 3
+    with torch.no_grad():
+        torch.testing.assert_close(cm(*example), model(*example), rtol=1e-5, atol=1e-5)  # dense form = original
+    evidence = cm.plan.sites["mlp:blocks.0.mlp"]["speed_check"]["evidence"]
+    assert evidence["unit"] == "seconds" and evidence["sparse"] > 0 and evidence["dense"] > 0
+    from sparsegraph.onnx_export import OnnxModel
+
+    ort = OnnxModel(cm.export_onnx(tmp_path / "reverted.onnx"), cm.graph_module)
+    torch.testing.assert_close(ort(*example), cm(*example), rtol=0, atol=1e-4)
+
+
+def test_keep_everything_changes_nothing(explicit_calibrated):
+    model, example, batches = explicit_calibrated
+    cm = _compile(model, example, batches, min_speedup=0.0, repeats=2, warmup=0)
+    assert len([n for n in cm.graph_module.graph.nodes if op_of(n) is not None]) == 3
+    stats = cm.plan.passes["speed_check"]["stats"]
+    assert stats["rewritten"] == 0 and all(r["reason"].startswith("kept sparse") for r in stats["refused"])
+
+
+def test_cost_model_mode_and_replay(explicit_calibrated, tmp_path):
+    model, example, batches = explicit_calibrated
+    cm = _compile(model, example, batches, measure=False)
+    evidence = cm.plan.sites["mlp:blocks.0.mlp"]["speed_check"]["evidence"]
+    assert evidence["unit"] == "cost" and evidence["dense"] > evidence["sparse"]  # half the MACs at 50%
+    assert cm.plan.passes["speed_check"]["stats"]["rewritten"] == 0
+    cm = _compile(model, example, batches, min_speedup=1e9, repeats=1, warmup=0)
+    again = sg.compile(model, plan=cm.plan.save(tmp_path / "p.json"), example_inputs=example, quiet=True)
+    assert torch.equal(again(*example), cm(*example))  # same sites reverted, without measuring
