@@ -12,4 +12,5 @@ BUILTIN: dict[str, str] = {
     "neuron_sparsity": "sparsegraph.passes.rewrite.neuron_sparsity",
     "neuron_pruning": "sparsegraph.passes.rewrite.neuron_pruning",
     "nm_weights": "sparsegraph.passes.rewrite.nm_weights",
+    "speed_check": "sparsegraph.passes.rewrite.speed_check",
 }
