@@ -6,6 +6,7 @@
     sparsegraph compile zoo:minilm --config nm-2-4 --out out/   # plan.json, report.md, report.html
     sparsegraph compile zoo:minilm --plan out/plan.json --out out2/
     sparsegraph export zoo:minilm --config nm-2-4 --out model.onnx
+    sparsegraph profile zoo:minilm --nproc 2 --out profile.json   # calibration sharded over 2 processes
     sparsegraph report out/plan.json --out report.html   # a plan's report (HTML + markdown)
     sparsegraph passes                                # built-in and plugin passes, named pipelines
     sparsegraph demo                                  # MiniLM end to end
@@ -50,6 +51,14 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="print a model's sites, parameters and cost", parents=[common])
     p.add_argument("model")
     p.set_defaults(run=cmd_inspect)
+
+    p = sub.add_parser("profile", help="run analysis passes on calibration data; save the plan", parents=[common])
+    p.add_argument("model")
+    p.add_argument("--config", help="an analysis-only pipeline (default: activation_profile, cost)")
+    p.add_argument("--calibration", type=int, default=128, metavar="N", help="calibration sentences (text models)")
+    p.add_argument("--nproc", type=int, default=1, help="calibration processes (torch.distributed, gloo/NCCL)")
+    p.add_argument("--out", required=True, help="the plan.json to write")
+    p.set_defaults(run=cmd_profile)
 
     p = sub.add_parser("report", help="write the report of a saved plan", parents=[common])
     p.add_argument("plan")
@@ -113,6 +122,36 @@ def cmd_compile(args) -> None:
 def cmd_export(args) -> None:
     path = _compile(args).export_onnx(args.out)
     _emit(args, {"files": [str(path)]}, f"wrote {path}")
+
+
+def cmd_profile(args) -> int:
+    """Profile, sharded over ``--nproc`` processes (re-launched under torch.distributed.run)."""
+    from sparsegraph import distributed
+
+    if args.nproc > 1 and not distributed.in_worker():
+        argv = ["profile", args.model, "--out", args.out, "--calibration", str(args.calibration),
+                *(["--config", args.config] if args.config else []), *(["--quiet"] if args.quiet else []),
+                *(["--json"] if args.json else [])]
+        return distributed.launch(args.nproc, "sparsegraph.cli", argv)
+    config = sg.Config.load(args.config or {"passes": ["activation_profile", "cost"]})
+    rewrites = [p.name for p in config.passes if not isinstance(p, sg.AnalysisPass)]
+    if rewrites:
+        raise sg.ConfigError(f"profile runs analysis passes only; {rewrites} rewrite the graph: use `compile`")
+    if distributed.in_worker():
+        distributed.init()
+    rank, world = distributed.rank_and_world()
+    model, example = models.resolve(args.model)
+    cm = sg.compile(model, config, example_inputs=example, quiet=args.quiet or args.json or rank > 0,
+                    calibration=calibration_for(model, example, args.calibration))
+    if rank == 0:
+        cm.plan.save(args.out)
+        _emit(args, {"files": [args.out], "processes": world, "passes": list(cm.plan.passes)},
+              f"profiled with {world} process(es); wrote {args.out}")
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return 0
 
 
 def cmd_report(args) -> None:

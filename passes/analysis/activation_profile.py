@@ -13,6 +13,11 @@ Statistics stream, in bounded memory, per site and per observed tensor (``I`` ne
   the smallest keys are kept, so two samples merge by concatenating and keeping the smallest keys
   again). Quantiles, per-neuron medians and thresholds are computed on it.
 
+Calibration shards over processes when ``torch.distributed`` is initialised (``sparsegraph profile
+--nproc N``): each rank streams every N-th batch, then the streams are merged (sums and histograms
+add, reservoirs keep the smallest keys of the union). Reservoir keys are drawn per batch index, so
+the merged profile is the one a single process computes on the same data.
+
 Written to the plan as evidence per site (``"down_input"`` and, optionally, ``"mlp_input"``):
 
 - ``centre``: per-neuron median c_j. GELU/SiLU outputs of one neuron cluster around a small negative
@@ -33,7 +38,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from sparsegraph import ir
+from sparsegraph import distributed, ir
 from sparsegraph.pass_contract import AnalysisPass, option
 from sparsegraph.registry import register_pass
 
@@ -65,10 +70,15 @@ class ActivationProfile(AnalysisPass):
             if self.inputs:
                 watched[ir.linear_parts(s.up).x] = (s.id, "mlp_input")
         streams: dict[tuple[str, str], Stream] = {}
-        generator = torch.Generator().manual_seed(self.seed)
-        observer = _Observer(gm, watched, streams, self.reservoir, generator)
-        for batch in ctx.progress(ctx.calibration, "activation_profile"):
+        observer = _Observer(gm, watched, streams, self.reservoir)
+        rank, world = distributed.rank_and_world()
+        mine = list(enumerate(ctx.calibration))[rank::world]  # each process profiles its shard
+        for index, batch in ctx.progress(mine, "activation_profile"):
+            # keys drawn per batch index: the reservoir is the same however the batches are sharded
+            observer.generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
             observer.run_batch(batch.args, batch.kwargs)
+        if world > 1:
+            streams = distributed.merge(streams, Stream.merged)
         for s in sites:
             stats.matched += 1
             evidence = {what: streams[(s.id, what)].summary(self.targets, self.hot_mass)
@@ -107,6 +117,20 @@ class Stream:
         self.hist += torch.bincount(index, minlength=HIST_BINS + 2)
         keys = torch.rand(rows.shape[0], generator=generator)
         self.merge(rows, keys)
+
+    @staticmethod
+    def merged(parts: list[Stream]) -> Stream:
+        """One stream equal to having streamed every part's tokens (the parts come from other processes)."""
+        out = Stream(len(parts[0].sum), parts[0].capacity)
+        for p in parts:
+            out.tokens += p.tokens
+            out.zeros += p.zeros
+            out.sum += p.sum
+            out.sum_sq += p.sum_sq
+            out.sum_abs += p.sum_abs
+            out.hist += p.hist
+            out.merge(p.sample, p.keys)
+        return out
 
     def merge(self, rows: torch.Tensor, keys: torch.Tensor) -> None:
         """Add sampled rows with their keys, keeping the `capacity` smallest keys."""
@@ -147,10 +171,11 @@ class Stream:
 class _Observer(torch.fx.Interpreter):
     """Runs the graph and streams the watched nodes' outputs (padding tokens dropped)."""
 
-    def __init__(self, gm, watched, streams, reservoir, generator):
+    def __init__(self, gm, watched, streams, reservoir):
         super().__init__(gm)
         self.watched, self.streams = watched, streams
-        self.reservoir, self.generator = reservoir, generator
+        self.reservoir = reservoir
+        self.generator = torch.Generator()
         self.token_mask: torch.Tensor | None = None
 
     def run_batch(self, args, kwargs) -> None:
