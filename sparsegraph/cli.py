@@ -4,7 +4,8 @@
 
     sparsegraph inspect zoo:minilm                    # sites, parameters, cost
     sparsegraph compile zoo:minilm --config nm-2-4 --out out/   # plan.json, report.md, report.html
-    sparsegraph compile zoo:minilm --plan out/plan.json --out out2/
+    sparsegraph compile zoo:minilm --plan out/plan.json --out out2/         # replay the plan
+    sparsegraph compile zoo:minilm --config cfg.yaml --plan profile.json --out out3/   # reuse its profile
     sparsegraph export zoo:minilm --config nm-2-4 --out model.onnx
     sparsegraph profile zoo:minilm --nproc 2 --out profile.json   # calibration sharded over 2 processes
     sparsegraph report out/plan.json --out report.html   # a plan's report (HTML + markdown)
@@ -69,9 +70,8 @@ def _parser() -> argparse.ArgumentParser:
                                ("export", cmd_export, "compile a model and write it as ONNX")):
         p = sub.add_parser(name, help=helptext, parents=[common])
         p.add_argument("model")
-        src = p.add_mutually_exclusive_group()
-        src.add_argument("--config", help=f"YAML/JSON path or pipeline name {pipelines.names()}")
-        src.add_argument("--plan", help="a saved plan.json to replay")
+        p.add_argument("--config", help=f"YAML/JSON path or pipeline name {pipelines.names()}")
+        p.add_argument("--plan", help="a saved plan.json: alone, replayed; with --config, its profile is reused")
         p.add_argument("--out", required=True, help="output directory (compile) or .onnx path (export)")
         p.add_argument("--calibration", type=int, default=128, metavar="N",
                        help="calibration sentences for text models with a tokenizer (stdlib docstrings); "
@@ -188,11 +188,11 @@ def _emit(args, data: dict, text: str = "") -> None:
 def _compile(args) -> sg.CompiledModel:
     model, example = models.resolve(args.model)
     quiet = args.quiet or args.json
-    if args.plan:
+    if args.plan and not args.config:
         return sg.compile(model, plan=args.plan, example_inputs=example, quiet=quiet)
     config = sg.Config.load(args.config or pipelines.DEFAULT)
     needs = any(getattr(p, "needs_calibration", False) for p in config.passes)
-    return sg.compile(model, config, example_inputs=example, quiet=quiet,
+    return sg.compile(model, config, example_inputs=example, quiet=quiet, plan=args.plan,
                       calibration=calibration_for(model, example, args.calibration) if needs else None)
 
 

@@ -53,36 +53,57 @@ def compile(
 
     ``example_inputs``/``example_kwargs`` are one call's inputs (tensor or tuple, dict): they fix what is
     traced. ``calibration`` is an iterable of batches (tensor, tuple or dict each) that analysis passes
-    profile; it is needed only when the pipeline has such passes and no plan is given. With ``plan``
-    (a `SparsityPlan` or a path to one) the plan's own config runs and its decisions are replayed
-    exactly; the plan must have been made for this model (its fingerprint is checked).
+    profile; it is needed only when the pipeline has such passes and no plan supplies their facts.
+
+    ``plan`` (a `SparsityPlan` or a path to one) must have been made for this model (its fingerprint is
+    checked). Alone, it replays: the plan's own config runs and its decisions are reproduced exactly.
+    With a ``config`` too, the plan supplies the facts of its calibration-driven analysis passes (a saved
+    profile) and the config's rewrites decide afresh: tuning a target does not re-profile.
     """
-    if config is not None and plan is not None:
-        raise ConfigError("give a config or a plan, not both: a plan carries the config it was made with")
     if isinstance(plan, (str, os.PathLike)):
         plan = load_plan(plan)
-    cfg = Config.load(plan.config if plan is not None else config)
+    cfg = Config.load(config if config is not None or plan is None else plan.config)
     example = Batch.of(example_inputs) if not example_kwargs else Batch(Batch.of(example_inputs).args,
                                                                         dict(example_kwargs))
     gm = trace(model, example.args, example.kwargs, dynamic=dynamic)
     model_class = type(model).__name__
-    replay = plan is not None
-    if replay:
+    replay, reuse = plan is not None and config is None, frozenset()
+    if plan is not None:
         plan.check_model(gm, model_class)
+    if replay:
         plan = SparsityPlan.from_json(copy.deepcopy(plan.to_json()))
     else:
-        plan = SparsityPlan.for_graph(gm, cfg.to_dict(), model_class)
-        needing = [p.name for p in cfg.passes if isinstance(p, AnalysisPass) and p.needs_calibration]
+        if plan is not None:
+            reuse = _reusable_facts(plan, cfg)
+        profile, plan = plan, SparsityPlan.for_graph(gm, cfg.to_dict(), model_class)
+        if reuse:
+            plan.adopt_facts(profile, reuse)
+        needing = [p.name for p in cfg.passes if isinstance(p, AnalysisPass) and p.needs_calibration
+                   and p.name not in reuse]
         if needing and calibration is None:
             raise ConfigError(f"passes {needing} profile calibration data: pass calibration=[batch, ...] "
-                              "(inputs like example_inputs), or compile from a saved plan")
+                              "(inputs like example_inputs), or a plan that holds their facts")
     dense_cost, dense_sites = total_cost(gm), site_costs(gm)
     ctx = PassContext(plan=plan, config=cfg, example=example,
                       calibration=[Batch.of(b) for b in (calibration or [])],
-                      replay=replay, quiet=quiet,
+                      replay=replay, reuse=reuse, quiet=quiet,
                       instruments=default_instruments(len(cfg.passes), quiet))
     gm = PassManager(cfg.passes, ctx.instruments).run(gm, ctx)
     return CompiledModel(gm, plan, cfg, example, model_class, dense_cost, dense_sites, dict(ctx.timings))
+
+
+def _reusable_facts(plan: SparsityPlan, cfg: Config) -> frozenset[str]:
+    """Calibration-driven analysis passes of `cfg` whose facts `plan` holds, made with the same options."""
+    reuse = set()
+    for p in cfg.passes:
+        if not (isinstance(p, AnalysisPass) and p.needs_calibration) or p.name not in plan.passes:
+            continue
+        theirs = plan.passes[p.name].get("options")
+        if theirs != p.options():
+            raise ConfigError(f"the plan's {p.name!r} ran with options {theirs}, the config asks for "
+                              f"{p.options()}: use the plan's options, or profile again with calibration data")
+        reuse.add(p.name)
+    return frozenset(reuse)
 
 
 class CompiledModel(torch.nn.Module):

@@ -1,9 +1,9 @@
 """`PassContext`: what a pass may see besides the graph.
 
 The plan it writes to, the example and calibration inputs, the config (for per-site options), whether
-this compile replays a saved plan, and the instruments. Passes read options for a site through
-``ctx.options(self, site.id, site.module_path)`` and mark the site they work on with ``with ctx.at(site):`` so that any error
-names it.
+this compile replays a saved plan (or reuses a plan's analysis facts), and the instruments. Passes
+read options for a site through ``ctx.options(self, site.id, site.module_path)`` and mark the site
+they work on with ``with ctx.at(site):`` so that any error names it.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ class PassContext:
     config: Config
     example: Batch
     calibration: list[Batch] = field(default_factory=list)
-    replay: bool = False
+    replay: bool = False  # replaying a plan: rewrites take their decisions from it
+    reuse: frozenset[str] = frozenset()  # analysis passes whose facts a given plan already holds
     quiet: bool = False
     instruments: list = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)

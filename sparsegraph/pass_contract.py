@@ -128,7 +128,8 @@ class AnalysisPass(Pass):
 
     def run(self, gm, ctx):
         stats = PassStats()
-        if ctx.replay and self.needs_calibration:
+        if self.needs_calibration and (ctx.replay or self.name in ctx.reuse):
+            stats = ctx.plan.stats_of(self.name) or stats
             stats.counters["replayed"] = True
         else:
             self.analyze(gm, ctx, stats)

@@ -63,6 +63,11 @@ class SparsityPlan:
         entry = self.passes.setdefault(name, {})
         entry.update(kind=kind, options=jsonable(options), stats=jsonable(stats.to_json()))
 
+    def stats_of(self, pass_name: str) -> PassStats | None:
+        """The stats a pass recorded (None if it has not run)."""
+        stats = self.passes.get(pass_name, {}).get("stats")
+        return PassStats.from_json(stats) if stats is not None else None
+
     def set_summary(self, pass_name: str, summary: dict) -> None:
         self.passes.setdefault(pass_name, {})["summary"] = jsonable(summary)
 
@@ -89,6 +94,14 @@ class SparsityPlan:
         decisions = {site: SiteDecision(e[pass_name]["decision"], e[pass_name].get("evidence", {}))
                      for site, e in self.sites.items() if "decision" in e.get(pass_name, {})}
         return decisions, PassStats.from_json(self.passes[pass_name]["decided"])
+
+    def adopt_facts(self, other: SparsityPlan, pass_names) -> None:
+        """Copy the entries (summary, stats, per-site evidence) of analysis passes `pass_names` from `other`."""
+        for name in pass_names:
+            self.passes[name] = jsonable(other.passes[name])
+            for site, per_pass in other.sites.items():
+                if name in per_pass:
+                    self.sites.setdefault(site, {})[name] = jsonable(per_pass[name])
 
     # -- checks ----------------------------------------------------------------------------------------------
 

@@ -62,13 +62,6 @@ def test_onnx_backend_runs_the_exported_file():
     torch.testing.assert_close(onnx_cm(*example), eager(*example), rtol=1e-4, atol=1e-4)
 
 
-def test_config_and_plan_together_are_refused(tmp_path):
-    model, example = models.load("explicit_attention")
-    cm = sg.compile(model, "analyze", example_inputs=example, quiet=True)
-    with pytest.raises(sg.ConfigError, match="not both"):
-        sg.compile(model, "analyze", plan=cm.plan, example_inputs=example)
-
-
 def test_calibration_required_by_a_profiling_pass():
     @sg.register_pass("test_needs_calibration")
     class NeedsCalibration(sg.AnalysisPass):

@@ -7,12 +7,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sparsegraph.passes.rewrite.nm_weights import NMWeights
 
 import sparsegraph as sg
 from sparsegraph import pipelines
 from sparsegraph.models.explicit import ExplicitTransformer
 from sparsegraph.pass_contract import PassStats, SiteDecision
+from sparsegraph.passes.rewrite.nm_weights import NMWeights
 from sparsegraph.plan import SCHEMA_VERSION, SparsityPlan, load_plan
 
 
@@ -141,10 +141,12 @@ def test_bad_plan_files_are_refused(nm_compiled, tmp_path):
         load_plan(tmp_path / "missing.json")
 
 
-def test_config_and_plan_together_is_an_error(explicit, nm_compiled):
+def test_config_with_a_plan_decides_afresh(explicit, nm_compiled):
     model, example, _ = explicit
-    with pytest.raises(sg.ConfigError, match="give a config or a plan, not both"):
-        sg.compile(model, "nm-2-4", plan=nm_compiled.plan, example_inputs=example, quiet=True)
+    cm = sg.compile(model, {"passes": [{"nm_weights": {"n": 1, "m": 4}}]}, plan=nm_compiled.plan,
+                    example_inputs=example, quiet=True)
+    decision = next(e["nm_weights"]["decision"] for e in cm.plan.sites.values() if "nm_weights" in e)
+    assert {d["n"] for d in decision.values()} == {1}  # the config's rewrite, not the plan's 2:4
 
 
 # -- replay ----------------------------------------------------------------------------------------------------

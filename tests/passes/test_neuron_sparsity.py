@@ -108,3 +108,24 @@ def test_core_mode_keeps_one_set_per_sequence(explicit_calibrated, tmp_path):
     assert (used.any(1).sum(-1) <= 128).all()  # every token of a sequence uses the same ≤ k inputs
     ort = OnnxModel(cm.export_onnx(tmp_path / "core.onnx"), cm.graph_module)
     torch.testing.assert_close(ort(*example), cm(*example), rtol=0, atol=1e-4)
+
+
+def test_config_with_a_saved_profile_does_not_profile_again(explicit_calibrated, tmp_path, monkeypatch):
+    from sparsegraph.passes.analysis.activation_profile import ActivationProfile
+
+    model, example, batches = explicit_calibrated
+    direct = _compile(model, example, batches, target=0.7)
+    profile = sg.compile(model, {"passes": ["activation_profile"]}, example_inputs=example, calibration=batches,
+                         quiet=True)
+    path = profile.plan.save(tmp_path / "profile.json")
+    monkeypatch.setattr(ActivationProfile, "analyze", lambda *a: pytest.fail("profiled again"))
+    tuned = {}
+    for target in (0.5, 0.7):
+        config = {"passes": ["activation_profile", {"neuron_sparsity": {"target": target}}]}
+        tuned[target] = sg.compile(model, config, plan=path, example_inputs=example, quiet=True)
+        assert tuned[target].plan.passes["neuron_sparsity"]["stats"]["rewritten"] == 3
+    assert torch.equal(tuned[0.7](*example), direct(*example))  # the same as profiling in this compile
+    assert tuned[0.7].plan.passes["activation_profile"]["stats"]["matched"] == 3
+    with pytest.raises(sg.ConfigError, match="ran with options"):
+        sg.compile(model, {"passes": [{"activation_profile": {"reservoir": 64}}, "neuron_sparsity"]}, plan=path,
+                   example_inputs=example, quiet=True)
