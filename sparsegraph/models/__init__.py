@@ -10,6 +10,7 @@
 ``vit_small``        timm ``vit_small_patch16_224``, random init
 ``llama_tiny``       HF ``LlamaForCausalLM``, random init: 4 layers, hidden 256, 8 heads, 2 KV heads
 ``explicit_attention`` a small hand-written transformer with matmul → softmax → matmul attention
+``llama_7b_meta``    a 7B-class Llama config on the meta device (structure and cost only, no weights)
 ==================== ==========================================================================
 
 `resolve(spec)` turns a CLI model name into the same pair: ``zoo:NAME``, ``torchvision:NAME``,
@@ -38,6 +39,7 @@ _ZOO: dict[str, str] = {
     "vit_small": "sparsegraph.models.vision:vit_small",
     "llama_tiny": "sparsegraph.models.llama:load",
     "explicit_attention": "sparsegraph.models.explicit:load",
+    "llama_7b_meta": "sparsegraph.models.llama:load_7b_meta",
 }
 
 

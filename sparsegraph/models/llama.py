@@ -28,3 +28,17 @@ def load(seq_len: int = 32, batch: int = 1):
     model = seeded(lambda: CausalLM(LlamaForCausalLM(LlamaConfig(**CONFIG))))
     ids = torch.randint(0, CONFIG["vocab_size"], (batch, seq_len), generator=torch.Generator().manual_seed(0))
     return model, (ids,)
+
+
+def load_7b_meta(seq_len: int = 128, batch: int = 1, dtype: torch.dtype = torch.float32):
+    """A 7B-class Llama (``LlamaConfig`` defaults: 32 layers, hidden 4096, 32 heads, SwiGLU 11008) on the
+    meta device: shapes and structure only, no weight is materialised (trace, cost and plan need none).
+
+    The plan's fingerprint hashes parameter names, shapes and dtypes, so a plan made here applies to the
+    real checkpoint loaded in the same `dtype`: ``sg.compile(real_model, config, plan=meta_plan, ...)``.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = CausalLM(LlamaForCausalLM(LlamaConfig(torch_dtype=dtype))).to(dtype).eval()
+    return model, (torch.zeros(batch, seq_len, dtype=torch.long, device="meta"),)
