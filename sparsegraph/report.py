@@ -141,5 +141,13 @@ def _ratio(a: float, b: float) -> str:
 
 
 def _short(value, limit: int = 160) -> str:
-    text = json.dumps(value, sort_keys=True)
+    """Compact JSON: long lists (per-neuron centres, kept indices) are shown as their length."""
+    def compact(v):
+        if isinstance(v, dict):
+            return {k: compact(x) for k, x in v.items()}
+        if isinstance(v, list) and len(v) > 8:
+            return f"[{len(v)} values]"
+        return v
+
+    text = json.dumps(compact(value), sort_keys=True)
     return text if len(text) <= limit else text[: limit - 1] + "…"
