@@ -16,11 +16,11 @@ import tempfile
 from pathlib import Path
 
 import torch
-from sparsegraph.codegen.sparse_linear import OP
 
 import sparsegraph as sg
 from bench.common import machine, machine_line, table, write
 from sparsegraph import models
+from sparsegraph.codegen.sparse_linear import OP
 from sparsegraph.data.stdlib_text import sentences
 from sparsegraph.measure import compare, cosine
 from sparsegraph.onnx_export import OnnxModel

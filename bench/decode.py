@@ -15,10 +15,10 @@ from __future__ import annotations
 import argparse
 
 import torch
-from sparsegraph.codegen import use_backend
 
 import sparsegraph as sg
 from bench.common import machine, machine_line, table, write
+from sparsegraph.codegen import use_backend
 from sparsegraph.measure import compare
 
 

@@ -7,11 +7,11 @@ import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sparsegraph.passes.rewrite.nm_weights import LINEAR_ROLES
 
 import sparsegraph as sg
 from sparsegraph import pipelines
 from sparsegraph.config import Config
+from sparsegraph.passes.rewrite.nm_weights import LINEAR_ROLES
 
 CONFIG = {
     "passes": ["cost", {"nm_weights": {"n": 1, "m": 4, "roles": ["mlp.up", "mlp.down"]}}],

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from sparsegraph.passes import BUILTIN
 
 import sparsegraph as sg
 from sparsegraph import ir, meta
@@ -14,6 +13,7 @@ from sparsegraph.config import Config
 from sparsegraph.context import Batch, PassContext
 from sparsegraph.instruments import Dump, Instrument, Timing, default_instruments
 from sparsegraph.manager import PassManager
+from sparsegraph.passes import BUILTIN
 from sparsegraph.plan import SparsityPlan
 from sparsegraph.registry import get_pass
 

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from sparsegraph.passes.analysis.activation_profile import Stream
 
 import sparsegraph as sg
 from sparsegraph import ir
+from sparsegraph.passes.analysis.activation_profile import Stream
 
 
 def _profile(model, example, batches, **options):
