@@ -3,7 +3,8 @@
 Runs every calibration batch through the traced graph and observes, at each MLP site, the
 intermediate activation that feeds the down projection (``act(up(x))``, or ``act(gate(x)) * up(x)``
 for gated MLPs) and, with ``inputs=True``, the site's input ``x`` (what TEAL sparsifies before the up
-and gate projections). Padding tokens are left out when the model takes an ``attention_mask``.
+and gate projections); with ``attention=True``, at each attention site, the input of the q/k/v
+projections (``attn_input``) and of the output projection (``attn_out_input``). Padding tokens are left out when the model takes an ``attention_mask``.
 
 Statistics stream, in bounded memory, per site and per observed tensor (``I`` neurons):
 
@@ -18,7 +19,8 @@ Calibration shards over processes when ``torch.distributed`` is initialised (``s
 add, reservoirs keep the smallest keys of the union). Reservoir keys are drawn per batch index, so
 the merged profile is the one a single process computes on the same data.
 
-Written to the plan as evidence per site (``"down_input"`` and, optionally, ``"mlp_input"``):
+Written to the plan as evidence per site and observed tensor (``"down_input"``, ``"mlp_input"``,
+``"attn_input"``, ``"attn_out_input"``):
 
 - ``centre``: per-neuron median c_j. GELU/SiLU outputs of one neuron cluster around a small negative
   value rather than zero, so sparsifying ``a − c`` and folding ``W c`` into the bias loses far less
@@ -60,15 +62,14 @@ class ActivationProfile(AnalysisPass):
     reservoir: int = option(4096, "tokens kept per site for quantiles and medians (bounded memory)",
                             range=(16, None))
     inputs: bool = option(False, "also profile each MLP's input (for input sparsity on up/gate)")
+    attention: bool = option(False, "also profile the inputs of the attention projections (q/k/v and out)")
     seed: int = option(0, "seed of the reservoir sampling")
 
     def analyze(self, gm, ctx, stats):
-        sites = ir.mlp_sites(gm)
-        watched: dict[torch.fx.Node, tuple[str, str]] = {}
-        for s in sites:
-            watched[s.intermediate_node] = (s.id, "down_input")
-            if self.inputs:
-                watched[ir.linear_parts(s.up).x] = (s.id, "mlp_input")
+        observed = list(_observed(gm, self.inputs, self.attention))
+        watched: dict[torch.fx.Node, list[tuple[str, str]]] = {}
+        for node, key in observed:
+            watched.setdefault(node, []).append(key)
         streams: dict[tuple[str, str], Stream] = {}
         observer = _Observer(gm, watched, streams, self.reservoir)
         rank, world = distributed.rank_and_world()
@@ -79,15 +80,30 @@ class ActivationProfile(AnalysisPass):
             observer.run_batch(batch.args, batch.kwargs)
         if world > 1:
             streams = distributed.merge(streams, Stream.merged)
-        for s in sites:
+        for site_id in dict.fromkeys(site for _, (site, _) in observed):
             stats.matched += 1
-            evidence = {what: streams[(s.id, what)].summary(self.targets, self.hot_mass)
-                        for what in ("down_input", "mlp_input") if (s.id, what) in streams}
-            ctx.plan.set_evidence(self.name, s.id, evidence)
+            evidence = {what: streams[(site, what)].summary(self.targets, self.hot_mass)
+                        for _, (site, what) in observed if site == site_id and (site, what) in streams}
+            ctx.plan.set_evidence(self.name, site_id, evidence)
         tokens = {site: st.tokens for (site, what), st in streams.items() if what == "down_input"}
         ctx.plan.set_summary(self.name, {"batches": len(ctx.calibration), "tokens_per_site": tokens,
                                          "targets": list(self.targets)})
         stats.counters.update(batches=len(ctx.calibration), tokens=max(tokens.values(), default=0))
+
+
+def _observed(gm, inputs: bool, attention: bool):
+    """(node, (site id, what)) for every tensor to profile, in graph order of the sites."""
+    for s in ir.mlp_sites(gm):
+        yield s.intermediate_node, (s.id, "down_input")
+        if inputs:
+            yield ir.linear_parts(s.up).x, (s.id, "mlp_input")
+    if attention:
+        for a in ir.attention_sites(gm):
+            qkv = [p for p in (a.q_proj, a.k_proj, a.v_proj) if p is not None]
+            if qkv:
+                yield ir.linear_parts(qkv[0]).x, (a.id, "attn_input")
+            if a.o_proj is not None:
+                yield ir.linear_parts(a.o_proj).x, (a.id, "attn_out_input")
 
 
 class Stream:
@@ -194,10 +210,10 @@ class _Observer(torch.fx.Interpreter):
             if self.token_mask is not None and tuple(out.shape[:2]) == tuple(self.token_mask.shape):
                 rows = out[self.token_mask]
             rows = rows.reshape(-1, out.shape[-1])
-            key = self.watched[n]
-            if key not in self.streams:
-                self.streams[key] = Stream(out.shape[-1], self.reservoir)
-            self.streams[key].add(rows, self.generator)
+            for key in self.watched[n]:
+                if key not in self.streams:
+                    self.streams[key] = Stream(out.shape[-1], self.reservoir)
+                self.streams[key].add(rows, self.generator)
         return out
 
 

@@ -14,8 +14,10 @@ Methods, one option away:
   largest Σ|a − c| over its first ``core_prefix`` tokens (its prompt; 0 = all its tokens), and every
   token of the sequence uses those: ``sparsegraph::core_linear``.
 
-With ``inputs=True`` the same happens to the up and gate projections' input (TEAL's input sparsity on
-all three projections; needs ``activation_profile`` with ``inputs=True``).
+With ``inputs=True`` the same happens to the up and gate projections' input, and with
+``attention=True`` to the inputs of the attention's q/k/v projections (one fused op: they read the same
+input) and of its output projection: TEAL's input sparsity on every projection (needs
+``activation_profile`` with ``inputs``/``attention`` set alike).
 
 A target of 0 refuses the site (dense, exact). A target that the profile did not record is refused
 with the list of recorded ones. Decisions hold the threshold, k and the centre; the evidence holds the
@@ -50,27 +52,29 @@ class NeuronSparsity(RewritePass):
     core_prefix: int = option(0, "core mode: tokens of each sequence that choose its core (0: all)",
                               range=(0, None))
     inputs: bool = option(False, "also sparsify the MLP input feeding up/gate (TEAL)")
+    attention: bool = option(False, "also sparsify the inputs of the attention projections q/k/v and out (TEAL)")
 
     def decide(self, gm, ctx, stats):
         decisions = {}
-        for site in ir.mlp_sites(gm):
+        for site in [*ir.mlp_sites(gm), *ir.attention_sites(gm)]:
             opts = ctx.options(self, site.id, site.module_path)
+            groups = _groups(site, opts)
+            if not groups:  # an attention site without `attention: true`: not this pass's business
+                continue
             stats.matched += 1
             evidence = ctx.plan.evidence("activation_profile", site.id) or {}
-            if any(ir.linear_parts(n).weight is None for n in (site.up, site.gate, site.down) if n is not None):
+            if any(ir.linear_parts(n).weight is None for _, nodes, _ in groups for n in nodes):
                 stats.refuse(site.id, "a projection weight is computed in the graph, not a stored parameter")
                 continue
             if opts.target == 0:
                 stats.refuse(site.id, "target 0: the site stays dense")
                 continue
-            wanted = ["down_input"] + (["mlp_input"] if opts.inputs else [])
-            missing = [w for w in wanted if w not in evidence]
+            missing = [what for what, _, _ in groups if what not in evidence]
             if missing:
                 stats.refuse(site.id, f"activation_profile has no {missing} statistics for this site "
-                                      "(set activation_profile inputs: true for input sparsity)")
+                                      "(set activation_profile inputs: true / attention: true)")
                 continue
-            choice = {w: _choose(opts, evidence[w], site.intermediate if w == "down_input" else site.hidden)
-                      for w in wanted}
+            choice = {what: _choose(opts, evidence[what], width) for what, _, width in groups}
             bad = [c for c in choice.values() if isinstance(c, str)]
             if bad:
                 stats.refuse(site.id, bad[0])
@@ -81,19 +85,41 @@ class NeuronSparsity(RewritePass):
         return decisions
 
     def apply(self, gm, ctx, decisions, stats):
-        for site in ir.mlp_sites(gm):
+        sites = [*ir.mlp_sites(gm), *ir.attention_sites(gm)]  # found before any node is replaced
+        for site in sites:
             decision = decisions.get(site.id)
             if decision is None:
                 continue
             with ctx.at(site.id):
-                targets = [("down_input", [site.down])]
-                if "mlp_input" in decision.decision:  # gate and up read the same input: one fused op
-                    targets.append(("mlp_input", [n for n in (site.gate, site.up) if n is not None]))
-                for what, nodes in targets:
-                    d = decision.decision[what]
+                for what, nodes, _ in _groups(site, decision.decision):
                     density = 1.0 - decision.evidence.get(what, {}).get("measured_sparsity", 0.0)
-                    _replace(gm, nodes, d, density)
+                    _replace(gm, nodes, decision.decision[what], density)
                 stats.rewritten += 1
+
+
+def _groups(site, wants) -> list[tuple[str, list[torch.fx.Node], int]]:
+    """(observed tensor, linear nodes reading it, its width) for the parts of `site` to sparsify.
+
+    `wants` is the pass (options) when deciding, or a decision dict when applying: the groups are the
+    ones it names. Linear layers reading the same input are one group (one fused op).
+    """
+    def wanted(what: str, option: str | None) -> bool:
+        if isinstance(wants, dict):
+            return what in wants
+        return option is None or getattr(wants, option)
+
+    if isinstance(site, ir.MLPSite):
+        groups = [("down_input", [site.down], site.intermediate)] if wanted("down_input", None) else []
+        if wanted("mlp_input", "inputs"):  # gate and up read the same input
+            groups.append(("mlp_input", [n for n in (site.gate, site.up) if n is not None], site.hidden))
+        return groups
+    groups = []
+    qkv = list(dict.fromkeys(n for n in (site.q_proj, site.k_proj, site.v_proj) if n is not None))
+    if qkv and wanted("attn_input", "attention"):
+        groups.append(("attn_input", qkv, ir.linear_parts(qkv[0]).in_features))
+    if site.o_proj is not None and wanted("attn_out_input", "attention"):
+        groups.append(("attn_out_input", [site.o_proj], ir.linear_parts(site.o_proj).in_features))
+    return groups
 
 
 def _choose(opts: NeuronSparsity, evidence: dict, width: int) -> dict | str:

@@ -129,3 +129,23 @@ def test_config_with_a_saved_profile_does_not_profile_again(explicit_calibrated,
     with pytest.raises(sg.ConfigError, match="ran with options"):
         sg.compile(model, {"passes": [{"activation_profile": {"reservoir": 64}}, "neuron_sparsity"]}, plan=path,
                    example_inputs=example, quiet=True)
+
+
+def test_teal_on_every_projection(explicit_calibrated, tmp_path):
+    from sparsegraph.onnx_export import OnnxModel
+
+    model, example, batches = explicit_calibrated
+    cm = _compile(model, example, batches, profile={"inputs": True, "attention": True}, target=0.5,
+                  method="magnitude", inputs=True, attention=True)
+    stats = cm.plan.passes["neuron_sparsity"]["stats"]
+    assert (stats["matched"], stats["rewritten"], stats["refused"]) == (6, 6, [])  # 3 MLP + 3 attention
+    nodes = [n for n in cm.graph_module.graph.nodes if n.target is OP.overload]
+    # per block: q/k/v fused (one input), out, MLP up, MLP down
+    assert len(nodes) == 12 and sorted(ir.shape(n.args[1]) for n in nodes)[:3] == [(128, 128)] * 3
+    assert sorted(ir.shape(n.args[1]) for n in nodes).count((128, 384)) == 3  # fused q, k, v weights
+    ort = OnnxModel(cm.export_onnx(tmp_path / "teal.onnx"), cm.graph_module)
+    torch.testing.assert_close(ort(*example), cm(*example), rtol=0, atol=1e-4)
+    # without attention statistics the attention sites are refused, with the reason
+    cm = _compile(model, example, batches, target=0.5, attention=True)
+    refused = {r["site"]: r["reason"] for r in cm.plan.passes["neuron_sparsity"]["stats"]["refused"]}
+    assert "attention: true" in refused["attn:blocks.0.attn"]
