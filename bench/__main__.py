@@ -1,13 +1,14 @@
 """``python -m bench SUITE [options]``: run one benchmark suite (``python -m bench SUITE -h`` for its options).
 
 Suites: ``foundation`` (dense eager vs torch.compile vs onnxruntime), ``activation`` (MiniLM activation
-sparsity: fidelity curves and static-pruning speed), ``decode`` (SwiGLU decode microbenchmark).
+sparsity: fidelity curves and static-pruning speed), ``decode`` (SwiGLU decode microbenchmark),
+``attention`` (block-sparse attention vs dense SDPA and FlexAttention).
 """
 
 import importlib
 import sys
 
-SUITES = ("foundation", "activation", "decode")
+SUITES = ("foundation", "activation", "decode", "attention")
 
 if len(sys.argv) < 2 or sys.argv[1] not in SUITES:
     print(__doc__)

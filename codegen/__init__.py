@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 
 import torch
+
 from sparsegraph.codegen.op import KERNEL_BACKENDS, SparseOp, triton_available, use_backend
 
 __all__ = ["KERNEL_BACKENDS", "OPS", "SparseOp", "cost_of", "onnx_translations", "ops", "triton_available",
@@ -19,6 +20,7 @@ OPS: dict[str, str] = {
     "nm_linear": "sparsegraph.codegen.nm_linear",
     "sparse_linear": "sparsegraph.codegen.sparse_linear",
     "core_linear": "sparsegraph.codegen.core_linear",
+    "block_sparse_attention": "sparsegraph.codegen.block_sparse_attention",
 }
 
 

@@ -8,9 +8,11 @@ BUILTIN: dict[str, str] = {
     # analysis
     "activation_profile": "sparsegraph.passes.analysis.activation_profile",
     "cost": "sparsegraph.passes.analysis.cost",
+    "head_patterns": "sparsegraph.passes.analysis.head_patterns",
     # rewrite
     "neuron_sparsity": "sparsegraph.passes.rewrite.neuron_sparsity",
     "neuron_pruning": "sparsegraph.passes.rewrite.neuron_pruning",
     "nm_weights": "sparsegraph.passes.rewrite.nm_weights",
+    "sparse_attention": "sparsegraph.passes.rewrite.sparse_attention",
     "speed_check": "sparsegraph.passes.rewrite.speed_check",
 }

@@ -1,0 +1,304 @@
+"""``head_patterns``: per attention head, the cheapest static block pattern that keeps its attention mass.
+
+Runs the calibration batches through the graph and, at every attention site, measures the attention
+probabilities P[b, h, i, j]: for explicit attention the softmax output is observed; for SDPA sites they
+are recomputed from the observed q, k (and mask) as softmax(q kᵀ · scale + mask), streaming over
+chunks of query rows so memory stays O(chunk · S), never O(L · S). Padding query rows (from an
+``attention_mask`` input) are left out. Per head, the mass of each (query block, key block) pair at
+the kernel's block size ``block`` is accumulated:
+
+    M[h, I, J] = Σ_b Σ_{i ∈ I, i not padding} Σ_{j ∈ J} P[b, h, i, j]       (each query row has mass 1)
+
+A pattern is a set of blocks A; its recall is R(A) = Σ_{(I,J) ∈ A} M[h, I, J] / Σ M[h]. Candidates
+(causal sites only list blocks J ≤ I):
+
+- ``dense``: every block (R = 1);
+- ``local`` (w): |I − J| < w (causal: 0 ≤ I − J < w);
+- ``sink_local`` (s, w), A-shape / StreamingLLM: J < s, or local(w);
+- ``vertical_slash`` (columns C, diagonals D), MInference: J ∈ C or I − J ∈ D (0 ∈ D always); built
+  greedily, each step adding the column or diagonal with the most new mass per new block;
+- ``block_topk``: the fewest blocks, taken by mass, that reach the recall (static, from calibration).
+
+Each family's parameters are grown until R ≥ ``recall`` (per site through config overrides), and the
+head takes the family with the lowest cost = blocks · (1 + overhead). ``block_topk`` is the minimum
+number of blocks by construction, but it is fitted to the calibration sample and tied to its length,
+so it carries ``topk_overhead`` (default 0.25): a structured pattern within 25% of its block count
+wins. Ties go to the simpler family (the order above). Dense is always possible; a sparse pattern
+must save at least ``min_saving`` (default 0.2) of the blocks, as the sparse kernel's gathers and
+per-block overhead eat small savings (a head with diffuse attention stays dense).
+
+Written to the plan as evidence per site: the block size, calibration length, per head the pattern,
+its parameters, recall and density (listed blocks / dense blocks, causal: / lower-triangular blocks),
+the block mask (as lists) and the per-head mass grid summary; the summary holds the mean density per
+layer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+
+from sparsegraph import ir
+from sparsegraph.pass_contract import AnalysisPass, option
+from sparsegraph.registry import register_pass
+
+FAMILIES = ("dense", "local", "sink_local", "vertical_slash", "block_topk")
+
+
+@register_pass("head_patterns")
+@dataclass(frozen=True)
+class HeadPatterns(AnalysisPass):
+    """Per-head static block patterns chosen from calibration attention mass (see the module docstring)."""
+
+    needs_calibration = True
+
+    recall: float = option(0.95, "attention mass each head's pattern must keep", range=(0.0, 1.0))
+    block: int = option(64, "block size of the kernel the layouts are for", range=(1, None))
+    patterns: tuple[str, ...] = option(FAMILIES, "candidate pattern families", choices=None)
+    topk_overhead: float = option(0.25, "relative cost added to block_topk (fitted to calibration)",
+                                  range=(0.0, None))
+    min_saving: float = option(0.2, "a sparse pattern must list at most (1 − this) of the dense blocks",
+                               range=(0.0, 1.0))
+    query_chunk: int = option(256, "query rows per step when recomputing SDPA probabilities", range=(1, None))
+
+    def __post_init__(self):
+        super().__post_init__()
+        unknown = [p for p in self.patterns if p not in FAMILIES]
+        if unknown:
+            from sparsegraph.errors import ConfigError
+            raise ConfigError(f"head_patterns: unknown pattern families {unknown}; known: {list(FAMILIES)}")
+
+    def analyze(self, gm, ctx, stats):
+        sites = ir.attention_sites(gm)
+        observer = _Observer(gm, sites, self.block, self.query_chunk)
+        for batch in ctx.progress(ctx.calibration, "head_patterns"):
+            observer.run_batch(batch.args, batch.kwargs)
+        per_layer = {}
+        for site in sites:
+            stats.matched += 1
+            opts = ctx.options(self, site.id, site.module_path)
+            observed = observer.result(site)
+            if observed is None:
+                stats.refuse(site.id, "no attention probabilities were observed (the site did not run)")
+                continue
+            length, mass = observed
+            heads = [choose(m, site.causal, opts.recall, opts.patterns, opts.topk_overhead, opts.min_saving)
+                     for m in mass]
+            ctx.plan.set_evidence(self.name, site.id, {
+                "block": self.block, "seq_len": length, "causal": site.causal,
+                "recall_target": opts.recall, "heads": heads,
+                "density": sum(h["density"] for h in heads) / len(heads)})
+            per_layer[site.id] = sum(h["density"] for h in heads) / len(heads)
+        ctx.plan.set_summary(self.name, {"batches": len(ctx.calibration), "density_per_site": per_layer,
+                                         "block": self.block})
+        stats.counters.update(batches=len(ctx.calibration), heads=sum(len(next(iter(m.values()))) for m in observer.masses.values()))
+
+
+# --------------------------------------------------------------------------------------- patterns
+
+
+def allowed_blocks(nq: int, nk: int, causal: bool) -> torch.Tensor:
+    """bool [nq, nk]: the blocks a pattern may list (causal: J ≤ I, query and key blocks aligned)."""
+    if not causal:
+        return torch.ones(nq, nk, dtype=torch.bool)
+    return torch.arange(nk)[None, :] <= torch.arange(nq)[:, None] + (nk - nq)
+
+
+def pattern_mask(pattern: str, params: dict, nq: int, nk: int, causal: bool) -> torch.Tensor:
+    """bool [nq, nk] block mask of a pattern at a sequence of nq query and nk key blocks.
+
+    Structured patterns are functions of their parameters, so the rewrite can lay them out at any
+    length; ``block_topk`` stores its blocks and exists only at its calibration length.
+    """
+    rel = torch.arange(nq)[:, None] + (nk - nq) - torch.arange(nk)[None, :]  # I − J (aligned at the end)
+    if pattern == "dense":
+        mask = torch.ones(nq, nk, dtype=torch.bool)
+    elif pattern == "local":
+        mask = rel.abs() < params["window"] if not causal else (rel >= 0) & (rel < params["window"])
+    elif pattern == "sink_local":
+        mask = pattern_mask("local", params, nq, nk, causal) | (torch.arange(nk)[None, :] < params["sinks"])
+    elif pattern == "vertical_slash":
+        cols = torch.zeros(nk, dtype=torch.bool)
+        cols[[c for c in params["columns"] if c < nk]] = True
+        mask = cols[None, :] | torch.isin(rel, torch.tensor(params["diagonals"], dtype=torch.long))
+    elif pattern == "block_topk":
+        mask = torch.zeros(nq, nk, dtype=torch.bool)
+        if params["shape"] != [nq, nk]:
+            raise ValueError(f"block_topk layout was fitted at {params['shape']} blocks, not {[nq, nk]}")
+        for i, cols in enumerate(params["blocks"]):
+            mask[i, cols] = True
+    else:
+        raise ValueError(f"unknown pattern {pattern!r}")
+    return mask & allowed_blocks(nq, nk, causal)
+
+
+def choose(mass: torch.Tensor, causal: bool, recall: float, families=FAMILIES, topk_overhead: float = 0.25,
+           min_saving: float = 0.2) -> dict:
+    """The cheapest pattern of `families` whose recall on `mass` [nq, nk] is ≥ `recall`.
+
+    Dense is always a candidate; a sparse pattern must cost at most (1 − min_saving) of it.
+    """
+    nq, nk = mass.shape
+    allowed = allowed_blocks(nq, nk, causal)
+    mass = mass.double() * allowed
+    total = float(mass.sum()) or 1.0
+    possible = int(allowed.sum())
+    found = []
+    for family in families:
+        params = _fit(family, mass, allowed, causal, recall * total)
+        if params is None:
+            continue
+        mask = pattern_mask(family, params, nq, nk, causal)
+        blocks = int(mask.sum())
+        cost = blocks * (1 + (topk_overhead if family == "block_topk" else 0.0))
+        if family != "dense" and cost > (1 - min_saving) * possible:
+            continue
+        found.append((cost, FAMILIES.index(family), family, params, mask))
+    if not found or "dense" not in families:
+        found.append((possible, 0, "dense", {}, allowed))
+    cost, _, family, params, mask = min(found, key=lambda t: (t[0], t[1]))
+    return {"pattern": family, "params": params, "recall": round(float((mass * mask).sum()) / total, 6),
+            "density": round(int(mask.sum()) / max(possible, 1), 6), "blocks": int(mask.sum())}
+
+
+def _recall_ok(mass, mask, need):
+    return float((mass * mask).sum()) >= need - 1e-9
+
+
+def _fit(family, mass, allowed, causal, need) -> dict | None:
+    nq, nk = mass.shape
+    if family == "dense":
+        return {}
+    if family == "local":
+        for w in range(1, max(nq, nk) + 1):
+            if _recall_ok(mass, pattern_mask("local", {"window": w}, nq, nk, causal), need):
+                return {"window": w}
+        return None
+    if family == "sink_local":
+        best = None
+        for s in range(1, nk + 1):
+            for w in range(1, max(nq, nk) + 1):
+                p = {"sinks": s, "window": w}
+                mask = pattern_mask("sink_local", p, nq, nk, causal)
+                if best is not None and int(mask.sum()) >= best[0]:
+                    break
+                if _recall_ok(mass, mask, need):
+                    best = (int(mask.sum()), p)
+                    break
+        return best[1] if best else None
+    if family == "vertical_slash":
+        return _fit_vertical_slash(mass, allowed, causal, need)
+    if family == "block_topk":
+        order = mass.flatten().argsort(descending=True)
+        cum = mass.flatten()[order].cumsum(0)
+        count = int((cum < need - 1e-9).sum()) + 1
+        chosen = torch.zeros(nq * nk, dtype=torch.bool)
+        chosen[order[:min(count, nq * nk)]] = True
+        chosen = chosen.view(nq, nk) & allowed
+        return {"shape": [nq, nk], "blocks": [row.nonzero().view(-1).tolist() for row in chosen]}
+    raise ValueError(family)
+
+
+def _fit_vertical_slash(mass, allowed, causal, need) -> dict:
+    nq, nk = mass.shape
+    rel = torch.arange(nq)[:, None] + (nk - nq) - torch.arange(nk)[None, :]
+    offsets = sorted(set(rel[allowed].tolist()))
+    items = [("column", c, (torch.arange(nk)[None, :] == c).expand(nq, nk)) for c in range(nk)]
+    items += [("diagonal", d, rel == d) for d in offsets if d != 0]
+    stacked = torch.stack([m & allowed for _, _, m in items])  # [items, nq, nk]
+    columns, diagonals = [], [0]
+    mask = (rel == 0) & allowed
+    while not _recall_ok(mass, mask, need):
+        new = stacked & ~mask
+        gain = (new * mass).sum((1, 2))
+        count = new.sum((1, 2)).clamp(min=1)
+        score = torch.where(new.any(2).any(1), gain / count, torch.full_like(gain, -1.0))
+        best = int(score.argmax())
+        if score[best] < 0:
+            break
+        kind, value, _ = items[best]
+        (columns if kind == "column" else diagonals).append(value)
+        mask = mask | stacked[best]
+    return {"columns": sorted(columns), "diagonals": sorted(diagonals)}
+
+
+# --------------------------------------------------------------------------------------- observer
+
+
+class _Observer(torch.fx.Interpreter):
+    """Runs the graph and accumulates per-site block attention mass M [H, nq, nk] (padding rows dropped)."""
+
+    def __init__(self, gm, sites, block, chunk):
+        super().__init__(gm)
+        self.block, self.chunk = block, max(block, chunk // block * block)
+        self.at: dict[torch.fx.Node, ir.AttentionSite] = {}
+        for s in sites:
+            if s.form == "sdpa":
+                self.at[s.out] = s
+            else:
+                self.at[next(n for n in s.core if ir.kind(n) == "softmax")] = s
+        self.masses: dict[str, dict[int, torch.Tensor]] = {}
+        self.token_mask: torch.Tensor | None = None
+
+    def run_batch(self, args, kwargs) -> None:
+        flat = ir.flatten_inputs(self.module, args, kwargs)
+        placeholders = [n for n in self.module.graph.nodes if n.op == "placeholder"]
+        self.token_mask = next((x.bool() for p, x in zip(placeholders, flat)
+                                if "attention_mask" in p.name and isinstance(x, torch.Tensor) and x.dim() == 2),
+                               None)
+        with torch.no_grad():
+            self.run(*flat)
+
+    def run_node(self, n):
+        site = self.at.get(n)
+        if site is not None and site.form == "sdpa":
+            self._sdpa(site, n)
+        out = super().run_node(n)
+        if site is not None and site.form == "explicit" and isinstance(out, torch.Tensor) and out.dim() == 4:
+            self._add(site, out.float(), 0, out.shape[2])
+        return out
+
+    def _sdpa(self, site, node):
+        q, k = self.env[site.q], self.env[site.k]
+        mask = self.env[site.mask] if site.mask is not None else None
+        scale = ir._arg(node, 6, "scale") or q.shape[-1] ** -0.5
+        causal = bool(ir._arg(node, 5, "is_causal", False))
+        H, L, S = q.shape[1], q.shape[2], k.shape[2]
+        k = k.float().repeat_interleave(H // k.shape[1], 1) if k.shape[1] != H else k.float()
+        if mask is not None and mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+        for c0 in range(0, L, self.chunk):
+            c1 = min(L, c0 + self.chunk)
+            s = (q[:, :, c0:c1].float() * scale) @ k.transpose(-1, -2)
+            if mask is not None:
+                m = mask if mask.dim() < 2 or mask.shape[-2] == 1 else mask[..., c0:c1, :]
+                s = s + m.float()
+            if causal:
+                s = s.masked_fill(torch.arange(S)[None, :] > torch.arange(c0, c1)[:, None], float("-inf"))
+            self._add(site, torch.softmax(s, -1).nan_to_num(0.0), c0, L)
+
+    def _add(self, site, p, row0, L):
+        """Add probabilities p [B, H, rows, S] of query rows row0… (of L) to the site's block mass."""
+        B, H, rows, S = p.shape
+        tm = self.token_mask
+        if tm is not None and tm.shape[0] == B and tm.shape[1] == L:
+            p = p * tm[:, None, row0:row0 + rows, None]
+        nq, nk = math.ceil(L / self.block), math.ceil(S / self.block)
+        per_key = F.pad(p, (0, nk * self.block - S)).view(B, H, rows, nk, self.block).sum(-1).sum(0)  # [H, rows, nk]
+        by_length = self.masses.setdefault(site.id, {})
+        if L not in by_length:
+            by_length[L] = torch.zeros(H, nq, nk, dtype=torch.float64)
+        by_length[L].index_add_(1, torch.arange(row0, row0 + rows) // self.block, per_key.double())
+
+    def result(self, site) -> tuple[int, torch.Tensor] | None:
+        """(length, mass) at the traced length if calibrated there, else at the longest calibrated one."""
+        by_length = self.masses.get(site.id)
+        if not by_length:
+            return None
+        traced = ir.shape(site.q)[2] if ir.shape(site.q) is not None else None
+        length = traced if traced in by_length else max(by_length)
+        return length, by_length[length]

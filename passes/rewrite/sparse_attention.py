@@ -1,0 +1,188 @@
+"""``sparse_attention``: attention sites become ``sparsegraph::block_sparse_attention`` with per-head layouts.
+
+For each attention site that ``head_patterns`` measured, the decision holds the block size, the traced
+query/key lengths and, per head, the pattern and its parameters (not the layout: structured patterns
+are functions of their parameters, ``block_topk`` keeps its block lists). ``apply`` lays each head's
+pattern out at the traced lengths (``head_patterns.pattern_mask``), converts it to the op's index lists
+and replaces the site:
+
+- SDPA ``sdpa(q, k, v, attn_mask, is_causal, scale)`` → ``block_sparse_attention(q, k, v, layout,
+  additive(attn_mask), block, causal, scale)``; a bool mask becomes ``where(mask, 0, −inf)``; GQA
+  (``enable_gqa`` or k/v with fewer heads) is the op's own (query head h reads kv head h // group);
+- explicit ``softmax(q kᵀ / c + mask) v`` (or ``· c``; mask added, or ``masked_fill``-ed) → the same op
+  with k = (kᵀ)ᵀ, scale = 1/c, and the mask made additive.
+
+The result is exact where the layout lists every block (dense heads), and drops exactly the blocks a
+head's pattern leaves out elsewhere: the attention mass lost is 1 − recall on the calibration data.
+
+**Sequence length.** Layouts are materialised at the traced length; the op checks that a call has
+that many query blocks and otherwise raises an error naming both lengths, so a compiled model with
+this pass runs at its traced sequence length (compile again, or from the plan, for another length;
+structured patterns then lay out at the new length, ``block_topk`` heads are refused there).
+
+Refused, with the reason: sites head_patterns did not measure; every head dense (nothing skipped);
+mean density above ``max_density``; dropout in the attention; causal attention with L ≠ S; explicit
+chains with other ops between the scores and the softmax; ``block_topk`` heads fitted at another
+length. Counts are in sites; the counters add heads rewritten and mean density.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sparsegraph import graph_edit, ir, meta
+from sparsegraph.codegen.block_sparse_attention import OP, layout_from_block_mask
+from sparsegraph.pass_contract import RewritePass, SiteDecision, option
+from sparsegraph.passes.analysis.head_patterns import pattern_mask
+from sparsegraph.registry import register_pass
+
+
+@register_pass("sparse_attention")
+@dataclass(frozen=True)
+class SparseAttention(RewritePass):
+    """Block-sparse attention from per-head patterns (see the module docstring)."""
+
+    requires = ("head_patterns",)
+
+    max_density: float = option(0.9, "sites whose mean head density is above this stay dense", range=(0.0, 1.0))
+
+    def decide(self, gm, ctx, stats):
+        decisions = {}
+        for site in ir.attention_sites(gm):
+            opts = ctx.options(self, site.id, site.module_path)
+            stats.matched += 1
+            evidence = ctx.plan.evidence("head_patterns", site.id)
+            if evidence is None:
+                stats.refuse(site.id, "head_patterns has no measurement for this site")
+                continue
+            lengths = _lengths(site)
+            reason = _unsupported(site, lengths, evidence)
+            if reason is None and all(h["pattern"] == "dense" for h in evidence["heads"]):
+                reason = "every head is dense at the recall target: nothing to skip"
+            if reason is None and evidence["density"] > opts.max_density:
+                reason = f"mean head density {evidence['density']:.2f} is above max_density {opts.max_density}"
+            if reason is not None:
+                stats.refuse(site.id, reason)
+                continue
+            L, S = lengths
+            decisions[site.id] = SiteDecision(
+                {"block": evidence["block"], "seq_len": L, "key_len": S, "causal": site.causal,
+                 "heads": [{"pattern": h["pattern"], "params": h["params"]} for h in evidence["heads"]]},
+                {"density": evidence["density"], "recall": [h["recall"] for h in evidence["heads"]]})
+        return decisions
+
+    def apply(self, gm, ctx, decisions, stats):
+        heads = 0
+        for site in ir.attention_sites(gm):
+            decision = decisions.get(site.id)
+            if decision is None:
+                continue
+            with ctx.at(site.id):
+                d = decision.decision
+                _replace(gm, site, d, decision.evidence.get("density"))
+                heads += sum(h["pattern"] != "dense" for h in d["heads"])
+                stats.rewritten += 1
+        stats.counters.update(sparse_heads=heads)
+
+
+def layout_for(decision: dict) -> torch.Tensor:
+    """The int64 [H, nq, nsel] layout of a decision at its traced lengths."""
+    block, L, S = decision["block"], decision["seq_len"], decision["key_len"]
+    nq, nk = -(-L // block), -(-S // block)
+    masks = [pattern_mask(h["pattern"], h["params"], nq, nk, decision["causal"]) for h in decision["heads"]]
+    return layout_from_block_mask(torch.stack(masks))
+
+
+def _lengths(site) -> tuple[int, int]:
+    q, k = ir.shape(site.q), ir.shape(site.k)
+    return q[2], (k[-1] if site.form == "explicit" else k[2])  # explicit: k is kᵀ [B, H, E, S]
+
+
+def _unsupported(site, lengths, evidence) -> str | None:
+    L, S = lengths
+    if site.causal and L != S:
+        return f"causal attention with {L} queries and {S} keys (the op's causal mask is for L = S)"
+    if site.form == "sdpa" and float(ir._arg(site.out, 4, "dropout_p", 0.0) or 0.0) != 0.0:
+        return "attention dropout is on"
+    if site.form == "explicit" and _explicit_parts(site) is None:
+        return "the explicit chain has ops between the scores and the softmax other than scale and mask"
+    if evidence["seq_len"] != L and any(h["pattern"] == "block_topk" for h in evidence["heads"]):
+        return (f"block_topk layouts were fitted at length {evidence['seq_len']}, the graph is traced at {L}; "
+                "calibrate at the traced length")
+    if len(evidence["heads"]) != site.heads:
+        return f"head_patterns measured {len(evidence['heads'])} heads, the site has {site.heads}"
+    return None
+
+
+def _explicit_parts(site) -> tuple[float, list] | None:
+    """(scale, [(mask node, 'add' | 'masked_fill'), ...]) of an explicit chain, or None if unsupported."""
+    scale, masks = 1.0, []
+    qk, softmax = site.core[0], next(n for n in site.core if ir.kind(n) == "softmax")
+    for n in site.core:
+        if n is qk or n is site.out or n is softmax:
+            continue
+        k = ir.kind(n)
+        others = [a for a in n.args if not (isinstance(a, torch.fx.Node) and a in site.core)]
+        if k in ("div", "mul") and len(others) == 1 and isinstance(others[0], (int, float)):
+            scale = scale / others[0] if k == "div" else scale * others[0]
+        elif k == "add" and len(others) == 1 and isinstance(others[0], torch.fx.Node):
+            masks.append((others[0], "add"))
+        elif k == "masked_fill" and isinstance(n.args[1], torch.fx.Node) and n.args[0] in site.core \
+                and n.args[2] == float("-inf"):
+            masks.append((n.args[1], "masked_fill"))
+        elif k == "shape":
+            continue
+        else:
+            return None
+    return scale, masks
+
+
+def _additive(gm, mask: torch.fx.Node, how: str, before: torch.fx.Node) -> torch.fx.Node:
+    """An additive float mask from an SDPA bool mask (True = keep) or a masked_fill mask (True = drop)."""
+    val = ir.val(mask)
+    if how == "add" and val is not None and val.dtype != torch.bool:
+        return mask
+    keep, drop = (0.0, float("-inf")) if how in ("add", "sdpa") else (float("-inf"), 0.0)
+    if how == "sdpa" and val is not None and val.dtype != torch.bool:
+        return mask
+    with gm.graph.inserting_before(before):
+        node = gm.graph.call_function(torch.ops.aten.where.Scalar, (mask, keep, drop))
+    meta.copy_provenance(before, node)
+    return node
+
+
+def _replace(gm, site, d: dict, density: float | None) -> None:
+    out = site.out
+    layout = graph_edit.add_tensor(gm, f"{site.module_path or site.id}.attention_layout", layout_for(d), out)
+    g = gm.graph
+    if site.form == "sdpa":
+        q, k, v = out.args[:3]
+        scale = ir._arg(out, 6, "scale") or ir.shape(q)[-1] ** -0.5
+        mask = ir._arg(out, 3, "attn_mask")
+        masks = [(mask, "sdpa")] if isinstance(mask, torch.fx.Node) else []
+    else:
+        q, v = site.q, site.v
+        scale, masks = _explicit_parts(site)
+        with g.inserting_before(out):
+            k = g.call_function(torch.ops.aten.transpose.int, (site.k, -1, -2))
+        meta.copy_provenance(out, k)
+    additive = None
+    for node, how in masks:
+        m = _additive(gm, node, how, out)
+        if additive is None:
+            additive = m
+        else:
+            with g.inserting_before(out):
+                additive = g.call_function(torch.ops.aten.add.Tensor, (additive, m))
+            meta.copy_provenance(out, additive)
+    with g.inserting_before(out):
+        new = g.call_function(OP.overload, (q, k, v, layout, additive, int(d["block"]), bool(d["causal"]),
+                                            float(scale)))
+    meta.copy_provenance(out, new)
+    info = meta.get(out)
+    if info is not None:
+        meta.set_info(new, meta.NodeInfo(info.site, info.role, info.layer, info.module_path, density=density))
+    out.replace_all_uses_with(new)
+    g.erase_node(out)

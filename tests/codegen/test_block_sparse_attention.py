@@ -1,0 +1,234 @@
+"""sparsegraph::block_sparse_attention through every backend: reference, CPU, Triton, ONNX Runtime."""
+
+import math
+
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparsegraph.codegen import block_sparse_attention as bsa
+from sparsegraph.codegen import triton_available, use_backend
+from sparsegraph.codegen.block_sparse_attention import OP, layout_from_block_mask
+from sparsegraph.onnx_export import OnnxModel, export_onnx
+
+SHAPES = [  # batch, heads, kv heads, L, S, head dim, block
+    (2, 4, 2, 70, 70, 16, 16),   # GQA, length not a multiple of the block
+    (1, 2, 2, 64, 64, 8, 16),    # exact multiple
+    (2, 4, 1, 33, 33, 8, 8),     # one kv head (MQA)
+    (1, 2, 2, 40, 72, 8, 16),    # cross-length: more keys than queries
+]
+
+
+def _case(B, H, Hkv, L, S, E, block, *, uniform=False, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, L, E, generator=g).to(dtype)
+    k = torch.randn(B, Hkv, S, E, generator=g).to(dtype)
+    v = torch.randn(B, Hkv, S, E, generator=g).to(dtype)
+    nq, nk = math.ceil(L / block), math.ceil(S / block)
+    if uniform:  # every row lists the same number of blocks: the CPU path's single-call case
+        bm = torch.zeros(H, nq, nk, dtype=torch.bool)
+        bm[:, :, 0] = True
+        bm[:, torch.arange(nq), torch.arange(nq).clamp(max=nk - 1)] = True
+    else:
+        bm = torch.rand(H, nq, nk, generator=g) < 0.4
+    return q, k, v, layout_from_block_mask(bm), bm
+
+
+def _masks(B, H, L, S, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    padding = torch.zeros(B, 1, 1, S)
+    padding[-1, ..., S - 5:] = float("-inf")
+    return {"none": None, "padding": padding, "padding expanded": padding.expand(B, 1, L, S).contiguous(),
+            "full": torch.randn(B, H, L, S, generator=g),
+            "2d": torch.randn(L, S, generator=g)}
+
+
+def _dense_oracle(q, k, v, bm, mask, block, causal, scale):
+    """An independent oracle: SDPA with the block mask expanded by hand (rows with no key → 0)."""
+    H, L, S = q.shape[1], q.shape[2], k.shape[2]
+    allowed = bm.repeat_interleave(block, 1).repeat_interleave(block, 2)[:, :L, :S]
+    if causal:
+        allowed = allowed & torch.ones(L, S, dtype=torch.bool).tril()
+    bias = torch.zeros(L, S).masked_fill(~allowed, float("-inf"))
+    if mask is not None:
+        bias = bias + mask
+    group = H // k.shape[1]
+    out = F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
+                                         attn_mask=bias, scale=scale)
+    return out.nan_to_num(0.0)
+
+
+def test_layout_round_trips_through_the_block_mask():
+    bm = torch.rand(3, 5, 7, generator=torch.Generator().manual_seed(0)) < 0.3
+    bm[0, 0] = False  # an empty row
+    layout = layout_from_block_mask(bm)
+    assert layout.dtype == torch.int64 and layout.shape[-1] == int(bm.sum(-1).max())
+    assert (layout[0, 0] == -1).all()
+    assert torch.equal(bsa.block_mask_from_layout(layout, 7), bm)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_reference_is_masked_dense_attention(shape, causal):
+    B, H, _Hkv, L, S, E, block = shape
+    q, k, v, layout, bm = _case(*shape)
+    for name, mask in _masks(B, H, L, S).items():
+        got = bsa.reference(q, k, v, layout, mask, block, causal, E ** -0.5)
+        want = _dense_oracle(q, k, v, bm, mask, block, causal, E ** -0.5)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"mask {name}")
+
+
+def test_full_layout_is_sdpa():
+    q, k, v, _, _ = _case(2, 4, 2, 70, 70, 16, 16)
+    full = layout_from_block_mask(torch.ones(4, 5, 5, dtype=torch.bool))
+    for causal in (False, True):
+        want = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+        torch.testing.assert_close(bsa.reference(q, k, v, full, None, 16, causal, 0.25), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("uniform", [False, True])
+def test_cpu_matches_reference(shape, causal, uniform):
+    B, H, _Hkv, L, S, E, block = shape
+    q, k, v, layout, _ = _case(*shape, uniform=uniform)
+    for name, mask in _masks(B, H, L, S).items():
+        ref = bsa.reference(q, k, v, layout, mask, block, causal, E ** -0.5)
+        with use_backend("eager"):
+            got = OP(q, k, v, layout, mask, block, causal, E ** -0.5)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5, msg=f"mask {name}")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_dense_heads_take_plain_sdpa(causal):
+    """Heads listing every allowed block skip the gather; mixed with sparse heads, all match the oracle."""
+    B, H, Hkv, L, E, block = 2, 4, 2, 70, 16, 16
+    q, k, v, _, bm = _case(B, H, Hkv, L, L, E, block)
+    bm[1] = True  # head 1 dense
+    bm[2] = torch.ones(5, 5, dtype=torch.bool).tril() if causal else True
+    layout = layout_from_block_mask(bm)
+    for name, mask in _masks(B, H, L, L).items():
+        ref = bsa.reference(q, k, v, layout, mask, block, causal, 0.25)
+        torch.testing.assert_close(bsa.cpu(q, k, v, layout, mask, block, causal, 0.25), ref, rtol=1e-5, atol=1e-5,
+                                   msg=f"mask {name}")
+
+
+def test_cpu_never_builds_the_dense_score_matrix(monkeypatch):
+    """The CPU path's SDPA calls see only [rows, block, listed·block] problems, never [L, S]."""
+    q, k, v, layout, _ = _case(1, 2, 2, 128, 128, 8, 16)
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q_, k_, v_, **kw):
+        seen.append((q_.shape[-2], k_.shape[-2]))
+        return real(q_, k_, v_, **kw)
+
+    monkeypatch.setattr(bsa.F, "scaled_dot_product_attention", spy)
+    bsa.cpu(q, k, v, layout, None, 16, False, 0.3)
+    assert seen and all(lq == 16 and lk < 128 for lq, lk in seen)
+
+
+def test_row_with_no_allowed_key_is_zero():
+    q, k, v, _, _ = _case(1, 2, 2, 32, 32, 8, 16)
+    bm = torch.ones(2, 2, 2, dtype=torch.bool)
+    bm[1, 1] = False
+    layout = layout_from_block_mask(bm)
+    for backend in ("reference", "eager"):
+        with use_backend(backend):
+            out = OP(q, k, v, layout, None, 16, False, 0.3)
+        assert torch.isfinite(out).all() and (out[0, 1, 16:] == 0).all() and (out[0, 0, 16:] != 0).any()
+
+
+def test_layout_for_another_length_is_refused_with_a_reason():
+    q, k, v, layout, _ = _case(1, 2, 2, 64, 64, 8, 16)
+    with pytest.raises(ValueError, match="sequence length"):
+        OP(q[:, :, :40], k[:, :, :40], v[:, :, :40], layout, None, 16, False, 0.3)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2), (torch.float16, 3e-3)])
+def test_cpu_half_precision(dtype, tol):
+    q, k, v, layout, _ = _case(2, 4, 2, 70, 70, 16, 16, dtype=dtype)
+    ref = bsa.reference(q.float(), k.float(), v.float(), layout, None, 16, True, 0.25)
+    with use_backend("eager"):
+        got = OP(q, k, v, layout, None, 16, True, 0.25)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), ref, rtol=tol, atol=tol)
+
+
+triton_only = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+
+
+@triton_only
+@pytest.mark.parametrize("shape", [s for s in SHAPES if s[-1] >= 16])  # tl.dot: block ≥ 16 (tested below)
+@pytest.mark.parametrize("causal", [False, True])
+def test_triton_matches_reference(shape, causal):
+    B, H, _Hkv, L, S, E, block = shape
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v, layout, _ = (t.to(device) for t in _case(*shape))
+    masks = _masks(B, H, L, S)
+    for name in ("none", "padding", "full"):
+        mask = masks[name].to(device) if masks[name] is not None else None
+        ref = bsa.reference(q, k, v, layout, mask, block, causal, E ** -0.5)
+        with use_backend("triton"):
+            got = OP(q, k, v, layout, mask, block, causal, E ** -0.5)
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4, msg=f"mask {name}")
+
+
+@triton_only
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 1e-2), (torch.bfloat16, 5e-2)])
+def test_triton_half_precision_accumulates_in_fp32(dtype, tol):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v, layout, _ = (t.to(device) for t in _case(1, 2, 2, 48, 48, 16, 16, dtype=dtype))
+    ref = bsa.reference(q.float(), k.float(), v.float(), layout, None, 16, True, 0.25)
+    with use_backend("triton"):
+        got = OP(q, k, v, layout, None, 16, True, 0.25)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), ref, rtol=tol, atol=tol)
+
+
+@triton_only
+def test_triton_refuses_blocks_tl_dot_cannot_use():
+    q, k, v, layout, _ = _case(1, 2, 2, 24, 24, 8, 8)
+    with use_backend("triton"), pytest.raises(ValueError, match="power of two"):
+        OP(q, k, v, layout, None, 8, False, 0.3)
+
+
+class _Attention(torch.nn.Module):
+    def __init__(self, layout, block, causal):
+        super().__init__()
+        self.register_buffer("layout", layout)
+        self.block, self.causal = block, causal
+
+    def forward(self, q, k, v, mask):
+        return OP(q, k, v, self.layout, mask, self.block, self.causal, 0.25)
+
+
+@pytest.mark.parametrize("length", [40, 72])
+@pytest.mark.parametrize("causal", [False, True])
+def test_onnx_translation_matches_in_onnxruntime(length, causal, tmp_path):
+    B, H, Hkv, E, block = 2, 4, 2, 16, 16
+    q, k, v, layout, _ = _case(B, H, Hkv, length, length, E, block, seed=length)
+    mask = _masks(B, H, length, length)["padding"]
+    gm = torch.fx.symbolic_trace(_Attention(layout, block, causal))
+    path = export_onnx(gm, tmp_path / "bsa.onnx", (q, k, v, mask))
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert {"Softmax", "Where", "MatMul"} <= ops
+    for batch in (B, 3):  # the batch axis is dynamic
+        g = torch.Generator().manual_seed(batch)
+        args = (torch.randn(batch, H, length, E, generator=g), torch.randn(batch, Hkv, length, E, generator=g),
+                torch.randn(batch, Hkv, length, E, generator=g), mask[:1].expand(batch, -1, -1, -1).contiguous())
+        ref = bsa.reference(*args[:3], layout, args[3], block, causal, 0.25)
+        torch.testing.assert_close(OnnxModel(path, gm)(*args), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_cost_counts_only_listed_blocks():
+    import sparsegraph as sg
+
+    q, k, v, _, _ = _case(1, 2, 2, 64, 64, 8, 16)
+    bm = torch.zeros(2, 4, 4, dtype=torch.bool)
+    bm[:, torch.arange(4), torch.arange(4)] = True  # 4 of 16 blocks per head
+    gm = sg.trace(_Attention(layout_from_block_mask(bm), 16, False), (q, k, v, torch.zeros(1, 1, 1, 64)))
+    node = next(n for n in gm.graph.nodes if n.target is OP.overload)
+    macs, _ = OP.cost(node)
+    assert macs == 1 * 2 * 4 * 16 * 16 * (8 + 8)  # listed (query, key) pairs × (E + Ev)

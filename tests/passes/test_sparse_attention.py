@@ -1,0 +1,135 @@
+"""sparse_attention: structure, numerics (CPU vs reference op), counts and refusals, plan replay, ORT parity."""
+
+import pytest
+import torch
+
+import sparsegraph as sg
+from sparsegraph import ir, models
+from sparsegraph.codegen import use_backend
+from sparsegraph.codegen.block_sparse_attention import OP
+from sparsegraph.onnx_export import OnnxModel
+
+# random-init models attend diffusely: a low recall and no minimum saving make their heads sparse
+SPARSE = {"passes": [{"head_patterns": {"block": 16, "recall": 0.5, "min_saving": 0.0}},
+                     {"sparse_attention": {"max_density": 1.0}}]}
+
+
+def _ops(cm):
+    return [n for n in cm.graph_module.graph.nodes if n.target is OP.overload]
+
+
+def _run(cm, backend, *args):
+    with torch.no_grad(), use_backend(backend):
+        return cm.graph_module(*args)
+
+
+@pytest.fixture(scope="module")
+def explicit_sparse():
+    model, example = models.load("explicit_attention")
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for i in range(3):
+        ids = torch.randint(0, 1000, (2, 64), generator=g)
+        mask = torch.ones_like(ids)
+        if i == 2:
+            mask[1, 40:] = 0
+        batches.append((ids, mask))
+    return model, example, batches, sg.compile(model, SPARSE, example_inputs=example, calibration=batches,
+                                               quiet=True)
+
+
+def test_explicit_sites_become_the_op(explicit_sparse):
+    _model, _example, _, cm = explicit_sparse
+    ops = _ops(cm)
+    assert len(ops) == 3
+    assert not any(ir.kind(n) == "softmax" for n in cm.graph_module.graph.nodes)
+    for node in ops:
+        q, k, _v, layout, mask, block, causal, scale = node.args
+        assert block == 16 and causal is False and scale == pytest.approx(32 ** -0.5)
+        assert mask is not None and ir.shape(k) == ir.shape(q)  # kᵀ transposed back; padding mask kept
+        assert ir.shape(layout)[:2] == (4, 4)  # heads, query blocks at the traced length 64
+    stats = cm.plan.passes["sparse_attention"]["stats"]
+    assert (stats["matched"], stats["rewritten"], stats["refused"]) == (3, 3, [])
+    assert stats["counters"]["sparse_heads"] == 12
+
+
+def test_explicit_cpu_kernel_matches_reference_and_sparsity_changes_output(explicit_sparse):
+    model, example, _, cm = explicit_sparse
+    ids, mask = example
+    mask = mask.clone()
+    mask[0, 50:] = 0  # a padded row at run time
+    eager, reference = _run(cm, "eager", ids, mask), _run(cm, "reference", ids, mask)
+    torch.testing.assert_close(eager, reference, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        dense = model(ids, mask)
+    assert (eager - dense).abs().max() > 1e-3  # blocks were really dropped (recall 0.5)
+
+
+def test_dense_heads_are_refused_with_a_reason_and_the_model_is_unchanged(explicit_calibrated):
+    model, example, batches = explicit_calibrated
+    batches = [b for b in batches if b[0].shape[1] == example[0].shape[1]] or batches
+    config = {"passes": [{"head_patterns": {"block": 16, "recall": 1.0}}, {"sparse_attention": {}}]}
+    cm = sg.compile(model, config, example_inputs=example, calibration=batches, quiet=True)
+    stats = cm.plan.passes["sparse_attention"]["stats"]
+    assert stats["rewritten"] == 0 and len(stats["refused"]) == 3
+    assert all("dense" in r["reason"] for r in stats["refused"])
+    with torch.no_grad():
+        torch.testing.assert_close(cm(*example), model(*example), rtol=0, atol=0)
+
+
+def test_plan_replays_without_calibration(explicit_sparse, tmp_path):
+    model, example, _, cm = explicit_sparse
+    cm.plan.save(tmp_path / "plan.json")
+    again = sg.compile(model, plan=tmp_path / "plan.json", example_inputs=example, quiet=True)
+    assert len(_ops(again)) == 3
+    torch.testing.assert_close(_run(again, "eager", *example), _run(cm, "eager", *example), rtol=0, atol=0)
+
+
+def test_another_sequence_length_is_an_error_that_says_so(explicit_sparse):
+    _, _, _, cm = explicit_sparse
+    ids = torch.randint(0, 1000, (2, 40))
+    with pytest.raises(Exception, match="sequence length"):
+        _run(cm, "eager", ids, torch.ones_like(ids))
+
+
+def test_explicit_onnx_matches_in_onnxruntime(explicit_sparse, tmp_path):
+    _, example, _, cm = explicit_sparse
+    path = cm.export_onnx(tmp_path / "explicit.onnx")
+    ids, mask = example
+    mask = mask.clone()
+    mask[1, 48:] = 0
+    got = OnnxModel(path, cm.graph_module)(ids, mask)
+    torch.testing.assert_close(got, _run(cm, "reference", ids, mask), rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def llama_sparse():
+    model, example = models.load("llama_tiny")
+    L = example[0].shape[1]
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randint(0, 1000, (2, L), generator=g),) for _ in range(3)]
+    return model, example, sg.compile(model, SPARSE, example_inputs=example, calibration=batches, quiet=True)
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_llama_gqa_causal_sites_become_the_op(llama_sparse):
+    model, example, cm = llama_sparse
+    ops = _ops(cm)
+    stats = cm.plan.passes["sparse_attention"]["stats"]
+    assert len(ops) == stats["rewritten"] == stats["matched"] == len(ir.attention_sites(sg.trace(model, example)))
+    assert all(n.args[6] is True for n in ops)  # causal
+    site = next(iter(s for s in cm.plan.sites if cm.plan.evidence("head_patterns", s)))
+    assert cm.plan.evidence("head_patterns", site)["causal"] is True
+    torch.testing.assert_close(_run(cm, "eager", *example), _run(cm, "reference", *example), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_llama_onnx_matches_in_onnxruntime(llama_sparse, tmp_path):
+    _, example, cm = llama_sparse
+    path = cm.export_onnx(tmp_path / "llama.onnx")
+    got = OnnxModel(path, cm.graph_module)(*example)
+    want = _run(cm, "reference", *example)
+    got, want = (x if isinstance(x, torch.Tensor) else x[0] for x in (got, want))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
