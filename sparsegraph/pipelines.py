@@ -51,6 +51,11 @@ def llm_activation_sparsity() -> Config:
                                                              "inputs": True}}]})
 
 
+def sparse_attention() -> Config:
+    """Per-head block-sparse attention patterns keeping 95% of the attention mass (needs calibration)."""
+    return Config.from_dict({"passes": [{"head_patterns": {"recall": 0.95}}, "cost", "sparse_attention"]})
+
+
 _PIPELINES: dict[str, Callable[[], Config]] = {
     "dense": dense,
     "analyze": analyze,
@@ -58,6 +63,7 @@ _PIPELINES: dict[str, Callable[[], Config]] = {
     "activation-sparsity": activation_sparsity,
     "neuron-pruning": neuron_pruning,
     "llm-activation-sparsity": llm_activation_sparsity,
+    "sparse-attention": sparse_attention,
 }
 
 DEFAULT = "analyze"
