@@ -276,6 +276,18 @@ def _gather_mask(m, h, i, kpos):
     return torch.gather(rows, -1, index)
 
 
+def dense(q, k, v, layout, mask, block, causal, scale):
+    """Nothing skipped: dense SDPA (the layout ignored), what ``speed_check`` compares with and restores."""
+    H, L, S = q.shape[1], q.shape[2], k.shape[2]
+    bias = mask
+    if causal:  # key j is seen by query i when j ≤ i, as in the reference
+        upper = ~torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
+        causal_bias = torch.zeros(L, S, dtype=q.dtype, device=q.device).masked_fill(upper, float("-inf"))
+        bias = causal_bias if bias is None else bias + causal_bias
+    return torch.nn.functional.scaled_dot_product_attention(q, _repeat_kv(k, H), _repeat_kv(v, H),
+                                                            attn_mask=bias, scale=scale)
+
+
 def fake(q, k, v, layout, mask, block, causal, scale):
     return q.new_empty(*q.shape[:-1], v.shape[-1])
 
@@ -339,5 +351,5 @@ def cost(node: torch.fx.Node) -> tuple[int, int]:
     return macs, moved
 
 
-OP = SparseOp("block_sparse_attention", reference, fake=fake, cpu=cpu, onnx=onnx, cost=cost,
+OP = SparseOp("block_sparse_attention", reference, fake=fake, cpu=cpu, onnx=onnx, cost=cost, dense=dense,
               triton="sparsegraph.codegen.triton_kernels.block_sparse_attention:block_sparse_attention")

@@ -44,3 +44,15 @@ def test_cost_model_mode_and_replay(explicit_calibrated, tmp_path):
     cm = _compile(model, example, batches, min_speedup=1e9, repeats=1, warmup=0)
     again = sg.compile(model, plan=cm.plan.save(tmp_path / "p.json"), example_inputs=example, quiet=True)
     assert torch.equal(again(*example), cm(*example))  # same sites reverted, without measuring
+
+
+def test_reverted_attention_is_dense_attention(explicit_calibrated):
+    model, example, batches = explicit_calibrated
+    config = {"passes": [{"head_patterns": {"block": 16, "recall": 0.5, "min_saving": 0.0}}, "sparse_attention",
+                         {"speed_check": {"min_speedup": 1e9, "repeats": 1, "warmup": 0}}]}
+    cm = sg.compile(model, config, example_inputs=example, calibration=batches, quiet=True)
+    stats = cm.plan.passes["speed_check"]["stats"]
+    assert stats["rewritten"] == cm.plan.passes["sparse_attention"]["stats"]["rewritten"] > 0
+    assert not [n for n in cm.graph_module.graph.nodes if op_of(n) is not None]
+    with torch.no_grad():
+        torch.testing.assert_close(cm(*example), model(*example), rtol=1e-5, atol=1e-5)
