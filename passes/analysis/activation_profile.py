@@ -41,6 +41,7 @@ import torch
 import torch.fx
 
 from sparsegraph import distributed, ir
+from sparsegraph.observe import Observer
 from sparsegraph.pass_contract import AnalysisPass, option
 from sparsegraph.registry import register_pass
 
@@ -184,7 +185,7 @@ class Stream:
         }
 
 
-class _Observer(torch.fx.Interpreter):
+class _Observer(Observer):
     """Runs the graph and streams the watched nodes' outputs (padding tokens dropped)."""
 
     def __init__(self, gm, watched, streams, reservoir):
@@ -192,16 +193,6 @@ class _Observer(torch.fx.Interpreter):
         self.watched, self.streams = watched, streams
         self.reservoir = reservoir
         self.generator = torch.Generator()
-        self.token_mask: torch.Tensor | None = None
-
-    def run_batch(self, args, kwargs) -> None:
-        flat = ir.flatten_inputs(self.module, args, kwargs)
-        placeholders = [n for n in self.module.graph.nodes if n.op == "placeholder"]
-        self.token_mask = next((x.bool() for p, x in zip(placeholders, flat)
-                                if "attention_mask" in p.name and isinstance(x, torch.Tensor) and x.dim() == 2),
-                               None)
-        with torch.no_grad():
-            self.run(*flat)
 
     def run_node(self, n):
         out = super().run_node(n)

@@ -43,6 +43,7 @@ import torch.fx
 import torch.nn.functional as F
 
 from sparsegraph import ir
+from sparsegraph.observe import Observer
 from sparsegraph.pass_contract import AnalysisPass, option
 from sparsegraph.registry import register_pass
 
@@ -229,7 +230,7 @@ def _fit_vertical_slash(mass, allowed, causal, need) -> dict:
 # --------------------------------------------------------------------------------------- observer
 
 
-class _Observer(torch.fx.Interpreter):
+class _Observer(Observer):
     """Runs the graph and accumulates per-site block attention mass M [H, nq, nk] (padding rows dropped)."""
 
     def __init__(self, gm, sites, block, chunk):
@@ -242,16 +243,6 @@ class _Observer(torch.fx.Interpreter):
             else:
                 self.at[next(n for n in s.core if ir.kind(n) == "softmax")] = s
         self.masses: dict[str, dict[int, torch.Tensor]] = {}
-        self.token_mask: torch.Tensor | None = None
-
-    def run_batch(self, args, kwargs) -> None:
-        flat = ir.flatten_inputs(self.module, args, kwargs)
-        placeholders = [n for n in self.module.graph.nodes if n.op == "placeholder"]
-        self.token_mask = next((x.bool() for p, x in zip(placeholders, flat)
-                                if "attention_mask" in p.name and isinstance(x, torch.Tensor) and x.dim() == 2),
-                               None)
-        with torch.no_grad():
-            self.run(*flat)
 
     def run_node(self, n):
         site = self.at.get(n)
