@@ -21,6 +21,9 @@ OPS: dict[str, str] = {
     "sparse_linear": "sparsegraph.codegen.sparse_linear",
     "core_linear": "sparsegraph.codegen.core_linear",
     "block_sparse_attention": "sparsegraph.codegen.block_sparse_attention",
+    "token_scores": "sparsegraph.codegen.token_scores",
+    "token_select": "sparsegraph.codegen.token_select",
+    "token_gather": "sparsegraph.codegen.token_gather",
 }
 
 

@@ -9,10 +9,13 @@ BUILTIN: dict[str, str] = {
     "activation_profile": "sparsegraph.passes.analysis.activation_profile",
     "cost": "sparsegraph.passes.analysis.cost",
     "head_patterns": "sparsegraph.passes.analysis.head_patterns",
+    "token_importance": "sparsegraph.passes.analysis.token_importance",
+    "roi": "sparsegraph.passes.analysis.roi",
     # rewrite
     "neuron_sparsity": "sparsegraph.passes.rewrite.neuron_sparsity",
     "neuron_pruning": "sparsegraph.passes.rewrite.neuron_pruning",
     "nm_weights": "sparsegraph.passes.rewrite.nm_weights",
     "sparse_attention": "sparsegraph.passes.rewrite.sparse_attention",
     "speed_check": "sparsegraph.passes.rewrite.speed_check",
+    "token_pruning": "sparsegraph.passes.rewrite.token_pruning",
 }

@@ -57,3 +57,53 @@ def replace_linear(gm: torch.fx.GraphModule, node: torch.fx.Node, weight: torch.
     w = add_tensor(gm, f"{parts.module_path}.weight", weight.detach().contiguous().clone(), node)
     b = add_tensor(gm, f"{parts.module_path}.bias", bias.detach().contiguous().clone(), node) if bias is not None else None
     return replace_with_call(node, torch.ops.aten.linear.default, (parts.x, w, b))
+
+
+def additive_mask(gm, mask: torch.fx.Node, how: str, before: torch.fx.Node) -> torch.fx.Node:
+    """An additive float mask from an SDPA bool mask (True = keep) or a masked_fill mask (True = drop)."""
+    from sparsegraph import ir
+
+    val = ir.val(mask)
+    if how in ("add", "sdpa") and val is not None and val.dtype != torch.bool:
+        return mask
+    keep, drop = (0.0, float("-inf")) if how in ("add", "sdpa") else (float("-inf"), 0.0)
+    with gm.graph.inserting_before(before):
+        node = gm.graph.call_function(torch.ops.aten.where.Scalar, (mask, keep, drop))
+    meta.copy_provenance(before, node)
+    return node
+
+
+def attention_operands(gm: torch.fx.GraphModule, site, before: torch.fx.Node):
+    """``(q, k, v, additive mask or None, scale)`` of an attention site as SDPA takes them.
+
+    q [B, H, L, E], k and v [B, Hkv, S, E]; for an explicit chain k is transposed back from kᵀ (a node
+    inserted before `before`) and its masks (added, or ``masked_fill``-ed) are summed into one additive
+    mask. Returns None for explicit chains `ir.explicit_attention_parts` cannot read.
+    """
+    from sparsegraph import ir
+
+    g, out = gm.graph, site.out
+    if site.form == "sdpa":
+        q, k, v = out.args[:3]
+        scale = ir._arg(out, 6, "scale") or ir.shape(q)[-1] ** -0.5
+        mask = ir._arg(out, 3, "attn_mask")
+        masks = [(mask, "sdpa")] if isinstance(mask, torch.fx.Node) else []
+    else:
+        parts = ir.explicit_attention_parts(site)
+        if parts is None:
+            return None
+        q, v = site.q, site.v
+        scale, masks = parts
+        with g.inserting_before(before):
+            k = g.call_function(torch.ops.aten.transpose.int, (site.k, -1, -2))
+        meta.copy_provenance(out, k)
+    additive = None
+    for node, how in masks:
+        m = additive_mask(gm, node, how, before)
+        if additive is None:
+            additive = m
+        else:
+            with g.inserting_before(before):
+                additive = g.call_function(torch.ops.aten.add.Tensor, (additive, m))
+            meta.copy_provenance(out, additive)
+    return q, k, v, additive, float(scale)

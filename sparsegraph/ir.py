@@ -403,6 +403,50 @@ def sites(gm: torch.fx.GraphModule) -> list[AttentionSite | MLPSite]:
     return [*attention_sites(gm), *mlp_sites(gm)]
 
 
+def explicit_attention_parts(site: AttentionSite) -> tuple[float, list] | None:
+    """``(scale, [(mask node, 'add' | 'masked_fill'), ...])`` between an explicit chain's ``q kᵀ`` and its
+    softmax, or None when other ops sit there (then the chain is not plain scaled, masked attention)."""
+    scale, masks = 1.0, []
+    qk, softmax = site.core[0], next(n for n in site.core if kind(n) == "softmax")
+    for n in site.core:
+        if n is qk or n is site.out or n is softmax:
+            continue
+        k = kind(n)
+        others = [a for a in n.args if not (isinstance(a, torch.fx.Node) and a in site.core)]
+        if k in ("div", "mul") and len(others) == 1 and isinstance(others[0], (int, float)):
+            scale = scale / others[0] if k == "div" else scale * others[0]
+        elif k == "add" and len(others) == 1 and isinstance(others[0], torch.fx.Node):
+            masks.append((others[0], "add"))
+        elif k == "masked_fill" and isinstance(n.args[1], torch.fx.Node) and n.args[0] in site.core \
+                and n.args[2] == float("-inf"):
+            masks.append((n.args[1], "masked_fill"))
+        elif k != "shape":
+            return None
+    return scale, masks
+
+
+def stream_input(site: AttentionSite) -> torch.fx.Node | None:
+    """The residual-stream node [batch, tokens, dim] entering the block of an attention site, or None.
+
+    Walking back from the Q projection's input across layout ops, dropout and a pre-norm LayerNorm,
+    the stream is the first node that also feeds a residual ``add``: the block input of a pre-norm
+    block (ViT: ``x → LN → attention``, ``x + ·``) and the previous block's output LayerNorm of a
+    post-norm one (BERT: ``LN_out → q/k/v`` and ``LN_out + ·``).
+    """
+    if site.q_proj is None:
+        return None
+    node = linear_parts(site.q_proj).x
+    for _ in range(16):
+        if not isinstance(node, torch.fx.Node):
+            return None
+        if any(kind(u) == "add" for u in node.users):
+            return node
+        if kind(node) not in ("shape", "dropout", "layer_norm"):
+            return None
+        node = node.args[0]
+    return None
+
+
 def _sdpa_site(node: torch.fx.Node) -> AttentionSite:
     q, k, v = node.args[:3]
     mask = _arg(node, 3, "attn_mask")

@@ -106,7 +106,7 @@ def _unsupported(site, lengths, evidence) -> str | None:
         return f"causal attention with {L} queries and {S} keys (the op's causal mask is for L = S)"
     if site.form == "sdpa" and float(ir._arg(site.out, 4, "dropout_p", 0.0) or 0.0) != 0.0:
         return "attention dropout is on"
-    if site.form == "explicit" and _explicit_parts(site) is None:
+    if site.form == "explicit" and ir.explicit_attention_parts(site) is None:
         return "the explicit chain has ops between the scores and the softmax other than scale and mask"
     if evidence["seq_len"] != L and any(h["pattern"] == "block_topk" for h in evidence["heads"]):
         return (f"block_topk layouts were fitted at length {evidence['seq_len']}, the graph is traced at {L}; "
@@ -116,67 +116,11 @@ def _unsupported(site, lengths, evidence) -> str | None:
     return None
 
 
-def _explicit_parts(site) -> tuple[float, list] | None:
-    """(scale, [(mask node, 'add' | 'masked_fill'), ...]) of an explicit chain, or None if unsupported."""
-    scale, masks = 1.0, []
-    qk, softmax = site.core[0], next(n for n in site.core if ir.kind(n) == "softmax")
-    for n in site.core:
-        if n is qk or n is site.out or n is softmax:
-            continue
-        k = ir.kind(n)
-        others = [a for a in n.args if not (isinstance(a, torch.fx.Node) and a in site.core)]
-        if k in ("div", "mul") and len(others) == 1 and isinstance(others[0], (int, float)):
-            scale = scale / others[0] if k == "div" else scale * others[0]
-        elif k == "add" and len(others) == 1 and isinstance(others[0], torch.fx.Node):
-            masks.append((others[0], "add"))
-        elif k == "masked_fill" and isinstance(n.args[1], torch.fx.Node) and n.args[0] in site.core \
-                and n.args[2] == float("-inf"):
-            masks.append((n.args[1], "masked_fill"))
-        elif k == "shape":
-            continue
-        else:
-            return None
-    return scale, masks
-
-
-def _additive(gm, mask: torch.fx.Node, how: str, before: torch.fx.Node) -> torch.fx.Node:
-    """An additive float mask from an SDPA bool mask (True = keep) or a masked_fill mask (True = drop)."""
-    val = ir.val(mask)
-    if how == "add" and val is not None and val.dtype != torch.bool:
-        return mask
-    keep, drop = (0.0, float("-inf")) if how in ("add", "sdpa") else (float("-inf"), 0.0)
-    if how == "sdpa" and val is not None and val.dtype != torch.bool:
-        return mask
-    with gm.graph.inserting_before(before):
-        node = gm.graph.call_function(torch.ops.aten.where.Scalar, (mask, keep, drop))
-    meta.copy_provenance(before, node)
-    return node
-
-
 def _replace(gm, site, d: dict, density: float | None) -> None:
     out = site.out
     layout = graph_edit.add_tensor(gm, f"{site.module_path or site.id}.attention_layout", layout_for(d), out)
     g = gm.graph
-    if site.form == "sdpa":
-        q, k, v = out.args[:3]
-        scale = ir._arg(out, 6, "scale") or ir.shape(q)[-1] ** -0.5
-        mask = ir._arg(out, 3, "attn_mask")
-        masks = [(mask, "sdpa")] if isinstance(mask, torch.fx.Node) else []
-    else:
-        q, v = site.q, site.v
-        scale, masks = _explicit_parts(site)
-        with g.inserting_before(out):
-            k = g.call_function(torch.ops.aten.transpose.int, (site.k, -1, -2))
-        meta.copy_provenance(out, k)
-    additive = None
-    for node, how in masks:
-        m = _additive(gm, node, how, out)
-        if additive is None:
-            additive = m
-        else:
-            with g.inserting_before(out):
-                additive = g.call_function(torch.ops.aten.add.Tensor, (additive, m))
-            meta.copy_provenance(out, additive)
+    q, k, v, additive, scale = graph_edit.attention_operands(gm, site, out)
     with g.inserting_before(out):
         new = g.call_function(OP.overload, (q, k, v, layout, additive, int(d["block"]), bool(d["causal"]),
                                             float(scale)))

@@ -1,0 +1,258 @@
+"""``token_pruning``: drop unimportant tokens between blocks (EViT / Sparsifiner / Focus-DETR style).
+
+Before each block listed in ``layers`` the residual stream x [B, N, D] goes through
+
+    s          = token_scores(q, k, mask)      from the *previous* block's attention (cls / received / last)
+    x', index  = token_select(x, s, keep, protect, fuse)
+
+so block L and everything after it run on ``protect + round(keep · (N − protect))`` tokens (plus one
+fused token with ``fuse``). k follows the runtime length, so one graph serves every input length.
+
+**Keeping the graph consistent.** Everything downstream of the selection that depends on the token
+count is rewritten, which is what re-tracing with a shorter sequence would give:
+
+- tensors aligned with the old tokens that are used after the selection (the attention mask of later
+  layers, mean-pooling weights, their token count) are routed through ``token_gather(t, index, dims)``
+  on each axis of size N: so for MiniLM the attention mask and the mean pooling follow the kept tokens;
+- sizes: a ``sym_size`` of an old token axis (dynamic graphs), a literal N (graphs specialised to the
+  image size, e.g. ``view(x, [197, B·12, 64])``) and symbolic arithmetic built from them
+  (``B · 197``) are recomputed from the new stream's ``sym_size``; the graph is then re-sorted.
+
+This is only safe if N is not also the size of another axis it meets; such a site is refused
+(trace with another example length). Other refusals: block 0 (no attention before it to score
+with), blocks whose stream cannot be found or is not [B, N, D], a previous attention the scores
+cannot be read from (explicit chains with other ops before the softmax), ``keep`` = 1.
+
+Decisions per pruned block: its layer, keep, score mode, protect, fuse, the site scored from, and the
+traced length before and after. Evidence: `token_importance`'s mass kept at this keep ratio, when that
+analysis ran.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+from torch.fx.passes.tools_common import legalize_graph
+
+from sparsegraph import graph_edit, ir, meta
+from sparsegraph.codegen import token_gather, token_scores, token_select
+from sparsegraph.pass_contract import RewritePass, SiteDecision, option
+from sparsegraph.passes.analysis.token_importance import MODES, score_mode
+from sparsegraph.registry import register_pass
+
+_SYM_ARITHMETIC = frozenset({operator.mul, operator.add, operator.sub, operator.floordiv, operator.neg})
+
+
+@register_pass("token_pruning")
+@dataclass(frozen=True)
+class TokenPruning(RewritePass):
+    """Keep the top tokens by attention received before chosen blocks (see the module docstring)."""
+
+    layers: tuple[int, ...] = option((), "blocks (by attention-site layer index) before which tokens are pruned",
+                                     choices=None)
+    keep: float = option(0.7, "fraction of the non-protected tokens kept at each pruned block",
+                         range=(0.0, 1.0))
+    score: str = option("auto", "token importance: cls, received, last (auto: last for causal attention, "
+                        "cls when a leading token is protected, else received)", choices=MODES)
+    protect: int = option(1, "leading tokens always kept (the class token)", range=(0, None))
+    fuse: bool = option(False, "fold the dropped tokens into one score-weighted token (EViT)")
+    chunk: int = option(256, "query rows per step for score 'received'", range=(1, None))
+
+    def decide(self, gm, ctx, stats):
+        sites = ir.attention_sites(gm)
+        by_layer = {s.layer: s for s in sites}
+        decisions, current = {}, None  # current: the token count after the last pruned block
+        for site in sites:
+            opts = ctx.options(self, site.id, site.module_path)
+            if site.layer not in self.layers:
+                continue
+            stats.matched += 1
+            previous = by_layer.get(site.layer - 1)
+            reason, stream = _unsupported(site, previous, opts)
+            if reason is not None:
+                stats.refuse(site.id, reason)
+                continue
+            N = current or ir.shape(stream)[1]
+            mode = score_mode(site, opts.score, opts.protect)
+            kept = current = token_select.kept_count(N, opts.keep, opts.protect) + int(opts.fuse)
+            evidence = ctx.plan.evidence("token_importance", previous.id) or {}
+            mass = evidence.get("mass_kept", {}).get(f"{opts.keep:g}")
+            decisions[site.id] = SiteDecision(
+                {"layer": site.layer, "keep": opts.keep, "score": mode, "protect": opts.protect,
+                 "fuse": opts.fuse, "chunk": opts.chunk, "score_site": previous.id},
+                {"tokens_before": N, "tokens_after": kept, **({"importance_mass_kept": mass} if mass else {})})
+        missing = sorted(set(self.layers) - set(by_layer))
+        if missing:
+            stats.counters["layers_not_found"] = missing
+        return decisions
+
+    def apply(self, gm, ctx, decisions, stats):
+        for site_id, decision in sorted(decisions.items(), key=lambda kv: kv[1].decision["layer"]):
+            with ctx.at(site_id):
+                d = decision.decision
+                sites = {s.id: s for s in ir.attention_sites(gm)}
+                site, previous = sites.get(site_id), sites.get(d["score_site"])
+                if site is None or previous is None:
+                    raise RuntimeError(f"token_pruning: site {site_id} or {d['score_site']} is not in the graph")
+                _prune(gm, site, previous, d)
+                ir.propagate_shapes(gm, ctx.example.args, ctx.example.kwargs)
+                stats.rewritten += 1
+        stats.counters["schedule"] = {d.decision["layer"]: d.evidence["tokens_after"]
+                                      for d in sorted(decisions.values(), key=lambda d: d.decision["layer"])}
+
+
+def _unsupported(site, previous, opts):
+    if opts.keep >= 1.0:
+        return "keep is 1: nothing to drop", None
+    if previous is None:
+        return "no attention before this block to score tokens with (prune from layer 1 on)", None
+    stream = ir.stream_input(site)
+    shape = ir.shape(stream) if stream is not None else None
+    if shape is None or len(shape) != 3:
+        return "the residual stream entering this block was not found as a [batch, tokens, dim] tensor", None
+    N = shape[1]
+    if opts.protect >= N:
+        return f"protect={opts.protect} covers all {N} tokens", None
+    others = {shape[0], shape[2], site.heads, site.head_dim}
+    if N in others:
+        return (f"the token count {N} equals another axis size here (batch / dim / heads), so sizes "
+                "cannot be told apart; trace with an example of another length"), None
+    if previous.form == "explicit" and ir.explicit_attention_parts(previous) is None:
+        return "the previous attention has ops between its scores and softmax; its scores cannot be read", None
+    return None, stream
+
+
+# ------------------------------------------------------------------------------------------- rewrite
+
+
+def _prune(gm: torch.fx.GraphModule, site, previous, d: dict) -> None:
+    g = gm.graph
+    stream = ir.stream_input(site)
+    N = ir.shape(stream)[1]
+    before = _after(stream)
+    q, k, _, mask, scale = graph_edit.attention_operands(gm, previous, before)
+    with g.inserting_before(before):
+        scores = g.call_function(token_scores.OP.overload, (q, k, mask, scale, d["score"], d["chunk"]))
+        select = g.call_function(token_select.OP.overload,
+                                 (stream, scores, float(d["keep"]), int(d["protect"]), bool(d["fuse"])))
+        kept = g.call_function(operator.getitem, (select, 0))
+        index = g.call_function(operator.getitem, (select, 1))
+        length = g.call_function(torch.ops.aten.sym_size.int, (kept, 1))
+    for n in (scores, select, kept, index, length):
+        meta.copy_provenance(site.q_proj, n)
+    _Respecialise(gm, stream, N, kept, index, length).run()
+    legalize_graph(gm)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def _after(node: torch.fx.Node) -> torch.fx.Node:
+    """The node after `node` and after every placeholder (insertion point for nodes that use `node`)."""
+    n = node.next
+    while n.op == "placeholder":
+        n = n.next
+    return n
+
+
+class _Respecialise:
+    """Rewrite everything after a token selection to run on the kept tokens (see the module docstring)."""
+
+    def __init__(self, gm, stream, N, kept, index, length):
+        self.gm, self.stream, self.N = gm, stream, N
+        self.kept, self.index, self.length = kept, index, length
+        select = kept.args[0]
+        self.before = _ancestors(select) | {select, kept, index, length}
+        self.after = _descendants(stream) - self.before
+        # nodes feeding what runs after the selection (pooling weights, their count, ...) but not the selection
+        self.feeding = _ancestors_of(self.after) - self.before
+        self.gathered: dict[torch.fx.Node, torch.fx.Node] = {}
+        self.sym: dict[torch.fx.Node, object] = {}
+
+    def run(self) -> None:
+        for n in list(self.gm.graph.nodes):
+            if n in self.before or n.op not in ("call_function", "call_method", "call_module"):
+                continue
+            if n not in self.after and n not in self.feeding:
+                continue
+            if not isinstance(ir.val(n), (torch.Tensor, tuple, list)):
+                continue  # size arithmetic: rebuilt by `_sym` where a rewritten node uses it
+            n.args = self._map(n.args, n)
+            n.kwargs = self._map(n.kwargs, n)
+
+    def _map(self, args, user):
+        return torch.fx.node.map_aggregate(args, lambda a: self._map_one(a, user))
+
+    def _map_one(self, a, user):
+        if isinstance(a, int) and not isinstance(a, bool) and a == self.N:
+            return self.length
+        if not isinstance(a, torch.fx.Node):
+            return a
+        if a is self.stream:
+            return self.kept
+        if a in self.after or a in self.feeding or a in (self.kept, self.index, self.length):
+            return a  # already on the kept tokens (rewritten in graph order before its users)
+        value = ir.val(a)
+        if isinstance(value, torch.Tensor):
+            return self._gather(a) if a.op != "get_attr" else a
+        if isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool):
+            return self._sym(a)
+        return a
+
+    def _gather(self, a):
+        shape = ir.shape(a)
+        dims = [d for d in range(1, len(shape)) if shape[d] == self.N]
+        if not dims:
+            return a
+        if a not in self.gathered:
+            g = self.gm.graph
+            with g.inserting_after(self.length):
+                node = g.call_function(token_gather.OP.overload, (a, self.index, dims))
+            meta.copy_provenance(a, node)
+            self.gathered[a] = node
+        return self.gathered[a]
+
+    def _sym(self, a):
+        """A size node recomputed for the new length (a sym_size of an old token axis → the new length)."""
+        if a in self.sym:
+            return self.sym[a]
+        result = a
+        if a.target is torch.ops.aten.sym_size.int:
+            t, d = a.args
+            s = ir.shape(t)
+            if d != 0 and s is not None and s[d] == self.N and t not in self.after:
+                result = self.length
+        elif a.target in _SYM_ARITHMETIC:
+            args = self._map(a.args, a)
+            if args != a.args:
+                with self.gm.graph.inserting_after(self.length):
+                    result = self.gm.graph.call_function(a.target, args)
+                meta.copy_provenance(a, result)
+        self.sym[a] = result
+        return result
+
+
+def _ancestors(node: torch.fx.Node) -> set[torch.fx.Node]:
+    return _ancestors_of({node}) | {node}
+
+
+def _ancestors_of(nodes) -> set[torch.fx.Node]:
+    seen, stack = set(), [i for n in nodes for i in n.all_input_nodes]
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return seen
+
+
+def _descendants(node: torch.fx.Node) -> set[torch.fx.Node]:
+    seen, stack = set(), list(node.users)
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.users)
+    return seen
