@@ -24,6 +24,7 @@ OPS: dict[str, str] = {
     "token_scores": "sparsegraph.codegen.token_scores",
     "token_select": "sparsegraph.codegen.token_select",
     "token_gather": "sparsegraph.codegen.token_gather",
+    "roi_scores": "sparsegraph.codegen.roi_scores",
 }
 
 

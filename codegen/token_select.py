@@ -11,7 +11,9 @@ dropped tokens are folded into one extra token. With n = N − protect,
     fused   = Σ_{j dropped} s_j x_j / Σ_{j dropped} s_j       (EViT: scores as weights, s ≥ 0)
 
 ``k`` is computed from the *runtime* length N, so one compiled graph (and its ONNX file) serves every
-sequence length. Kept tokens stay in their original order (a class token stays at position 0;
+sequence length. ``keep = 0`` instead keeps every token whose score is finite (k = the largest such
+count in the batch, so a row with fewer is topped up with its best others): with `roi_scores` that is
+"the RoI tokens only", a data-dependent length, for eager PyTorch (no ONNX translation for it). Kept tokens stay in their original order (a class token stays at position 0;
 relative order matters to anything positional downstream). The second output ``index`` [B, k'] holds
 the kept positions, so tensors aligned with the old tokens (attention masks, pooling weights) follow
 with `token_gather`; with ``fuse`` the fused token's index is the best dropped token's.
@@ -41,8 +43,8 @@ def _check(x, scores, keep, protect):
     if x.dim() != 3 or scores.shape != x.shape[:2]:
         raise ValueError(f"token_select: x {tuple(x.shape)} must be [B, N, D] and scores {tuple(scores.shape)} "
                          "[B, N]")
-    if not 0.0 < keep <= 1.0:
-        raise ValueError(f"token_select: keep={keep} must be in (0, 1]")
+    if not 0.0 <= keep <= 1.0:
+        raise ValueError(f"token_select: keep={keep} must be in [0, 1] (0: every finite score)")
     if protect >= x.shape[1]:
         raise ValueError(f"token_select: protect={protect} leaves no token to choose from {x.shape[1]}")
 
@@ -64,11 +66,18 @@ def _finish(x, scores, index, fuse):
     return out, index
 
 
+def _chosen(scores: torch.Tensor, keep: float, protect: int) -> int:
+    """How many non-protected tokens a call keeps."""
+    if keep > 0:
+        return kept_count(scores.shape[1], keep, protect) - protect
+    return max(1, int(torch.isfinite(scores[:, protect:]).sum(1).max()))
+
+
 def reference(x: torch.Tensor, scores: torch.Tensor, keep: float, protect: int,
               fuse: bool) -> tuple[torch.Tensor, torch.Tensor]:
     _check(x, scores, keep, protect)
     B, N = scores.shape
-    k = kept_count(N, keep, protect) - protect
+    k = _chosen(scores, keep, protect)
     order = torch.argsort(scores[:, protect:], dim=1, descending=True, stable=True)
     member = torch.zeros(B, N, dtype=torch.bool, device=x.device)
     member[:, :protect] = True
@@ -79,19 +88,29 @@ def reference(x: torch.Tensor, scores: torch.Tensor, keep: float, protect: int,
 
 def cpu(x, scores, keep, protect, fuse):
     _check(x, scores, keep, protect)
-    B, N = scores.shape
-    k = kept_count(N, keep, protect) - protect
+    B = scores.shape[0]
+    k = _chosen(scores, keep, protect)
     top = scores[:, protect:].topk(k, dim=1, sorted=False).indices.sort(1).values + protect
     head = torch.arange(protect, device=x.device).expand(B, protect)
     return _finish(x, scores, torch.cat([head, top], 1), fuse)
 
 
 def fake(x, scores, keep, protect, fuse):
-    k = kept_count(x.shape[1], keep, protect) + int(fuse)
+    if keep > 0:
+        k = kept_count(x.shape[1], keep, protect) + int(fuse)
+    else:  # data-dependent: a fresh size under export; the upper bound N for plain shape propagation
+        try:
+            k = torch.library.get_ctx().new_dynamic_size() + int(fuse)
+        except (RuntimeError, AttributeError):
+            k = x.shape[1] + int(fuse)
     return x.new_empty(x.shape[0], k, x.shape[2]), x.new_empty(x.shape[0], k, dtype=torch.int64)
 
 
 def onnx(x, scores, keep: float, protect: int, fuse: bool):
+    if keep <= 0:
+        raise NotImplementedError("token_select with keep=0 (RoI tokens only) has a data-dependent length "
+                                  "and no ONNX translation; use a keep ratio for ONNX export")
+
     def ints(*xs):
         return op.Constant(value_ints=list(xs))
 

@@ -18,7 +18,6 @@ report shows).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -107,29 +106,8 @@ class _Observer(Observer):
         result = super().run_node(n)
         if n in self.outs:
             site, mode = self.outs[n]
-            self._add(site, mode, self._scores(site, n, mode))
+            self._add(site, mode, attention_scores(self, site, n, mode, self.opts.chunk))
         return result
-
-    def _scores(self, site, out, mode):
-        if site.form == "sdpa":
-            q, k = self.env[out.args[0]], self.env[out.args[1]]
-            mask = ir._arg(out, 3, "attn_mask")
-            mask = self.env[mask] if isinstance(mask, torch.fx.Node) else None
-            if mask is not None and mask.dtype == torch.bool:
-                mask = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
-            if mask is not None and mask.dim() < 4:
-                mask = mask.reshape(*([1] * (4 - mask.dim())), *mask.shape)
-            scale = ir._arg(out, 6, "scale") or q.shape[-1] ** -0.5
-            if site.causal and mask is None:
-                L, S = q.shape[2], k.shape[2]
-                mask = torch.zeros(L, S).masked_fill(torch.ones(L, S, dtype=torch.bool).triu(1), float("-inf"))
-                mask = mask[None, None]
-            return token_scores.cpu(q, k, mask, float(scale), mode, self.opts.chunk)
-        softmax = next(c for c in site.core if ir.kind(c) == "softmax")
-        p = self.env[softmax].float()  # [B, H, L, S]
-        if mode == "received":
-            return p.mean((1, 2))
-        return p[:, :, 0 if mode == "cls" else -1].mean(1)
 
     def _add(self, site, mode, scores):
         if self.token_mask is not None and self.token_mask.shape == scores.shape:
@@ -146,7 +124,27 @@ class _Observer(Observer):
         acc["count"] += scores.shape[0]
 
 
-def grid_side(tokens: int, protect: int) -> int | None:
-    """The side of the square patch grid behind `tokens` (after `protect` leading tokens), or None."""
-    side = math.isqrt(tokens - protect)
-    return side if side * side == tokens - protect else None
+def attention_scores(observer: Observer, site: ir.AttentionSite, out: torch.fx.Node, mode: str,
+                     chunk: int) -> torch.Tensor:
+    """[B, S] token scores at an attention site an `Observer` has just run (its ``env`` holds the
+    operands): from q, k and the mask for SDPA, from the observed probabilities for explicit chains."""
+    if site.form == "sdpa":
+        q, k = observer.env[out.args[0]], observer.env[out.args[1]]
+        mask = ir._arg(out, 3, "attn_mask")
+        mask = observer.env[mask] if isinstance(mask, torch.fx.Node) else None
+        if mask is not None and mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+        if mask is not None and mask.dim() < 4:
+            mask = mask.reshape(*([1] * (4 - mask.dim())), *mask.shape)
+        scale = ir._arg(out, 6, "scale") or q.shape[-1] ** -0.5
+        if site.causal and mask is None:
+            L, S = q.shape[2], k.shape[2]
+            mask = torch.zeros(L, S).masked_fill(torch.ones(L, S, dtype=torch.bool).triu(1), float("-inf"))
+            mask = mask[None, None]
+        return token_scores.cpu(q, k, mask, float(scale), mode, chunk)
+    softmax = next(c for c in site.core if ir.kind(c) == "softmax")
+    p = observer.env[softmax].float()  # [B, H, L, S]
+    if mode == "received":
+        return p.mean((1, 2))
+    return p[:, :, 0 if mode == "cls" else -1].mean(1)
+

@@ -38,7 +38,7 @@ import torch.fx
 from torch.fx.passes.tools_common import legalize_graph
 
 from sparsegraph import graph_edit, ir, meta
-from sparsegraph.codegen import token_gather, token_scores, token_select
+from sparsegraph.codegen import roi_scores, token_gather, token_scores, token_select
 from sparsegraph.pass_contract import RewritePass, SiteDecision, option
 from sparsegraph.passes.analysis.token_importance import MODES, score_mode
 from sparsegraph.registry import register_pass
@@ -60,6 +60,8 @@ class TokenPruning(RewritePass):
     protect: int = option(1, "leading tokens always kept (the class token)", range=(0, None))
     fuse: bool = option(False, "fold the dropped tokens into one score-weighted token (EViT)")
     chunk: int = option(256, "query rows per step for score 'received'", range=(1, None))
+    select: str = option("topk", "topk: keep a ratio of tokens; roi: keep the tokens inside the RoI boxes "
+                         "(needs the roi pass; data-dependent length, eager only)", choices=("topk", "roi"))
 
     def decide(self, gm, ctx, stats):
         sites = ir.attention_sites(gm)
@@ -76,14 +78,21 @@ class TokenPruning(RewritePass):
                 stats.refuse(site.id, reason)
                 continue
             N = current or ir.shape(stream)[1]
-            mode = score_mode(site, opts.score, opts.protect)
-            kept = current = token_select.kept_count(N, opts.keep, opts.protect) + int(opts.fuse)
+            decision = {"layer": site.layer, "keep": opts.keep, "score": score_mode(site, opts.score, opts.protect),
+                        "protect": opts.protect, "fuse": opts.fuse, "chunk": opts.chunk, "score_site": previous.id}
+            if opts.select == "roi":
+                roi = _roi_settings(ctx, previous)
+                if isinstance(roi, str):
+                    stats.refuse(site.id, roi)
+                    continue
+                decision.update(keep=0.0, score="cls", roi=roi)
+                kept = current = None
+            else:
+                kept = current = token_select.kept_count(N, opts.keep, opts.protect) + int(opts.fuse)
             evidence = ctx.plan.evidence("token_importance", previous.id) or {}
             mass = evidence.get("mass_kept", {}).get(f"{opts.keep:g}")
-            decisions[site.id] = SiteDecision(
-                {"layer": site.layer, "keep": opts.keep, "score": mode, "protect": opts.protect,
-                 "fuse": opts.fuse, "chunk": opts.chunk, "score_site": previous.id},
-                {"tokens_before": N, "tokens_after": kept, **({"importance_mass_kept": mass} if mass else {})})
+            decisions[site.id] = SiteDecision(decision, {"tokens_before": N, "tokens_after": kept or "RoI",
+                                                         **({"importance_mass_kept": mass} if mass else {})})
         missing = sorted(set(self.layers) - set(by_layer))
         if missing:
             stats.counters["layers_not_found"] = missing
@@ -104,8 +113,20 @@ class TokenPruning(RewritePass):
                                       for d in sorted(decisions.values(), key=lambda d: d.decision["layer"])}
 
 
+def _roi_settings(ctx, previous) -> dict | str:
+    """The roi pass's settings if it read the attention this block is scored from, else the reason."""
+    summary = ctx.plan.summary("roi")
+    if summary is None:
+        return "select 'roi' needs the roi pass to run first (add 'roi' before token_pruning)"
+    if summary["site"] != previous.id:
+        return (f"select 'roi' scores from {previous.id} but the roi pass read {summary['site']}; "
+                "set roi's layer to the block before the pruned one")
+    e = ctx.plan.evidence("roi", summary["site"])
+    return {k: e[k] for k in ("grid", "protect", "threshold", "max_boxes")}
+
+
 def _unsupported(site, previous, opts):
-    if opts.keep >= 1.0:
+    if opts.keep >= 1.0 and opts.select == "topk":
         return "keep is 1: nothing to drop", None
     if previous is None:
         return "no attention before this block to score tokens with (prune from layer 1 on)", None
@@ -136,6 +157,10 @@ def _prune(gm: torch.fx.GraphModule, site, previous, d: dict) -> None:
     q, k, _, mask, scale = graph_edit.attention_operands(gm, previous, before)
     with g.inserting_before(before):
         scores = g.call_function(token_scores.OP.overload, (q, k, mask, scale, d["score"], d["chunk"]))
+        if "roi" in d:
+            r = d["roi"]
+            scores = g.call_function(roi_scores.OP.overload, (scores, r["grid"], r["protect"], float(r["threshold"]),
+                                                              r["max_boxes"]))
         select = g.call_function(token_select.OP.overload,
                                  (stream, scores, float(d["keep"]), int(d["protect"]), bool(d["fuse"])))
         kept = g.call_function(operator.getitem, (select, 0))

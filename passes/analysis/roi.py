@@ -1,0 +1,162 @@
+"""``roi``: regions of interest in an image from a middle layer's class-token attention (SD-RPN style).
+
+A ViT's class token attends to the patches that carry the object well before the last layer. At
+attention site ``layer`` (default: the middle one) the per-patch importance is the class-token
+attention averaged over heads (``token_scores`` mode ``cls``), laid out on the patch grid
+(``side × side``, the tokens after the ``protect`` leading ones). Then
+
+    cells      = { (r, c) : m[r, c] ≥ threshold · max m }
+    components = 8-connected components of `cells` (networkx)
+    box        = (c_min · patch, r_min · patch, (c_max + 1) · patch, (r_max + 1) · patch)   in input pixels
+    score      = Σ_{cells in the component} m / Σ m                                      (share of attention)
+
+and the ``max_boxes`` components with the highest score are kept. ``patch`` (pixels per grid cell) is
+read from the image input's size / grid side. Boxes are patch-aligned: a box cannot be finer than
+the patch grid.
+
+On calibration images the pass records the settings (what `CompiledModel.roi` replays on new inputs),
+the boxes of the first ``samples`` images (the report draws them), and the mean box area. `detect`
+is the same computation for any input batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import networkx as nx
+import torch
+
+from sparsegraph import ir
+from sparsegraph.observe import Observer
+from sparsegraph.pass_contract import AnalysisPass, option
+from sparsegraph.passes.analysis.token_importance import attention_scores
+from sparsegraph.registry import register_pass
+
+
+@dataclass(frozen=True)
+class Box:
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+    score: float
+
+    def to_json(self) -> dict:
+        return {"box": [self.x0, self.y0, self.x1, self.y1], "score": round(self.score, 4)}
+
+    def iou(self, other: tuple[int, int, int, int]) -> float:
+        ox0, oy0, ox1, oy1 = other
+        w = max(0, min(self.x1, ox1) - max(self.x0, ox0))
+        h = max(0, min(self.y1, oy1) - max(self.y0, oy0))
+        inter = w * h
+        union = (self.x1 - self.x0) * (self.y1 - self.y0) + (ox1 - ox0) * (oy1 - oy0) - inter
+        return inter / union if union > 0 else 0.0
+
+
+def boxes_from_map(m: torch.Tensor, threshold: float, patch: float, max_boxes: int) -> list[Box]:
+    """Boxes (input pixels) of the connected regions of grid map `m` [side, side] at ≥ threshold · max."""
+    m = m.float().clamp_min(0)
+    total = float(m.sum())
+    if total <= 0:
+        return []
+    on = (m >= threshold * m.max()).nonzero().tolist()
+    grid = nx.Graph()
+    grid.add_nodes_from(map(tuple, on))
+    cells = set(grid.nodes)
+    for r, c in cells:
+        for dr, dc in ((0, 1), (1, -1), (1, 0), (1, 1)):
+            if (r + dr, c + dc) in cells:
+                grid.add_edge((r, c), (r + dr, c + dc))
+    found = []
+    for component in nx.connected_components(grid):
+        rows, cols = [r for r, _ in component], [c for _, c in component]
+        score = sum(float(m[r, c]) for r, c in component) / total
+        found.append(Box(round(min(cols) * patch), round(min(rows) * patch), round((max(cols) + 1) * patch),
+                         round((max(rows) + 1) * patch), score))
+    return sorted(found, key=lambda b: -b.score)[:max_boxes]
+
+
+@register_pass("roi")
+@dataclass(frozen=True)
+class RegionsOfInterest(AnalysisPass):
+    """Boxes around what the class token attends to at a middle layer (see the module docstring)."""
+
+    needs_calibration = True
+
+    layer: int = option(-1, "attention-site layer whose class-token attention is read (−1: the middle one)",
+                        range=(-1, None))
+    threshold: float = option(0.5, "grid cells at or above this fraction of the map's maximum are in",
+                              range=(0.0, 1.0))
+    max_boxes: int = option(1, "boxes kept per image, by attention share", range=(1, None))
+    protect: int = option(1, "leading (class) tokens before the patch tokens", range=(0, None))
+    samples: int = option(8, "calibration images whose boxes are written to the plan", range=(0, None))
+
+    def analyze(self, gm, ctx, stats):
+        settings = self.settings(gm, ctx.example.args)
+        stats.matched = len(ir.attention_sites(gm))
+        if isinstance(settings, str):
+            stats.refuse("roi", settings)
+            return
+        samples, areas = [], []
+        for batch in ctx.progress(ctx.calibration, "roi"):
+            for boxes in detect(gm, batch.args, batch.kwargs, settings):
+                if len(samples) < self.samples:
+                    samples.append([b.to_json() for b in boxes])
+                areas.extend((b.x1 - b.x0) * (b.y1 - b.y0) / settings["image"] ** 2 for b in boxes)
+        ctx.plan.set_evidence(self.name, settings["site"], {**settings, "samples": samples,
+                                                             "mean_box_area": sum(areas) / max(len(areas), 1)})
+        ctx.plan.set_summary(self.name, {"site": settings["site"], "boxes": len(areas)})
+        stats.counters.update(boxes=len(areas))
+
+    def settings(self, gm, example_args) -> dict | str:
+        """What `detect` needs, or the reason the model has no RoI to offer."""
+        sites = ir.attention_sites(gm)
+        image = next((x for x in example_args if isinstance(x, torch.Tensor) and x.dim() == 4), None)
+        if not sites or image is None:
+            return "needs a vision transformer: an image input [B, C, H, W] and attention sites"
+        layer = self.layer if self.layer >= 0 else len(sites) // 2
+        site = next((s for s in sites if s.layer == layer), None)
+        if site is None:
+            return f"no attention site at layer {layer} (the model has {len(sites)})"
+        tokens = ir.shape(site.q)[2]
+        side = math.isqrt(tokens - self.protect)
+        if side * side != tokens - self.protect or image.shape[-1] != image.shape[-2]:
+            return (f"{tokens} tokens minus {self.protect} protected are not a square patch grid of a square "
+                    "image")
+        return {"site": site.id, "layer": layer, "grid": side, "image": int(image.shape[-1]),
+                "patch": image.shape[-1] / side, "threshold": self.threshold, "max_boxes": self.max_boxes,
+                "protect": self.protect}
+
+
+def detect(gm, args: tuple, kwargs: dict, settings: dict) -> list[list[Box]]:
+    """Boxes for every input of a batch, per `settings` (from `RegionsOfInterest.settings` or a plan)."""
+    return [boxes_from_map(m, settings["threshold"], settings["patch"], settings["max_boxes"])
+            for m in importance_maps(gm, args, kwargs, settings)]
+
+
+def importance_maps(gm, args: tuple, kwargs: dict, settings: dict) -> torch.Tensor:
+    """[B, side, side] class-token attention maps at the RoI layer (what `detect` thresholds)."""
+    site = next((s for s in ir.attention_sites(gm) if s.id == settings["site"]), None)
+    if site is None:
+        raise ValueError(f"roi: attention site {settings['site']} is not in this graph (was it rewritten?)")
+    observer = _Capture(gm, site)
+    observer.run_batch(args, kwargs or {})
+    side, p = settings["grid"], settings["protect"]
+    if observer.scores.shape[1] != p + side * side:
+        raise ValueError(f"roi: {observer.scores.shape[1]} tokens at {site.id}, expected {p + side * side}: "
+                         "tokens were pruned before the RoI layer; read RoIs at or before the first pruned block")
+    return observer.scores[:, p:].reshape(-1, side, side)
+
+
+class _Capture(Observer):
+    def __init__(self, gm, site):
+        super().__init__(gm)
+        self.site = site
+        self.scores: torch.Tensor | None = None
+
+    def run_node(self, n):
+        result = super().run_node(n)
+        if n is self.site.out:
+            self.scores = attention_scores(self, self.site, n, "cls", chunk=256)
+        return result
