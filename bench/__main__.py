@@ -2,13 +2,14 @@
 
 Suites: ``foundation`` (dense eager vs torch.compile vs onnxruntime), ``activation`` (MiniLM activation
 sparsity: fidelity curves and static-pruning speed), ``decode`` (SwiGLU decode microbenchmark),
-``attention`` (block-sparse attention vs dense SDPA and FlexAttention).
+``attention`` (block-sparse attention vs dense SDPA and FlexAttention), ``tokens`` (token pruning
+fidelity on MiniLM, ViT-B/16 speed, digits_vit accuracy and RoIs).
 """
 
 import importlib
 import sys
 
-SUITES = ("foundation", "activation", "decode", "attention")
+SUITES = ("foundation", "activation", "decode", "attention", "tokens")
 
 if len(sys.argv) < 2 or sys.argv[1] not in SUITES:
     print(__doc__)

@@ -52,6 +52,7 @@ class Report:
                 "MACs per site (millions) at the example shapes", labels,
                 {"dense": [cm.dense_site_costs[s].macs / 1e6 for s in labels],
                  "compiled": [after[s].macs / 1e6 if s in after else 0.0 for s in labels]})))
+        report.figures += _roi_figures(cm)
         return report
 
     @classmethod
@@ -80,7 +81,8 @@ class Report:
                 if "decision" in entry:
                     decisions.rows.append([site, name, _short(entry["decision"])])
         tables = [passes] + [t for t in (refusals, decisions) if t.rows]
-        return cls(f"sparsegraph report: {plan.model['class']}", facts, tables, _activation_figures(plan))
+        figures = _activation_figures(plan) + _head_grid(plan) + _token_figures(plan)
+        return cls(f"sparsegraph report: {plan.model['class']}", facts, tables, figures)
 
     def to_json(self) -> dict:
         return {"title": self.title, "facts": self.facts,
@@ -134,6 +136,71 @@ def _activation_figures(plan) -> list[tuple[str, str]]:
         charts.append(svg.histogram(f"{site}: log10|a|", counts, lo, hi, markers,
                                     f"zero fraction {evidence['zero_fraction']:.3f}"))
     return [("Activation magnitudes per MLP (thresholds for each target sparsity)", "".join(charts))] if charts else []
+
+
+PATTERN_COLOURS = {"dense": "#bbbbbb", "local": "#4878d0", "sink_local": "#6acc64", "vertical_slash": "#ee854a",
+                   "block_topk": "#956cb4", "multi_diagonal": "#d65f5f", "skip": "#ffffff"}
+
+
+def _head_grid(plan) -> list[tuple[str, str]]:
+    """Layer × head grid of the patterns head_patterns chose, each cell with its block density."""
+    rows, cells = [], []
+    for site, per_pass in plan.sites.items():
+        heads = per_pass.get("head_patterns", {}).get("evidence", {}).get("heads")
+        if not heads:
+            continue
+        rows.append(site.split(".")[-2] if "." in site else site)
+        cells.append([(PATTERN_COLOURS.get(h["pattern"], "#888"), f"{h['density']:.2f}",
+                       f"{site} head {i}: {h['pattern']} {h.get('params', {})}, density {h['density']:.3f}, "
+                       f"recall {h['recall']:.3f}") for i, h in enumerate(heads)])
+    if not rows:
+        return []
+    used = {h for row in cells for h, _, _ in row}
+    legend = {name: colour for name, colour in PATTERN_COLOURS.items() if colour in used}
+    cols = [f"h{i}" for i in range(max(len(r) for r in cells))]
+    return [("Attention pattern per layer and head (block density in the cell)",
+             svg.grid("pattern per head (colour) and listed-block density", rows, cols, cells, legend))]
+
+
+def _token_figures(plan) -> list[tuple[str, str]]:
+    """The token keep schedule (token_pruning) and the importance mass kept per layer (token_importance)."""
+    figures = []
+    stats = plan.passes.get("token_pruning", {}).get("stats", {})
+    schedule = stats.get("counters", {}).get("schedule")
+    if schedule:
+        labels = [f"before block {layer}" for layer in schedule]
+        values = [float(v) if isinstance(v, (int, float)) else 0.0 for v in schedule.values()]
+        figures.append(("Token keep schedule", svg.bars("tokens kept (traced length)", labels, {"tokens": values})))
+    table = (plan.summary("token_importance") or {}).get("mass_kept_per_layer")
+    if table:
+        keeps = sorted({k for curve in table.values() for k in curve}, key=float, reverse=True)
+        figures.append(("Token importance kept per layer", svg.bars(
+            "share of attention importance held by the top r of the tokens", [f"layer {k}" for k in table],
+            {f"r = {k}": [curve[k] for curve in table.values()] for k in keeps})))
+    return figures
+
+
+def _roi_figures(cm, limit: int = 4) -> list[tuple[str, str]]:
+    """The example images with the RoI boxes `cm.roi` finds on them (needs the roi pass)."""
+    if cm.plan.summary("roi") is None:
+        return []
+    import torch
+
+    images = next((x for x in cm.example.args if isinstance(x, torch.Tensor) and x.dim() == 4), None)
+    if images is None:
+        return []
+    images = images[:limit]
+    boxes = cm.roi(images, *cm.example.args[1:], **cm.example.kwargs)
+    size = images.shape[-1]
+    factor = max(1, size // 64)  # draw at most 64 × 64 cells per image
+    gray = torch.nn.functional.avg_pool2d(images.float().mean(1, keepdim=True), factor)[:, 0]
+    gray = (gray - gray.amin((1, 2), keepdim=True)) / (gray.amax((1, 2), keepdim=True)
+                                                       - gray.amin((1, 2), keepdim=True)).clamp_min(1e-12)
+    scale = 160 / gray.shape[-1]
+    charts = [svg.image(f"image {i}", gray[i].tolist(),
+                        [(b.x0 / factor, b.y0 / factor, b.x1 / factor, b.y1 / factor, f"{b.score:.2f}") for b in bs],
+                        scale) for i, bs in enumerate(boxes)]
+    return [("Regions of interest on the example images (box: share of class-token attention)", "".join(charts))]
 
 
 def _ratio(a: float, b: float) -> str:

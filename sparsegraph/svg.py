@@ -1,8 +1,9 @@
 """Small self-contained SVG charts for reports: no plotting library, no network, plain strings.
 
 `bars` draws grouped horizontal bars (one group per label, one bar per series); `histogram` draws
-counts over equal bins with optional vertical markers (thresholds). Both return an ``<svg>`` element
-to embed in HTML as is.
+counts over equal bins with optional vertical markers (thresholds); `grid` a table of coloured cells
+(per layer × per head patterns); `image` a grayscale image with boxes drawn over it (RoIs). Each
+returns an ``<svg>`` element to embed in HTML as is.
 """
 
 from __future__ import annotations
@@ -51,6 +52,47 @@ def histogram(title: str, counts: list[int], lo: float, hi: float, markers: dict
     parts.append(_text(left, height - 8, f"{lo:g}", size=9))
     parts.append(_text(left + plot_w, height - 8, f"{hi:g}", size=9, anchor="end"))
     parts.append(_text(left + plot_w / 2, height - 8, xlabel, size=9, anchor="middle"))
+    return "".join(parts) + "</svg>"
+
+
+def grid(title: str, rows: list[str], cols: list[str], cells: list[list[tuple[str, str, str]]],
+         legend: dict[str, str] | None = None) -> str:
+    """Coloured cells: ``cells[r][c] = (colour, short text, tooltip)``; `legend` maps names to colours."""
+    cell, left, top = 34, 70, 40
+    width = left + cell * max(len(cols), 1) + 10
+    height = top + cell * len(rows) + 30
+    parts = [_open(max(width, 420), height), _text(6, 16, title, bold=True, size=11)]
+    for c, name in enumerate(cols):
+        parts.append(_text(left + c * cell + cell / 2, top - 6, name, anchor="middle", size=9))
+    for r, name in enumerate(rows):
+        parts.append(_text(left - 6, top + r * cell + cell / 2 + 3, name, anchor="end", size=9))
+        for c, (colour, text, tip) in enumerate(cells[r]):
+            x, y = left + c * cell, top + r * cell
+            parts.append(f'<rect x="{x}" y="{y}" width="{cell - 2}" height="{cell - 2}" fill="{colour}">'
+                         f"<title>{html.escape(tip)}</title></rect>")
+            parts.append(_text(x + cell / 2 - 1, y + cell / 2 + 3, text, anchor="middle", size=8))
+    for j, (name, colour) in enumerate((legend or {}).items()):
+        parts.append(f'<rect x="{6 + 100 * j}" y="{height - 18}" width="10" height="10" fill="{colour}"/>')
+        parts.append(_text(20 + 100 * j, height - 9, name, size=9))
+    return "".join(parts) + "</svg>"
+
+
+def image(title: str, pixels: list[list[float]], boxes: list[tuple[float, float, float, float, str]],
+          scale: float = 1.0) -> str:
+    """A grayscale image (values in [0, 1], rows of pixels) drawn `scale`× with labelled boxes on top;
+    boxes are ``(x0, y0, x1, y1, label)`` in the image's pixel coordinates."""
+    h, w = len(pixels), len(pixels[0]) if pixels else 0
+    parts = [_open(w * scale + 10, h * scale + 26), _text(4, 13, title, size=10)]
+    for y, row in enumerate(pixels):
+        for x, v in enumerate(row):
+            g = round(255 * min(max(v, 0.0), 1.0))
+            parts.append(f'<rect x="{5 + x * scale:.1f}" y="{20 + y * scale:.1f}" width="{scale:.1f}" '
+                         f'height="{scale:.1f}" fill="rgb({g},{g},{g})"/>')
+    for j, (x0, y0, x1, y1, label) in enumerate(boxes):
+        colour = PALETTE[(j + 1) % len(PALETTE)]
+        parts.append(f'<rect x="{5 + x0 * scale:.1f}" y="{20 + y0 * scale:.1f}" width="{(x1 - x0) * scale:.1f}" '
+                     f'height="{(y1 - y0) * scale:.1f}" fill="none" stroke="{colour}" stroke-width="2"/>')
+        parts.append(_text(7 + x0 * scale, 30 + y0 * scale, label, size=9, color=colour))
     return "".join(parts) + "</svg>"
 
 

@@ -40,3 +40,27 @@ def test_report_draws_cost_per_site_and_activation_histograms(tmp_path):
     from_plan = Report.of_plan(sg.load_plan(cm.plan.save(tmp_path / "plan.json")))
     assert [t for t, _ in from_plan.figures] == titles[1:]
     assert "Cost at the example shapes" not in [t.title for t in from_plan.tables]
+
+
+def test_report_draws_head_grid_token_schedule_and_rois():
+    import torch
+
+    from sparsegraph import models
+
+    model, example = models.load("vit_small")
+    g = torch.Generator().manual_seed(0)
+    calibration = [(torch.randn(2, 3, 224, 224, generator=g),)]
+    config = {"passes": [{"head_patterns": {"block": 32, "recall": 0.5, "min_saving": 0.0}},
+                         "token_importance", {"roi": {"layer": 3}},
+                         {"token_pruning": {"layers": [4, 8], "keep": 0.5}}]}
+    cm = sg.compile(model, config, example_inputs=(calibration[0][0],), calibration=calibration, quiet=True)
+    report = cm.report()
+    titles = [t for t, _ in report.figures]
+    assert "Attention pattern per layer and head (block density in the cell)" in titles
+    assert "Token keep schedule" in titles and "Token importance kept per layer" in titles
+    roi = dict(report.figures)["Regions of interest on the example images (box: share of class-token attention)"]
+    assert roi.count("<svg") == 2 and 'stroke-width="2"' in roi  # two images, boxes drawn
+    grid = dict(report.figures)["Attention pattern per layer and head (block density in the cell)"]
+    assert grid.count("<title>") == 12 * 6  # one cell per layer and head
+    schedule = cm.plan.passes["token_pruning"]["stats"]["counters"]["schedule"]
+    assert schedule == {"4": 99, "8": 50}  # 197 → 1 + 98 → 1 + 49
