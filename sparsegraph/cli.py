@@ -197,12 +197,17 @@ def _compile(args) -> sg.CompiledModel:
 
 
 def calibration_for(model, example, n: int) -> list:
-    """`n` held-in stdlib sentences in batches of 32 for models with a tokenizer, else the example inputs."""
+    """`n` held-in stdlib sentences in batches of 32 for models with a tokenizer, else the example inputs.
+
+    Sentences are padded to the example's length (padding is left out of every statistic), so that
+    length-bound facts such as attention layouts are measured at the length the graph is traced at.
+    """
     if hasattr(model, "tokenize"):
         from sparsegraph.data.stdlib_text import sentences
 
         texts = sentences("calibration", limit=n)
-        return [model.tokenize(texts[i:i + 32]) for i in range(0, len(texts), 32)]
+        length = example[0].shape[-1]
+        return [model.tokenize(texts[i:i + 32], max_length=length, pad_to=length) for i in range(0, len(texts), 32)]
     print("note: calibrating on the example inputs only (no tokenizer to read real text with)", file=sys.stderr)
     return [example]
 

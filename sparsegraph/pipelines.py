@@ -56,6 +56,28 @@ def sparse_attention() -> Config:
     return Config.from_dict({"passes": [{"head_patterns": {"recall": 0.95}}, "cost", "sparse_attention"]})
 
 
+def vit_token_pruning() -> Config:
+    """EViT-style: keep 70% of the tokens before blocks 3, 6 and 9 of a 12-block ViT, by class-token attention."""
+    return Config.from_dict({"passes": ["cost", {"token_pruning": {"layers": [3, 6, 9], "keep": 0.7}}]})
+
+
+def text_token_pruning() -> Config:
+    """Keep 70% of the tokens from block 4 of a 6-block text encoder on (MiniLM), by [CLS] attention."""
+    return Config.from_dict({"passes": ["cost", {"token_pruning": {"layers": [4], "keep": 0.7}}]})
+
+
+def combined() -> Config:
+    """Activation sparsity + attention patterns + token pruning in one plan (6-block encoders; needs calibration).
+
+    Analyses run first on the dense graph; then tokens are pruned (before block 4, keep 0.7), attention
+    sites become block-sparse where their pattern pays, and MLPs skip 50% of their centred activations.
+    """
+    return Config.from_dict({"passes": [
+        "activation_profile", {"head_patterns": {"recall": 0.95}}, "token_importance", "cost",
+        {"token_pruning": {"layers": [4], "keep": 0.7}}, "sparse_attention",
+        {"neuron_sparsity": {"target": 0.5, "method": "centred"}}]})
+
+
 _PIPELINES: dict[str, Callable[[], Config]] = {
     "dense": dense,
     "analyze": analyze,
@@ -64,6 +86,9 @@ _PIPELINES: dict[str, Callable[[], Config]] = {
     "neuron-pruning": neuron_pruning,
     "llm-activation-sparsity": llm_activation_sparsity,
     "sparse-attention": sparse_attention,
+    "vit-token-pruning": vit_token_pruning,
+    "text-token-pruning": text_token_pruning,
+    "combined": combined,
 }
 
 DEFAULT = "analyze"

@@ -47,7 +47,7 @@ def test_report_draws_head_grid_token_schedule_and_rois():
 
     from sparsegraph import models
 
-    model, example = models.load("vit_small")
+    model, _ = models.load("vit_small")
     g = torch.Generator().manual_seed(0)
     calibration = [(torch.randn(2, 3, 224, 224, generator=g),)]
     config = {"passes": [{"head_patterns": {"block": 32, "recall": 0.5, "min_saving": 0.0}},

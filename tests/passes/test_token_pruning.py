@@ -172,3 +172,16 @@ def test_minilm_mask_and_mean_pooling_follow_the_kept_tokens(minilm):
         dense = model(ids, mask)
     assert torch.isfinite(emb).all()
     assert torch.nn.functional.cosine_similarity(emb, dense).min() > 0.9
+
+
+def test_vit_small_onnx_matches_in_onnxruntime(tmp_path):
+    """timm ViT-S/16 (class token, literal 197s in its reshapes) pruned at two blocks, ORT parity."""
+    model, example = models.load("vit_small")
+    cm = sg.compile(model, {"passes": [{"token_pruning": {"layers": [3, 6], "keep": 0.7}}]},
+                    example_inputs=example, quiet=True)
+    assert cm.plan.passes["token_pruning"]["stats"]["counters"]["schedule"] == {"3": 138, "6": 97}
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = cm(x)
+    session = OnnxModel(cm.export_onnx(tmp_path / "vit_small.onnx"), cm.graph_module)
+    torch.testing.assert_close(session(x), expected, rtol=1e-4, atol=1e-4)
