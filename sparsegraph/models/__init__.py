@@ -11,6 +11,8 @@
 ``llama_tiny``       HF ``LlamaForCausalLM``, random init: 4 layers, hidden 256, 8 heads, 2 KV heads
 ``explicit_attention`` a small hand-written transformer with matmul → softmax → matmul attention
 ``llama_7b_meta``    a 7B-class Llama config on the meta device (structure and cost only, no weights)
+``digits_vit``       a small ViT (6 blocks, dim 64, patch 4) trained on sklearn's digits placed on a
+                     32x32 canvas; shipped weights, test images as inputs (``sparsegraph.models.digits_vit``)
 ==================== ==========================================================================
 
 `resolve(spec)` turns a CLI model name into the same pair: ``zoo:NAME``, ``torchvision:NAME``,
@@ -40,6 +42,7 @@ _ZOO: dict[str, str] = {
     "llama_tiny": "sparsegraph.models.llama:load",
     "explicit_attention": "sparsegraph.models.explicit:load",
     "llama_7b_meta": "sparsegraph.models.llama:load_7b_meta",
+    "digits_vit": "sparsegraph.models.digits_vit:load",
 }
 
 
