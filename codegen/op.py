@@ -70,7 +70,7 @@ class SparseOp:
 
         @functools.wraps(reference)
         def dispatch(*args, **kwargs):
-            device = next(a.device for a in args if isinstance(a, torch.Tensor))
+            device = next(a.device for a in torch.utils._pytree.tree_leaves(args) if isinstance(a, torch.Tensor))
             return self.kernel(device)(*args, **kwargs)
 
         self.custom_op = torch.library.custom_op(f"sparsegraph::{name}", dispatch, mutates_args=())

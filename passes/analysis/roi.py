@@ -1,9 +1,11 @@
 """``roi``: regions of interest in an image from a middle layer's class-token attention (SD-RPN style).
 
-A ViT's class token attends to the patches that carry the object well before the last layer. At
-attention site ``layer`` (default: the middle one) the per-patch importance is the class-token
-attention averaged over heads (``token_scores`` mode ``cls``), laid out on the patch grid
-(``side × side``, the tokens after the ``protect`` leading ones). Then
+A ViT's class token attends to the patches that carry the object well before the last layer. The
+per-patch importance map is the class-token attention averaged over heads (``token_scores`` mode
+``cls``), laid out on the patch grid (``side × side``, the tokens after the ``protect`` leading ones),
+at attention site ``layer`` (default: the middle one) or, with ``accumulate`` (default), averaged over
+layers 0 … ``layer`` after normalising each layer's map to sum 1 (a cheap attention rollout: one
+layer's class token looks at a few decisive patches, the layers together cover the object). Then
 
     cells      = { (r, c) : m[r, c] ≥ threshold · max m }
     components = 8-connected components of `cells` (networkx)
@@ -71,7 +73,7 @@ def boxes_from_map(m: torch.Tensor, threshold: float, patch: float, max_boxes: i
     found = []
     for component in nx.connected_components(grid):
         rows, cols = [r for r, _ in component], [c for _, c in component]
-        score = sum(float(m[r, c]) for r, c in component) / total
+        score = min(1.0, sum(float(m[r, c]) for r, c in component) / total)
         found.append(Box(round(min(cols) * patch), round(min(rows) * patch), round((max(cols) + 1) * patch),
                          round((max(rows) + 1) * patch), score))
     return sorted(found, key=lambda b: -b.score)[:max_boxes]
@@ -86,8 +88,10 @@ class RegionsOfInterest(AnalysisPass):
 
     layer: int = option(-1, "attention-site layer whose class-token attention is read (−1: the middle one)",
                         range=(-1, None))
-    threshold: float = option(0.5, "grid cells at or above this fraction of the map's maximum are in",
+    threshold: float = option(0.2, "grid cells at or above this fraction of the map's maximum are in",
                               range=(0.0, 1.0))
+    accumulate: bool = option(True, "average the (normalised) class-token maps of layers 0 … layer, not "
+                              "that layer alone")
     max_boxes: int = option(1, "boxes kept per image, by attention share", range=(1, None))
     protect: int = option(1, "leading (class) tokens before the patch tokens", range=(0, None))
     samples: int = option(8, "calibration images whose boxes are written to the plan", range=(0, None))
@@ -124,7 +128,8 @@ class RegionsOfInterest(AnalysisPass):
         if side * side != tokens - self.protect or image.shape[-1] != image.shape[-2]:
             return (f"{tokens} tokens minus {self.protect} protected are not a square patch grid of a square "
                     "image")
-        return {"site": site.id, "layer": layer, "grid": side, "image": int(image.shape[-1]),
+        layers = [s.id for s in sites if s.layer <= layer] if self.accumulate else [site.id]
+        return {"site": site.id, "layers": layers, "layer": layer, "grid": side, "image": int(image.shape[-1]),
                 "patch": image.shape[-1] / side, "threshold": self.threshold, "max_boxes": self.max_boxes,
                 "protect": self.protect}
 
@@ -136,27 +141,38 @@ def detect(gm, args: tuple, kwargs: dict, settings: dict) -> list[list[Box]]:
 
 
 def importance_maps(gm, args: tuple, kwargs: dict, settings: dict) -> torch.Tensor:
-    """[B, side, side] class-token attention maps at the RoI layer (what `detect` thresholds)."""
-    site = next((s for s in ir.attention_sites(gm) if s.id == settings["site"]), None)
-    if site is None:
-        raise ValueError(f"roi: attention site {settings['site']} is not in this graph (was it rewritten?)")
-    observer = _Capture(gm, site)
+    """[B, side, side] class-token attention maps (averaged over the settings' layers) that `detect` reads."""
+    by_id = {s.id: s for s in ir.attention_sites(gm)}
+    missing = [i for i in settings["layers"] if i not in by_id]
+    if missing:
+        raise ValueError(f"roi: attention sites {missing} are not in this graph (were they rewritten?)")
+    observer = _Capture(gm, [by_id[i] for i in settings["layers"]])
     observer.run_batch(args, kwargs or {})
     side, p = settings["grid"], settings["protect"]
-    if observer.scores.shape[1] != p + side * side:
-        raise ValueError(f"roi: {observer.scores.shape[1]} tokens at {site.id}, expected {p + side * side}: "
-                         "tokens were pruned before the RoI layer; read RoIs at or before the first pruned block")
-    return observer.scores[:, p:].reshape(-1, side, side)
+    maps = []
+    for scores in observer.scores.values():
+        if scores.shape[1] != p + side * side:
+            raise ValueError(f"roi: {scores.shape[1]} tokens where {p + side * side} were expected: tokens were "
+                             "pruned before the RoI layers; read RoIs at or before the first pruned block")
+        maps.append(normalised(scores, p))
+    return (sum(maps) / len(maps)).reshape(-1, side, side)
+
+
+def normalised(scores: torch.Tensor, protect: int) -> torch.Tensor:
+    """[B, n] patch scores (after `protect` tokens), each row scaled to sum 1 (padding / −inf → 0)."""
+    patches = scores[:, protect:].float()
+    patches = torch.where(torch.isfinite(patches), patches, torch.zeros_like(patches))
+    return patches / patches.sum(1, keepdim=True).clamp_min(1e-12)
 
 
 class _Capture(Observer):
-    def __init__(self, gm, site):
+    def __init__(self, gm, sites):
         super().__init__(gm)
-        self.site = site
-        self.scores: torch.Tensor | None = None
+        self.sites = {s.out: s for s in sites}
+        self.scores: dict[str, torch.Tensor] = {}
 
     def run_node(self, n):
         result = super().run_node(n)
-        if n is self.site.out:
-            self.scores = attention_scores(self, self.site, n, "cls", chunk=256)
+        if n in self.sites:
+            self.scores[self.sites[n].id] = attention_scores(self, self.sites[n], n, "cls", chunk=256)
         return result

@@ -122,7 +122,7 @@ def _roi_settings(ctx, previous) -> dict | str:
         return (f"select 'roi' scores from {previous.id} but the roi pass read {summary['site']}; "
                 "set roi's layer to the block before the pruned one")
     e = ctx.plan.evidence("roi", summary["site"])
-    return {k: e[k] for k in ("grid", "protect", "threshold", "max_boxes")}
+    return {k: e[k] for k in ("layers", "grid", "protect", "threshold", "max_boxes")}
 
 
 def _unsupported(site, previous, opts):
@@ -149,8 +149,15 @@ def _unsupported(site, previous, opts):
 # ------------------------------------------------------------------------------------------- rewrite
 
 
+def _cls_scores(gm, site, before) -> torch.fx.Node:
+    q, k, _, mask, scale = graph_edit.attention_operands(gm, site, before)
+    with gm.graph.inserting_before(before):
+        return gm.graph.call_function(token_scores.OP.overload, (q, k, mask, scale, "cls", 256))
+
+
 def _prune(gm: torch.fx.GraphModule, site, previous, d: dict) -> None:
     g = gm.graph
+    sites = {s.id: s for s in ir.attention_sites(gm)}
     stream = ir.stream_input(site)
     N = ir.shape(stream)[1]
     before = _after(stream)
@@ -159,8 +166,9 @@ def _prune(gm: torch.fx.GraphModule, site, previous, d: dict) -> None:
         scores = g.call_function(token_scores.OP.overload, (q, k, mask, scale, d["score"], d["chunk"]))
         if "roi" in d:
             r = d["roi"]
-            scores = g.call_function(roi_scores.OP.overload, (scores, r["grid"], r["protect"], float(r["threshold"]),
-                                                              r["max_boxes"]))
+            per_layer = [scores if i == previous.id else _cls_scores(gm, sites[i], before) for i in r["layers"]]
+            scores = g.call_function(roi_scores.OP.overload, (per_layer, r["grid"], r["protect"],
+                                                              float(r["threshold"]), r["max_boxes"]))
         select = g.call_function(token_select.OP.overload,
                                  (stream, scores, float(d["keep"]), int(d["protect"]), bool(d["fuse"])))
         kept = g.call_function(operator.getitem, (select, 0))

@@ -65,10 +65,21 @@ def test_select_never_prefers_padding():
     assert index[0].max().item() < 6
 
 
+def test_keep_zero_keeps_every_finite_score():
+    x, s = _stream(B=2, N=10)
+    s[0, 4:] = float("-inf")  # row 0: tokens 1-3 finite
+    s[1, 1:] = float("-inf")
+    s[1, 5:7] = 1.0           # row 1: tokens 5, 6 finite → k = 3 for both, row 1 topped up with one more
+    _, index = token_select.cpu(x, s, 0.0, 1, False)
+    assert index.shape == (2, 4) and index[0].tolist() == [0, 1, 2, 3] and {5, 6} <= set(index[1].tolist())
+    _, ref_index = token_select.reference(x, s, 0.0, 1, False)
+    assert torch.equal(index[0], ref_index[0])
+
+
 def test_select_refuses_bad_inputs():
     x, s = _stream()
     with pytest.raises(ValueError, match="keep"):
-        token_select.cpu(x, s, 0.0, 1, False)
+        token_select.cpu(x, s, 1.5, 1, False)
     with pytest.raises(ValueError, match=r"\[B, N\]"):
         token_select.cpu(x, s[:, :5], 0.5, 1, False)
 

@@ -185,3 +185,49 @@ def test_vit_small_onnx_matches_in_onnxruntime(tmp_path):
         expected = cm(x)
     session = OnnxModel(cm.export_onnx(tmp_path / "vit_small.onnx"), cm.graph_module)
     torch.testing.assert_close(session(x), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from sparsegraph.models import digits_vit
+
+    model, example = models.load("digits_vit")
+    return model, example, digits_vit.dataset("test"), [(digits_vit.dataset("train").images[:128],)]
+
+
+def _accuracy(fn, data, batch=120):
+    with torch.no_grad():
+        pred = torch.cat([fn(data.images[i:i + batch]).argmax(-1) for i in range(0, len(data.labels), batch)])
+    return (pred == data.labels).float().mean().item()
+
+
+def test_digits_keep_half_from_block_2_costs_at_most_one_point(digits):
+    model, example, test, _ = digits
+    cm = sg.compile(model, {"passes": [{"token_pruning": {"layers": [2], "keep": 0.5}}]}, example_inputs=example,
+                    quiet=True)
+    assert cm.plan.passes["token_pruning"]["stats"]["counters"]["schedule"] == {"2": 33}
+    assert _accuracy(model, test) - _accuracy(cm, test) <= 0.01
+
+
+def test_digits_rois_find_the_digit_and_roi_tokens_keep_accuracy(digits):
+    model, example, test, calibration = digits
+    cm = sg.compile(model, {"passes": ["roi", {"token_pruning": {"layers": [4], "select": "roi"}}]},
+                    example_inputs=example, calibration=calibration, quiet=True)
+    assert cm.plan.passes["token_pruning"]["stats"]["rewritten"] == 1
+    targets = [n.target for n in cm.graph_module.graph.nodes]
+    assert torch.ops.sparsegraph.roi_scores.default in targets
+    boxes = cm.roi(test.images[:120])
+    ious = [b[0].iou(tuple(t)) for b, t in zip(boxes, test.boxes[:120].tolist())]
+    assert sum(ious) / len(ious) >= 0.5
+    subset = type(test)(test.images[:120], test.labels[:120], test.boxes[:120], test.source[:120])
+    assert _accuracy(model, subset, 1) - _accuracy(cm, subset, 1) <= 0.015
+    with pytest.raises(sg.ExportError, match=r"roi_scores.*no ONNX translation"):
+        cm.export_onnx("/nonexistent/never.onnx")
+
+
+def test_roi_selection_without_the_roi_pass_is_refused(digits):
+    model, example, _, _ = digits
+    cm = sg.compile(model, {"passes": [{"token_pruning": {"layers": [4], "select": "roi"}}]},
+                    example_inputs=example, quiet=True)
+    (refusal,) = cm.plan.passes["token_pruning"]["stats"]["refused"]
+    assert "needs the roi pass" in refusal["reason"]
