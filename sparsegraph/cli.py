@@ -7,10 +7,11 @@
     sparsegraph compile zoo:minilm --plan out/plan.json --out out2/         # replay the plan
     sparsegraph compile zoo:minilm --config cfg.yaml --plan profile.json --out out3/   # reuse its profile
     sparsegraph export zoo:minilm --config nm-2-4 --out model.onnx
+    sparsegraph bench zoo:vit_b_16 --config vit-token-pruning   # compiled vs dense, eager and ORT, one run
     sparsegraph profile zoo:minilm --nproc 2 --out profile.json   # calibration sharded over 2 processes
     sparsegraph report out/plan.json --out report.html   # a plan's report (HTML + markdown)
     sparsegraph passes                                # built-in and plugin passes, named pipelines
-    sparsegraph demo                                  # MiniLM end to end
+    sparsegraph demo                                  # MiniLM and digits_vit end to end
 
 ``--quiet`` silences progress bars and tables; ``--json`` prints one JSON object instead (for scripts).
 
@@ -67,12 +68,18 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_report)
 
     for name, fn, helptext in (("compile", cmd_compile, "compile a model; write plan and report"),
-                               ("export", cmd_export, "compile a model and write it as ONNX")):
+                               ("export", cmd_export, "compile a model and write it as ONNX"),
+                               ("bench", cmd_bench, "compile a model; time it against dense (eager and ONNX "
+                                                    "Runtime) on its example inputs, in one run")):
         p = sub.add_parser(name, help=helptext, parents=[common])
         p.add_argument("model")
         p.add_argument("--config", help=f"YAML/JSON path or pipeline name {pipelines.names()}")
         p.add_argument("--plan", help="a saved plan.json: alone, replayed; with --config, its profile is reused")
-        p.add_argument("--out", required=True, help="output directory (compile) or .onnx path (export)")
+        if name == "bench":
+            p.add_argument("--repeats", type=int, default=7, help="timed rounds (median reported)")
+            p.add_argument("--no-onnx", action="store_true", help="time PyTorch only")
+        else:
+            p.add_argument("--out", required=True, help="output directory (compile) or .onnx path (export)")
         p.add_argument("--calibration", type=int, default=128, metavar="N",
                        help="calibration sentences for text models with a tokenizer (stdlib docstrings); "
                             "other models calibrate on their example inputs")
@@ -122,6 +129,36 @@ def cmd_compile(args) -> None:
 def cmd_export(args) -> None:
     path = _compile(args).export_onnx(args.out)
     _emit(args, {"files": [str(path)]}, f"wrote {path}")
+
+
+def cmd_bench(args) -> None:
+    """Dense and compiled, in PyTorch eager and (unless --no-onnx) ONNX Runtime: same example inputs and
+    threads, rounds interleaved, median; the outputs' cosine to dense says what the speed costs."""
+    import torch
+
+    from sparsegraph.measure import compare, cosine
+
+    model, example = models.resolve(args.model)
+    cm = _compile(args, model, example)
+    args_, kwargs = cm.example.args, cm.example.kwargs
+    candidates = {"dense eager": lambda: model(*args_, **kwargs), "compiled eager": lambda: cm(*args_, **kwargs)}
+    if not args.no_onnx:
+        threads = torch.get_num_threads()
+        dense_ort = sg.compile(model, "dense", example_inputs=args_, example_kwargs=kwargs,
+                               quiet=True).onnx_model(threads)
+        ort = cm.onnx_model(threads)
+        candidates.update({"dense ORT": lambda: dense_ort(*args_, **kwargs), "compiled ORT": lambda: ort(*args_, **kwargs)})
+    with torch.inference_mode():
+        reference = model(*args_, **kwargs)
+        fidelity = {name: cosine(torch.as_tensor(fn()), reference) for name, fn in candidates.items()}
+    times = compare(candidates, warmup=2, repeats=args.repeats)
+    rows = [{"candidate": name, "ms": round(t * 1e3, 3), "cosine_to_dense": round(fidelity[name], 5),
+             "speedup": round(times["dense " + name.split()[-1]] / t, 3)}
+            for name, t in times.items()]
+    lines = [f"{args.model}, config {args.config or '(plan)'}, {torch.get_num_threads()} threads, median of "
+             f"{args.repeats}:", "| candidate | ms | vs its dense | cosine to dense |", "|---|---|---|---|"]
+    lines += [f"| {r['candidate']} | {r['ms']:.2f} | {r['speedup']:.2f}x | {r['cosine_to_dense']:.4f} |" for r in rows]
+    _emit(args, {"model": args.model, "threads": torch.get_num_threads(), "results": rows}, "\n".join(lines))
 
 
 def cmd_profile(args) -> int:
@@ -185,8 +222,9 @@ def _emit(args, data: dict, text: str = "") -> None:
         print(text)
 
 
-def _compile(args) -> sg.CompiledModel:
-    model, example = models.resolve(args.model)
+def _compile(args, model=None, example=None) -> sg.CompiledModel:
+    if model is None:
+        model, example = models.resolve(args.model)
     quiet = args.quiet or args.json
     if args.plan and not args.config:
         return sg.compile(model, plan=args.plan, example_inputs=example, quiet=quiet)

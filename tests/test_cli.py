@@ -57,3 +57,15 @@ def test_json_output_and_report_from_plan(tmp_path, capsys):
     assert main(["inspect", "zoo:explicit_attention", "--json"]) == 0
     sites = json.loads(capsys.readouterr().out)["sites"]
     assert len(sites) == 6 and all(s["macs"] > 0 for s in sites)
+
+
+def test_bench_times_compiled_against_dense_in_one_run(tmp_path, capsys):
+    config = tmp_path / "prune.yaml"
+    config.write_text("passes:\n  - token_pruning: {layers: [1, 2], keep: 0.5}\n")
+    assert main(["bench", "zoo:explicit_attention", "--config", str(config), "--repeats", "2", "--json"]) == 0
+    import json
+
+    rows = {r["candidate"]: r for r in json.loads(capsys.readouterr().out)["results"]}
+    assert set(rows) == {"dense eager", "compiled eager", "dense ORT", "compiled ORT"}
+    assert rows["dense eager"]["speedup"] == 1.0 and rows["dense eager"]["cosine_to_dense"] > 0.9999
+    assert all(r["ms"] > 0 for r in rows.values())
