@@ -59,12 +59,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="an analysis-only pipeline (default: activation_profile, cost)")
     p.add_argument("--calibration", type=int, default=128, metavar="N", help="calibration sentences (text models)")
     p.add_argument("--nproc", type=int, default=1, help="calibration processes (torch.distributed, gloo/NCCL)")
-    p.add_argument("--out", required=True, help="the plan.json to write")
+    p.add_argument("-o", "--out", required=True, help="the plan.json to write")
     p.set_defaults(run=cmd_profile)
 
     p = sub.add_parser("report", help="write the report of a saved plan", parents=[common])
     p.add_argument("plan")
-    p.add_argument("--out", required=True, help="the HTML file to write")
+    p.add_argument("-o", "--out", required=True, help="the HTML file to write")
     p.set_defaults(run=cmd_report)
 
     for name, fn, helptext in (("compile", cmd_compile, "compile a model; write plan and report"),
@@ -79,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--repeats", type=int, default=7, help="timed rounds (median reported)")
             p.add_argument("--no-onnx", action="store_true", help="time PyTorch only")
         else:
-            p.add_argument("--out", required=True, help="output directory (compile) or .onnx path (export)")
+            p.add_argument("-o", "--out", required=True, help="output directory (compile) or .onnx path (export)")
         p.add_argument("--calibration", type=int, default=128, metavar="N",
                        help="calibration sentences for text models with a tokenizer (stdlib docstrings); "
                             "other models calibrate on their example inputs")

@@ -52,6 +52,7 @@ def text(out: Path) -> list[dict]:
         dense_eval = model(*heldout)
     candidates = {"dense (PyTorch eager)": lambda: model(*example)}
     fidelity = {"dense (PyTorch eager)": 1.0}
+    compiled = {}
     for name in ("dense", *PIPELINES):
         print(f"\n2. compile with pipeline {name!r}")
         cm = sg.compile(model, name, example_inputs=example, calibration=calibration, quiet=True)
@@ -61,14 +62,17 @@ def text(out: Path) -> list[dict]:
                 fidelity["dense (ONNX Runtime)"] = cosine(ort(*heldout), dense_eval)
             candidates["dense (ONNX Runtime)"] = lambda ort=ort: ort(*example)
             continue
-        _save(cm, out, f"minilm-{name}")
+        compiled[f"minilm-{name}"] = cm
         with torch.inference_mode():
             fidelity[f"{name} (eager)"] = cosine(cm(*heldout), dense_eval)
             fidelity[f"{name} (ONNX Runtime)"] = cosine(ort(*heldout), dense_eval)
         candidates[f"{name} (eager)"] = lambda cm=cm: cm(*example)
         candidates[f"{name} (ONNX Runtime)"] = lambda ort=ort: ort(*example)
     print(f"\n4. {EVAL_TEXTS} held-out texts of {SEQ} tokens for fidelity; time per call of 1×{SEQ} tokens, same run")
-    return _table(compare(candidates, warmup=2, repeats=7), fidelity, "cosine to dense")
+    rows = _table(compare(candidates, warmup=2, repeats=7), fidelity, "cosine to dense")
+    for name, cm in compiled.items():
+        _save(cm, out, name, rows)
+    return rows
 
 
 def vision(out: Path) -> list[dict]:
@@ -89,8 +93,6 @@ def vision(out: Path) -> list[dict]:
                       example_inputs=batch, calibration=calibration, quiet=True)
     half = sg.compile(model, {"passes": ["token_importance", {"token_pruning": {"layers": [2], "keep": 0.5}}]},
                       example_inputs=batch, calibration=calibration, quiet=True)
-    _save(rois, out, "digits-roi")
-    _save(half, out, "digits-keep-half")
     boxes = [b for i in range(0, len(test.labels), 120) for b in rois.roi(test.images[i:i + 120])]
     iou = sum(b[0].iou(tuple(t)) if b else 0.0 for b, t in zip(boxes, test.boxes.tolist())) / len(boxes)
     print(f"   RoI boxes (class-token attention of blocks 0-3): mean IoU {iou:.3f} with the true digit boxes")
@@ -105,7 +107,10 @@ def vision(out: Path) -> list[dict]:
            "keep 0.5 from block 2 (eager)": accuracy(half), "keep 0.5 from block 2 (ONNX Runtime)": accuracy(half_ort),
            "RoI tokens from block 4 (eager, per image ×64)": accuracy(rois, 1)}
     print(f"   time per batch of {VISION_BATCH} images, same run; test accuracy on {len(test.labels)} images")
-    return _table(compare(candidates, warmup=1, repeats=5), acc, "test accuracy")
+    rows = _table(compare(candidates, warmup=1, repeats=5), acc, "test accuracy")
+    _save(rois, out, "digits-roi", rows, facts={"RoI mean IoU with the true digit boxes": f"{iou:.3f}"})
+    _save(half, out, "digits-keep-half", rows)
+    return rows
 
 
 def _filled(model, texts: list[str], tokens: int, count: int) -> list[str]:
@@ -121,10 +126,20 @@ def _filled(model, texts: list[str], tokens: int, count: int) -> list[str]:
     return out
 
 
-def _save(cm, out: Path, name: str) -> None:
+def _save(cm, out: Path, name: str, rows: list[dict], facts: dict | None = None) -> None:
+    """Plan and HTML report, the report with the speed and fidelity this run measured."""
+    from sparsegraph.report import Table
+
     cm.plan.save(out / f"plan-{name}.json")
     report = out / f"report-{name}.html"
-    cm.report().to_html(report)
+    doc = cm.report()
+    doc.facts.update(facts or {})
+    metric = next(k for k in rows[0] if k not in ("model", "ms", "speedup", "speedup_vs_ort"))
+    doc.tables.insert(0, Table("Measured in this run (same inputs and threads, interleaved, median)",
+                               ["model", "ms", "vs dense eager", "vs dense ORT", metric.replace("_", " ")],
+                               [[r["model"], f"{r['ms']:.1f}", f"{r['speedup']:.2f}", f"{r['speedup_vs_ort']:.2f}",
+                                 f"{r[metric]:.4f}"] for r in rows]))
+    doc.to_html(report)
     stats = {p: (e["stats"]["matched"], e["stats"]["rewritten"]) for p, e in cm.plan.passes.items()}
     print(f"   passes (matched, rewritten): {stats}\n   plan → {out / f'plan-{name}.json'}, report → {report}")
 

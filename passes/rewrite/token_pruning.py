@@ -7,6 +7,9 @@ Before each block listed in ``layers`` the residual stream x [B, N, D] goes thro
 
 so block L and everything after it run on ``protect + round(keep · (N − protect))`` tokens (plus one
 fused token with ``fuse``). k follows the runtime length, so one graph serves every input length.
+With ``select: roi`` the scores go through ``roi_scores`` first (the `roi` pass's boxes, from the
+class-token maps of the layers it averages) and ``token_select`` keeps exactly the RoI tokens: a
+data-dependent length, for eager PyTorch only (ONNX export refuses, naming the op).
 
 **Keeping the graph consistent.** Everything downstream of the selection that depends on the token
 count is rewritten, which is what re-tracing with a shorter sequence would give:
@@ -21,7 +24,8 @@ count is rewritten, which is what re-tracing with a shorter sequence would give:
 This is only safe if N is not also the size of another axis it meets; such a site is refused
 (trace with another example length). Other refusals: block 0 (no attention before it to score
 with), blocks whose stream cannot be found or is not [B, N, D], a previous attention the scores
-cannot be read from (explicit chains with other ops before the softmax), ``keep`` = 1.
+cannot be read from (explicit chains with other ops before the softmax), ``keep`` = 1, ``select: roi``
+without a `roi` pass that read the block before.
 
 Decisions per pruned block: its layer, keep, score mode, protect, fuse, the site scored from, and the
 traced length before and after. Evidence: `token_importance`'s mass kept at this keep ratio, when that
@@ -272,20 +276,19 @@ def _ancestors(node: torch.fx.Node) -> set[torch.fx.Node]:
 
 
 def _ancestors_of(nodes) -> set[torch.fx.Node]:
-    seen, stack = set(), [i for n in nodes for i in n.all_input_nodes]
-    while stack:
-        n = stack.pop()
-        if n not in seen:
-            seen.add(n)
-            stack.extend(n.all_input_nodes)
-    return seen
+    return _closure([i for n in nodes for i in n.all_input_nodes], lambda n: n.all_input_nodes)
 
 
 def _descendants(node: torch.fx.Node) -> set[torch.fx.Node]:
-    seen, stack = set(), list(node.users)
+    return _closure(list(node.users), lambda n: n.users)
+
+
+def _closure(start: list, step) -> set[torch.fx.Node]:
+    """Every node reachable from `start` by repeatedly following `step` (inputs or users)."""
+    seen, stack = set(), start
     while stack:
         n = stack.pop()
         if n not in seen:
             seen.add(n)
-            stack.extend(n.users)
+            stack.extend(step(n))
     return seen
