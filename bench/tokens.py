@@ -3,7 +3,9 @@
 ``--part minilm``: fidelity of token pruning on the real MiniLM-L6, one held-out sentence of ≥ 32
 tokens at a time (no padding), mean cosine of the sentence embeddings to dense, over the grid start
 layer 2/3/4 × keep 0.9/0.7/0.5, for our default score (the [CLS] row of the previous layer's
-attention) and for the naive one (mean attention received, the FINDINGS baseline).
+attention), the naive one (mean attention received, the FINDINGS baseline) and core tokens (the
+tokens that most drive the previous MLP's hot neurons, from ``activation_profile`` on 64
+calibration sentences).
 
 ``--part vit``: torchvision ViT-B/16, batch 1, keep 0.7 before blocks 3, 6, 9 (197 → 138 → 97 → 68
 tokens): the compiled model vs the dense model in eager PyTorch, and the exported ONNX files (pruned
@@ -50,20 +52,29 @@ def minilm(args) -> tuple[dict, str]:
         with torch.inference_mode():
             return torch.cat([fn(*x) for x in inputs])
 
+    from sparsegraph.cli import calibration_for
+
     dense = embed(model)
+    calibration = calibration_for(model, example, 64)
+
+    def fidelity(start, keep, score):
+        config = prune([start], keep, score=score)
+        if score == "core":
+            config["passes"].insert(0, "activation_profile")
+        cm = sg.compile(model, config, example_inputs=example, calibration=calibration, quiet=True)
+        return cosine(embed(cm), dense)
+
     rows, results = [], {"sentences": len(heldout), "grid": []}
     for start, keep in GRID:
-        ours = cosine(embed(sg.compile(model, prune([start], keep), example_inputs=example, quiet=True)), dense)
-        naive = cosine(embed(sg.compile(model, prune([start], keep, score="received"), example_inputs=example,
-                                        quiet=True)), dense)
+        ours, naive, core = (fidelity(start, keep, score) for score in ("cls", "received", "core"))
         results["grid"].append({"start": start, "keep": keep, "cls": round(ours, 4), "received": round(naive, 4),
-                                "findings_naive": NAIVE.get((start, keep))})
-        rows.append([start, keep, f"{ours:.4f}", f"{naive:.4f}", NAIVE.get((start, keep), "")])
+                                "core": round(core, 4), "findings_naive": NAIVE.get((start, keep))})
+        rows.append([start, keep, f"{ours:.4f}", f"{naive:.4f}", f"{core:.4f}", NAIVE.get((start, keep), "")])
     md = [f"# Token pruning on MiniLM-L6 (real weights), {len(heldout)} held-out sentences of ≥ 32 tokens", "",
           "Mean cosine of sentence embeddings to dense. `cls`: our default score, the [CLS] row of the previous "
-          "layer's attention; `received`: mean attention received (the naive ranking); last column: the naive "
-          "figure in ../shared/FINDINGS.md.", "",
-          *table(["start layer", "keep", "cls (ours)", "received", "FINDINGS naive"], rows)]
+          "layer's attention; `received`: mean attention received (the naive ranking); `core`: the tokens that "
+          "most drive the previous MLP's hot neurons; last column: the naive figure in ../shared/FINDINGS.md.", "",
+          *table(["start layer", "keep", "cls (ours)", "received", "core", "FINDINGS naive"], rows)]
     return results, "\n".join(md) + "\n"
 
 

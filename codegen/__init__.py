@@ -22,6 +22,7 @@ OPS: dict[str, str] = {
     "core_linear": "sparsegraph.codegen.core_linear",
     "block_sparse_attention": "sparsegraph.codegen.block_sparse_attention",
     "token_scores": "sparsegraph.codegen.token_scores",
+    "core_scores": "sparsegraph.codegen.core_scores",
     "token_select": "sparsegraph.codegen.token_select",
     "token_gather": "sparsegraph.codegen.token_gather",
     "roi_scores": "sparsegraph.codegen.roi_scores",

@@ -15,6 +15,9 @@ A pattern is a set of blocks A; its recall is R(A) = Σ_{(I,J) ∈ A} M[h, I, J]
 - ``dense``: every block (R = 1);
 - ``local`` (w): |I − J| < w (causal: 0 ≤ I − J < w);
 - ``sink_local`` (s, w), A-shape / StreamingLLM: J < s, or local(w);
+- ``multi_diagonal`` (diagonals D), as in video / DiT models whose tokens attend to the same place in
+  other frames: I − J ∈ D at fixed offsets; built greedily from nothing, each step adding the diagonal
+  with the most new mass per new block;
 - ``vertical_slash`` (columns C, diagonals D), MInference: J ∈ C or I − J ∈ D (0 ∈ D always); built
   greedily, each step adding the column or diagonal with the most new mass per new block;
 - ``block_topk``: the fewest blocks, taken by mass, that reach the recall (static, from calibration).
@@ -47,7 +50,7 @@ from sparsegraph.observe import Observer
 from sparsegraph.pass_contract import AnalysisPass, option
 from sparsegraph.registry import register_pass
 
-FAMILIES = ("dense", "local", "sink_local", "vertical_slash", "block_topk")
+FAMILIES = ("dense", "local", "sink_local", "multi_diagonal", "vertical_slash", "block_topk")
 
 
 @register_pass("head_patterns")
@@ -122,6 +125,8 @@ def pattern_mask(pattern: str, params: dict, nq: int, nk: int, causal: bool) -> 
         mask = rel.abs() < params["window"] if not causal else (rel >= 0) & (rel < params["window"])
     elif pattern == "sink_local":
         mask = pattern_mask("local", params, nq, nk, causal) | (torch.arange(nk)[None, :] < params["sinks"])
+    elif pattern == "multi_diagonal":
+        mask = torch.isin(rel, torch.tensor(params["diagonals"], dtype=torch.long))
     elif pattern == "vertical_slash":
         cols = torch.zeros(nk, dtype=torch.bool)
         cols[[c for c in params["columns"] if c < nk]] = True
@@ -192,7 +197,9 @@ def _fit(family, mass, allowed, causal, need) -> dict | None:
                     break
         return best[1] if best else None
     if family == "vertical_slash":
-        return _fit_vertical_slash(mass, allowed, causal, need)
+        return _fit_greedy(mass, allowed, need, columns=True)
+    if family == "multi_diagonal":
+        return _fit_greedy(mass, allowed, need, columns=False)
     if family == "block_topk":
         order = mass.flatten().argsort(descending=True)
         cum = mass.flatten()[order].cumsum(0)
@@ -204,15 +211,17 @@ def _fit(family, mass, allowed, causal, need) -> dict | None:
     raise ValueError(family)
 
 
-def _fit_vertical_slash(mass, allowed, causal, need) -> dict:
+def _fit_greedy(mass, allowed, need, columns: bool) -> dict | None:
+    """Columns and diagonals (vertical_slash: the main diagonal first) or diagonals only (multi_diagonal,
+    from nothing), added greedily by new mass per new block until the recall is met."""
     nq, nk = mass.shape
     rel = torch.arange(nq)[:, None] + (nk - nq) - torch.arange(nk)[None, :]
     offsets = sorted(set(rel[allowed].tolist()))
-    items = [("column", c, (torch.arange(nk)[None, :] == c).expand(nq, nk)) for c in range(nk)]
-    items += [("diagonal", d, rel == d) for d in offsets if d != 0]
+    items = [("column", c, (torch.arange(nk)[None, :] == c).expand(nq, nk)) for c in range(nk)] if columns else []
+    items += [("diagonal", d, rel == d) for d in offsets if d != 0 or not columns]
     stacked = torch.stack([m & allowed for _, _, m in items])  # [items, nq, nk]
-    columns, diagonals = [], [0]
-    mask = (rel == 0) & allowed
+    chosen = {"columns": [], "diagonals": [0]} if columns else {"diagonals": []}
+    mask = (rel == 0) & allowed if columns else torch.zeros(nq, nk, dtype=torch.bool)
     while not _recall_ok(mass, mask, need):
         new = stacked & ~mask
         gain = (new * mass).sum((1, 2))
@@ -220,11 +229,11 @@ def _fit_vertical_slash(mass, allowed, causal, need) -> dict:
         score = torch.where(new.any(2).any(1), gain / count, torch.full_like(gain, -1.0))
         best = int(score.argmax())
         if score[best] < 0:
-            break
+            return None if not columns else {k: sorted(v) for k, v in chosen.items()}
         kind, value, _ = items[best]
-        (columns if kind == "column" else diagonals).append(value)
+        chosen["columns" if kind == "column" else "diagonals"].append(value)
         mask = mask | stacked[best]
-    return {"columns": sorted(columns), "diagonals": sorted(diagonals)}
+    return {k: sorted(v) for k, v in chosen.items()}
 
 
 # --------------------------------------------------------------------------------------- observer

@@ -42,7 +42,7 @@ import torch.fx
 from torch.fx.passes.tools_common import legalize_graph
 
 from sparsegraph import graph_edit, ir, meta
-from sparsegraph.codegen import roi_scores, token_gather, token_scores, token_select
+from sparsegraph.codegen import core_scores, roi_scores, token_gather, token_scores, token_select
 from sparsegraph.pass_contract import RewritePass, SiteDecision, option
 from sparsegraph.passes.analysis.token_importance import MODES, score_mode
 from sparsegraph.registry import register_pass
@@ -60,7 +60,8 @@ class TokenPruning(RewritePass):
     keep: float = option(0.7, "fraction of the non-protected tokens kept at each pruned block",
                          range=(0.0, 1.0))
     score: str = option("auto", "token importance: cls, received, last (auto: last for causal attention, "
-                        "cls when a leading token is protected, else received)", choices=MODES)
+                        "cls when a leading token is protected, else received), or core (the previous MLP's hot "
+                        "neurons; needs activation_profile)", choices=(*MODES, "core"))
     protect: int = option(1, "leading tokens always kept (the class token)", range=(0, None))
     fuse: bool = option(False, "fold the dropped tokens into one score-weighted token (EViT)")
     chunk: int = option(256, "query rows per step for score 'received'", range=(1, None))
@@ -84,6 +85,12 @@ class TokenPruning(RewritePass):
             N = current or ir.shape(stream)[1]
             decision = {"layer": site.layer, "keep": opts.keep, "score": score_mode(site, opts.score, opts.protect),
                         "protect": opts.protect, "fuse": opts.fuse, "chunk": opts.chunk, "score_site": previous.id}
+            if decision["score"] == "core":
+                core = _core_neurons(ctx, gm, site.layer - 1)
+                if isinstance(core, str):
+                    stats.refuse(site.id, core)
+                    continue
+                decision["core"] = core
             if opts.select == "roi":
                 roi = _roi_settings(ctx, previous)
                 if isinstance(roi, str):
@@ -129,6 +136,17 @@ def _roi_settings(ctx, previous) -> dict | str:
     return {k: e[k] for k in ("layers", "grid", "protect", "threshold", "max_boxes")}
 
 
+def _core_neurons(ctx, gm, layer: int) -> dict | str:
+    """The hot neurons (and centres) activation_profile found in the MLP of `layer`, or the reason."""
+    mlp = next((m for m in ir.mlp_sites(gm) if m.layer == layer), None)
+    if mlp is None:
+        return f"score 'core' needs an MLP in block {layer}; none was found"
+    evidence = (ctx.plan.evidence("activation_profile", mlp.id) or {}).get("down_input")
+    if evidence is None:
+        return "score 'core' needs activation_profile to run first (it finds the hot neurons)"
+    return {"mlp_site": mlp.id, "hot": evidence["hot"], "centre": evidence["centre"]}
+
+
 def _unsupported(site, previous, opts):
     if opts.keep >= 1.0 and opts.select == "topk":
         return "keep is 1: nothing to drop", None
@@ -161,18 +179,11 @@ def _cls_scores(gm, site, before) -> torch.fx.Node:
 
 def _prune(gm: torch.fx.GraphModule, site, previous, d: dict) -> None:
     g = gm.graph
-    sites = {s.id: s for s in ir.attention_sites(gm)}
     stream = ir.stream_input(site)
     N = ir.shape(stream)[1]
     before = _after(stream)
-    q, k, _, mask, scale = graph_edit.attention_operands(gm, previous, before)
+    scores = _scores(gm, previous, d, before)
     with g.inserting_before(before):
-        scores = g.call_function(token_scores.OP.overload, (q, k, mask, scale, d["score"], d["chunk"]))
-        if "roi" in d:
-            r = d["roi"]
-            per_layer = [scores if i == previous.id else _cls_scores(gm, sites[i], before) for i in r["layers"]]
-            scores = g.call_function(roi_scores.OP.overload, (per_layer, r["grid"], r["protect"],
-                                                              float(r["threshold"]), r["max_boxes"]))
         select = g.call_function(token_select.OP.overload,
                                  (stream, scores, float(d["keep"]), int(d["protect"]), bool(d["fuse"])))
         kept = g.call_function(operator.getitem, (select, 0))
@@ -184,6 +195,31 @@ def _prune(gm: torch.fx.GraphModule, site, previous, d: dict) -> None:
     legalize_graph(gm)
     gm.graph.lint()
     gm.recompile()
+
+
+def _scores(gm, previous, d: dict, before: torch.fx.Node) -> torch.fx.Node:
+    """The [B, N] token scores node: attention (token_scores), core neurons (core_scores), then the RoI
+    restriction (roi_scores) when the decision says so."""
+    g = gm.graph
+    q, k, _, mask, scale = graph_edit.attention_operands(gm, previous, before)
+    if "core" in d:
+        c = d["core"]
+        mlp = next(m for m in ir.mlp_sites(gm) if m.id == c["mlp_site"])
+        hot = graph_edit.add_tensor(gm, f"{mlp.module_path}.core_neurons", torch.tensor(c["hot"]), before)
+        centre = graph_edit.add_tensor(gm, f"{mlp.module_path}.core_centre", torch.tensor(c["centre"]), before)
+        with g.inserting_before(before):
+            scores = g.call_function(core_scores.OP.overload, (mlp.intermediate_node, hot, centre, mask))
+    else:
+        with g.inserting_before(before):
+            scores = g.call_function(token_scores.OP.overload, (q, k, mask, scale, d["score"], d["chunk"]))
+    if "roi" in d:
+        r = d["roi"]
+        sites = {s.id: s for s in ir.attention_sites(gm)}
+        per_layer = [scores if i == previous.id else _cls_scores(gm, sites[i], before) for i in r["layers"]]
+        with g.inserting_before(before):
+            scores = g.call_function(roi_scores.OP.overload, (per_layer, r["grid"], r["protect"],
+                                                              float(r["threshold"]), r["max_boxes"]))
+    return scores
 
 
 def _after(node: torch.fx.Node) -> torch.fx.Node:

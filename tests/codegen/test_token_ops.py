@@ -173,3 +173,24 @@ def test_onnx_k_follows_the_runtime_length(mode, fuse, tmp_path):
 def test_onnx_export_through_the_project_exporter(tmp_path):
     path = export_onnx(torch.fx.symbolic_trace(_Prune("cls", False)), tmp_path / "p.onnx", _inputs(2, 17, 0))
     assert path.exists()
+
+
+def test_core_scores_cpu_reference_and_onnx(tmp_path):
+    from sparsegraph.codegen import core_scores
+
+    g = torch.Generator().manual_seed(4)
+    a, centre = torch.randn(2, 17, 32, generator=g), torch.randn(32, generator=g) * 0.1
+    hot = torch.tensor([1, 5, 9, 30])
+    mask = _padding(2, 17, 4)
+    ref = core_scores.reference(a, hot, centre, mask)
+    torch.testing.assert_close(core_scores.cpu(a, hot, centre, mask), ref)
+    torch.testing.assert_close(ref[0], (a[0][:, hot] - centre[hot]).abs().sum(-1))
+    assert torch.isinf(ref[1, -4:]).all()
+
+    class Core(torch.nn.Module):
+        def forward(self, a, mask):
+            return core_scores.OP(a, hot, centre, mask)
+
+    gm = torch.fx.symbolic_trace(Core())
+    session = OnnxModel(export_onnx(gm, tmp_path / "core.onnx", (a, mask)), gm)
+    torch.testing.assert_close(session(a, mask), ref, rtol=1e-5, atol=1e-5)

@@ -24,6 +24,7 @@ def _planted(kinds, L=128, E=32, batch=2, seed=0, strength=20.0):
 
     local: q_i, k_j share a one-hot of their block index → mass on the diagonal block;
     vertical_slash: plus a shared direction on key blocks 2 and 5 → columns 2, 5 and the diagonal;
+    multi_diagonal: keys also carry the one-hots of the blocks 3 before and after → diagonals −3, 0, 3;
     dense: small random q, k → nearly uniform attention.
     """
     g = torch.Generator().manual_seed(seed)
@@ -42,6 +43,10 @@ def _planted(kinds, L=128, E=32, batch=2, seed=0, strength=20.0):
         elif kind == "vertical_slash":
             q = (onehot + shared) * strength
             k = (onehot + shared * column) * strength
+        elif kind == "multi_diagonal":
+            shifted = F.one_hot((blocks + 3).clamp(max=E - 1), E).float() * (blocks + 3 < nb)[:, None]
+            shifted += F.one_hot((blocks - 3).clamp(min=0), E).float() * (blocks >= 3)[:, None]
+            q, k = onehot * strength, (onehot + shifted) * strength
         else:
             q, k = torch.randn(L, E, generator=g) * 0.1, torch.randn(L, E, generator=g) * 0.1
         qs.append(q + noise_q)
@@ -50,7 +55,7 @@ def _planted(kinds, L=128, E=32, batch=2, seed=0, strength=20.0):
     return q, k, torch.randn(batch, len(kinds), L, E, generator=g)
 
 
-KINDS = ["local", "vertical_slash", "dense"] * 4
+KINDS = ["local", "vertical_slash", "multi_diagonal", "dense"] * 3
 
 
 def _compile(model, example, batches, **options):
@@ -73,6 +78,8 @@ def test_planted_patterns_are_recovered():
             assert h["params"] == {"window": 1}
         if kind == "vertical_slash":
             assert h["params"]["columns"] == [2, 5] and h["params"]["diagonals"] == [0]
+        if kind == "multi_diagonal":
+            assert h["params"] == {"diagonals": [-3, 0, 3]}
 
 
 def test_causal_planted_local_heads():

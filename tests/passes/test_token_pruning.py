@@ -231,3 +231,19 @@ def test_roi_selection_without_the_roi_pass_is_refused(digits):
                     example_inputs=example, quiet=True)
     (refusal,) = cm.plan.passes["token_pruning"]["stats"]["refused"]
     assert "needs the roi pass" in refusal["reason"]
+
+
+def test_core_token_scores_read_the_previous_mlp(explicit_calibrated):
+    model, example, batches = explicit_calibrated
+    config = {"passes": ["activation_profile", {"token_pruning": {"layers": [2], "keep": 0.5, "score": "core"}}]}
+    cm = sg.compile(model, config, example_inputs=example, calibration=batches, quiet=True)
+    (core,) = [n for n in cm.graph_module.graph.nodes if n.target is torch.ops.sparsegraph.core_scores.default]
+    assert core.args[0].target is torch.ops.aten.gelu.default  # block 1's MLP activations
+    decision = cm.plan.sites["attn:blocks.2.attn"]["token_pruning"]["decision"]
+    hot = cm.plan.evidence("activation_profile", "mlp:blocks.1.mlp")["down_input"]["hot"]
+    assert decision["core"]["hot"] == hot and decision["core"]["mlp_site"] == "mlp:blocks.1.mlp"
+    with torch.no_grad():
+        assert cm(*example).shape == (2, 33, 128)
+    refused = sg.compile(model, {"passes": [{"token_pruning": {"layers": [2], "score": "core"}}]},
+                         example_inputs=example, quiet=True)
+    assert "needs activation_profile" in refused.plan.passes["token_pruning"]["stats"]["refused"][0]["reason"]
