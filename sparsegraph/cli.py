@@ -42,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+DATA_HELP = ("calibration data: a .txt file (one text per line, for models with a tokenizer) or a .npy array "
+             "[N, ...] of inputs (batches of 32); default: bundled stdlib sentences or the example inputs")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsegraph", description="Make PyTorch models sparse and fast.")
     parser.add_argument("--version", action="version", version=sg.__version__)
@@ -58,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--config", help="an analysis-only pipeline (default: activation_profile, cost)")
     p.add_argument("--calibration", type=int, default=128, metavar="N", help="calibration sentences (text models)")
+    p.add_argument("--data", help=DATA_HELP)
     p.add_argument("--nproc", type=int, default=1, help="calibration processes (torch.distributed, gloo/NCCL)")
     p.add_argument("-o", "--out", required=True, help="the plan.json to write")
     p.set_defaults(run=cmd_profile)
@@ -80,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--no-onnx", action="store_true", help="time PyTorch only")
         else:
             p.add_argument("-o", "--out", required=True, help="output directory (compile) or .onnx path (export)")
+        p.add_argument("--data", help=DATA_HELP)
         p.add_argument("--calibration", type=int, default=128, metavar="N",
                        help="calibration sentences for text models with a tokenizer (stdlib docstrings); "
                             "other models calibrate on their example inputs")
@@ -148,16 +154,23 @@ def cmd_bench(args) -> None:
                                quiet=True).onnx_model(threads)
         ort = cm.onnx_model(threads)
         candidates.update({"dense ORT": lambda: dense_ort(*args_, **kwargs), "compiled ORT": lambda: ort(*args_, **kwargs)})
+    def fidelity_of(out, reference):  # token-level outputs of a token-pruned model are shorter: no figure
+        out = torch.as_tensor(out)
+        return cosine(out, reference) if out.shape == reference.shape else None
+
     with torch.inference_mode():
         reference = model(*args_, **kwargs)
-        fidelity = {name: cosine(torch.as_tensor(fn()), reference) for name, fn in candidates.items()}
+        fidelity = {name: fidelity_of(fn(), reference) for name, fn in candidates.items()}
     times = compare(candidates, warmup=2, repeats=args.repeats)
-    rows = [{"candidate": name, "ms": round(t * 1e3, 3), "cosine_to_dense": round(fidelity[name], 5),
+    rows = [{"candidate": name, "ms": round(t * 1e3, 3),
+             "cosine_to_dense": None if fidelity[name] is None else round(fidelity[name], 5),
              "speedup": round(times["dense " + name.split()[-1]] / t, 3)}
             for name, t in times.items()]
     lines = [f"{args.model}, config {args.config or '(plan)'}, {torch.get_num_threads()} threads, median of "
              f"{args.repeats}:", "| candidate | ms | vs its dense | cosine to dense |", "|---|---|---|---|"]
-    lines += [f"| {r['candidate']} | {r['ms']:.2f} | {r['speedup']:.2f}x | {r['cosine_to_dense']:.4f} |" for r in rows]
+    lines += [f"| {r['candidate']} | {r['ms']:.2f} | {r['speedup']:.2f}x | "
+              f"{'n/a (fewer tokens out)' if r['cosine_to_dense'] is None else format(r['cosine_to_dense'], '.4f')} |"
+              for r in rows]
     _emit(args, {"model": args.model, "threads": torch.get_num_threads(), "results": rows}, "\n".join(lines))
 
 
@@ -167,6 +180,7 @@ def cmd_profile(args) -> int:
 
     if args.nproc > 1 and not distributed.in_worker():
         argv = ["profile", args.model, "--out", args.out, "--calibration", str(args.calibration),
+                *(["--data", args.data] if args.data else []),
                 *(["--config", args.config] if args.config else []), *(["--quiet"] if args.quiet else []),
                 *(["--json"] if args.json else [])]
         return distributed.launch(args.nproc, "sparsegraph.cli", argv)
@@ -179,7 +193,7 @@ def cmd_profile(args) -> int:
     rank, world = distributed.rank_and_world()
     model, example = models.resolve(args.model)
     cm = sg.compile(model, config, example_inputs=example, quiet=args.quiet or args.json or rank > 0,
-                    calibration=calibration_for(model, example, args.calibration))
+                    calibration=calibration_for(model, example, args.calibration, args.data))
     if rank == 0:
         cm.plan.save(args.out)
         _emit(args, {"files": [args.out], "processes": world, "passes": list(cm.plan.passes)},
@@ -231,15 +245,18 @@ def _compile(args, model=None, example=None) -> sg.CompiledModel:
     config = sg.Config.load(args.config or pipelines.DEFAULT)
     needs = any(getattr(p, "needs_calibration", False) for p in config.passes)
     return sg.compile(model, config, example_inputs=example, quiet=quiet, plan=args.plan,
-                      calibration=calibration_for(model, example, args.calibration) if needs else None)
+                      calibration=calibration_for(model, example, args.calibration, args.data) if needs else None)
 
 
-def calibration_for(model, example, n: int) -> list:
-    """`n` held-in stdlib sentences in batches of 32 for models with a tokenizer, else the example inputs.
+def calibration_for(model, example, n: int, data: str | None = None) -> list:
+    """Calibration batches: from `data` (a .txt of texts or a .npy of inputs) when given; else `n` held-in
+    stdlib sentences in batches of 32 for models with a tokenizer, else the example inputs.
 
     Sentences are padded to the example's length (padding is left out of every statistic), so that
     length-bound facts such as attention layouts are measured at the length the graph is traced at.
     """
+    if data is not None:
+        return _calibration_file(Path(data), model, example)
     if hasattr(model, "tokenize"):
         from sparsegraph.data.stdlib_text import sentences
 
@@ -248,6 +265,29 @@ def calibration_for(model, example, n: int) -> list:
         return [model.tokenize(texts[i:i + 32], max_length=length, pad_to=length) for i in range(0, len(texts), 32)]
     print("note: calibrating on the example inputs only (no tokenizer to read real text with)", file=sys.stderr)
     return [example]
+
+
+def _calibration_file(path: Path, model, example) -> list:
+    from sparsegraph.errors import ModelSpecError
+
+    if not path.is_file():
+        raise ModelSpecError(f"--data {path}: no such file")
+    if path.suffix == ".txt":
+        if not hasattr(model, "tokenize"):
+            raise ModelSpecError(f"--data {path}: text needs a model with a tokenizer; give a .npy array instead")
+        texts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        length = example[0].shape[-1]
+        return [model.tokenize(texts[i:i + 32], max_length=length, pad_to=length) for i in range(0, len(texts), 32)]
+    if path.suffix == ".npy":
+        import numpy as np
+        import torch
+
+        array = torch.from_numpy(np.load(path, allow_pickle=False))
+        if array.shape[1:] != example[0].shape[1:]:
+            raise ModelSpecError(f"--data {path}: inputs of shape {tuple(array.shape[1:])}, the model's example "
+                                 f"is {tuple(example[0].shape[1:])}")
+        return [(array[i:i + 32].to(example[0].dtype),) for i in range(0, len(array), 32)]
+    raise ModelSpecError(f"--data {path}: expected a .txt (texts) or .npy (input array) file")
 
 
 def inspect_table(gm) -> str:

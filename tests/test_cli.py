@@ -63,9 +63,27 @@ def test_bench_times_compiled_against_dense_in_one_run(tmp_path, capsys):
     config = tmp_path / "prune.yaml"
     config.write_text("passes:\n  - token_pruning: {layers: [1, 2], keep: 0.5}\n")
     assert main(["bench", "zoo:explicit_attention", "--config", str(config), "--repeats", "2", "--json"]) == 0
-    import json
-
     rows = {r["candidate"]: r for r in json.loads(capsys.readouterr().out)["results"]}
     assert set(rows) == {"dense eager", "compiled eager", "dense ORT", "compiled ORT"}
     assert rows["dense eager"]["speedup"] == 1.0 and rows["dense eager"]["cosine_to_dense"] > 0.9999
     assert all(r["ms"] > 0 for r in rows.values())
+    assert rows["compiled eager"]["cosine_to_dense"] is None  # 17 tokens out instead of 64: no cosine
+
+
+def test_profile_and_compile_read_calibration_data(tmp_path, capsys):
+    import numpy as np
+
+    from sparsegraph.models import digits_vit
+
+    images = tmp_path / "images.npy"
+    np.save(images, digits_vit.dataset("train").images[:40].numpy())
+    plan, config = tmp_path / "roi.json", tmp_path / "roi.yaml"
+    config.write_text("passes: [roi]\n")
+    assert main(["profile", "zoo:digits_vit", "--config", str(config), "--data", str(images),
+                 "-o", str(plan), "--json"]) == 0
+    assert json.loads(plan.read_text())["passes"]["roi"]["stats"]["counters"]["boxes"] == 40
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.zeros((4, 3, 8, 8), dtype=np.float32))
+    assert main(["profile", "zoo:digits_vit", "--config", str(config), "--data", str(bad),
+                 "-o", str(plan)]) == 2
+    assert "shape (3, 8, 8)" in capsys.readouterr().err
