@@ -22,6 +22,14 @@ A pattern is a set of blocks A; its recall is R(A) = Σ_{(I,J) ∈ A} M[h, I, J]
   greedily, each step adding the column or diagonal with the most new mass per new block;
 - ``block_topk``: the fewest blocks, taken by mass, that reach the recall (static, from calibration).
 
+- ``skip``: the head computes nothing and its output is replaced by its calibrated mean ō_h. Recall
+  does not judge this one; the head's output does: with o_h [E] the head's attention output per query
+  row, its share of the site's output variation is
+
+      share_h = E‖o_h − ō_h‖² / Σ_h' E‖o_h'‖²
+
+  and a head with share_h ≤ ``skip_share`` is skipped (off by default: ``skip_share`` = 0).
+
 Each family's parameters are grown until R ≥ ``recall`` (per site through config overrides), and the
 head takes the family with the lowest cost = blocks · (1 + overhead). ``block_topk`` is the minimum
 number of blocks by construction, but it is fitted to the calibration sample and tied to its length,
@@ -50,7 +58,7 @@ from sparsegraph.observe import Observer
 from sparsegraph.pass_contract import AnalysisPass, option
 from sparsegraph.registry import register_pass
 
-FAMILIES = ("dense", "local", "sink_local", "multi_diagonal", "vertical_slash", "block_topk")
+FAMILIES = ("dense", "local", "sink_local", "multi_diagonal", "vertical_slash", "block_topk", "skip")
 
 
 @register_pass("head_patterns")
@@ -68,6 +76,9 @@ class HeadPatterns(AnalysisPass):
     min_saving: float = option(0.2, "a sparse pattern must list at most (1 − this) of the dense blocks",
                                range=(0.0, 1.0))
     query_chunk: int = option(256, "query rows per step when recomputing SDPA probabilities", range=(1, None))
+    skip_share: float = option(0.0, "skip a head (replace its output by its calibrated mean) when its output "
+                               "varies by at most this share of the site's output energy; 0: never",
+                               range=(0.0, 1.0))
 
     def __post_init__(self):
         super().__post_init__()
@@ -90,8 +101,14 @@ class HeadPatterns(AnalysisPass):
                 stats.refuse(site.id, "no attention probabilities were observed (the site did not run)")
                 continue
             length, mass = observed
+            shares, means = observer.output_shares(site)
             heads = [choose(m, site.causal, opts.recall, opts.patterns, opts.topk_overhead, opts.min_saving)
                      for m in mass]
+            for h, head in enumerate(heads):
+                head["output_share"] = round(float(shares[h]), 6)
+                if "skip" in opts.patterns and shares[h] <= opts.skip_share:
+                    head.update(pattern="skip", params={"mean": [round(float(x), 6) for x in means[h]]},
+                                recall=0.0, density=0.0, blocks=0)
             ctx.plan.set_evidence(self.name, site.id, {
                 "block": self.block, "seq_len": length, "causal": site.causal,
                 "recall_target": opts.recall, "heads": heads,
@@ -131,6 +148,8 @@ def pattern_mask(pattern: str, params: dict, nq: int, nk: int, causal: bool) -> 
         cols = torch.zeros(nk, dtype=torch.bool)
         cols[[c for c in params["columns"] if c < nk]] = True
         mask = cols[None, :] | torch.isin(rel, torch.tensor(params["diagonals"], dtype=torch.long))
+    elif pattern == "skip":
+        mask = torch.zeros(nq, nk, dtype=torch.bool)
     elif pattern == "block_topk":
         mask = torch.zeros(nq, nk, dtype=torch.bool)
         if params["shape"] != [nq, nk]:
@@ -179,6 +198,8 @@ def _fit(family, mass, allowed, causal, need) -> dict | None:
     nq, nk = mass.shape
     if family == "dense":
         return {}
+    if family == "skip":
+        return None  # decided from the head's output share, not from recall (see HeadPatterns.analyze)
     if family == "local":
         for w in range(1, max(nq, nk) + 1):
             if _recall_ok(mass, pattern_mask("local", {"window": w}, nq, nk, causal), need):
@@ -252,6 +273,8 @@ class _Observer(Observer):
             else:
                 self.at[next(n for n in s.core if ir.kind(n) == "softmax")] = s
         self.masses: dict[str, dict[int, torch.Tensor]] = {}
+        self.outs = {s.out: s for s in sites}
+        self.moments: dict[str, list] = {}  # site → [rows, Σ o [H, E], Σ ‖o‖² [H]]
 
     def run_node(self, n):
         site = self.at.get(n)
@@ -260,7 +283,27 @@ class _Observer(Observer):
         out = super().run_node(n)
         if site is not None and site.form == "explicit" and isinstance(out, torch.Tensor) and out.dim() == 4:
             self._add(site, out.float(), 0, out.shape[2])
+        if n in self.outs and isinstance(out, torch.Tensor) and out.dim() == 4:
+            self._moments(self.outs[n], out.float())
         return out
+
+    def _moments(self, site, o):
+        """Accumulate the per-head output moments of o [B, H, L, E] over real query rows."""
+        B, H, L, E = o.shape
+        tm = self.token_mask
+        w = tm[:, None, :, None].float() if tm is not None and tm.shape == (B, L) else torch.ones(B, 1, L, 1)
+        acc = self.moments.setdefault(site.id, [0.0, torch.zeros(H, E, dtype=torch.float64),
+                                                torch.zeros(H, dtype=torch.float64)])
+        acc[0] += float(w.sum())
+        acc[1] += (o * w).sum((0, 2)).double()
+        acc[2] += (o.pow(2) * w).sum((0, 2, 3)).double()
+
+    def output_shares(self, site) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per head: the share of the site's output energy in the head's variation, and its mean ō [H, E]."""
+        rows, total, sq = self.moments[site.id]
+        mean = total / max(rows, 1.0)
+        variation = (sq / max(rows, 1.0) - mean.pow(2).sum(-1)).clamp_min(0)
+        return variation / (sq / max(rows, 1.0)).sum().clamp_min(1e-30), mean
 
     def _sdpa(self, site, node):
         q, k = self.env[site.q], self.env[site.k]

@@ -20,6 +20,9 @@ that many query blocks and otherwise raises an error naming both lengths, so a c
 this pass runs at its traced sequence length (compile again, or from the plan, for another length;
 structured patterns then lay out at the new length, ``block_topk`` heads are refused there).
 
+A ``skip`` head lists no block (the op returns zeros for it) and its calibrated mean output is added
+after the op.
+
 Refused, with the reason: sites head_patterns did not measure; every head dense (nothing skipped);
 mean density above ``max_density``; dropout in the attention; causal attention with L ≠ S; explicit
 chains with other ops between the scores and the softmax; ``block_topk`` heads fitted at another
@@ -128,5 +131,14 @@ def _replace(gm, site, d: dict, density: float | None) -> None:
     info = meta.get(out)
     if info is not None:
         meta.set_info(new, meta.NodeInfo(info.site, info.role, info.layer, info.module_path, density=density))
-    out.replace_all_uses_with(new)
+    result = new
+    skipped = [h["params"]["mean"] if h["pattern"] == "skip" else None for h in d["heads"]]
+    if any(m is not None for m in skipped):  # skipped heads computed nothing (zeros): add their means
+        width = len(next(m for m in skipped if m is not None))
+        bias = torch.tensor([m if m is not None else [0.0] * width for m in skipped])[:, None, :]
+        bias_node = graph_edit.add_tensor(gm, f"{site.module_path or site.id}.skipped_head_means", bias, new)
+        with g.inserting_after(new):
+            result = g.call_function(torch.ops.aten.add.Tensor, (new, bias_node))
+        meta.copy_provenance(out, result)
+    out.replace_all_uses_with(result)
     g.erase_node(out)

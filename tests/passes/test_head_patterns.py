@@ -148,3 +148,37 @@ def test_unknown_family_is_a_config_error():
         sg.compile(_SDPA(), {"passes": [{"head_patterns": {"patterns": ["diagonal"]}}]},
                    example_inputs=_planted(["local"])[:3], calibration=[_planted(["local"])], quiet=True)
 
+
+
+def test_a_head_with_constant_output_is_skipped_and_replaced_by_its_mean():
+    """Head 1 reads constant values: whatever it attends to, its output is the same vector (share 0)."""
+    def constant_head(batch):
+        q, k, v = batch
+        v = v.clone()
+        v[:, 1] = torch.linspace(-1, 1, v.shape[-1])
+        return q, k, v
+
+    kinds = ["local", "dense", "vertical_slash"]
+    example = constant_head(_planted(kinds))
+    batches = [constant_head(_planted(kinds, seed=s)) for s in range(1, 3)]
+    config = {"passes": [{"head_patterns": {"block": BLOCK, "skip_share": 1e-6}},
+                         {"sparse_attention": {"max_density": 1.0}}]}
+    cm = sg.compile(_SDPA(), config, example_inputs=example, calibration=batches, quiet=True)
+    (site,) = [s for s in cm.plan.sites if "head_patterns" in cm.plan.sites[s]]
+    heads = cm.plan.evidence("head_patterns", site)["heads"]
+    assert [h["pattern"] for h in heads] == ["local", "skip", "vertical_slash"]
+    assert heads[1]["output_share"] < 1e-6 < heads[0]["output_share"]
+    torch.testing.assert_close(torch.tensor(heads[1]["params"]["mean"]), torch.linspace(-1, 1, 32), atol=1e-5,
+                               rtol=0)
+    adds = [n for n in cm.graph_module.graph.nodes if n.target is torch.ops.aten.add.Tensor]
+    assert len(adds) == 1  # the skipped head's mean, added after the op
+    q, k, v = constant_head(_planted(kinds, seed=7))
+    with torch.no_grad():
+        got, dense = cm(q, k, v), F.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(got[:, 1], dense[:, 1], atol=1e-5, rtol=0)  # exact for the skipped head
+
+
+def test_skipping_is_off_by_default():
+    cm = _compile(_SDPA(), _planted(KINDS[:3]), [_planted(KINDS[:3], seed=1)])
+    (site,) = [s for s in cm.plan.sites if "head_patterns" in cm.plan.sites[s]]
+    assert all(h["pattern"] != "skip" and "output_share" in h for h in cm.plan.evidence("head_patterns", site)["heads"])
