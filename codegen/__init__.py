@@ -44,6 +44,13 @@ def op_of(node: torch.fx.Node) -> SparseOp | None:
     return next((op for op in ops().values() if node.target is op.overload), None)
 
 
+def dense_op_of(node: torch.fx.Node) -> SparseOp | None:
+    """The SparseOp whose ``dense`` form a graph node calls (a site speed_check put back), or None."""
+    if node.op != "call_function":
+        return None
+    return next((op for op in ops().values() if op.dense is not None and node.target is op.dense), None)
+
+
 def cost_of(node: torch.fx.Node) -> tuple[int, int] | None:
     op = op_of(node)
     return op.cost(node) if op is not None and op.cost is not None else None

@@ -8,6 +8,8 @@ Counted at the example input shapes (``node.meta["val"]``):
 - scaled_dot_product_attention, q [B, H, L, E], v [B, H, S, Eᵥ]: B · H · L · S · (E + Eᵥ)
   (the two matmuls QKᵀ and PV; softmax is not a MAC);
 - a ``sparsegraph::`` op: its own cost rule (`sparsegraph.codegen.cost_of`), e.g. n/m of dense for N:M;
+- a call to an op's dense form (a site ``speed_check`` put back): the form traced at the node's shapes
+  and costed by these same rules (`dense_form_cost`);
 - everything else: 0 MACs (elementwise, norms, softmax, embedding lookups).
 
 An embedding lookup reads its indices and one table row per index, not the whole table.
@@ -45,10 +47,25 @@ def node_cost(node: torch.fx.Node) -> NodeCost:
     sparse = codegen.cost_of(node)
     if sparse is not None:
         return NodeCost(*sparse)
+    if codegen.dense_op_of(node) is not None:
+        return dense_form_cost(node)
     k = ir.kind(node)
     if k in ("shape", "sym_size") or ir.val(node) is None:
         return NodeCost(0, 0)
     return NodeCost(_macs(node, k), _bytes(node))
+
+
+def dense_form_cost(node: torch.fx.Node) -> NodeCost:
+    """Cost of calling a sparse op's dense form with `node`'s arguments: the form is traced (make_fx) at
+    the node's example shapes and its nodes costed by the rules above."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    op = codegen.op_of(node) or codegen.dense_op_of(node)
+    args = [torch.zeros(ir.val(a).shape, dtype=ir.val(a).dtype) if isinstance(a, torch.fx.Node) else a
+            for a in node.args]
+    dense_gm = make_fx(op.dense)(*args)
+    ir.propagate_shapes(dense_gm, tuple(args))
+    return total_cost(dense_gm)
 
 
 def graph_costs(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, NodeCost]:

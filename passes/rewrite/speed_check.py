@@ -122,14 +122,8 @@ def _cost(node: torch.fx.Node) -> tuple[float, float]:
     The sparse side is the op's own cost rule; the dense side is our cost model summed over the dense
     form traced at the node's shapes, so any op with a dense form is covered.
     """
-    from torch.fx.experimental.proxy_tensor import make_fx
-
-    from sparsegraph.passes.analysis.cost import total_cost
+    from sparsegraph.passes.analysis.cost import dense_form_cost
 
     macs, moved = op_of(node).cost(node)
-    args = [torch.zeros(ir.val(a).shape, dtype=ir.val(a).dtype) if isinstance(a, torch.fx.Node) else a
-            for a in node.args]
-    dense_gm = make_fx(op_of(node).dense)(*args)
-    ir.propagate_shapes(dense_gm, tuple(args))
-    dense = total_cost(dense_gm)
+    dense = dense_form_cost(node)
     return max(macs, moved / 4), max(dense.macs, dense.bytes / 4)

@@ -21,6 +21,7 @@ def test_revert_everything_gives_the_dense_result(explicit_calibrated, tmp_path)
         torch.testing.assert_close(cm(*example), model(*example), rtol=1e-5, atol=1e-5)  # dense form = original
     evidence = cm.plan.sites["mlp:blocks.0.mlp"]["speed_check"]["evidence"]
     assert evidence["unit"] == "seconds" and evidence["sparse"] > 0 and evidence["dense"] > 0
+    assert cm.cost.macs == cm.dense_cost.macs  # the put-back dense forms are costed like the original layers
     from sparsegraph.onnx_export import OnnxModel
 
     ort = OnnxModel(cm.export_onnx(tmp_path / "reverted.onnx"), cm.graph_module)
