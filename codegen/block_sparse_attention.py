@@ -97,8 +97,17 @@ def _element_mask(layout, L, S, block, causal):
     return allowed
 
 
-def _repeat_kv(x, heads):
+def repeat_kv(x, heads):
+    """GQA: [B, Hkv, S, E] → [B, heads, S, E], kv head h // (heads / Hkv) for query head h."""
     return x.repeat_interleave(heads // x.shape[1], dim=1) if x.shape[1] != heads else x
+
+
+def onnx_repeat_kv(x, q):
+    """`repeat_kv` in onnxscript, to the head count of q (both shapes read at run time)."""
+    group = op.Div(op.Shape(q, start=1, end=2), op.Shape(x, start=1, end=2))
+    ones = op.Constant(value_ints=[1, 1])
+    x5 = op.Expand(op.Unsqueeze(x, op.Constant(value_ints=[2])), op.Concat(ones, group, ones, axis=0))
+    return op.Reshape(x5, op.Concat(op.Shape(q, start=0, end=2), op.Shape(x, start=2), axis=0))
 
 
 # ----------------------------------------------------------------------------------------- kernels
@@ -108,12 +117,12 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: torch.T
               block: int, causal: bool, scale: float) -> torch.Tensor:
     _check(q, k, v, layout, block)
     H, L, S = q.shape[1], q.shape[2], k.shape[2]
-    s = (q.float() * scale) @ _repeat_kv(k, H).float().transpose(-1, -2)
+    s = (q.float() * scale) @ repeat_kv(k, H).float().transpose(-1, -2)
     if mask is not None:
         s = s + mask.float()
     s = s.masked_fill(~_element_mask(layout, L, S, block, causal), float("-inf"))
     p = torch.softmax(s, -1).nan_to_num(0.0)  # rows with no allowed key: 0
-    return (p @ _repeat_kv(v, H).float()).to(q.dtype)
+    return (p @ repeat_kv(v, H).float()).to(q.dtype)
 
 
 def cpu(q, k, v, layout, mask, block, causal, scale):
@@ -284,7 +293,7 @@ def dense(q, k, v, layout, mask, block, causal, scale):
         upper = ~torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
         causal_bias = torch.zeros(L, S, dtype=q.dtype, device=q.device).masked_fill(upper, float("-inf"))
         bias = causal_bias if bias is None else bias + causal_bias
-    return torch.nn.functional.scaled_dot_product_attention(q, _repeat_kv(k, H), _repeat_kv(v, H),
+    return torch.nn.functional.scaled_dot_product_attention(q, repeat_kv(k, H), repeat_kv(v, H),
                                                             attn_mask=bias, scale=scale)
 
 
@@ -299,12 +308,6 @@ def onnx(q, k, v, layout, mask, block: int, causal: bool, scale: float):
     def scalar(x):
         return op.Squeeze(x, ints(0))
 
-    group = op.Div(op.Shape(q, start=1, end=2), op.Shape(k, start=1, end=2))
-
-    def repeat_kv(x):  # [B, Hkv, S, E] → [B, H, S, E], kv head h // group for query head h
-        x5 = op.Expand(op.Unsqueeze(x, ints(2)), op.Concat(ints(1, 1), group, ints(1, 1), axis=0))
-        return op.Reshape(x5, op.Concat(op.Shape(q, start=0, end=2), op.Shape(x, start=2), axis=0))
-
     L, S = scalar(op.Shape(q, start=2, end=3)), scalar(op.Shape(k, start=2, end=3))
     zero, one, size = op.Constant(value_int=0), op.Constant(value_int=1), op.Constant(value_int=block)
     nk = op.Div(op.Sub(op.Add(S, size), one), size)
@@ -316,13 +319,13 @@ def onnx(q, k, v, layout, mask, block: int, causal: bool, scale: float):
     if causal:
         allowed = op.And(allowed, op.LessOrEqual(op.Unsqueeze(kpos, ints(0)), op.Unsqueeze(qpos, ints(1))))
     s = op.MatMul(op.Mul(q, op.CastLike(op.Constant(value_float=scale), q)),
-                  op.Transpose(repeat_kv(k), perm=[0, 1, 3, 2]))
+                  op.Transpose(onnx_repeat_kv(k, q), perm=[0, 1, 3, 2]))
     if mask is not None:
         s = op.Add(s, op.CastLike(mask, s))
     s = op.Where(allowed, s, op.CastLike(op.Constant(value_float=float("-inf")), s))
     p = op.Softmax(s, axis=-1)
     p = op.Where(op.IsNaN(p), op.CastLike(op.Constant(value_float=0.0), p), p)
-    return op.MatMul(p, repeat_kv(v))
+    return op.MatMul(p, onnx_repeat_kv(v, q))
 
 
 def density(layout: torch.Tensor, L: int, S: int, block: int, causal: bool) -> float:

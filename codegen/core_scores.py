@@ -17,7 +17,7 @@ import torch
 from onnxscript import opset18 as op
 
 from sparsegraph.codegen.op import SparseOp
-from sparsegraph.codegen.token_scores import _MASKED, _finish, _key_mask
+from sparsegraph.codegen.token_scores import _finish, _key_mask, onnx_key_padding
 
 
 def reference(a: torch.Tensor, hot: torch.Tensor, centre: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -41,11 +41,7 @@ def onnx(a, hot, centre, mask):
                      op.Constant(value_ints=[-1]), keepdims=0)  # [B, N]
     if mask is None:
         return s
-    zero, one = op.Constant(value_ints=[0]), op.Constant(value_ints=[1])
-    first = op.Slice(op.Cast(mask, to=1), op.Concat(zero, zero, axis=0), op.Concat(one, one, axis=0),
-                     op.Constant(value_ints=[1, 2]))  # [b, 1, 1, N]: head 0, the first query row
-    padding = op.LessOrEqual(op.Squeeze(first, op.Constant(value_ints=[1, 2])), op.Constant(value_float=_MASKED))
-    return op.Where(op.Expand(padding, op.Shape(s)), op.Constant(value_float=float("-inf")), s)
+    return op.Where(onnx_key_padding(mask, op.Shape(s)), op.Constant(value_float=float("-inf")), s)
 
 
 def cost(node: torch.fx.Node) -> tuple[int, int]:

@@ -22,14 +22,11 @@ from __future__ import annotations
 import torch
 from onnxscript import opset18 as op
 
+from sparsegraph.codegen.block_sparse_attention import onnx_repeat_kv, repeat_kv
 from sparsegraph.codegen.op import SparseOp
 
 MODES = ("cls", "received", "last")
 _MASKED = -1e4  # additive mask values at or below this mean "padding" (HF uses finfo.min; SDPA −inf)
-
-
-def _repeat_kv(q, k):
-    return k if k.shape[1] == q.shape[1] else k.repeat_interleave(q.shape[1] // k.shape[1], 1)
 
 
 def _key_mask(mask, B, S):
@@ -43,7 +40,7 @@ def _key_mask(mask, B, S):
 
 
 def _probs(q, k, mask, scale):
-    s = (q.float() @ _repeat_kv(q, k).float().transpose(-1, -2)) * scale
+    s = (q.float() @ repeat_kv(k, q.shape[1]).float().transpose(-1, -2)) * scale
     if mask is not None:
         s = s + mask.float()
     return s.softmax(-1)
@@ -103,10 +100,7 @@ def onnx(q, k, mask, scale: float, mode: str, chunk: int):
     def ints(*xs):
         return op.Constant(value_ints=list(xs))
 
-    group = op.Div(op.Shape(q, start=1, end=2), op.Shape(k, start=1, end=2))
-    k5 = op.Expand(op.Unsqueeze(k, ints(2)), op.Concat(ints(1, 1), group, ints(1, 1), axis=0))
-    k = op.Reshape(k5, op.Concat(op.Shape(q, start=0, end=2), op.Shape(k, start=2), axis=0))
-    q, k = op.Cast(q, to=1), op.Cast(k, to=1)
+    q, k = op.Cast(q, to=1), op.Cast(onnx_repeat_kv(k, q), to=1)
     if mode == "cls":
         q = op.Slice(q, ints(0), ints(1), ints(2))
     elif mode == "last":
@@ -119,13 +113,7 @@ def onnx(q, k, mask, scale: float, mode: str, chunk: int):
         s = op.Add(s, m)
     p = op.Softmax(s, axis=-1)  # [B, H, l, S]
     B_S = op.Concat(op.Shape(q, start=0, end=1), op.Shape(k, start=2, end=3), axis=0)
-    if mask is None:
-        padding = None
-    else:
-        m0 = op.Cast(mask, to=1)
-        first = op.Slice(op.Slice(m0, ints(0), ints(1), ints(1)), ints(0), ints(1), ints(2))  # [b, 1, 1, S]
-        padding = op.Expand(op.Reshape(op.LessOrEqual(first, op.Constant(value_float=_MASKED)),
-                                       op.Concat(op.Shape(first, start=0, end=1), ints(-1), axis=0)), B_S)
+    padding = None if mask is None else onnx_key_padding(mask, B_S)
     if mode != "received" or padding is None:
         scores = op.ReduceMean(p, ints(1, 2), keepdims=0)
     else:
@@ -137,6 +125,17 @@ def onnx(q, k, mask, scale: float, mode: str, chunk: int):
     if padding is not None:
         scores = op.Where(padding, op.Constant(value_float=float("-inf")), scores)
     return scores
+
+
+def onnx_key_padding(mask, shape):
+    """`_key_mask` in onnxscript: bool [B, S] (expanded to `shape`), the keys the additive mask's first
+    head and query row mark as padding."""
+    def ints(*xs):
+        return op.Constant(value_ints=list(xs))
+
+    first = op.Slice(op.Cast(mask, to=1), ints(0, 0), ints(1, 1), ints(1, 2))  # [b, 1, 1, S]
+    padding = op.LessOrEqual(first, op.Constant(value_float=_MASKED))
+    return op.Expand(op.Reshape(padding, op.Concat(op.Shape(first, start=0, end=1), ints(-1), axis=0)), shape)
 
 
 def cost(node: torch.fx.Node) -> tuple[int, int]:

@@ -252,13 +252,13 @@ class _Respecialise:
                 continue
             if not isinstance(ir.val(n), (torch.Tensor, tuple, list)):
                 continue  # size arithmetic: rebuilt by `_sym` where a rewritten node uses it
-            n.args = self._map(n.args, n)
-            n.kwargs = self._map(n.kwargs, n)
+            n.args = self._map(n.args)
+            n.kwargs = self._map(n.kwargs)
 
-    def _map(self, args, user):
-        return torch.fx.node.map_aggregate(args, lambda a: self._map_one(a, user))
+    def _map(self, args):
+        return torch.fx.node.map_aggregate(args, self._map_one)
 
-    def _map_one(self, a, user):
+    def _map_one(self, a):
         if isinstance(a, int) and not isinstance(a, bool) and a == self.N:
             return self.length
         if not isinstance(a, torch.fx.Node):
@@ -298,7 +298,7 @@ class _Respecialise:
             if d != 0 and s is not None and s[d] == self.N and t not in self.after:
                 result = self.length
         elif a.target in _SYM_ARITHMETIC:
-            args = self._map(a.args, a)
+            args = self._map(a.args)
             if args != a.args:
                 with self.gm.graph.inserting_after(self.length):
                     result = self.gm.graph.call_function(a.target, args)
