@@ -20,14 +20,15 @@ integer lists (JSON). ``layout_from_block_mask`` converts a bool [H, nq, nk] blo
 Backends:
 
 - reference: the dense score matrix with the layout expanded to an element mask (the oracle);
-- CPU: no dense score matrix. Rows (head, query block) are grouped by how many blocks they list;
-  per group the listed K/V blocks of all its rows are gathered at once (``index_select`` into a reused
-  workspace) into [B, R, c·block, E] and one batched SDPA call computes the group: no padding, no
-  per-row Python loop. Causal: blocks after the diagonal are dropped; the diagonal block (and a
+- CPU: no dense score matrix. The layout is cut into tiles (`attention_tiles`): columns listed by
+  every query block (sinks, vertical lines, dense heads) run as one SDPA call over all those queries,
+  diagonal bands as one call over overlapping strided views of K, and what is left (``_listed``) is
+  gathered: rows (head, query block) are grouped by how many blocks they list, their K/V blocks
+  gathered at once (``index_select`` into a reused workspace) into [B, R, c·block, E], one batched
+  SDPA call per group. Causal: blocks after the diagonal are dropped; the diagonal block (and a
   partial last block) is sorted first in its row, so one small [block, c·block] mask shared by the
-  whole group covers it (SDPA runs as fast with such a mask as without; a per-row mask was 5x
-  slower). Work and memory are ∝ the listed blocks. Measured at seq 4096, 12 heads, 9–12% density: 5.1–6.8x over dense SDPA, close to
-  ``torch.compile(flex_attention)`` (0.9–1.2x its speed; ``bench/results/attention-cpu.md``);
+  whole group covers it. Partial results merge exactly by their log-sum-exp. Work and memory are ∝
+  the listed blocks; figures in ``bench/results/attention-cpu.md``;
 - Triton (`triton_kernels/block_sparse_attention.py`): flash-attention forward over the listed blocks
   of each query block with online softmax; fp32/fp16/bf16, fp32 accumulation;
 - ONNX: the block mask is rebuilt from the layout (``Equal`` against ``Range(nk)`` + ``ReduceMax``),
@@ -44,6 +45,7 @@ import torch.nn.functional as F
 from onnxscript import opset18 as op
 
 from sparsegraph import ir
+from sparsegraph.codegen import attention_tiles
 from sparsegraph.codegen.op import SparseOp
 
 # ----------------------------------------------------------------------------------------- layouts
@@ -129,47 +131,63 @@ def cpu(q, k, v, layout, mask, block, causal, scale):
     _check(q, k, v, layout, block)
     B, H, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
-    dev = q.device
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     nq, nk = block_counts(L, S, block)
-    qb = _pad_seq(q, nq * block).reshape(B, H * nq, block, E)
-    kblocks = _pad_seq(k, nk * block).reshape(B * Hkv * nk, block, E)
-    vblocks = _pad_seq(v, nk * block).reshape(B * Hkv * nk, block, Ev)
-    layout = layout.to(dev)
-    if causal:  # top-left causal: a key block after the query block is masked entirely, drop it
-        layout = torch.where(layout > torch.arange(nq, device=dev)[None, :, None], -1, layout)
-    full = (layout >= 0).sum(-1) == (torch.arange(nq, device=dev).clamp(max=nk - 1) + 1 if causal else nk)
-    dense_heads = full.all(-1).nonzero().view(-1)  # heads that list every (allowed) block: plain SDPA
-    if len(dense_heads):
-        layout = layout.clone()
-        layout[dense_heads] = -1
-    out = _listed(layout, mask, causal, (qb, kblocks, vblocks, B, H, Hkv, L, S, nq, nk, block, scale))
-    out = out.view(B, H, nq * block, Ev)[:, :, :L]
-    if len(dense_heads):  # no gather for them: one SDPA call over their full K/V
-        kv = dense_heads // (H // Hkv)
-        m = None
-        if mask is not None:
-            m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)).to(q.dtype)
-            m = m[:, dense_heads] if m.shape[1] > 1 else m
-            if causal:
-                above = torch.ones(L, S, dtype=torch.bool, device=dev).triu(1)
-                m = m + torch.zeros(L, S, dtype=q.dtype, device=dev).masked_fill(above, float("-inf"))
-        dense = F.scaled_dot_product_attention(q[:, dense_heads], k[:, kv], v[:, kv], attn_mask=m,
-                                               is_causal=causal and m is None, scale=scale)
-        out[:, dense_heads] = dense
-    return out if mask is None else out.nan_to_num(0.0)  # a row with no allowed key: 0 (SDPA gives NaN)
+    mask = None if mask is None else _full_mask(mask.to(q.dtype), B, H, L, S)
+    tiles = attention_tiles.tiling(layout, L, S, block, causal, H // Hkv)
+    wide = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype  # merge precision
+    out = torch.empty(B, H, nq * block, Ev, dtype=wide, device=q.device)
+    lse = torch.empty(B, H, nq * block, device=q.device)
+    # Each row's first writer assigns (no zero-fill of the whole output: a fresh buffer costs page faults
+    # on every touch), later writers merge; rows nobody writes are set to "no mass" at the end.
+    ready = torch.zeros(H, nq, dtype=torch.bool, device=q.device)
+    attention_tiles.run(tiles, q, k, v, mask, block, causal, scale, out, lse, whole=True)
+    for c in tiles.columns:
+        if c.first_row == 0:
+            ready[c.heads.slice] = True
+    out5, lse4 = out.view(B, H, nq, block, Ev), lse.view(B, H, nq, block)
+    if bool((tiles.rest >= 0).any()):
+        qb = _pad_seq(q, nq * block).reshape(B, H * nq, block, E)
+        kblocks = _pad_seq(k, nk * block).reshape(B * Hkv * nk, block, E)
+        vblocks = _pad_seq(v, nk * block).reshape(B * Hkv * nk, block, Ev)
+        for rows, o, ls in _listed(tiles.rest.to(q.device), mask, causal,
+                                   (qb, kblocks, vblocks, B, H, Hkv, S, nq, nk, block, scale)):
+            if rows is None and not bool(ready.any()):  # one call computed every row: its output is the result
+                out, lse = o.to(out.dtype).reshape(out.shape), ls.reshape(lse.shape)
+                out5, lse4 = out.view(B, H, nq, block, Ev), lse.view(B, H, nq, block)
+                ready[:] = True
+                continue
+            rows = torch.arange(H * nq, device=q.device) if rows is None else rows
+            h, i = rows // nq, rows % nq
+            fresh = ~ready[h, i]
+            o = o.to(out.dtype)
+            if bool(fresh.all()):
+                out5[:, h, i], lse4[:, h, i] = o, ls
+            else:  # rows a whole-head tile wrote first: merge (gathered, merged, written back)
+                acc, acc_lse = out5[:, h, i], lse4[:, h, i]
+                acc[:, fresh], acc_lse[:, fresh] = 0, float("-inf")
+                attention_tiles.merge(acc, acc_lse, o, ls)
+                out5[:, h, i], lse4[:, h, i] = acc, acc_lse
+            ready[h, i] = True
+    h, i = (~ready).nonzero(as_tuple=True)
+    if len(h):
+        out5[:, h, i], lse4[:, h, i] = 0, float("-inf")
+    attention_tiles.run(tiles, q, k, v, mask, block, causal, scale, out, lse, whole=False)
+    return out[:, :, :L].to(q.dtype)  # a row with no allowed key stays 0
 
 
 def _listed(layout, mask, causal, parts):
-    """Attention of every (head, query block) row over its listed key blocks: [B, H·nq, block, Ev].
+    """Attention of (head, query block) rows over their listed key blocks, gathered: yields per group of
+    rows (indices into H·nq, None for all) the output [B, R, block, Ev] and log-sum-exp [B, R, block].
 
     Each row's blocks are sorted descending, so the only blocks that need an element mask (the causal
     diagonal block i, the partial last block nk − 1) can only come first. Rows are grouped by (number
     of blocks, diagonal first, last block first); within a group the mask is one small [block, c·block]
     pattern shared by all rows (SDPA runs as fast with it as without), and each group is one batched
-    SDPA call over its gathered K/V blocks: no padding, no per-row loop. With a padding mask the
-    mask values are gathered per row instead.
+    SDPA call over its gathered K/V blocks: no padding, no per-row loop. With a mask the mask values
+    are gathered per row instead.
     """
-    qb, kblocks, vblocks, B, H, Hkv, L, S, nq, nk, block, scale = parts
+    qb, kblocks, vblocks, B, H, Hkv, S, nq, nk, block, scale = parts
     E, Ev, dev = qb.shape[-1], vblocks.shape[-1], qb.device
     layout = layout.sort(-1, descending=True).values  # listed blocks first (largest first), −1 last
     counts = (layout >= 0).sum(-1).view(-1)  # [H·nq]
@@ -181,10 +199,9 @@ def _listed(layout, mask, causal, parts):
             key = key + 2 * (first == row_block)
         if S % block:
             key = key + (first == nk - 1)
-    masks = None if mask is None else _mask_blocks(mask.to(qb.dtype), B, H, L, S, nq, block)
+    masks = None if mask is None else _mask_blocks(mask, nq, block)
     group = H // Hkv
     uniform = bool((key == key[0]).all()) and int(counts[0]) > 0
-    out = qb.new_empty(B, H * nq, block, Ev) if uniform else qb.new_zeros(B, H * nq, block, Ev)
     for g in key.unique().tolist():
         c, diagonal, tail = g // 4, bool(g & 2), bool(g & 1)
         if c == 0:
@@ -203,17 +220,12 @@ def _listed(layout, mask, causal, parts):
         if masks is not None:
             attn_mask = _row_mask(masks, h, i, idx, S, block, causal)
         else:
-            attn_mask = _shared_mask(c, block, diagonal, S - (nk - 1) * block if tail else block, dev)
-        o = F.scaled_dot_product_attention(qs, kg, vg, scale=scale, attn_mask=attn_mask)
-        if uniform:
-            out = o
-        else:
-            out[:, rows] = o
-    return out
+            attn_mask = _shared_mask(c, block, diagonal, S - (nk - 1) * block if tail else block, qb.dtype, dev)
+        yield rows, *attention_tiles.attend(qs, kg, vg, attn_mask, scale, dead=attention_tiles.dead_rows(attn_mask))
 
 
-def _shared_mask(c, block, diagonal, first_len, device):
-    """bool [block, c·block] for rows whose first listed block is causal-diagonal and/or partial."""
+def _shared_mask(c, block, diagonal, first_len, dtype, device):
+    """Additive [block, c·block] mask for rows whose first listed block is causal-diagonal and/or partial."""
     if not diagonal and first_len == block:
         return None
     allowed = torch.ones(block, c * block, dtype=torch.bool, device=device)
@@ -222,21 +234,20 @@ def _shared_mask(c, block, diagonal, first_len, device):
     if diagonal:
         first = first & (cols[None, :] <= cols[:, None])
     allowed[:, :block] = first
-    return allowed
+    return torch.zeros(block, c * block, dtype=dtype, device=device).masked_fill(~allowed, float("-inf"))
 
 
 def _row_mask(masks, h, i, idx, S, block, causal):
-    """SDPA's attn_mask for rows (h, i) over their listed key blocks idx [R, c], or None if not needed."""
+    """The mask's values for rows (h, i) over their listed key blocks idx [R, c], with the causal and
+    past-the-end keys set to −∞."""
     R, c = idx.shape
     kpos = (idx[..., None] * block + torch.arange(block, device=idx.device)).view(R, c * block)
     bad = (kpos >= S)[:, None, :] if S % block else None
     if causal:
         late = kpos[:, None, :] > (i[:, None] * block + torch.arange(block, device=idx.device))[:, :, None]
         bad = late if bad is None else bad | late
-    if masks is not None:
-        attn_mask = _gather_mask(masks, h, i, kpos.clamp(max=S - 1))
-        return attn_mask if bad is None else attn_mask.masked_fill(bad, float("-inf"))
-    return ~bad if bad is not None and bool(bad.any()) else None
+    attn_mask = _gather_mask(masks, h, i, kpos.clamp(max=S - 1))
+    return attn_mask if bad is None else attn_mask.masked_fill(bad, float("-inf"))
 
 
 def _pad_seq(x, length):
@@ -265,14 +276,20 @@ def _workspace(name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.T
     return buf[:numel].view(shape)
 
 
-def _mask_blocks(mask, B, H, L, S, nq, block):
-    """The additive mask as [Mb, Mh, nq | 1, block | 1, S] (broadcast dimensions kept at size 1)."""
+def _full_mask(mask, B, H, L, S):
+    """The additive mask as a [Mb, Mh, L, S] view (Mb ∈ {1, B}, Mh ∈ {1, H}), with stride 0 over the
+    queries when it does not vary with them (a key-padding mask, even one HF expanded over queries)."""
     m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)) if mask.dim() < 4 else mask
-    m = m.expand(*m.shape[:3], S)
-    Mb, Mh, Ml = m.shape[:3]
-    if Ml > 1 and torch.equal(m, m[:, :, :1].expand_as(m)):
-        Ml = 1  # a key-padding mask expanded over queries (as HF builds it): gather it once per row, not per query
-    if Ml == 1:
+    m = m.expand(*m.shape[:2], L, S)
+    if m.stride(2) != 0 and torch.equal(m, m[:, :, :1].expand_as(m)):
+        m = m[:, :, :1].expand_as(m)
+    return m
+
+
+def _mask_blocks(m, nq, block):
+    """A `_full_mask` view as [Mb, Mh, nq | 1, block | 1, S] (query dimensions of size 1 when constant)."""
+    Mb, Mh, L, S = m.shape
+    if m.stride(2) == 0:
         return m[:, :, :1].reshape(Mb, Mh, 1, 1, S)
     return F.pad(m, (0, 0, 0, nq * block - L)).reshape(Mb, Mh, nq, block, S)
 

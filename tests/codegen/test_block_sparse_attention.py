@@ -115,18 +115,22 @@ def test_cpu_dense_heads_take_plain_sdpa(causal):
 
 
 def test_cpu_never_builds_the_dense_score_matrix(monkeypatch):
-    """The CPU path's SDPA calls see only [rows, block, listed·block] problems, never [L, S]."""
-    q, k, v, layout, _ = _case(1, 2, 2, 128, 128, 8, 16)
+    """The CPU path's attention calls see only listed blocks: no call reads every key, and the
+    (query, key) pairs computed are those of the listed blocks."""
+    from sparsegraph.codegen import attention_tiles
+
+    q, k, v, layout, bm = _case(1, 2, 2, 128, 128, 8, 16)
     seen = []
-    real = F.scaled_dot_product_attention
+    real = attention_tiles.attend
 
-    def spy(q_, k_, v_, **kw):
-        seen.append((q_.shape[-2], k_.shape[-2]))
-        return real(q_, k_, v_, **kw)
+    def spy(q_, k_, *args, **kw):
+        seen.append((q_.shape[:-2].numel(), q_.shape[-2], k_.shape[-2]))
+        return real(q_, k_, *args, **kw)
 
-    monkeypatch.setattr(bsa.F, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(attention_tiles, "attend", spy)
     bsa.cpu(q, k, v, layout, None, 16, False, 0.3)
-    assert seen and all(lq == 16 and lk < 128 for lq, lk in seen)
+    assert seen and all(lk < 128 for _, _, lk in seen)
+    assert sum(n * lq * lk for n, lq, lk in seen) == int(bm.sum()) * 16 * 16
 
 
 def test_row_with_no_allowed_key_is_zero():

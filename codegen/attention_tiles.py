@@ -1,0 +1,380 @@
+"""The CPU path of ``block_sparse_attention``: a static layout cut into a few large SDPA calls.
+
+Why: SDPA's CPU flash kernel runs near GEMM speed when many queries share their keys and much slower
+when every query block has its own few keys. Measured here (2-core Xeon, fp32, head dim 64): 4096
+queries × 256 shared keys run at 202 GFLOP/s; 768 query blocks of 64, each with its own 384 gathered
+keys, at 140, plus the gather's copy. Real layouts are mostly columns (sinks, vertical lines) and
+diagonals (local windows, slashes), so each head's listed blocks are split, exactly (every listed
+block in one tile), into
+
+- ``Columns`` (r0, C): key blocks C listed by every query block from r0 on. One call: the queries
+  r0·block… × the keys of C (a slice when C is contiguous, else a gather of |C|·block keys). A dense
+  head is all columns. Causal: r0 is past the last column of the tile, so no element mask is needed
+  (the blocks above r0 are left to the other tiles); a head listing the whole lower triangle is one
+  ``is_causal`` call instead;
+- ``Band`` (i0…i1, d0…d1): query blocks i0 ≤ i < i1 that each list the consecutive key blocks
+  i+d0 … i+d1. One call, batched over the rows, whose keys are an overlapping strided view of K (no
+  copy); a causal band that ends on the diagonal takes one [block, w·block] triangle mask shared by
+  all rows;
+- the rest: the general path (`block_sparse_attention._listed`), which gathers the listed blocks.
+
+Heads with the same tile run in one call when their heads (and kv heads) are evenly spaced, so the
+call stays a view. Every call also returns the log-sum-exp ℓ_t of its scores per query, and the
+partial results merge exactly (the flash-attention identity):
+
+    ℓ = log Σ_t e^{ℓ_t},        out = Σ_t e^{ℓ_t − ℓ} · out_t
+
+A call whose keys are all masked (−∞) for a query row carries no mass there: ℓ_t = −∞. A tiling
+depends only on the layout and the shapes, so it is computed once and cached.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+MIN_ROWS = 2  # a columns or band tile must cover at least this many query blocks
+MIN_KEYS = 256  # a columns tile must read at least this many keys (measured: 4096 queries × 128 keys run at
+#                 ~70% of the speed of × 256, and then splitting rows between tiles does not pay)
+MAX_REST = 0.25  # more rows than this share left to the gathered path: gather every block instead
+
+
+@dataclass(frozen=True)
+class Heads:
+    """Query heads start, start + step, … (count of them): a strided slice, so every operand is a view."""
+
+    start: int
+    step: int
+    count: int
+
+    @property
+    def slice(self) -> slice:
+        return slice(self.start, self.start + self.step * (self.count - 1) + 1, self.step)
+
+    @property
+    def all(self) -> range:
+        return range(self.start, self.start + self.step * self.count, self.step)
+
+    def kv(self, group: int) -> Heads:
+        """The kv heads read by these heads (GQA: h // group); step 0 when they share one."""
+        return Heads(self.start // group, (self.start + self.step) // group - self.start // group, self.count)
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Query blocks first_row… of `heads` × key blocks cols[g] (head g of the group; same count each)."""
+
+    heads: Heads
+    first_row: int
+    cols: tuple[tuple[int, ...], ...]
+    causal: bool = False  # the whole lower triangle, run with is_causal
+
+
+@dataclass(frozen=True)
+class Band:
+    """Query blocks i0 ≤ i < i1 of `heads` × key blocks i + d0 … i + d1, minus `excluded`
+    (bool [G, i1 − i0, d1 − d0 + 1]: blocks another tile took, masked)."""
+
+    heads: Heads
+    rows: tuple[int, int]
+    offsets: tuple[int, int]
+    excluded: np.ndarray | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class Tiling:
+    columns: tuple[Columns, ...]
+    bands: tuple[Band, ...]
+    rest: torch.Tensor  # [H, nq, nsel] layout of the blocks no tile took (−1 where none)
+
+    @property
+    def calls(self) -> int:
+        return len(self.columns) + len(self.bands)
+
+
+# ------------------------------------------------------------------------------------------ tiling
+
+_cache: collections.OrderedDict = collections.OrderedDict()
+
+
+def tiling(layout: torch.Tensor, L: int, S: int, block: int, causal: bool, group: int) -> Tiling:
+    """The tiles of `layout` at query length L, key length S (cached by the layout's content)."""
+    host = layout.detach().to("cpu", torch.int64).contiguous()
+    key = (host.numpy().tobytes(), tuple(host.shape), L, S, block, causal, group)
+    found = _cache.get(key)
+    if found is None:
+        found = _cache[key] = _tile(host, L, S, block, causal, group)
+        while len(_cache) > 256:
+            _cache.popitem(last=False)
+    else:
+        _cache.move_to_end(key)
+    return found
+
+
+def _tile(layout, L, S, block, causal, group) -> Tiling:
+    from sparsegraph.codegen.block_sparse_attention import block_mask_from_layout, layout_from_block_mask
+
+    H, nq = layout.shape[:2]
+    nk = math.ceil(S / block)
+    listed = block_mask_from_layout(layout, nk).numpy()
+    if causal:
+        listed = listed & np.tri(nq, nk, dtype=bool)
+    left = listed.copy()  # blocks no tile has taken yet
+    full_q = (np.arange(nq) + 1) * block <= L
+    full_k = (np.arange(nk) + 1) * block <= S
+    columns: dict[tuple, dict[int, tuple[int, ...]]] = {}
+    bands: dict[tuple, dict[int, np.ndarray]] = {}
+    for h in range(H):
+        for first_row, cols, whole in _take_columns(left[h], causal, block):
+            keys = len(cols) * block - (block * nk - S if cols[-1] == nk - 1 else 0)
+            columns.setdefault((first_row, keys, whole), {})[h] = cols
+        for rows, offsets, excluded in _take_bands(listed[h], left[h], causal, full_q, full_k):
+            bands.setdefault((rows, offsets), {})[h] = excluded
+    if left.any(-1).sum() > MAX_REST * H * nq:  # the tiles would save little and cut rows in two
+        return Tiling((), (), layout_from_block_mask(torch.from_numpy(listed)))
+    return Tiling(
+        tuple(Columns(heads, first_row, tuple(per_head[h] for h in heads.all), whole)
+              for (first_row, _, whole), per_head in columns.items() for heads in _strided(list(per_head), group)),
+        tuple(Band(heads, rows, offsets, np.stack([per_head[h] for h in heads.all]))
+              for (rows, offsets), per_head in bands.items() for heads in _strided(list(per_head), group)),
+        layout_from_block_mask(torch.from_numpy(left)))
+
+
+def _take_columns(a: np.ndarray, causal: bool, block: int) -> list[tuple]:
+    """Columns tiles (first row, key blocks, whole lower triangle) of one head's remaining blocks `a`
+    [nq, nk], cleared where taken."""
+    nq, nk = a.shape
+    if causal:
+        if a.any() and (a == np.tri(nq, nk, dtype=bool)).all():
+            a[:] = False
+            return [(0, tuple(range(nk)), True)]
+        # column j is seen by the rows after j; consecutive such columns share a tile from the row after them
+        full = np.array([a[j + 1:, j].all() and nq - j - 1 >= MIN_ROWS for j in range(nk)])
+        taken = []
+        for start, stop in _runs(full):
+            if nq - stop >= MIN_ROWS and (stop - start) * block >= MIN_KEYS:
+                a[stop:, start:stop] = False
+                taken.append((stop, tuple(range(start, stop)), False))
+        return taken
+    cols = np.flatnonzero(a.all(0))
+    if len(cols) < nk and (len(cols) * block < MIN_KEYS or nq < MIN_ROWS):
+        return []
+    a[:, cols] = False
+    return [(0, tuple(int(c) for c in cols), False)]
+
+
+def _take_bands(listed: np.ndarray, a: np.ndarray, causal: bool, full_q: np.ndarray,
+                full_k: np.ndarray) -> list[tuple]:
+    """Band tiles (rows, offsets, excluded) of one head: diagonals of `listed` [nq, nk] taken from the
+    remaining blocks `a` (cleared where taken); blocks of the window already taken are masked
+    (`excluded`) rather than cutting the band. Runs of consecutive diagonals first (wider windows),
+    then single diagonals on what is left."""
+    nq, nk = a.shape
+    rows = np.arange(nq)
+
+    def window(d: int, of: np.ndarray) -> np.ndarray:
+        j = rows + d
+        jj = j.clip(0, nk - 1)
+        return (j >= 0) & (j < nk) & full_q & full_k[jj] & of[rows, jj]
+
+    offsets = [d for d in range(-(nq - 1), 1 if causal else nk)
+               if any(stop - start >= MIN_ROWS for start, stop in _runs(window(d, a)))]
+    taken = []
+
+    def take(d0: int, d1: int) -> None:
+        span = range(d0, d1 + 1)
+        ok = np.logical_and.reduce([window(d, listed) for d in span])
+        ok &= np.logical_or.reduce([window(d, a) for d in span])  # a row must add something
+        for start, stop in _runs(ok):
+            if stop - start >= MIN_ROWS:
+                r = rows[start:stop]
+                taken.append(((start, stop), (d0, d1), np.stack([~a[r, r + d] for d in span], -1)))
+                for d in span:
+                    a[r, r + d] = False
+
+    for d0, d1 in _runs(np.isin(np.arange(-(nq - 1), nk), offsets), base=-(nq - 1)):
+        take(d0, d1 - 1)
+    for d in offsets:
+        take(d, d)
+    return taken
+
+
+def _runs(flags: np.ndarray, base: int = 0) -> list[tuple[int, int]]:
+    """[start, stop) of each run of True in `flags` (indices shifted by `base`)."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], flags.astype(np.int8), [0]])))
+    return [(int(s) + base, int(e) + base) for s, e in zip(edges[::2], edges[1::2], strict=True)]
+
+
+def _strided(heads: list[int], group: int) -> list[Heads]:
+    """Split ascending `heads` into runs that are evenly spaced, and whose kv heads are too (views)."""
+    def even(xs: list[int]) -> bool:
+        return all(b - a == xs[1] - xs[0] for a, b in itertools.pairwise(xs))
+
+    out: list[Heads] = []
+    i = 0
+    while i < len(heads):
+        j = i + 1
+        while j < len(heads) and even(heads[i:j + 1]) and even([h // group for h in heads[i:j + 1]]):
+            j += 1
+        out.append(Heads(heads[i], heads[i + 1] - heads[i] if j - i > 1 else 1, j - i))
+        i = j
+    return out
+
+
+# ------------------------------------------------------------------------------------------ running
+
+
+def run(t: Tiling, q, k, v, mask, block: int, causal: bool, scale: float, acc, lse, *, whole: bool) -> None:
+    """Compute tiles of `t` into acc [B, H, ≥L, Ev] and lse [B, H, ≥L]: with `whole`, the columns tiles
+    that cover their heads from row 0 (assigned); else all the others (merged into what is there).
+
+    `mask`: None or the additive mask as a [Mb, Mh, L, S] view (Mb ∈ {1, B}, Mh ∈ {1, H}; stride 0 over
+    queries when it does not vary with the query, as a padding mask).
+    """
+    B, H, L, _ = q.shape
+    S, group = k.shape[2], H // k.shape[1]
+    for c in t.columns:
+        if (c.first_row == 0) != whole:
+            continue
+        rows = slice(c.first_row * block, L)
+        keys = _key_positions(c, block, S, group, q.device)
+        if isinstance(keys, slice):  # the same contiguous keys for every head: views
+            ks, vs = (_heads(x, c.heads.kv(group))[:, :, keys] for x in (k, v))
+        else:
+            kv_heads, pos = keys
+            ks, vs = k[:, kv_heads[:, None], pos], v[:, kv_heads[:, None], pos]
+        m = None if mask is None else _columns_mask(mask, c.heads, rows, keys)
+        o, ls = attend(q[:, c.heads.slice, rows], ks, vs, m, scale, causal=c.causal, dead=dead_rows(m))
+        if whole:
+            acc[:, c.heads.slice, rows], lse[:, c.heads.slice, rows] = o, ls
+        else:
+            merge(acc[:, c.heads.slice, rows], lse[:, c.heads.slice, rows], o, ls)
+    if whole:
+        return
+    for band in t.bands:
+        (i0, i1), (d0, d1) = band.rows, band.offsets
+        n, width = i1 - i0, (d1 - d0 + 1) * block
+        excluded = None
+        if band.excluded.any():
+            taken = torch.from_numpy(band.excluded).to(q.device).repeat_interleave(block, -1)[:, :, None, :]
+            excluded = torch.zeros(taken.shape, dtype=q.dtype, device=q.device).masked_fill(taken, float("-inf"))
+        parts = [(band.heads, excluded)] if B == 1 or band.heads.count == 1 else [
+            (Heads(band.heads.start + g * band.heads.step, 1, 1), None if excluded is None else excluded[g:g + 1])
+            for g in range(band.heads.count)]
+        for heads, m in parts:
+            qs = _windows(q, heads, i0 * block, n, block, block)
+            ks = _windows(k, heads.kv(group), (i0 + d0) * block, n, width, block)
+            vs = _windows(v, heads.kv(group), (i0 + d0) * block, n, width, block)
+            if mask is not None:
+                padding = _band_mask(mask, heads, i0, d0, n, width, block)
+                m = padding if m is None else m + padding
+            dead = dead_rows(m)
+            if causal and d1 == 0:  # the last block of each window is the diagonal one: one shared triangle
+                tri = torch.ones(block, width, dtype=torch.bool, device=q.device).triu(width - block + 1)
+                m = (torch.zeros(block, width, dtype=q.dtype, device=q.device) if m is None else m).masked_fill(
+                    tri, float("-inf"))
+            o, ls = attend(qs, ks, vs, m, scale, dead=dead)
+            rows = slice(i0 * block, i1 * block)
+            G = heads.count
+            merge(acc[:, heads.slice, rows], lse[:, heads.slice, rows], o.reshape(B, G, n * block, -1),
+                  ls.reshape(B, G, n * block))
+
+
+def attend(q, k, v, mask, scale: float, causal: bool = False, dead=None):
+    """Attention over all of k with its log-sum-exp per query: (out [..., Lq, Ev], lse [..., Lq] fp32).
+
+    `dead` (broadcastable to lse): rows whose keys are all masked, whose lse is −∞ (SDPA's CPU kernel
+    returns 0 there). Off the CPU (the eager path on CUDA) the same is computed with plain matmuls.
+    """
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=mask,
+                                                                             scale=scale)
+    else:
+        s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+        if mask is not None:
+            s = s + mask.float()
+        if causal:
+            above = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1)
+            s = s.masked_fill(above, float("-inf"))
+        lse = torch.logsumexp(s, -1)
+        out = (torch.exp(s - lse[..., None]).nan_to_num(0.0) @ v.float()).to(q.dtype)
+    if dead is not None:
+        lse = lse.masked_fill(dead, float("-inf"))
+    return out, lse
+
+
+def merge(acc, lse, out, out_lse) -> None:
+    """acc, lse ← the exact merge of (acc, lse) with a partial result (out, out_lse), in place."""
+    new = torch.logaddexp(lse, out_lse)
+    keep = (lse - new).exp_().nan_to_num_(0.0)  # −∞ − (−∞): neither has mass → weight 0
+    add = (out_lse - new).exp_().nan_to_num_(0.0)
+    acc.mul_(keep.unsqueeze(-1)).addcmul_(out, add.unsqueeze(-1))
+    lse.copy_(new)
+
+
+def _key_positions(c: Columns, block: int, S: int, group: int, device):
+    """The key positions of a columns tile: a slice when every head reads the same contiguous blocks,
+    else (kv head [G], positions [G, P]) to gather."""
+    first = c.cols[0]
+    if all(cols == first for cols in c.cols) and first[-1] - first[0] == len(first) - 1:
+        return slice(first[0] * block, min((first[-1] + 1) * block, S))
+    blocks = torch.tensor(c.cols, device=device)  # [G, c]
+    pos = (blocks[..., None] * block + torch.arange(block, device=device)).flatten(1)
+    pos = pos[:, :int((pos[0] < S).sum())] if S % block else pos  # a partial last block is the last one listed
+    return torch.tensor([h // group for h in c.heads.all], device=device), pos
+
+
+def _heads(x, heads: Heads):
+    """x [B, Hx, T, E] at heads `heads` (step 0 allowed: GQA heads sharing one kv head): a view."""
+    sB, sH, sT, sE = x.stride()
+    return x.as_strided((x.shape[0], heads.count, x.shape[2], x.shape[3]), (sB, heads.step * sH, sT, sE),
+                        x.storage_offset() + heads.start * sH)
+
+
+def _windows(x, heads: Heads, first: int, count: int, width: int, hop: int):
+    """Overlapping windows x[b, h, first + r·hop : … + width] for r < count: a [B or G, count, width, E]
+    view (one of B and G is 1)."""
+    sB, sH, sT, sE = x.stride()
+    lead, lead_stride = (x.shape[0], sB) if heads.count == 1 else (heads.count, heads.step * sH)
+    return x.as_strided((lead, count, width, x.shape[3]), (lead_stride, hop * sT, sT, sE),
+                        x.storage_offset() + heads.start * sH + first * sT)
+
+
+def _columns_mask(mask, heads: Heads, rows: slice, keys):
+    """The mask of a columns tile: [Mb, G or 1, Lq, P] (a view where the keys are a slice)."""
+    m = mask[:, heads.slice if mask.shape[1] > 1 else slice(None), rows]
+    if isinstance(keys, slice):
+        return m[..., keys]
+    pos = keys[1]
+    constant = m.stride(2) == 0  # constant over queries: gather one row, not every query's
+    src = m[:, :, :1] if constant else m
+    G = pos.shape[0]
+    src = src.expand(src.shape[0], G, *src.shape[2:])
+    picked = torch.gather(src, 3, pos[None, :, None, :].expand(src.shape[0], G, src.shape[2], pos.shape[1]))
+    return picked.expand(*picked.shape[:2], m.shape[2], pos.shape[1]) if constant else picked
+
+
+def _band_mask(mask, heads: Heads, i0: int, d0: int, count: int, width: int, block: int):
+    """The mask seen by each band row: [Mb or G or 1, count, block, width] (a view)."""
+    smb, smh, sl, ss = mask.stride()
+    per_head = mask.shape[1] > 1
+    if heads.count == 1:
+        lead, lead_stride, head_offset = mask.shape[0], smb, heads.start * smh if per_head else 0
+    else:  # batch 1: lead over the heads (or broadcast when the mask has one head)
+        lead, lead_stride, head_offset = (heads.count, heads.step * smh, heads.start * smh) if per_head else (1, 0, 0)
+    return mask.as_strided((lead, count, block, width), (lead_stride, block * (sl + ss), sl, ss),
+                           mask.storage_offset() + head_offset + i0 * block * sl + (i0 + d0) * block * ss)
+
+
+def dead_rows(m):
+    """Query rows whose keys in this call are all −∞ (None when the mask cannot have them)."""
+    if m is None:
+        return None
+    if m.stride(-2) == 0:
+        return (m[..., :1, :] == float("-inf")).all(-1)
+    return (m == float("-inf")).all(-1)
