@@ -229,9 +229,10 @@ def _strided(heads: list[int], group: int) -> list[Heads]:
 # ------------------------------------------------------------------------------------------ running
 
 
-def run(t: Tiling, q, k, v, mask, block: int, causal: bool, scale: float, acc, lse, *, whole: bool) -> None:
+def run(t: Tiling, q, k, v, mask, block: int, causal: bool, scale: float, acc, lse, *, whole: bool):
     """Compute tiles of `t` into acc [B, H, ≥L, Ev] and lse [B, H, ≥L]: with `whole`, the columns tiles
-    that cover their heads from row 0 (assigned); else all the others (merged into what is there).
+    that cover their heads from row 0 (assigned; returns the accumulators, which may be that call's own
+    output); else all the others (merged into what is there).
 
     `mask`: None or the additive mask as a [Mb, Mh, L, S] view (Mb ∈ {1, B}, Mh ∈ {1, H}; stride 0 over
     queries when it does not vary with the query, as a padding mask).
@@ -250,12 +251,14 @@ def run(t: Tiling, q, k, v, mask, block: int, causal: bool, scale: float, acc, l
             ks, vs = k[:, kv_heads[:, None], pos], v[:, kv_heads[:, None], pos]
         m = None if mask is None else _columns_mask(mask, c.heads, rows, keys)
         o, ls = attend(q[:, c.heads.slice, rows], ks, vs, m, scale, causal=c.causal, dead=dead_rows(m))
-        if whole:
-            acc[:, c.heads.slice, rows], lse[:, c.heads.slice, rows] = o, ls
-        else:
+        if not whole:
             merge(acc[:, c.heads.slice, rows], lse[:, c.heads.slice, rows], o, ls)
+        elif c.heads.count == H and o.shape == acc.shape and o.dtype == acc.dtype and o.is_contiguous():
+            acc, lse = o, ls.contiguous()  # one call wrote every row: its output is the accumulator (no copy)
+        else:
+            acc[:, c.heads.slice, rows], lse[:, c.heads.slice, rows] = o, ls
     if whole:
-        return
+        return acc, lse
     for band in t.bands:
         (i0, i1), (d0, d1) = band.rows, band.offsets
         n, width = i1 - i0, (d1 - d0 + 1) * block
@@ -263,15 +266,13 @@ def run(t: Tiling, q, k, v, mask, block: int, causal: bool, scale: float, acc, l
         if band.excluded.any():
             taken = torch.from_numpy(band.excluded).to(q.device).repeat_interleave(block, -1)[:, :, None, :]
             excluded = torch.zeros(taken.shape, dtype=q.dtype, device=q.device).masked_fill(taken, float("-inf"))
-        parts = [(band.heads, excluded)] if B == 1 or band.heads.count == 1 else [
-            (Heads(band.heads.start + g * band.heads.step, 1, 1), None if excluded is None else excluded[g:g + 1])
-            for g in range(band.heads.count)]
-        for heads, m in parts:
-            qs = _windows(q, heads, i0 * block, n, block, block)
-            ks = _windows(k, heads.kv(group), (i0 + d0) * block, n, width, block)
-            vs = _windows(v, heads.kv(group), (i0 + d0) * block, n, width, block)
+        for g, h in enumerate(band.heads.all):  # one call per head: measured faster than one over all
+            # heads (each call's output is a fresh buffer, and small ones reuse freed memory, big ones fault)
+            m = None if excluded is None else excluded[g:g + 1]
+            qs = _windows(q, h, i0 * block, n, block, block)
+            ks, vs = (_windows(x, h // group, (i0 + d0) * block, n, width, block) for x in (k, v))
             if mask is not None:
-                padding = _band_mask(mask, heads, i0, d0, n, width, block)
+                padding = _band_mask(mask, h, i0, d0, n, width, block)
                 m = padding if m is None else m + padding
             dead = dead_rows(m)
             if causal and d1 == 0:  # the last block of each window is the diagonal one: one shared triangle
@@ -280,9 +281,7 @@ def run(t: Tiling, q, k, v, mask, block: int, causal: bool, scale: float, acc, l
                     tri, float("-inf"))
             o, ls = attend(qs, ks, vs, m, scale, dead=dead)
             rows = slice(i0 * block, i1 * block)
-            G = heads.count
-            merge(acc[:, heads.slice, rows], lse[:, heads.slice, rows], o.reshape(B, G, n * block, -1),
-                  ls.reshape(B, G, n * block))
+            merge(acc[:, h, rows], lse[:, h, rows], o.reshape(B, n * block, -1), ls.reshape(B, n * block))
 
 
 def attend(q, k, v, mask, scale: float, causal: bool = False, dead=None):
@@ -309,11 +308,14 @@ def attend(q, k, v, mask, scale: float, causal: bool = False, dead=None):
 
 
 def merge(acc, lse, out, out_lse) -> None:
-    """acc, lse ← the exact merge of (acc, lse) with a partial result (out, out_lse), in place."""
+    """acc, lse ← the exact merge of (acc, lse) with a partial result (out, out_lse), in place.
+
+    With ℓ = log(e^lse + e^out_lse) the weights e^{lse−ℓ} and e^{out_lse−ℓ} sum to 1, so the merge is one
+    interpolation pass: acc + e^{out_lse−ℓ}·(out − acc).
+    """
     new = torch.logaddexp(lse, out_lse)
-    keep = (lse - new).exp_().nan_to_num_(0.0)  # −∞ − (−∞): neither has mass → weight 0
-    add = (out_lse - new).exp_().nan_to_num_(0.0)
-    acc.mul_(keep.unsqueeze(-1)).addcmul_(out, add.unsqueeze(-1))
+    add = (out_lse - new).exp_().nan_to_num_(0.0)  # −∞ − (−∞): neither has mass → acc stays
+    acc.lerp_(out.to(acc.dtype), add.unsqueeze(-1))
     lse.copy_(new)
 
 
@@ -336,13 +338,11 @@ def _heads(x, heads: Heads):
                         x.storage_offset() + heads.start * sH)
 
 
-def _windows(x, heads: Heads, first: int, count: int, width: int, hop: int):
-    """Overlapping windows x[b, h, first + r·hop : … + width] for r < count: a [B or G, count, width, E]
-    view (one of B and G is 1)."""
+def _windows(x, head: int, first: int, count: int, width: int, hop: int):
+    """Overlapping windows x[:, head, first + r·hop : … + width] for r < count: a [B, count, width, E] view."""
     sB, sH, sT, sE = x.stride()
-    lead, lead_stride = (x.shape[0], sB) if heads.count == 1 else (heads.count, heads.step * sH)
-    return x.as_strided((lead, count, width, x.shape[3]), (lead_stride, hop * sT, sT, sE),
-                        x.storage_offset() + heads.start * sH + first * sT)
+    return x.as_strided((x.shape[0], count, width, x.shape[3]), (sB, hop * sT, sT, sE),
+                        x.storage_offset() + head * sH + first * sT)
 
 
 def _columns_mask(mask, heads: Heads, rows: slice, keys):
@@ -359,16 +359,12 @@ def _columns_mask(mask, heads: Heads, rows: slice, keys):
     return picked.expand(*picked.shape[:2], m.shape[2], pos.shape[1]) if constant else picked
 
 
-def _band_mask(mask, heads: Heads, i0: int, d0: int, count: int, width: int, block: int):
-    """The mask seen by each band row: [Mb or G or 1, count, block, width] (a view)."""
+def _band_mask(mask, head: int, i0: int, d0: int, count: int, width: int, block: int):
+    """The mask seen by each row of a band of one head: [Mb, count, block, width] (a view)."""
     smb, smh, sl, ss = mask.stride()
-    per_head = mask.shape[1] > 1
-    if heads.count == 1:
-        lead, lead_stride, head_offset = mask.shape[0], smb, heads.start * smh if per_head else 0
-    else:  # batch 1: lead over the heads (or broadcast when the mask has one head)
-        lead, lead_stride, head_offset = (heads.count, heads.step * smh, heads.start * smh) if per_head else (1, 0, 0)
-    return mask.as_strided((lead, count, block, width), (lead_stride, block * (sl + ss), sl, ss),
-                           mask.storage_offset() + head_offset + i0 * block * sl + (i0 + d0) * block * ss)
+    return mask.as_strided((mask.shape[0], count, block, width), (smb, block * (sl + ss), sl, ss),
+                           mask.storage_offset() + (head * smh if mask.shape[1] > 1 else 0)
+                           + i0 * block * sl + (i0 + d0) * block * ss)
 
 
 def dead_rows(m):

@@ -141,7 +141,7 @@ def cpu(q, k, v, layout, mask, block, causal, scale):
     # Each row's first writer assigns (no zero-fill of the whole output: a fresh buffer costs page faults
     # on every touch), later writers merge; rows nobody writes are set to "no mass" at the end.
     ready = torch.zeros(H, nq, dtype=torch.bool, device=q.device)
-    attention_tiles.run(tiles, q, k, v, mask, block, causal, scale, out, lse, whole=True)
+    out, lse = attention_tiles.run(tiles, q, k, v, mask, block, causal, scale, out, lse, whole=True)
     for c in tiles.columns:
         if c.first_row == 0:
             ready[c.heads.slice] = True
