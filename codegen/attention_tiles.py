@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 MIN_ROWS = 2  # a columns or band tile must cover at least this many query blocks
 MIN_KEYS = 256  # a columns tile must read at least this many keys (measured: 4096 queries × 128 keys run at
@@ -229,10 +230,77 @@ def _strided(heads: list[int], group: int) -> list[Heads]:
 # ------------------------------------------------------------------------------------------ running
 
 
-def run(t: Tiling, q, k, v, mask, block: int, causal: bool, scale: float, acc, lse, *, whole: bool):
-    """Compute tiles of `t` into acc [B, H, ≥L, Ev] and lse [B, H, ≥L]: with `whole`, the columns tiles
-    that cover their heads from row 0 (assigned; returns the accumulators, which may be that call's own
-    output); else all the others (merged into what is there).
+class Accumulator:
+    """The output being built: [B, H, nq·block, Ev] and its log-sum-exp, with which query blocks
+    (head, block) some call has written. A call's result is assigned where nothing was written yet and
+    merged elsewhere; rows nobody writes get "no mass" (0) at the end. The first call that covers every
+    row becomes the buffer itself. Why so careful: a fresh multi-megabyte buffer costs page faults on
+    first touch (~4 ms for 12 MB here), as much as a tile's compute, so none is allocated or zero-filled
+    that is not needed.
+    """
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device, block: int):
+        self.shape, self.dtype, self.device, self.block = shape, dtype, device, block
+        self.out = self.lse = None
+        self.ready = torch.zeros(shape[1], shape[2] // block, dtype=torch.bool)
+
+    def _alloc(self) -> None:
+        if self.out is None:
+            self.out = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+            self.lse = torch.empty(self.shape[:3], device=self.device)
+
+    def put(self, heads: slice | int, first: int, o, ls) -> None:
+        """Rows first·block… (as many as o has) of `heads`: o [B, (G,) rows, Ev], ls [B, (G,) rows]."""
+        o = o.to(self.dtype)
+        n = o.shape[-2]
+        blocks = slice(first, first + math.ceil(n / self.block))
+        done = self.ready[heads, blocks]
+        if (self.out is None and first == 0 and o.shape == self.shape and o.is_contiguous()):
+            self.out, self.lse = o, ls.contiguous()  # one call wrote every row: its output is the buffer
+        else:
+            self._alloc()
+            rows = slice(first * self.block, first * self.block + n)
+            region, region_lse = self.out[:, heads, rows], self.lse[:, heads, rows]
+            if not bool(done.any()):
+                region.copy_(o)
+                region_lse.copy_(ls)
+            else:
+                if not bool(done.all()):
+                    empty = ~done.repeat_interleave(self.block, -1)[..., :n]
+                    region[:, empty], region_lse[:, empty] = 0, float("-inf")
+                merge(region, region_lse, o, ls)
+        self.ready[heads, blocks] = True
+
+    def put_rows(self, rows: torch.Tensor, o, ls) -> None:
+        """Query blocks `rows` (indices into H·nq): o [B, R, block, Ev], ls [B, R, block]."""
+        self._alloc()
+        B, H, Lp, Ev = self.shape
+        out5, lse4 = self.out.view(B, H, Lp // self.block, self.block, Ev), self.lse.view(B, H, -1, self.block)
+        h, i = rows // self.ready.shape[1], rows % self.ready.shape[1]
+        done = self.ready[h.cpu(), i.cpu()].to(rows.device)
+        if not bool(done.any()):
+            out5[:, h, i], lse4[:, h, i] = o.to(self.dtype), ls
+        else:  # gathered, merged, written back
+            acc, acc_lse = out5[:, h, i], lse4[:, h, i]
+            acc[:, ~done], acc_lse[:, ~done] = 0, float("-inf")
+            merge(acc, acc_lse, o.to(self.dtype), ls)
+            out5[:, h, i], lse4[:, h, i] = acc, acc_lse
+        self.ready[h.cpu(), i.cpu()] = True
+
+    def result(self, L: int):
+        self._alloc()
+        B, H, _, Ev = self.shape
+        h, i = (~self.ready).nonzero(as_tuple=True)
+        if len(h):
+            self.out.view(B, H, -1, self.block, Ev)[:, h, i] = 0
+            self.lse.view(B, H, -1, self.block)[:, h, i] = float("-inf")
+        return self.out[:, :, :L]
+
+
+def run(t: Tiling, q, k, v, mask, block: int, causal: bool, scale: float, acc: Accumulator, *,
+        whole: bool) -> None:
+    """Compute tiles of `t` into `acc`: with `whole`, the columns tiles that cover their heads from
+    row 0 (run first, so one of them may become the buffer), else all the others.
 
     `mask`: None or the additive mask as a [Mb, Mh, L, S] view (Mb ∈ {1, B}, Mh ∈ {1, H}; stride 0 over
     queries when it does not vary with the query, as a padding mask).
@@ -251,14 +319,11 @@ def run(t: Tiling, q, k, v, mask, block: int, causal: bool, scale: float, acc, l
             ks, vs = k[:, kv_heads[:, None], pos], v[:, kv_heads[:, None], pos]
         m = None if mask is None else _columns_mask(mask, c.heads, rows, keys)
         o, ls = attend(q[:, c.heads.slice, rows], ks, vs, m, scale, causal=c.causal, dead=dead_rows(m))
-        if not whole:
-            merge(acc[:, c.heads.slice, rows], lse[:, c.heads.slice, rows], o, ls)
-        elif c.heads.count == H and o.shape == acc.shape and o.dtype == acc.dtype and o.is_contiguous():
-            acc, lse = o, ls.contiguous()  # one call wrote every row: its output is the accumulator (no copy)
-        else:
-            acc[:, c.heads.slice, rows], lse[:, c.heads.slice, rows] = o, ls
+        if o.shape[2] < acc.shape[2] - c.first_row * block and c.first_row == 0 and c.heads.count == H:
+            o, ls = F.pad(o, (0, 0, 0, acc.shape[2] - L)), F.pad(ls, (0, acc.shape[2] - L))  # stays a whole buffer
+        acc.put(c.heads.slice, c.first_row, o, ls)
     if whole:
-        return acc, lse
+        return
     for band in t.bands:
         (i0, i1), (d0, d1) = band.rows, band.offsets
         n, width = i1 - i0, (d1 - d0 + 1) * block
@@ -280,8 +345,7 @@ def run(t: Tiling, q, k, v, mask, block: int, causal: bool, scale: float, acc, l
                 m = (torch.zeros(block, width, dtype=q.dtype, device=q.device) if m is None else m).masked_fill(
                     tri, float("-inf"))
             o, ls = attend(qs, ks, vs, m, scale, dead=dead)
-            rows = slice(i0 * block, i1 * block)
-            merge(acc[:, h, rows], lse[:, h, rows], o.reshape(B, n * block, -1), ls.reshape(B, n * block))
+            acc.put(h, i0, o.reshape(B, n * block, -1), ls.reshape(B, n * block))
 
 
 def attend(q, k, v, mask, scale: float, causal: bool = False, dead=None):

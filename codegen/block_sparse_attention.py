@@ -136,49 +136,26 @@ def cpu(q, k, v, layout, mask, block, causal, scale):
     mask = None if mask is None else _full_mask(mask.to(q.dtype), B, H, L, S)
     tiles = attention_tiles.tiling(layout, L, S, block, causal, H // Hkv)
     wide = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype  # merge precision
-    out = torch.empty(B, H, nq * block, Ev, dtype=wide, device=q.device)
-    lse = torch.empty(B, H, nq * block, device=q.device)
-    # Each row's first writer assigns (no zero-fill of the whole output: a fresh buffer costs page faults
-    # on every touch), later writers merge; rows nobody writes are set to "no mass" at the end.
-    ready = torch.zeros(H, nq, dtype=torch.bool, device=q.device)
-    out, lse = attention_tiles.run(tiles, q, k, v, mask, block, causal, scale, out, lse, whole=True)
-    for c in tiles.columns:
-        if c.first_row == 0:
-            ready[c.heads.slice] = True
-    out5, lse4 = out.view(B, H, nq, block, Ev), lse.view(B, H, nq, block)
+    acc = attention_tiles.Accumulator((B, H, nq * block, Ev), wide, q.device, block)
+    attention_tiles.run(tiles, q, k, v, mask, block, causal, scale, acc, whole=True)
     if bool((tiles.rest >= 0).any()):
         qb = _pad_seq(q, nq * block).reshape(B, H * nq, block, E)
         kblocks = _pad_seq(k, nk * block).reshape(B * Hkv * nk, block, E)
         vblocks = _pad_seq(v, nk * block).reshape(B * Hkv * nk, block, Ev)
         for rows, o, ls in _listed(tiles.rest.to(q.device), mask, causal,
                                    (qb, kblocks, vblocks, B, H, Hkv, S, nq, nk, block, scale)):
-            if rows is None and not bool(ready.any()):  # one call computed every row: its output is the result
-                out, lse = o.to(out.dtype).reshape(out.shape), ls.reshape(lse.shape)
-                out5, lse4 = out.view(B, H, nq, block, Ev), lse.view(B, H, nq, block)
-                ready[:] = True
-                continue
-            rows = torch.arange(H * nq, device=q.device) if rows is None else rows
-            h, i = rows // nq, rows % nq
-            fresh = ~ready[h, i]
-            o = o.to(out.dtype)
-            if bool(fresh.all()):
-                out5[:, h, i], lse4[:, h, i] = o, ls
-            else:  # rows a whole-head tile wrote first: merge (gathered, merged, written back)
-                acc, acc_lse = out5[:, h, i], lse4[:, h, i]
-                acc[:, fresh], acc_lse[:, fresh] = 0, float("-inf")
-                attention_tiles.merge(acc, acc_lse, o, ls)
-                out5[:, h, i], lse4[:, h, i] = acc, acc_lse
-            ready[h, i] = True
-    h, i = (~ready).nonzero(as_tuple=True)
-    if len(h):
-        out5[:, h, i], lse4[:, h, i] = 0, float("-inf")
-    attention_tiles.run(tiles, q, k, v, mask, block, causal, scale, out, lse, whole=False)
-    return out[:, :, :L].to(q.dtype)  # a row with no allowed key stays 0
+            if isinstance(rows, int):
+                acc.put(slice(None), rows, o.reshape(B, H, -1, Ev), ls.reshape(B, H, -1))
+            else:
+                acc.put_rows(rows, o, ls)
+    attention_tiles.run(tiles, q, k, v, mask, block, causal, scale, acc, whole=False)
+    return acc.result(L).to(q.dtype)  # a row with no allowed key stays 0
 
 
 def _listed(layout, mask, causal, parts):
     """Attention of (head, query block) rows over their listed key blocks, gathered: yields per group of
-    rows (indices into H·nq, None for all) the output [B, R, block, Ev] and log-sum-exp [B, R, block].
+    rows the output [B, R, block, Ev] and log-sum-exp [B, R, block]. A group's rows are given as an int a
+    when they are every head's query blocks a… (then no gather of q: views), else as indices into H·nq.
 
     Each row's blocks are sorted descending, so the only blocks that need an element mask (the causal
     diagonal block i, the partial last block nk − 1) can only come first. Rows are grouped by (number
@@ -201,14 +178,12 @@ def _listed(layout, mask, causal, parts):
             key = key + (first == nk - 1)
     masks = None if mask is None else _mask_blocks(mask, nq, block)
     group = H // Hkv
-    uniform = bool((key == key[0]).all()) and int(counts[0]) > 0
     for g in key.unique().tolist():
         c, diagonal, tail = g // 4, bool(g & 2), bool(g & 1)
         if c == 0:
             continue
-        rows = None if uniform else (key == g).nonzero().view(-1)
-        h = torch.arange(H, device=dev).repeat_interleave(nq) if uniform else rows // nq
-        i = row_block if uniform else rows % nq
+        rows = (key == g).nonzero().view(-1)
+        h, i = rows // nq, rows % nq
         idx = layout[h, i, :c]  # [R, c]
         R = idx.shape[0]
         flat = ((torch.arange(B, device=dev)[:, None, None] * Hkv + (h // group)[None, :, None]) * nk
@@ -216,12 +191,22 @@ def _listed(layout, mask, causal, parts):
         kg = torch.index_select(kblocks, 0, flat, out=_workspace("k", (flat.numel(), block, E), kblocks))
         vg = torch.index_select(vblocks, 0, flat, out=_workspace("v", (flat.numel(), block, Ev), vblocks))
         kg, vg = kg.view(B, R, c * block, E), vg.view(B, R, c * block, Ev)
-        qs = qb if uniform else qb[:, rows]
+        start = nq - R // H
+        if R % H == 0 and torch.equal(rows, (torch.arange(H, device=dev)[:, None] * nq
+                                             + torch.arange(start, nq, device=dev)).view(-1)):
+            qs, rows = qb.view(B, H, nq, block, E)[:, :, start:], start  # every head's tail: a view of q
+            qs = qs.reshape(B, R, block, E) if B > 1 or start == 0 else qs[0]
+            kg, vg = (x if B > 1 or start == 0 else x.view(H, R // H, c * block, -1) for x in (kg, vg))
+        else:
+            qs = qb[:, rows]
         if masks is not None:
             attn_mask = _row_mask(masks, h, i, idx, S, block, causal)
+            if qs.shape[0] != B:
+                attn_mask = attn_mask.reshape(H, R // H, *attn_mask.shape[2:])
         else:
             attn_mask = _shared_mask(c, block, diagonal, S - (nk - 1) * block if tail else block, qb.dtype, dev)
-        yield rows, *attention_tiles.attend(qs, kg, vg, attn_mask, scale, dead=attention_tiles.dead_rows(attn_mask))
+        o, ls = attention_tiles.attend(qs, kg, vg, attn_mask, scale, dead=attention_tiles.dead_rows(attn_mask))
+        yield rows, o.reshape(B, R, block, Ev), ls.reshape(B, R, block)
 
 
 def _shared_mask(c, block, diagonal, first_len, dtype, device):
