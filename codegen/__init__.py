@@ -21,6 +21,7 @@ OPS: dict[str, str] = {
     "sparse_linear": "sparsegraph.codegen.sparse_linear",
     "core_linear": "sparsegraph.codegen.core_linear",
     "block_sparse_attention": "sparsegraph.codegen.block_sparse_attention",
+    "dynamic_block_sparse_attention": "sparsegraph.codegen.dynamic_block_sparse_attention",
     "token_scores": "sparsegraph.codegen.token_scores",
     "core_scores": "sparsegraph.codegen.core_scores",
     "token_select": "sparsegraph.codegen.token_select",

@@ -117,6 +117,13 @@ def tiling(layout: torch.Tensor, L: int, S: int, block: int, causal: bool, group
     return found
 
 
+def untiled(layout: torch.Tensor, L: int, S: int, block: int, causal: bool, group: int) -> Tiling:
+    """Every block left to the gathered path (causal: the blocks after the diagonal dropped)."""
+    if causal:
+        layout = torch.where(layout > torch.arange(layout.shape[1], device=layout.device)[None, :, None], -1, layout)
+    return Tiling((), (), layout)
+
+
 def _tile(layout, L, S, block, causal, group) -> Tiling:
     from sparsegraph.codegen.block_sparse_attention import block_mask_from_layout, layout_from_block_mask
 

@@ -127,14 +127,16 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: torch.T
     return (p @ repeat_kv(v, H).float()).to(q.dtype)
 
 
-def cpu(q, k, v, layout, mask, block, causal, scale):
+def cpu(q, k, v, layout, mask, block, causal, scale, tile: bool = True):
+    """The CPU path (module docstring); `tile` False gathers every block (for layouts new at every call,
+    whose tiling would cost more than it saves)."""
     _check(q, k, v, layout, block)
     B, H, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     nq, nk = block_counts(L, S, block)
     mask = None if mask is None else _full_mask(mask.to(q.dtype), B, H, L, S)
-    tiles = attention_tiles.tiling(layout, L, S, block, causal, H // Hkv)
+    tiles = (attention_tiles.tiling if tile else attention_tiles.untiled)(layout, L, S, block, causal, H // Hkv)
     wide = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype  # merge precision
     acc = attention_tiles.Accumulator((B, H, nq * block, Ev), wide, q.device, block)
     attention_tiles.run(tiles, q, k, v, mask, block, causal, scale, acc, whole=True)
