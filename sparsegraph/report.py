@@ -139,7 +139,8 @@ def _activation_figures(plan) -> list[tuple[str, str]]:
 
 
 PATTERN_COLOURS = {"dense": "#bbbbbb", "local": "#4878d0", "sink_local": "#6acc64", "vertical_slash": "#ee854a",
-                   "block_topk": "#956cb4", "multi_diagonal": "#d65f5f", "skip": "#ffffff"}
+                   "block_topk": "#956cb4", "multi_diagonal": "#d65f5f", "dynamic_topk": "#8c613c",
+                   "skip": "#ffffff"}
 
 
 def _head_grid(plan) -> list[tuple[str, str]]:

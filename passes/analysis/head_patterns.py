@@ -20,7 +20,15 @@ A pattern is a set of blocks A; its recall is R(A) = Σ_{(I,J) ∈ A} M[h, I, J]
   with the most new mass per new block;
 - ``vertical_slash`` (columns C, diagonals D), MInference: J ∈ C or I − J ∈ D (0 ∈ D always); built
   greedily, each step adding the column or diagonal with the most new mass per new block;
-- ``block_topk``: the fewest blocks, taken by mass, that reach the recall (static, from calibration).
+- ``block_topk``: the fewest blocks, taken by mass, that reach the recall (static, from calibration);
+- ``dynamic_topk`` (t): chosen per input at run time (``sparsegraph::dynamic_block_sparse_attention``):
+  each query block lists the diagonal and the key blocks of highest block-mean score q̄_I·k̄_J, t in
+  all. On calibration the same estimate is made per input and its captured mass summed,
+
+      C(t) = Σ_b Σ_I Σ_{J ∈ top_t(est_b[I])} M_b[h, I, J]
+
+  and t is the smallest with C(t) ≥ recall · Σ M (SDPA sites, where q and k are observed). For heads
+  whose attention moves with the input, where any static pattern must list the union over inputs;
 
 - ``skip``: the head computes nothing and its output is replaced by its calibrated mean ō_h. Recall
   does not judge this one; the head's output does: with o_h [E] the head's attention output per query
@@ -34,7 +42,8 @@ Each family's parameters are grown until R ≥ ``recall`` (per site through conf
 head takes the family with the lowest cost = blocks · (1 + overhead). ``block_topk`` is the minimum
 number of blocks by construction, but it is fitted to the calibration sample and tied to its length,
 so it carries ``topk_overhead`` (default 0.25): a structured pattern within 25% of its block count
-wins. Ties go to the simpler family (the order above). Dense is always possible; a sparse pattern
+wins. ``dynamic_topk`` carries the same overhead (its estimate, and its layouts are gathered, never
+tiled). Ties go to the simpler family (the order above). Dense is always possible; a sparse pattern
 must save at least ``min_saving`` (default 0.2) of the blocks, as the sparse kernel's gathers and
 per-block overhead eat small savings (a head with diffuse attention stays dense).
 
@@ -54,11 +63,13 @@ import torch.fx
 import torch.nn.functional as F
 
 from sparsegraph import ir
+from sparsegraph.codegen import dynamic_block_sparse_attention as dynamic
 from sparsegraph.observe import Observer
 from sparsegraph.pass_contract import AnalysisPass, option
 from sparsegraph.registry import register_pass
 
-FAMILIES = ("dense", "local", "sink_local", "multi_diagonal", "vertical_slash", "block_topk", "skip")
+FAMILIES = ("dense", "local", "sink_local", "multi_diagonal", "vertical_slash", "block_topk", "dynamic_topk",
+            "skip")
 
 
 @register_pass("head_patterns")
@@ -102,8 +113,9 @@ class HeadPatterns(AnalysisPass):
                 continue
             length, mass = observed
             shares, means = observer.output_shares(site)
-            heads = [choose(m, site.causal, opts.recall, opts.patterns, opts.topk_overhead, opts.min_saving)
-                     for m in mass]
+            captured = observer.captured.get(site.id, {}).get(length)
+            heads = [choose(m, site.causal, opts.recall, opts.patterns, opts.topk_overhead, opts.min_saving,
+                            captured=None if captured is None else captured[h]) for h, m in enumerate(mass)]
             for h, head in enumerate(heads):
                 head["output_share"] = round(float(shares[h]), 6)
                 if "skip" in opts.patterns and shares[h] <= opts.skip_share:
@@ -133,7 +145,8 @@ def pattern_mask(pattern: str, params: dict, nq: int, nk: int, causal: bool) -> 
     """bool [nq, nk] block mask of a pattern at a sequence of nq query and nk key blocks.
 
     Structured patterns are functions of their parameters, so the rewrite can lay them out at any
-    length; ``block_topk`` stores its blocks and exists only at its calibration length.
+    length; ``block_topk`` stores its blocks and exists only at its calibration length;
+    ``dynamic_topk`` lists nothing ahead of time (its blocks are chosen per input).
     """
     rel = torch.arange(nq)[:, None] + (nk - nq) - torch.arange(nk)[None, :]  # I − J (aligned at the end)
     if pattern == "dense":
@@ -148,7 +161,7 @@ def pattern_mask(pattern: str, params: dict, nq: int, nk: int, causal: bool) -> 
         cols = torch.zeros(nk, dtype=torch.bool)
         cols[[c for c in params["columns"] if c < nk]] = True
         mask = cols[None, :] | torch.isin(rel, torch.tensor(params["diagonals"], dtype=torch.long))
-    elif pattern == "skip":
+    elif pattern in ("skip", "dynamic_topk"):
         mask = torch.zeros(nq, nk, dtype=torch.bool)
     elif pattern == "block_topk":
         mask = torch.zeros(nq, nk, dtype=torch.bool)
@@ -162,9 +175,10 @@ def pattern_mask(pattern: str, params: dict, nq: int, nk: int, causal: bool) -> 
 
 
 def choose(mass: torch.Tensor, causal: bool, recall: float, families=FAMILIES, topk_overhead: float = 0.25,
-           min_saving: float = 0.2) -> dict:
+           min_saving: float = 0.2, captured: torch.Tensor | None = None) -> dict:
     """The cheapest pattern of `families` whose recall on `mass` [nq, nk] is ≥ `recall`.
 
+    `captured` [nk]: C(t) of ``dynamic_topk`` for t = 1 … nk (None: that family is not available).
     Dense is always a candidate; a sparse pattern must cost at most (1 − min_saving) of it.
     """
     nq, nk = mass.shape
@@ -174,6 +188,18 @@ def choose(mass: torch.Tensor, causal: bool, recall: float, families=FAMILIES, t
     possible = int(allowed.sum())
     found = []
     for family in families:
+        if family == "dynamic_topk":
+            if captured is None:
+                continue
+            reached = (captured.double() >= recall * total - 1e-9).nonzero()
+            if not len(reached):
+                continue
+            t = int(reached[0]) + 1
+            blocks = int(allowed.sum(1).clamp(max=t).sum())  # a causal row lists at most the blocks it sees
+            cost = blocks * (1 + topk_overhead)
+            if cost <= (1 - min_saving) * possible:
+                found.append((cost, FAMILIES.index(family), family, {"k": t}, blocks, float(captured[t - 1])))
+            continue
         params = _fit(family, mass, allowed, causal, recall * total)
         if params is None:
             continue
@@ -182,12 +208,12 @@ def choose(mass: torch.Tensor, causal: bool, recall: float, families=FAMILIES, t
         cost = blocks * (1 + (topk_overhead if family == "block_topk" else 0.0))
         if family != "dense" and cost > (1 - min_saving) * possible:
             continue
-        found.append((cost, FAMILIES.index(family), family, params, mask))
+        found.append((cost, FAMILIES.index(family), family, params, blocks, float((mass * mask).sum())))
     if not found or "dense" not in families:
-        found.append((possible, 0, "dense", {}, allowed))
-    cost, _, family, params, mask = min(found, key=lambda t: (t[0], t[1]))
-    return {"pattern": family, "params": params, "recall": round(float((mass * mask).sum()) / total, 6),
-            "density": round(int(mask.sum()) / max(possible, 1), 6), "blocks": int(mask.sum())}
+        found.append((possible, 0, "dense", {}, possible, total))
+    cost, _, family, params, blocks, kept = min(found, key=lambda t: (t[0], t[1]))
+    return {"pattern": family, "params": params, "recall": round(kept / total, 6),
+            "density": round(blocks / max(possible, 1), 6), "blocks": blocks}
 
 
 def _recall_ok(mass, mask, need):
@@ -275,6 +301,7 @@ class _Observer(Observer):
         self.masses: dict[str, dict[int, torch.Tensor]] = {}
         self.outs = {s.out: s for s in sites}
         self.moments: dict[str, list] = {}  # site → [rows, Σ o [H, E], Σ ‖o‖² [H]]
+        self.captured: dict[str, dict[int, torch.Tensor]] = {}  # site → length → C(t) [H, nk] (dynamic_topk)
 
     def run_node(self, n):
         site = self.at.get(n)
@@ -310,10 +337,11 @@ class _Observer(Observer):
         mask = self.env[site.mask] if site.mask is not None else None
         scale = ir._arg(node, 6, "scale") or q.shape[-1] ** -0.5
         causal = bool(ir._arg(node, 5, "is_causal", False))
-        H, L, S = q.shape[1], q.shape[2], k.shape[2]
+        B, H, L, S = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
         k = k.float().repeat_interleave(H // k.shape[1], 1) if k.shape[1] != H else k.float()
         if mask is not None and mask.dtype == torch.bool:
             mask = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+        per_input = torch.zeros(B, H, math.ceil(L / self.block), math.ceil(S / self.block), dtype=torch.float64)
         for c0 in range(0, L, self.chunk):
             c1 = min(L, c0 + self.chunk)
             s = (q[:, :, c0:c1].float() * scale) @ k.transpose(-1, -2)
@@ -322,20 +350,33 @@ class _Observer(Observer):
                 s = s + m.float()
             if causal:
                 s = s.masked_fill(torch.arange(S)[None, :] > torch.arange(c0, c1)[:, None], float("-inf"))
-            self._add(site, torch.softmax(s, -1).nan_to_num(0.0), c0, L)
+            per_input += self._add(site, torch.softmax(s, -1).nan_to_num(0.0), c0, L)
+        self._capture(site, q, k, mask, causal, scale, per_input, L)
+
+    def _capture(self, site, q, k, mask, causal, scale, per_input, L):
+        """C(t) of ``dynamic_topk``: the mass its run-time estimate would keep, per input, for every t."""
+        est = dynamic.estimate(q, k, mask, self.block, causal, scale)  # the op's own estimate
+        order = est.argsort(-1, descending=True)
+        kept = per_input.gather(-1, order).cumsum(-1).sum((0, 2))  # [H, nk]
+        by_length = self.captured.setdefault(site.id, {})
+        by_length[L] = by_length[L] + kept if L in by_length else kept
 
     def _add(self, site, p, row0, L):
-        """Add probabilities p [B, H, rows, S] of query rows row0… (of L) to the site's block mass."""
+        """Add probabilities p [B, H, rows, S] of query rows row0… (of L) to the site's block mass; returns
+        this chunk's mass per input [B, H, nq, nk]."""
         B, H, rows, S = p.shape
         tm = self.token_mask
         if tm is not None and tm.shape[0] == B and tm.shape[1] == L:
             p = p * tm[:, None, row0:row0 + rows, None]
         nq, nk = math.ceil(L / self.block), math.ceil(S / self.block)
-        per_key = F.pad(p, (0, nk * self.block - S)).view(B, H, rows, nk, self.block).sum(-1).sum(0)  # [H, rows, nk]
+        per_key = F.pad(p, (0, nk * self.block - S)).view(B, H, rows, nk, self.block).sum(-1)  # [B, H, rows, nk]
+        chunk = torch.zeros(B, H, nq, nk, dtype=torch.float64)
+        chunk.index_add_(2, torch.arange(row0, row0 + rows) // self.block, per_key.double())
         by_length = self.masses.setdefault(site.id, {})
         if L not in by_length:
             by_length[L] = torch.zeros(H, nq, nk, dtype=torch.float64)
-        by_length[L].index_add_(1, torch.arange(row0, row0 + rows) // self.block, per_key.double())
+        by_length[L] += chunk.sum(0)
+        return chunk
 
     def result(self, site) -> tuple[int, torch.Tensor] | None:
         """(length, mass) at the traced length if calibrated there, else at the longest calibrated one."""

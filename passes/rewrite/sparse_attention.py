@@ -21,7 +21,9 @@ this pass runs at its traced sequence length (compile again, or from the plan, f
 structured patterns then lay out at the new length, ``block_topk`` heads are refused there).
 
 A ``skip`` head lists no block (the op returns zeros for it) and its calibrated mean output is added
-after the op.
+after the op. A site with ``dynamic_topk`` heads calls ``sparsegraph::dynamic_block_sparse_attention``
+instead, with the static heads' layout and, per head, how many blocks to choose per input (0 for the
+static heads): those heads work at any length.
 
 Refused, with the reason: sites head_patterns did not measure; every head dense (nothing skipped);
 mean density above ``max_density``; dropout in the attention; causal attention with L ≠ S; explicit
@@ -36,6 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from sparsegraph import graph_edit, ir, meta
+from sparsegraph.codegen import dynamic_block_sparse_attention
 from sparsegraph.codegen.block_sparse_attention import OP, layout_from_block_mask
 from sparsegraph.pass_contract import RewritePass, SiteDecision, option
 from sparsegraph.passes.analysis.head_patterns import pattern_mask
@@ -121,12 +124,18 @@ def _unsupported(site, lengths, evidence) -> str | None:
 
 def _replace(gm, site, d: dict, density: float | None) -> None:
     out = site.out
-    layout = graph_edit.add_tensor(gm, f"{site.module_path or site.id}.attention_layout", layout_for(d), out)
+    name = site.module_path or site.id
+    layout = graph_edit.add_tensor(gm, f"{name}.attention_layout", layout_for(d), out)
     g = gm.graph
     q, k, v, additive, scale = graph_edit.attention_operands(gm, site, out)
+    topk = [h["params"]["k"] if h["pattern"] == "dynamic_topk" else 0 for h in d["heads"]]
+    if any(topk):
+        chosen = graph_edit.add_tensor(gm, f"{name}.attention_topk", torch.tensor(topk), out)
+        target, operands = dynamic_block_sparse_attention.OP.overload, (q, k, v, layout, chosen)
+    else:
+        target, operands = OP.overload, (q, k, v, layout)
     with g.inserting_before(out):
-        new = g.call_function(OP.overload, (q, k, v, layout, additive, int(d["block"]), bool(d["causal"]),
-                                            float(scale)))
+        new = g.call_function(target, (*operands, additive, int(d["block"]), bool(d["causal"]), float(scale)))
     meta.copy_provenance(out, new)
     info = meta.get(out)
     if info is not None:
@@ -136,7 +145,7 @@ def _replace(gm, site, d: dict, density: float | None) -> None:
     if any(m is not None for m in skipped):  # skipped heads computed nothing (zeros): add their means
         width = len(next(m for m in skipped if m is not None))
         bias = torch.tensor([m if m is not None else [0.0] * width for m in skipped])[:, None, :]
-        bias_node = graph_edit.add_tensor(gm, f"{site.module_path or site.id}.skipped_head_means", bias, new)
+        bias_node = graph_edit.add_tensor(gm, f"{name}.skipped_head_means", bias, new)
         with g.inserting_after(new):
             result = g.call_function(torch.ops.aten.add.Tensor, (new, bias_node))
         meta.copy_provenance(out, result)

@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sparsegraph import models
 
@@ -17,3 +18,29 @@ def explicit_calibrated():
             mask[1, 30:] = 0
         batches.append((ids, mask))
     return model, example, batches
+
+
+def _moving(batch, seed, L=128, E=32, strength=20.0, block=16):
+    """Heads whose query block I attends to key block π_b(I), a fresh permutation per input b: no static
+    pattern short of listing every target of every input keeps the mass; the run-time estimate finds
+    each input's target from the block means."""
+    g = torch.Generator().manual_seed(seed)
+    nb = L // block
+    blocks = torch.arange(L) // block
+    qs, ks = [], []
+    for _ in range(batch):
+        target = torch.randperm(nb, generator=g)  # query block I → key block target[I]
+        source = torch.empty(nb, dtype=torch.long)
+        source[target] = torch.arange(nb)  # key block J is the target of query block source[J]
+        q = F.one_hot(blocks, E).float() * strength
+        k = F.one_hot(source[blocks], E).float() * strength
+        qs.append(q + torch.randn(L, E, generator=g) * 0.05)
+        ks.append(k + torch.randn(L, E, generator=g) * 0.05)
+    q, k = torch.stack(qs)[:, None] / E ** 0.25, torch.stack(ks)[:, None] / E ** 0.25
+    return q, k, torch.randn(batch, 1, L, E, generator=g)
+
+
+@pytest.fixture(scope="session")
+def moving_heads():
+    """`_moving`: q, k, v of one head that attends somewhere else for every input."""
+    return _moving

@@ -182,3 +182,28 @@ def test_skipping_is_off_by_default():
     cm = _compile(_SDPA(), _planted(KINDS[:3]), [_planted(KINDS[:3], seed=1)])
     (site,) = [s for s in cm.plan.sites if "head_patterns" in cm.plan.sites[s]]
     assert all(h["pattern"] != "skip" and "output_share" in h for h in cm.plan.evidence("head_patterns", site)["heads"])
+
+
+def test_a_head_that_moves_with_the_input_gets_dynamic_topk(moving_heads):
+    batches = [moving_heads(2, seed) for seed in range(4)]
+    cm = _compile(_SDPA(), batches[0], batches)
+    site = next(iter(cm.plan.sites))
+    (head,) = cm.plan.evidence("head_patterns", site)["heads"]
+    # the diagonal (always listed) and the input's own target: 2 blocks per row, nearly all the mass
+    assert head["pattern"] == "dynamic_topk" and head["params"] == {"k": 2}, head
+    assert head["recall"] >= 0.95 and head["density"] == pytest.approx(2 / (128 // BLOCK))
+    # without the family, the static patterns must list (nearly) everything
+    static = _compile(_SDPA(), batches[0], batches, patterns=["dense", "local", "vertical_slash", "block_topk"])
+    assert static.plan.evidence("head_patterns", site)["heads"][0]["density"] > 0.5
+
+
+def test_choose_takes_dynamic_topk_only_where_it_is_cheaper():
+    nq = 8
+    mass = torch.eye(nq) + 1e-4
+    captured = torch.full((nq,), float(mass.sum()))  # the estimate keeps everything with t = 1
+    assert choose(mass, False, 0.95, captured=captured)["pattern"] == "local"  # same blocks, no overhead
+    scattered = torch.rand(nq, nq, generator=torch.Generator().manual_seed(0))
+    captured = scattered.sum() * torch.tensor([0.96] + [1.0] * (nq - 1))
+    got = choose(scattered, False, 0.95, captured=captured)
+    assert got["pattern"] == "dynamic_topk" and got["params"] == {"k": 1} and got["blocks"] == nq
+    assert choose(scattered, False, 0.95)["pattern"] == "dense"  # not observed: not a candidate

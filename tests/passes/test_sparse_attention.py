@@ -133,3 +133,28 @@ def test_llama_onnx_matches_in_onnxruntime(llama_sparse, tmp_path):
     want = _run(cm, "reference", *example)
     got, want = (x if isinstance(x, torch.Tensor) else x[0] for x in (got, want))
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+class _SDPA(torch.nn.Module):
+    def forward(self, q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+def test_dynamic_heads_become_the_dynamic_op_and_follow_each_input(moving_heads, tmp_path):
+    from sparsegraph.codegen import dynamic_block_sparse_attention as dyn
+
+    batches = [moving_heads(2, seed) for seed in range(4)]
+    config = {"passes": [{"head_patterns": {"block": 16}}, {"sparse_attention": {}}]}
+    cm = sg.compile(_SDPA(), config, example_inputs=batches[0], calibration=batches, quiet=True)
+    nodes = [n for n in cm.graph_module.graph.nodes if n.target is dyn.OP.overload]
+    assert len(nodes) == 1 and not _ops(cm)
+    assert cm.plan.passes["sparse_attention"]["stats"]["rewritten"] == 1
+    topk = ir.get_attr(cm.graph_module, nodes[0].args[4].target)
+    assert topk.tolist() == [2]
+    held_out = moving_heads(3, seed=9)  # permutations it never saw
+    dense = _SDPA()(*held_out)
+    out = _run(cm, "eager", *held_out)
+    torch.testing.assert_close(out, _run(cm, "reference", *held_out), rtol=1e-5, atol=1e-5)
+    assert torch.nn.functional.cosine_similarity(out.flatten(), dense.flatten(), dim=0) > 0.99
+    path = cm.export_onnx(tmp_path / "dyn.onnx")
+    torch.testing.assert_close(OnnxModel(path, cm.graph_module)(*held_out), out, rtol=1e-4, atol=1e-4)
