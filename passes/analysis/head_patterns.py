@@ -47,14 +47,17 @@ tiled). Ties go to the simpler family (the order above). Dense is always possibl
 must save at least ``min_saving`` (default 0.2) of the blocks, as the sparse kernel's gathers and
 per-block overhead eat small savings (a head with diffuse attention stays dense).
 
-Written to the plan as evidence per site: the block size, calibration length, per head the pattern,
-its parameters, recall and density (listed blocks / dense blocks, causal: / lower-triangular blocks),
+Written to the plan as evidence per site: the block size, calibration length, the groups of heads
+with the same pattern and parameters (the same layout: the CPU kernel runs a group's shared tiles as
+one call, and a plan reader sees at a glance how many distinct layouts a site has), per head the
+pattern, its parameters, recall and density (listed blocks / dense blocks, causal: / lower-triangular blocks),
 the block mask (as lists) and the per-head mass grid summary; the summary holds the mean density per
 layer.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -121,9 +124,13 @@ class HeadPatterns(AnalysisPass):
                 if "skip" in opts.patterns and shares[h] <= opts.skip_share:
                     head.update(pattern="skip", params={"mean": [round(float(x), 6) for x in means[h]]},
                                 recall=0.0, density=0.0, blocks=0)
+            groups: dict[str, list[int]] = {}
+            for h, head in enumerate(heads):
+                groups.setdefault(json.dumps([head["pattern"], head["params"]], sort_keys=True), []).append(h)
             ctx.plan.set_evidence(self.name, site.id, {
                 "block": self.block, "seq_len": length, "causal": site.causal,
                 "recall_target": opts.recall, "heads": heads,
+                "groups": [{"pattern": json.loads(key)[0], "heads": hs} for key, hs in groups.items()],
                 "density": sum(h["density"] for h in heads) / len(heads)})
             per_layer[site.id] = sum(h["density"] for h in heads) / len(heads)
         ctx.plan.set_summary(self.name, {"batches": len(ctx.calibration), "density_per_site": per_layer,

@@ -207,3 +207,15 @@ def test_choose_takes_dynamic_topk_only_where_it_is_cheaper():
     got = choose(scattered, False, 0.95, captured=captured)
     assert got["pattern"] == "dynamic_topk" and got["params"] == {"k": 1} and got["blocks"] == nq
     assert choose(scattered, False, 0.95)["pattern"] == "dense"  # not observed: not a candidate
+
+
+def test_heads_with_the_same_layout_are_grouped_in_the_plan():
+    q, k, v = _planted(KINDS)
+    cm = _compile(_SDPA(), (q, k, v), [_planted(KINDS, seed=s) for s in range(1, 3)])
+    ev = cm.plan.evidence("head_patterns", next(iter(cm.plan.sites)))
+    groups = ev["groups"]
+    assert sorted(h for g in groups for h in g["heads"]) == list(range(len(KINDS)))
+    for g in groups:  # one layout per group
+        assert len({str((ev["heads"][h]["pattern"], ev["heads"][h]["params"])) for h in g["heads"]}) == 1
+    local = next(g for g in groups if g["pattern"] == "local")
+    assert local["heads"] == [i for i, kind in enumerate(KINDS) if kind == "local"]
