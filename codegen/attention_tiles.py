@@ -42,7 +42,7 @@ import torch.nn.functional as F
 MIN_ROWS = 2  # a columns or band tile must cover at least this many query blocks
 MIN_KEYS = 256  # a columns tile must read at least this many keys (measured: 4096 queries × 128 keys run at
 #                 ~70% of the speed of × 256, and then splitting rows between tiles does not pay)
-MAX_REST = 0.25  # more rows than this share left to the gathered path: gather every block instead
+MAX_REST = 0.25  # a head whose tiles leave more of its rows than this to the gathered path: gather it all
 
 
 @dataclass(frozen=True)
@@ -138,13 +138,16 @@ def _tile(layout, L, S, block, causal, group) -> Tiling:
     columns: dict[tuple, dict[int, tuple[int, ...]]] = {}
     bands: dict[tuple, dict[int, np.ndarray]] = {}
     for h in range(H):
-        for first_row, cols, whole in _take_columns(left[h], causal, block):
+        head_columns = _take_columns(left[h], causal, block)
+        head_bands = _take_bands(listed[h], left[h], causal, full_q, full_k)
+        if left[h].any(-1).sum() > MAX_REST * nq:  # the tiles would save little and cut rows in two
+            left[h] = listed[h]
+            continue
+        for first_row, cols, whole in head_columns:
             keys = len(cols) * block - (block * nk - S if cols[-1] == nk - 1 else 0)
             columns.setdefault((first_row, keys, whole), {})[h] = cols
-        for rows, offsets, excluded in _take_bands(listed[h], left[h], causal, full_q, full_k):
+        for rows, offsets, excluded in head_bands:
             bands.setdefault((rows, offsets), {})[h] = excluded
-    if left.any(-1).sum() > MAX_REST * H * nq:  # the tiles would save little and cut rows in two
-        return Tiling((), (), layout_from_block_mask(torch.from_numpy(listed)))
     return Tiling(
         tuple(Columns(heads, first_row, tuple(per_head[h] for h in heads.all), whole)
               for (first_row, _, whole), per_head in columns.items() for heads in _strided(list(per_head), group)),
