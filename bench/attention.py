@@ -11,7 +11,8 @@ Candidates, same inputs and threads, interleaved, median: dense ``scaled_dot_pro
 (the full attention, which the sparse ones approximate), our op on the CPU path (GPU: Triton), and
 ``torch.compile(flex_attention)`` with the same block mask (its compile + first call is timed
 separately; ours has no compile step, its first call is timed too). Outputs of ours and FlexAttention
-are compared (max abs difference) so the two compute the same thing.
+are compared (max abs difference) so the two compute the same thing. Also timed: our dynamic op with
+the same number of blocks per row, chosen at every call from block-mean q·k (the estimate included).
 
 ``--minilm``: end to end instead, the real MiniLM-L6 at sequence 512 (inputs: concatenated stdlib
 docstring sentences; calibration split for ``head_patterns``, held-out split for evaluation), compiled
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from bench.common import machine, machine_line, table, write
 from sparsegraph.codegen import use_backend
 from sparsegraph.codegen.block_sparse_attention import OP, layout_from_block_mask
+from sparsegraph.codegen.dynamic_block_sparse_attention import OP as DYNAMIC
 from sparsegraph.measure import compare
 
 
@@ -136,7 +138,17 @@ def main(argv: list[str] | None = None) -> int:
                 sync()
                 return out
 
-            candidates = {"dense SDPA": dense, f"ours ({backend})": ours}
+            static_none = torch.full((H, nq, 1), -1, dtype=torch.int64, device=device)
+            topk = torch.full((H,), per_row, dtype=torch.int64, device=device)
+
+            def ours_dynamic(causal=causal, block=block, static_none=static_none, topk=topk):
+                with use_backend(backend):
+                    out = DYNAMIC(q, k, v, static_none, topk, None, block, causal, scale)
+                sync()
+                return out
+
+            candidates = {"dense SDPA": dense, f"ours ({backend})": ours,
+                          f"ours, dynamic top-{per_row} ({backend})": ours_dynamic}
             flex_first, flex_diff = None, None
             if not args.no_flex:
                 flex, flex_first, flex_out = flex_candidate(q, k, v, bm, block, causal)
@@ -156,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
                     "max_abs_diff_ours_vs_flex": flex_diff}
             results["cases"].append(case)
             for n, t in times.items():
-                first = {"dense SDPA": "", f"ours ({backend})": f"{ours_first:.2f}",
-                         "flex_attention (compiled)": f"{flex_first:.1f}" if flex_first is not None else ""}[n]
+                first = {f"ours ({backend})": f"{ours_first:.2f}",
+                         "flex_attention (compiled)": f"{flex_first:.1f}" if flex_first is not None else ""}.get(n, "")
                 rows.append([block, "yes" if causal else "no", f"{case['density']:.3f}", n, f"{t * 1e3:.1f}",
                              f"{base / t:.2f}", first])
             print(rows[-len(times):], flush=True)

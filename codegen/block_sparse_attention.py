@@ -259,7 +259,8 @@ def _workspace(name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.T
     numel = math.prod(shape)
     buf = cache.get(key)
     if buf is None or buf.numel() < numel:
-        buf = cache[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+        with torch.inference_mode(False):  # usable both inside and outside inference mode
+            buf = cache[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
     return buf[:numel].view(shape)
 
 

@@ -236,3 +236,12 @@ def test_cost_counts_only_listed_blocks():
     node = next(n for n in gm.graph.nodes if n.target is OP.overload)
     macs, _ = OP.cost(node)
     assert macs == 1 * 2 * 4 * 16 * 16 * (8 + 8)  # listed (query, key) pairs × (E + Ev)
+
+
+def test_cpu_runs_in_and_out_of_inference_mode_in_any_order():
+    """The gather workspace is reused across calls: one made under inference_mode must still be writable."""
+    bsa._workspaces.__dict__.clear()
+    q, k, v, layout, _ = _case(1, 2, 2, 64, 64, 8, 16)
+    with torch.inference_mode():
+        first = bsa.cpu(q, k, v, layout, None, 16, False, 0.3)
+    torch.testing.assert_close(bsa.cpu(q, k, v, layout, None, 16, False, 0.3), first)
