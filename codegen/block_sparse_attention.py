@@ -306,23 +306,23 @@ def fake(q, k, v, layout, mask, block, causal, scale):
     return q.new_empty(*q.shape[:-1], v.shape[-1])
 
 
-def onnx(q, k, v, layout, mask, block: int, causal: bool, scale: float):
-    def ints(*xs):
-        return op.Constant(value_ints=list(xs))
-
-    def scalar(x):
-        return op.Squeeze(x, ints(0))
-
-    L, S = scalar(op.Shape(q, start=2, end=3)), scalar(op.Shape(k, start=2, end=3))
+def onnx_sizes(q, k, block: int):
+    """(L, S, nq, nk, 0, 1, block) as onnxscript scalars, read from q and k at run time."""
+    L, S = op.Squeeze(op.Shape(q, start=2, end=3)), op.Squeeze(op.Shape(k, start=2, end=3))
     zero, one, size = op.Constant(value_int=0), op.Constant(value_int=1), op.Constant(value_int=block)
-    nk = op.Div(op.Sub(op.Add(S, size), one), size)
-    hit = op.Equal(op.Unsqueeze(layout, ints(-1)), op.Range(zero, nk, one))  # [H, nq, nsel, nk]
-    block_mask = op.ReduceMax(op.Cast(hit, to=1), ints(2), keepdims=0)  # [H, nq, nk] as float
+    return L, S, op.Div(op.Sub(op.Add(L, size), one), size), op.Div(op.Sub(op.Add(S, size), one), size), zero, one, size
+
+
+def onnx_block_attention(q, k, v, block_mask, mask, block: int, causal: bool, scale: float):
+    """Dense masked attention over the (query, key) pairs whose blocks `block_mask` lists (float
+    [..., nq, nk], > 0 where listed; leading dims broadcast against [B, H]); rows with no key give 0."""
+    L, S, _, _, zero, one, size = onnx_sizes(q, k, block)
     qpos, kpos = op.Range(zero, L, one), op.Range(zero, S, one)
-    allowed = op.Gather(op.Gather(block_mask, op.Div(qpos, size), axis=1), op.Div(kpos, size), axis=2)
-    allowed = op.Greater(allowed, op.Constant(value_float=0.0))  # [H, L, S]
+    allowed = op.Gather(op.Gather(block_mask, op.Div(qpos, size), axis=-2), op.Div(kpos, size), axis=-1)
+    allowed = op.Greater(allowed, op.Constant(value_float=0.0))  # [..., L, S]
     if causal:
-        allowed = op.And(allowed, op.LessOrEqual(op.Unsqueeze(kpos, ints(0)), op.Unsqueeze(qpos, ints(1))))
+        allowed = op.And(allowed, op.LessOrEqual(op.Unsqueeze(kpos, op.Constant(value_ints=[0])),
+                                                 op.Unsqueeze(qpos, op.Constant(value_ints=[1]))))
     s = op.MatMul(op.Mul(q, op.CastLike(op.Constant(value_float=scale), q)),
                   op.Transpose(onnx_repeat_kv(k, q), perm=[0, 1, 3, 2]))
     if mask is not None:
@@ -331,6 +331,18 @@ def onnx(q, k, v, layout, mask, block: int, causal: bool, scale: float):
     p = op.Softmax(s, axis=-1)
     p = op.Where(op.IsNaN(p), op.CastLike(op.Constant(value_float=0.0), p), p)
     return op.MatMul(p, onnx_repeat_kv(v, q))
+
+
+def onnx_block_mask(lists, nk):
+    """Index lists [..., nsel] (−1 = none) → float block mask [..., nk] (`Equal` against `Range` + `ReduceMax`)."""
+    hit = op.Equal(op.Unsqueeze(lists, op.Constant(value_ints=[-1])),
+                   op.Range(op.Constant(value_int=0), nk, op.Constant(value_int=1)))
+    return op.ReduceMax(op.Cast(hit, to=1), op.Constant(value_ints=[-2]), keepdims=0)
+
+
+def onnx(q, k, v, layout, mask, block: int, causal: bool, scale: float):
+    nk = onnx_sizes(q, k, block)[3]
+    return onnx_block_attention(q, k, v, onnx_block_mask(layout, nk), mask, block, causal, scale)
 
 
 def density(layout: torch.Tensor, L: int, S: int, block: int, causal: bool) -> float:

@@ -117,36 +117,30 @@ def onnx(q, k, v, layout, topk, mask, block: int, causal: bool, scale: float):
     def ints(*xs):
         return op.Constant(value_ints=list(xs))
 
-    def scalar(x):
-        return op.Squeeze(x, ints(0))
+    L, S, nq, nk, zero, one, size = bsa.onnx_sizes(q, k, block)
 
-    L, S = scalar(op.Shape(q, start=2, end=3)), scalar(op.Shape(k, start=2, end=3))
-    zero, one, size = op.Constant(value_int=0), op.Constant(value_int=1), op.Constant(value_int=block)
-    nq, nk = op.Div(op.Sub(op.Add(L, size), one), size), op.Div(op.Sub(op.Add(S, size), one), size)
-
-    def block_means(x, n, length):  # [B, h, n·block, E] zero-padded → [B, h, n, E]
+    def block_means(x, n, length):  # [B, h, length, E] zero-padded to n·block → [B, h, n, E]
         pad = op.Concat(ints(0, 0, 0, 0, 0, 0), op.Unsqueeze(op.Sub(op.Mul(n, size), length), ints(0)),
                         ints(0), axis=0)
-        padded = op.Pad(x, pad)
         shape = op.Concat(op.Shape(x, start=0, end=2), op.Unsqueeze(n, ints(0)), ints(block, -1), axis=0)
-        return op.ReduceMean(op.Reshape(padded, shape), ints(3), keepdims=0)
+        return op.ReduceMean(op.Reshape(op.Pad(x, pad), shape), ints(3), keepdims=0)
 
     qm, km = block_means(q, nq, L), bsa.onnx_repeat_kv(block_means(k, nk, S), q)
     est = op.Mul(op.MatMul(op.Cast(qm, to=1), op.Transpose(op.Cast(km, to=1), perm=[0, 1, 3, 2])),
                  op.Constant(value_float=scale))
     inf = op.Constant(value_float=_INF)
-    if mask is not None:
+    if mask is not None:  # + the block max of the mask (padded with −∞)
         m = op.Cast(mask, to=1)
         rows = op.Shape(m, start=2, end=3)
-        qrows = op.Where(op.Equal(rows, ints(1)), ints(1), op.Unsqueeze(op.Mul(nq, size), ints(0)))
-        blocks_q = op.Where(op.Equal(rows, ints(1)), ints(1), op.Unsqueeze(nq, ints(0)))
+        per_query = op.Equal(rows, ints(1))
+        qrows = op.Where(per_query, ints(1), op.Unsqueeze(op.Mul(nq, size), ints(0)))
+        blocks_q = op.Where(per_query, ints(1), op.Unsqueeze(nq, ints(0)))
         m = op.Expand(m, op.Concat(op.Shape(m, start=0, end=2), rows, op.Unsqueeze(S, ints(0)), axis=0))
         pad = op.Concat(ints(0, 0, 0, 0, 0, 0), op.Sub(qrows, rows),
                         op.Unsqueeze(op.Sub(op.Mul(nk, size), S), ints(0)), axis=0)
-        m = op.Pad(m, pad, op.Neg(inf))
         shape = op.Concat(op.Shape(m, start=0, end=2), blocks_q, ints(-1), op.Unsqueeze(nk, ints(0)), ints(block),
                           axis=0)
-        est = op.Add(est, op.ReduceMax(op.Reshape(m, shape), ints(3, 5), keepdims=0))
+        est = op.Add(est, op.ReduceMax(op.Reshape(op.Pad(m, pad, op.Neg(inf)), shape), ints(3, 5), keepdims=0))
     qi, kj = op.Unsqueeze(op.Range(zero, nq, one), ints(1)), op.Unsqueeze(op.Range(zero, nk, one), ints(0))
     est = op.Where(op.And(op.Equal(qi, kj), op.Greater(est, op.Neg(inf))), inf, est)
     if causal:
@@ -157,22 +151,8 @@ def onnx(q, k, v, layout, topk, mask, block: int, causal: bool, scale: float):
                   op.Greater(values, op.Neg(inf)))
     dynamic = op.Where(keep, chosen, op.Constant(value_int=-1))  # [B, H, nq, t]
     static = op.Expand(layout, op.Concat(op.Shape(q, start=0, end=1), op.Shape(layout), axis=0))
-    lists = op.Concat(static, dynamic, axis=-1)
-    hit = op.Equal(op.Unsqueeze(lists, ints(-1)), op.Range(zero, nk, one))  # [B, H, nq, n, nk]
-    block_mask = op.ReduceMax(op.Cast(hit, to=1), ints(3), keepdims=0)  # [B, H, nq, nk]
-    qpos, kpos = op.Range(zero, L, one), op.Range(zero, S, one)
-    allowed = op.Gather(op.Gather(block_mask, op.Div(qpos, size), axis=2), op.Div(kpos, size), axis=3)
-    allowed = op.Greater(allowed, op.Constant(value_float=0.0))  # [B, H, L, S]
-    if causal:
-        allowed = op.And(allowed, op.LessOrEqual(op.Unsqueeze(kpos, ints(0)), op.Unsqueeze(qpos, ints(1))))
-    s = op.MatMul(op.Mul(q, op.CastLike(op.Constant(value_float=scale), q)),
-                  op.Transpose(bsa.onnx_repeat_kv(k, q), perm=[0, 1, 3, 2]))
-    if mask is not None:
-        s = op.Add(s, op.CastLike(mask, s))
-    s = op.Where(allowed, s, op.CastLike(op.Neg(inf), s))
-    p = op.Softmax(s, axis=-1)
-    p = op.Where(op.IsNaN(p), op.CastLike(op.Constant(value_float=0.0), p), p)
-    return op.MatMul(p, bsa.onnx_repeat_kv(v, q))
+    block_mask = bsa.onnx_block_mask(op.Concat(static, dynamic, axis=-1), nk)  # [B, H, nq, nk]
+    return bsa.onnx_block_attention(q, k, v, block_mask, mask, block, causal, scale)
 
 
 def cost(node: torch.fx.Node) -> tuple[int, int]:
