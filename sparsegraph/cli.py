@@ -124,9 +124,10 @@ def cmd_compile(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     cm.plan.save(out / "plan.json")
     report = cm.report()
-    (out / "report.md").write_text(report.to_markdown())
+    (out / "report.md").write_text(report.to_markdown(stem="report"))
     report.to_html(out / "report.html")
-    files = [str(out / name) for name in ("plan.json", "report.md", "report.html")]
+    files = [str(out / name) for name in ("plan.json", "report.md", "report.html",
+                                          *(f"report.{image}" for image in report.images))]
     _emit(args, {"files": files, "passes": {k: v.get("stats") for k, v in cm.plan.passes.items()},
                  "macs": {"dense": cm.dense_cost.macs, "compiled": cm.cost.macs}},
           f"{report.to_markdown()}\nwrote {', '.join(files)}")
@@ -210,7 +211,8 @@ def cmd_report(args) -> None:
 
     report = Report.of_plan(sg.load_plan(args.plan))
     report.to_html(args.out)
-    _emit(args, {"files": [args.out]}, f"{report.to_markdown()}\nwrote {args.out}")
+    files = [str(args.out), *(str(Path(args.out).with_name(f"{Path(args.out).stem}.{name}")) for name in report.images)]
+    _emit(args, {"files": files}, f"{report.to_markdown()}\nwrote {', '.join(files)}")
 
 
 def cmd_passes(args) -> None:

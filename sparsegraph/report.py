@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sparsegraph import svg
+from sparsegraph import png, svg
 
 
 @dataclass
@@ -34,6 +34,7 @@ class Report:
     facts: dict[str, str]
     tables: list[Table]
     figures: list[tuple[str, str]] = field(default_factory=list)  # (title, inline SVG)
+    images: dict[str, bytes] = field(default_factory=dict)  # file name → PNG, saved beside the report
 
     @classmethod
     def of(cls, cm) -> Report:
@@ -82,14 +83,18 @@ class Report:
                     decisions.rows.append([site, name, _short(entry["decision"])])
         tables = [passes] + [t for t in (refusals, decisions) if t.rows]
         figures = _activation_figures(plan) + _head_grid(plan) + _token_figures(plan)
-        return cls(f"sparsegraph report: {plan.model['class']}", facts, tables, figures)
+        grid = _head_grid_png(plan)
+        return cls(f"sparsegraph report: {plan.model['class']}", facts, tables, figures,
+                   {"head-grid.png": grid} if grid else {})
 
     def to_json(self) -> dict:
         return {"title": self.title, "facts": self.facts,
                 "tables": [{"title": t.title, "header": t.header, "rows": t.rows} for t in self.tables],
                 "figures": [title for title, _ in self.figures]}
 
-    def to_markdown(self) -> str:
+    def to_markdown(self, stem: str | None = None) -> str:
+        """Markdown of the facts and tables; with `stem` (the HTML report's file stem, beside which
+        `to_html` saves the pictures as ``<stem>.<name>``) the pictures are linked inline."""
         lines = [f"# {self.title}", ""]
         lines += [f"- **{k}**: {v}" for k, v in self.facts.items()]
         for t in self.tables:
@@ -98,6 +103,8 @@ class Report:
             lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in t.rows]
         if self.figures:
             lines += ["", f"Figures in the HTML report: {', '.join(title for title, _ in self.figures)}."]
+        if stem is not None:
+            lines += [line for name in self.images for line in ("", f"![{name}]({stem}.{name})")]
         return "\n".join(lines) + "\n"
 
     def to_html(self, path: str | os.PathLike | None = None) -> str:
@@ -119,7 +126,17 @@ class Report:
         text = "".join(parts) + "</body></html>\n"
         if path is not None:
             Path(path).write_text(text)
+            self.save_images(Path(path))
         return text
+
+    def save_images(self, beside: str | os.PathLike) -> list[Path]:
+        """Write the PNG pictures (the per-layer × per-head pattern grid) beside the file `beside`,
+        named ``<its stem>.<picture name>``."""
+        beside = Path(beside)
+        written = [beside.with_name(f"{beside.stem}.{name}") for name in self.images]
+        for target, data in zip(written, self.images.values(), strict=True):
+            target.write_bytes(data)
+        return written
 
 
 def _activation_figures(plan) -> list[tuple[str, str]]:
@@ -161,6 +178,15 @@ def _head_grid(plan) -> list[tuple[str, str]]:
     cols = [f"h{i}" for i in range(max(len(r) for r in cells))]
     return [("Attention pattern per layer and head (block density in the cell)",
              svg.grid("pattern per head (colour) and listed-block density", rows, cols, cells, legend))]
+
+
+def _head_grid_png(plan) -> bytes | None:
+    """The pattern grid as a PNG: a row per attention site, a cell per head in its pattern's colour,
+    filled from the bottom to its block density (colours as in the HTML grid's legend)."""
+    rows = [[(PATTERN_COLOURS.get(h["pattern"], "#888888"), h["density"]) for h in heads]
+            for per_pass in plan.sites.values()
+            if (heads := per_pass.get("head_patterns", {}).get("evidence", {}).get("heads"))]
+    return png.grid(rows) if rows else None
 
 
 def _token_figures(plan) -> list[tuple[str, str]]:

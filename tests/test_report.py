@@ -62,5 +62,37 @@ def test_report_draws_head_grid_token_schedule_and_rois():
     assert roi.count("<svg") == 2 and 'stroke-width="2"' in roi  # two images, boxes drawn
     grid = dict(report.figures)["Attention pattern per layer and head (block density in the cell)"]
     assert grid.count("<title>") == 12 * 6  # one cell per layer and head
+    _check_head_grid_png(report.images["head-grid.png"], cm.plan)
+    assert "![head-grid.png](r.head-grid.png)" in report.to_markdown(stem="r")
     schedule = cm.plan.passes["token_pruning"]["stats"]["counters"]["schedule"]
     assert schedule == {"4": 99, "8": 50}  # 197 → 1 + 98 → 1 + 49
+
+
+def _check_head_grid_png(data, plan):
+    """Decode the PNG: 12 sites × 6 heads of 20-px cells, each in its pattern's colour up to its density."""
+    import struct
+    import zlib
+
+    from sparsegraph.png import hex_rgb
+    from sparsegraph.report import PATTERN_COLOURS
+
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])
+    cell, gap = 20, 2
+    heads = [e["heads"] for e in (plan.evidence("head_patterns", s) for s in plan.sites) if e]
+    assert (width, height) == (gap + 6 * (cell + gap), gap + len(heads) * (cell + gap)) and len(heads) == 12
+    pos, idat = 8, b""
+    while pos < len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        idat += data[pos + 8:pos + 8 + length] if kind == b"IDAT" else b""
+        pos += 12 + length
+    raw = zlib.decompress(idat)
+    stride = 1 + 3 * width
+
+    def pixel(x, y):
+        return tuple(raw[y * stride + 1 + 3 * x:y * stride + 4 + 3 * x])
+
+    for r, row in enumerate(heads):
+        for c, head in enumerate(row):
+            bottom = (gap + c * (cell + gap) + cell // 2, gap + r * (cell + gap) + cell - 1)
+            assert pixel(*bottom) == hex_rgb(PATTERN_COLOURS[head["pattern"]]) or head["density"] < 0.05
