@@ -252,7 +252,7 @@ class Accumulator:
     def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device, block: int):
         self.shape, self.dtype, self.device, self.block = shape, dtype, device, block
         self.out = self.lse = None
-        self.ready = torch.zeros(shape[1], shape[2] // block, dtype=torch.bool)
+        self.ready = torch.zeros(shape[1], shape[2] // block, dtype=torch.bool, device=device)
 
     def _alloc(self) -> None:
         if self.out is None:
@@ -287,7 +287,7 @@ class Accumulator:
         B, H, Lp, Ev = self.shape
         out5, lse4 = self.out.view(B, H, Lp // self.block, self.block, Ev), self.lse.view(B, H, -1, self.block)
         h, i = rows // self.ready.shape[1], rows % self.ready.shape[1]
-        done = self.ready[h.cpu(), i.cpu()].to(rows.device)
+        done = self.ready[h, i]
         if not bool(done.any()):
             out5[:, h, i], lse4[:, h, i] = o.to(self.dtype), ls
         else:  # gathered, merged, written back
@@ -295,7 +295,7 @@ class Accumulator:
             acc[:, ~done], acc_lse[:, ~done] = 0, float("-inf")
             merge(acc, acc_lse, o.to(self.dtype), ls)
             out5[:, h, i], lse4[:, h, i] = acc, acc_lse
-        self.ready[h.cpu(), i.cpu()] = True
+        self.ready[h, i] = True
 
     def result(self, L: int):
         self._alloc()
@@ -368,17 +368,22 @@ def attend(q, k, v, mask, scale: float, causal: bool = False, dead=None):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=mask,
                                                                              scale=scale)
     else:
-        s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
-        if mask is not None:
-            s = s + mask.float()
-        if causal:
-            above = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1)
-            s = s.masked_fill(above, float("-inf"))
-        lse = torch.logsumexp(s, -1)
-        out = (torch.exp(s - lse[..., None]).nan_to_num(0.0) @ v.float()).to(q.dtype)
+        out, lse = attend_matmul(q, k, v, mask, scale, causal)
     if dead is not None:
         lse = lse.masked_fill(dead, float("-inf"))
     return out, lse
+
+
+def attend_matmul(q, k, v, mask, scale: float, causal: bool = False):
+    """`attend` with plain matmuls (any device), in fp32: a row with every key masked gets lse −∞, out 0."""
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if mask is not None:
+        s = s + mask.float()
+    if causal:
+        above = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1)
+        s = s.masked_fill(above, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    return (torch.exp(s - lse[..., None]).nan_to_num(0.0) @ v.float()).to(q.dtype), lse
 
 
 def merge(acc, lse, out, out_lse) -> None:

@@ -133,3 +133,16 @@ def test_merge_is_the_softmax_over_the_union():
     acc, lse = tiles.attend(q, k[:, :, :4], v[:, :, :4], None, 0.3)
     tiles.merge(acc, lse, *tiles.attend(q, k[:, :, 4:], v[:, :, 4:], None, 0.3))
     torch.testing.assert_close(acc, full, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_the_matmul_attend_off_the_cpu_agrees_with_the_flash_kernel(causal):
+    """The eager path on CUDA attends with plain matmuls: same output and log-sum-exp as the CPU kernel."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 20, 8, generator=g) for _ in range(3))
+    mask = torch.zeros(2, 1, 1, 20)
+    mask[1, ..., 12:] = float("-inf")
+    want_out, want_lse = tiles.attend(q, k, v, mask, 0.3, causal=causal)
+    got_out, got_lse = tiles.attend_matmul(q, k, v, mask, 0.3, causal=causal)
+    torch.testing.assert_close(got_out, want_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_lse, want_lse, rtol=1e-5, atol=1e-5)
