@@ -13,14 +13,16 @@ block in one tile), into
   (the blocks above r0 are left to the other tiles); a head listing the whole lower triangle is one
   ``is_causal`` call instead;
 - ``Band`` (i0…i1, d0…d1): query blocks i0 ≤ i < i1 that each list the consecutive key blocks
-  i+d0 … i+d1. One call, batched over the rows, whose keys are an overlapping strided view of K (no
-  copy); a causal band that ends on the diagonal takes one [block, w·block] triangle mask shared by
-  all rows;
+  i+d0 … i+d1. One call per head, batched over the rows, whose keys are an overlapping strided view
+  of K (no copy); window blocks another tile already took are masked per row (``excluded``) rather
+  than cutting the band; a causal band that ends on the diagonal takes one [block, w·block] triangle
+  mask shared by all rows;
 - the rest: the general path (`block_sparse_attention._listed`), which gathers the listed blocks.
 
-Heads with the same tile run in one call when their heads (and kv heads) are evenly spaced, so the
-call stays a view. Every call also returns the log-sum-exp ℓ_t of its scores per query, and the
-partial results merge exactly (the flash-attention identity):
+Columns tiles of heads that read as many keys from the same first row run in one call (keys
+gathered per head, or one slice when they are the same) when the heads are evenly spaced, so q stays
+a view. Every call also returns the log-sum-exp ℓ_t of its scores per query, and the partial results
+merge exactly (the flash-attention identity), into an `Accumulator`:
 
     ℓ = log Σ_t e^{ℓ_t},        out = Σ_t e^{ℓ_t − ℓ} · out_t
 
