@@ -196,31 +196,35 @@ def choose(mass: torch.Tensor, causal: bool, recall: float, families=FAMILIES, t
     found = []
     for family in families:
         if family == "dynamic_topk":
-            if captured is None:
-                continue
-            reached = (captured.double() >= recall * total - 1e-9).nonzero()
-            if not len(reached):
-                continue
-            t = int(reached[0]) + 1
-            blocks = int(allowed.sum(1).clamp(max=t).sum())  # a causal row lists at most the blocks it sees
-            cost = blocks * (1 + topk_overhead)
-            if cost <= (1 - min_saving) * possible:
-                found.append((cost, FAMILIES.index(family), family, {"k": t}, blocks, float(captured[t - 1])))
+            fitted = _fit_dynamic(captured, allowed, recall * total)
+        else:
+            params = _fit(family, mass, allowed, causal, recall * total)
+            mask = None if params is None else pattern_mask(family, params, nq, nk, causal)
+            fitted = None if params is None else (params, int(mask.sum()), float((mass * mask).sum()))
+        if fitted is None:
             continue
-        params = _fit(family, mass, allowed, causal, recall * total)
-        if params is None:
-            continue
-        mask = pattern_mask(family, params, nq, nk, causal)
-        blocks = int(mask.sum())
-        cost = blocks * (1 + (topk_overhead if family == "block_topk" else 0.0))
+        params, blocks, kept = fitted
+        cost = blocks * (1 + (topk_overhead if family in ("block_topk", "dynamic_topk") else 0.0))
         if family != "dense" and cost > (1 - min_saving) * possible:
             continue
-        found.append((cost, FAMILIES.index(family), family, params, blocks, float((mass * mask).sum())))
+        found.append((cost, FAMILIES.index(family), family, params, blocks, kept))
     if not found or "dense" not in families:
         found.append((possible, 0, "dense", {}, possible, total))
     cost, _, family, params, blocks, kept = min(found, key=lambda t: (t[0], t[1]))
     return {"pattern": family, "params": params, "recall": round(kept / total, 6),
             "density": round(blocks / max(possible, 1), 6), "blocks": blocks}
+
+
+def _fit_dynamic(captured, allowed, need) -> tuple[dict, int, float] | None:
+    """``dynamic_topk``: the smallest t whose captured mass C(t) meets `need` (None if not observed or
+    none does), with the blocks it lists (a causal row lists at most the blocks it sees) and C(t)."""
+    if captured is None:
+        return None
+    reached = (captured.double() >= need - 1e-9).nonzero()
+    if not len(reached):
+        return None
+    t = int(reached[0]) + 1
+    return {"k": t}, int(allowed.sum(1).clamp(max=t).sum()), float(captured[t - 1])
 
 
 def _recall_ok(mass, mask, need):
