@@ -81,9 +81,9 @@ def _folded(kernel, q, k, v, layout, topk, mask, block, causal, scale, **kw):
     def fold(x):
         return x.reshape(1, B * x.shape[1], *x.shape[2:])
 
-    if mask is not None:
-        m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
-        mask = fold(m.expand(B, H, *m.shape[2:]))
+    if mask is not None:  # a mask constant over queries stays one row per (input, head) once folded
+        m = bsa._full_mask(mask, B, H, L, k.shape[2])
+        mask = fold((m[:, :, :1] if m.stride(2) == 0 else m).expand(B, H, -1, -1))
     out = kernel(fold(q), fold(k), fold(v), per_input.reshape(B * H, *per_input.shape[2:]), mask, block, causal,
                  scale, **kw)
     return out.reshape(B, H, L, -1)
