@@ -86,7 +86,7 @@ class Band:
     heads: Heads
     rows: tuple[int, int]
     offsets: tuple[int, int]
-    excluded: np.ndarray | None = field(default=None, compare=False)
+    excluded: np.ndarray = field(compare=False)
 
 
 @dataclass(frozen=True)
@@ -331,8 +331,8 @@ def run(t: Tiling, q, k, v, mask, block: int, causal: bool, scale: float, acc: A
             ks, vs = k[:, kv_heads[:, None], pos], v[:, kv_heads[:, None], pos]
         m = None if mask is None else _columns_mask(mask, c.heads, rows, keys)
         o, ls = attend(q[:, c.heads.slice, rows], ks, vs, m, scale, causal=c.causal, dead=dead_rows(m))
-        if o.shape[2] < acc.shape[2] - c.first_row * block and c.first_row == 0 and c.heads.count == H:
-            o, ls = F.pad(o, (0, 0, 0, acc.shape[2] - L)), F.pad(ls, (0, acc.shape[2] - L))  # stays a whole buffer
+        if whole and c.heads.count == H and acc.shape[2] > L:  # padded to whole blocks: may become the buffer
+            o, ls = F.pad(o, (0, 0, 0, acc.shape[2] - L)), F.pad(ls, (0, acc.shape[2] - L))
         acc.put(c.heads.slice, c.first_row, o, ls)
     if whole:
         return
