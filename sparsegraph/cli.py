@@ -126,8 +126,8 @@ def cmd_compile(args) -> None:
     report = cm.report()
     (out / "report.md").write_text(report.to_markdown(stem="report"))
     report.to_html(out / "report.html")
-    files = [str(out / name) for name in ("plan.json", "report.md", "report.html",
-                                          *(f"report.{image}" for image in report.images))]
+    files = [str(out / name) for name in ("plan.json", "report.md", "report.html")]
+    files += [str(p) for p in report.image_paths(out / "report.html")]
     _emit(args, {"files": files, "passes": {k: v.get("stats") for k, v in cm.plan.passes.items()},
                  "macs": {"dense": cm.dense_cost.macs, "compiled": cm.cost.macs}},
           f"{report.to_markdown()}\nwrote {', '.join(files)}")
@@ -211,7 +211,7 @@ def cmd_report(args) -> None:
 
     report = Report.of_plan(sg.load_plan(args.plan))
     report.to_html(args.out)
-    files = [str(args.out), *(str(Path(args.out).with_name(f"{Path(args.out).stem}.{name}")) for name in report.images)]
+    files = [str(args.out), *(str(p) for p in report.image_paths(args.out))]
     _emit(args, {"files": files}, f"{report.to_markdown()}\nwrote {', '.join(files)}")
 
 

@@ -129,11 +129,14 @@ class Report:
             self.save_images(Path(path))
         return text
 
-    def save_images(self, beside: str | os.PathLike) -> list[Path]:
-        """Write the PNG pictures (the per-layer × per-head pattern grid) beside the file `beside`,
-        named ``<its stem>.<picture name>``."""
+    def image_paths(self, beside: str | os.PathLike) -> list[Path]:
+        """Where `save_images` puts the pictures: beside the file `beside`, as ``<its stem>.<name>``."""
         beside = Path(beside)
-        written = [beside.with_name(f"{beside.stem}.{name}") for name in self.images]
+        return [beside.with_name(f"{beside.stem}.{name}") for name in self.images]
+
+    def save_images(self, beside: str | os.PathLike) -> list[Path]:
+        """Write the PNG pictures (the per-layer × per-head pattern grid) beside the file `beside`."""
+        written = self.image_paths(beside)
         for target, data in zip(written, self.images.values(), strict=True):
             target.write_bytes(data)
         return written
@@ -158,17 +161,15 @@ def _activation_figures(plan) -> list[tuple[str, str]]:
 PATTERN_COLOURS = {"dense": "#bbbbbb", "local": "#4878d0", "sink_local": "#6acc64", "vertical_slash": "#ee854a",
                    "block_topk": "#956cb4", "multi_diagonal": "#d65f5f", "dynamic_topk": "#8c613c",
                    "skip": "#ffffff"}
+OTHER_COLOUR = "#888888"  # a pattern family without a colour of its own (a plugin's)
 
 
 def _head_grid(plan) -> list[tuple[str, str]]:
     """Layer × head grid of the patterns head_patterns chose, each cell with its block density."""
     rows, cells = [], []
-    for site, per_pass in plan.sites.items():
-        heads = per_pass.get("head_patterns", {}).get("evidence", {}).get("heads")
-        if not heads:
-            continue
+    for site, heads in _chosen_heads(plan):
         rows.append(site.split(".")[-2] if "." in site else site)
-        cells.append([(PATTERN_COLOURS.get(h["pattern"], "#888"), f"{h['density']:.2f}",
+        cells.append([(PATTERN_COLOURS.get(h["pattern"], OTHER_COLOUR), f"{h['density']:.2f}",
                        f"{site} head {i}: {h['pattern']} {h.get('params', {})}, density {h['density']:.3f}, "
                        f"recall {h['recall']:.3f}") for i, h in enumerate(heads)])
     if not rows:
@@ -183,10 +184,15 @@ def _head_grid(plan) -> list[tuple[str, str]]:
 def _head_grid_png(plan) -> bytes | None:
     """The pattern grid as a PNG: a row per attention site, a cell per head in its pattern's colour,
     filled from the bottom to its block density (colours as in the HTML grid's legend)."""
-    rows = [[(PATTERN_COLOURS.get(h["pattern"], "#888888"), h["density"]) for h in heads]
-            for per_pass in plan.sites.values()
-            if (heads := per_pass.get("head_patterns", {}).get("evidence", {}).get("heads"))]
+    rows = [[(PATTERN_COLOURS.get(h["pattern"], OTHER_COLOUR), h["density"]) for h in heads]
+            for _, heads in _chosen_heads(plan)]
     return png.grid(rows) if rows else None
+
+
+def _chosen_heads(plan) -> list[tuple[str, list[dict]]]:
+    """(site, per-head choices) of every site head_patterns measured, in plan order."""
+    return [(site, heads) for site, per_pass in plan.sites.items()
+            if (heads := per_pass.get("head_patterns", {}).get("evidence", {}).get("heads"))]
 
 
 def _token_figures(plan) -> list[tuple[str, str]]:
