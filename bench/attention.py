@@ -8,7 +8,9 @@ every query block of the head) up to a fixed number of blocks per row; the exact
 and reported.
 
 Candidates, same inputs and threads, interleaved, median: dense ``scaled_dot_product_attention``
-(the full attention, which the sparse ones approximate), our op on the CPU path (GPU: Triton), and
+(the full attention, which the sparse ones approximate), our op on the CPU path (the compiled kernel
+of ``codegen/cpu_kernels``; GPU: Triton), the same op on its torch fallback (CPU only: what runs
+where the kernel could not be built), and
 ``torch.compile(flex_attention)`` with the same block mask (its compile + first call is timed
 separately; ours has no compile step, its first call is timed too). Outputs of ours and FlexAttention
 are compared (max abs difference) so the two compute the same thing. Also timed: our dynamic op with
@@ -17,7 +19,8 @@ the same number of blocks per row, chosen at every call from block-mean q·k (th
 ``--minilm``: end to end instead, the real MiniLM-L6 at sequence 512 (inputs: concatenated stdlib
 docstring sentences; calibration split for ``head_patterns``, held-out split for evaluation), compiled
 with ``head_patterns`` (block 64, recall ``--recall``) + ``sparse_attention``: mean cosine of the
-sentence embeddings to dense, density per layer, and speed vs dense eager in the same run.
+sentence embeddings to dense, density per layer, and speed vs dense eager in the same run (the
+compiled model timed with the compiled CPU kernel and with its torch fallback).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import machine, machine_line, table, write
-from sparsegraph.codegen import use_backend
+from sparsegraph.codegen import cpu_kernels, use_backend
 from sparsegraph.codegen.block_sparse_attention import OP, layout_from_block_mask
 from sparsegraph.codegen.dynamic_block_sparse_attention import OP as DYNAMIC
 from sparsegraph.measure import compare
@@ -58,6 +61,21 @@ def block_mask(heads: int, nq: int, per_row: int, causal: bool, seed: int = 0) -
 def density(bm: torch.Tensor, causal: bool) -> float:
     nq = bm.shape[-1]
     return bm.sum().item() / (bm.shape[0] * (nq * (nq + 1) / 2 if causal else nq * nq))
+
+
+def torch_fallback(call):
+    """`call` with the compiled CPU kernels turned off (SPARSEGRAPH_NATIVE=0): the torch path."""
+    def fallback():
+        before = os.environ.get("SPARSEGRAPH_NATIVE")
+        os.environ["SPARSEGRAPH_NATIVE"] = "0"
+        try:
+            return call()
+        finally:
+            if before is None:
+                del os.environ["SPARSEGRAPH_NATIVE"]
+            else:
+                os.environ["SPARSEGRAPH_NATIVE"] = before
+    return fallback
 
 
 def flex_candidate(q, k, v, bm: torch.Tensor, block: int, causal: bool):
@@ -113,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     q, k, v = (torch.randn(1, H, L, E, generator=g).to(device, dtype) for _ in range(3))
     scale = E ** -0.5
     results = {"machine": machine(args.threads), "settings": vars(args), "device": device, "dtype": str(dtype),
-               "cases": []}
+               "cpu_kernels": cpu_kernels.status(), "cases": []}
     rows = []
     for block in args.blocks:
         nq = math.ceil(L / block)
@@ -147,8 +165,10 @@ def main(argv: list[str] | None = None) -> int:
                 sync()
                 return out
 
-            candidates = {"dense SDPA": dense, f"ours ({backend})": ours,
-                          f"ours, dynamic top-{per_row} ({backend})": ours_dynamic}
+            candidates = {"dense SDPA": dense, f"ours ({backend})": ours}
+            if device == "cpu":
+                candidates["ours, torch fallback (eager)"] = torch_fallback(ours)
+            candidates[f"ours, dynamic top-{per_row} ({backend})"] = ours_dynamic
             flex_first, flex_diff = None, None
             if not args.no_flex:
                 flex, flex_first, flex_out = flex_candidate(q, k, v, bm, block, causal)
@@ -179,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         f"layouts (diagonal, previous, sink, per-head vertical columns) at {args.sparsity:.0%} target sparsity "
         f"(density = listed blocks / dense blocks, causal: / lower-triangular blocks). Median of {args.repeats} "
         f"interleaved rounds after {args.warmup} warm-up; speed-up vs dense SDPA in the same run. First call: "
-        "seconds of the very first call (FlexAttention: torch.compile + first call).", "",
+        "seconds of the very first call (FlexAttention: torch.compile + first call). "
+        f"Compiled CPU kernel: {results['cpu_kernels']}.", "",
         *table(["block", "causal", "density", "candidate", "ms", "speed-up vs dense SDPA", "first call (s)"], rows),
         "", "Max |ours − flex_attention| per case: " + ", ".join(
             f"block {c['block']} {'causal' if c['causal'] else 'non-causal'}: "
@@ -226,13 +247,14 @@ def minilm(args) -> int:
     density = {s: cm.plan.evidence("head_patterns", s)["density"] for s in cm.plan.sites
                if cm.plan.evidence("head_patterns", s)}
     patterns = {s: [h["pattern"] for h in cm.plan.evidence("head_patterns", s)["heads"]] for s in density}
-    times = compare({"dense eager": lambda: model(*example), "sparse (eager)": lambda: cm(*example)},
+    times = compare({"dense eager": lambda: model(*example), "sparse (eager)": lambda: cm(*example),
+                     "sparse, torch fallback (eager)": torch_fallback(lambda: cm(*example))},
                     warmup=args.warmup, repeats=args.repeats)
     stats = cm.plan.passes["sparse_attention"]["stats"]
     results = {"machine": machine(args.threads), "settings": vars(args), "seq": seq, "compile_s": compile_s,
                "cosine_mean": statistics.mean(cosines), "cosines": cosines, "density_per_layer": density,
                "patterns": patterns, "ms": {k: v * 1e3 for k, v in times.items()},
-               "speedup": times["dense eager"] / times["sparse (eager)"],
+               "speedup": times["dense eager"] / times["sparse (eager)"], "cpu_kernels": cpu_kernels.status(),
                "sites_rewritten": stats["rewritten"], "refused": stats["refused"]}
     rows = [[s.split(".")[-2] if "." in s else s, f"{d:.3f}",
              ", ".join(f"{p} ×{patterns[s].count(p)}" for p in dict.fromkeys(patterns[s]))]
@@ -244,7 +266,10 @@ def minilm(args) -> int:
         f"embeddings to dense: {results['cosine_mean']:.4f}. Sites rewritten: {stats['rewritten']} of "
         f"{stats['matched']}. Speed (median of {args.repeats} interleaved rounds): dense eager "
         f"{times['dense eager'] * 1e3:.1f} ms, sparse {times['sparse (eager)'] * 1e3:.1f} ms, "
-        f"{results['speedup']:.2f}x.", "",
+        f"{results['speedup']:.2f}x (with the torch fallback instead of the compiled CPU kernel: "
+        f"{times['sparse, torch fallback (eager)'] * 1e3:.1f} ms, "
+        f"{times['dense eager'] / times['sparse, torch fallback (eager)']:.2f}x). "
+        f"Compiled CPU kernel: {results['cpu_kernels']}.", "",
         *table(["layer", "mean head density", "patterns"], rows), ""])
     write(args.out, args.name or f"attention-minilm-{'cuda' if torch.cuda.is_available() else 'cpu'}", results, md)
     return 0

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from onnxscript import opset18 as op
 
 from sparsegraph import ir
-from sparsegraph.codegen import attention_tiles
+from sparsegraph.codegen import attention_tiles, cpu_kernels
 from sparsegraph.codegen.op import SparseOp
 
 # ----------------------------------------------------------------------------------------- layouts
@@ -128,14 +128,19 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: torch.T
 
 
 def cpu(q, k, v, layout, mask, block, causal, scale, tile: bool = True):
-    """The CPU path (module docstring); `tile` False gathers every block (for layouts new at every call,
-    whose tiling would cost more than it saves)."""
+    """The CPU path (module docstring): the compiled kernel when it is built, else the torch path;
+    `tile` False there gathers every block (for layouts new at every call, whose tiling would cost
+    more than it saves)."""
     _check(q, k, v, layout, block)
     B, H, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
+    mask = None if mask is None else _full_mask(mask.to(q.dtype), B, H, L, S)
+    if q.device.type == "cpu":
+        out = cpu_kernels.block_sparse_attention(q, k, v, layout, mask, block, causal, scale)
+        if out is not None:
+            return out.to(q.dtype)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     nq, nk = block_counts(L, S, block)
-    mask = None if mask is None else _full_mask(mask.to(q.dtype), B, H, L, S)
     tiles = (attention_tiles.tiling if tile else attention_tiles.untiled)(layout, L, S, block, causal, H // Hkv)
     wide = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype  # merge precision
     acc = attention_tiles.Accumulator((B, H, nq * block, Ev), wide, q.device, block)

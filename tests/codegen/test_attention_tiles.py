@@ -12,8 +12,9 @@ from sparsegraph.codegen.block_sparse_attention import layout_from_block_mask
 
 
 @pytest.fixture
-def small_tiles(monkeypatch):
-    """Let small test shapes take tiles (the defaults are sized for block 64 at long sequences)."""
+def small_tiles(torch_path, monkeypatch):
+    """The torch path, with small test shapes allowed to take tiles (the defaults are sized for block
+    64 at long sequences)."""
     monkeypatch.setattr(tiles, "MIN_KEYS", 16)
     monkeypatch.setattr(tiles, "MAX_REST", 1.0)
     tiles._cache.clear()

@@ -90,7 +90,7 @@ def test_full_layout_is_sdpa():
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("uniform", [False, True])
-def test_cpu_matches_reference(shape, causal, uniform):
+def test_cpu_matches_reference(cpu_path, shape, causal, uniform):
     B, H, _Hkv, L, S, E, block = shape
     q, k, v, layout, _ = _case(*shape, uniform=uniform)
     for name, mask in _masks(B, H, L, S).items():
@@ -101,8 +101,8 @@ def test_cpu_matches_reference(shape, causal, uniform):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_cpu_dense_heads_take_plain_sdpa(causal):
-    """Heads listing every allowed block skip the gather; mixed with sparse heads, all match the oracle."""
+def test_cpu_dense_heads_match_the_oracle(cpu_path, causal):
+    """Dense heads (the torch path: plain SDPA, no gather) mixed with sparse heads all match the oracle."""
     B, H, Hkv, L, E, block = 2, 4, 2, 70, 16, 16
     q, k, v, _, bm = _case(B, H, Hkv, L, L, E, block)
     bm[1] = True  # head 1 dense
@@ -114,8 +114,8 @@ def test_cpu_dense_heads_take_plain_sdpa(causal):
                                    msg=f"mask {name}")
 
 
-def test_cpu_never_builds_the_dense_score_matrix(monkeypatch):
-    """The CPU path's attention calls see only listed blocks: no call reads every key, and the
+def test_cpu_never_builds_the_dense_score_matrix(torch_path, monkeypatch):
+    """The torch CPU path's attention calls see only listed blocks: no call reads every key, and the
     (query, key) pairs computed are those of the listed blocks."""
     from sparsegraph.codegen import attention_tiles
 
@@ -133,7 +133,7 @@ def test_cpu_never_builds_the_dense_score_matrix(monkeypatch):
     assert sum(n * lq * lk for n, lq, lk in seen) == int(bm.sum()) * 16 * 16
 
 
-def test_row_with_no_allowed_key_is_zero():
+def test_row_with_no_allowed_key_is_zero(cpu_path):
     q, k, v, _, _ = _case(1, 2, 2, 32, 32, 8, 16)
     bm = torch.ones(2, 2, 2, dtype=torch.bool)
     bm[1, 1] = False
@@ -151,7 +151,7 @@ def test_layout_for_another_length_is_refused_with_a_reason():
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2), (torch.float16, 3e-3)])
-def test_cpu_half_precision(dtype, tol):
+def test_cpu_half_precision(cpu_path, dtype, tol):
     q, k, v, layout, _ = _case(2, 4, 2, 70, 70, 16, 16, dtype=dtype)
     ref = bsa.reference(q.float(), k.float(), v.float(), layout, None, 16, True, 0.25)
     with use_backend("eager"):
@@ -238,8 +238,8 @@ def test_cost_counts_only_listed_blocks():
     assert macs == 1 * 2 * 4 * 16 * 16 * (8 + 8)  # listed (query, key) pairs × (E + Ev)
 
 
-def test_cpu_runs_in_and_out_of_inference_mode_in_any_order():
-    """The gather workspace is reused across calls: one made under inference_mode must still be writable."""
+def test_cpu_runs_in_and_out_of_inference_mode_in_any_order(torch_path):
+    """The torch path's gather workspace is reused across calls: one made under inference_mode must still be writable."""
     bsa._workspaces.__dict__.clear()
     q, k, v, layout, _ = _case(1, 2, 2, 64, 64, 8, 16)
     with torch.inference_mode():

@@ -84,7 +84,7 @@ def test_estimate_keeps_the_diagonal_and_never_picks_what_no_query_sees():
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("shape", [(2, 4, 2, 70), (1, 4, 4, 64)])
-def test_cpu_matches_reference(causal, shape):
+def test_cpu_matches_reference(cpu_path, causal, shape):
     B, H, Hkv, L = shape
     q, k, v, layout, topk, masks = _case(B, H, Hkv, L)
     for name, mask in masks.items():

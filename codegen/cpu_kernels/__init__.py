@@ -1,0 +1,85 @@
+"""Compiled CPU kernels and their bindings.
+
+The C++ sources beside this file are built when the package is installed (``pyproject.toml``,
+``[[tool.setuptools.ext-modules]]``: ``-O3 -march=native -fopenmp``) into one shared library,
+``_native``, with a plain C interface: no Python or torch headers, so it does not depend on the torch
+version it runs with. It is loaded with ctypes; the tensors are passed as data pointers and strides.
+Nothing is compiled at run time.
+
+The build is optional: without a C++ compiler the install still succeeds, `library()` is None and the
+ops run their torch paths (for block-sparse attention: `attention_tiles` and the gathered path),
+which compute the same thing more slowly. ``SPARSEGRAPH_NATIVE=0`` turns the library off too (to time
+or test the fallback). `status()` says which it is and why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.util
+import os
+
+import torch
+
+ABI_VERSION = 1  # must equal sg_abi_version() in the sources: a stale build is refused, not called
+
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+
+
+@functools.cache
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    spec = importlib.util.find_spec(f"{__name__}._native")
+    if spec is None or spec.origin is None:
+        return None, "not built (no C++ compiler when the package was installed); torch fallback in use"
+    lib = ctypes.CDLL(spec.origin)
+    if lib.sg_abi_version() != ABI_VERSION:
+        return None, (f"{spec.origin} is a stale build (ABI {lib.sg_abi_version()}, expected {ABI_VERSION}): "
+                      "reinstall the package to rebuild it; torch fallback in use")
+    lib.sg_block_sparse_attention_f32.argtypes = [_P, _P, _P, _P, _P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I,
+                                                  _I, _I, _I, _I, ctypes.c_int, ctypes.c_float, ctypes.c_int]
+    lib.sg_block_sparse_attention_f32.restype = ctypes.c_int
+    return lib, f"loaded from {spec.origin}"
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None (not built, stale, or turned off with SPARSEGRAPH_NATIVE=0)."""
+    if os.environ.get("SPARSEGRAPH_NATIVE", "1") == "0":
+        return None
+    return _load()[0]
+
+
+def status() -> str:
+    """One line: whether the compiled kernels are in use, and if not why."""
+    if os.environ.get("SPARSEGRAPH_NATIVE", "1") == "0":
+        return "turned off (SPARSEGRAPH_NATIVE=0); torch fallback in use"
+    return _load()[1]
+
+
+def _strides(t: torch.Tensor) -> torch.Tensor:
+    """Element strides as int64, 0 along size-1 dimensions (they broadcast)."""
+    return torch.tensor([s if n > 1 else 0 for n, s in zip(t.shape, t.stride())], dtype=torch.int64)
+
+
+def block_sparse_attention(q, k, v, layout, mask, block: int, causal: bool, scale: float) -> torch.Tensor | None:
+    """The op's CPU result from the compiled kernel (fp32 inside; other dtypes are converted), or None
+    when the library is not available. q [B, H, L, E], k [B, Hkv, S, E], v [B, Hkv, S, Ev] on the CPU;
+    mask None or an additive mask as a [Mb, Mh, L, S] view (Mb ∈ {1, B}, Mh ∈ {1, H}; any strides)."""
+    lib = library()
+    if lib is None:
+        return None
+    q, k, v = (t.float() if t.stride(-1) == 1 else t.float().contiguous() for t in (q, k, v))
+    B, H, L, E = q.shape
+    Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
+    out = torch.empty(B, H, L, Ev, dtype=torch.float32)
+    layout = layout.to("cpu", torch.int64).contiguous()
+    mask = None if mask is None else mask.float()
+    strides = [_strides(t) for t in (q, k, v)]
+    mask_strides = None if mask is None else _strides(mask)
+    failed = lib.sg_block_sparse_attention_f32(
+        q.data_ptr(), strides[0].data_ptr(), k.data_ptr(), strides[1].data_ptr(), v.data_ptr(),
+        strides[2].data_ptr(), out.data_ptr(), layout.data_ptr(), layout.shape[2],
+        None if mask is None else mask.data_ptr(), None if mask is None else mask_strides.data_ptr(),
+        B, H, Hkv, L, S, E, Ev, block, int(causal), float(scale), torch.get_num_threads())
+    if failed:
+        raise MemoryError("sparsegraph's CPU attention kernel could not allocate its scratch memory")
+    return out
