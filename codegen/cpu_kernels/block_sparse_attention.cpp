@@ -13,11 +13,11 @@
 // 6x over dense. This kernel does the whole layout in one pass, with no gather and no merge.
 //
 // Shape of the computation. One work item is (batch, head, query block); items run in parallel
-// (OpenMP, dynamic schedule). Within an item, queries go in chunks of QC = 32 and the chunk is held
-// *transposed*, one SIMD lane per query:
+// (OpenMP, dynamic schedule). Within an item, queries go in chunks of QC = two vectors (32 with
+// AVX-512) and the chunk is held *transposed*, one SIMD lane per query:
 //
 //   - Qt[d][lane] = q[query lane][d], packed once per chunk;
-//   - S^T[key][lane] = Σ_d k[key][d] · Qt[d][lane]: a micro-tile of KR = 8 keys × QC queries in
+//   - S^T[key][lane] = Σ_d k[key][d] · Qt[d][lane]: a micro-tile of KR keys (8 with AVX-512) × QC queries in
 //     registers, k read in place (a broadcast per key and d), so K needs no packing or transposing;
 //   - online softmax per lane, in the flash form: with the running max m and sum l of a lane,
 //         m' = max(m, max_key S),  P = e^{S − m'},  l' = l·e^{m − m'} + Σ_key P,  O ← O·e^{m − m'}
@@ -33,7 +33,7 @@
 // ln 2 (relative error ≈ 1e-7), with e^{−∞} = 0 exactly.
 //
 // Written with GCC vector extensions (no intrinsics): built with -march=native the vectors become
-// AVX-512 (16 lanes) or pairs of AVX2 registers; any GCC/Clang target compiles it.
+// AVX-512, AVX2 or 128-bit (SSE, NEON) registers; any GCC/Clang target compiles it.
 
 #include <algorithm>
 #include <cmath>
@@ -42,10 +42,17 @@
 
 namespace {
 
-constexpr int kLanes = 16;            // floats per vector
-constexpr int kVecs = 2;              // vectors per query chunk
+// Vector width and micro-tile height follow the registers the target has: a micro-tile keeps
+// kTile × kVecs accumulators, kVecs operands and a broadcast in registers.
+#if defined(__AVX512F__)
+constexpr int kLanes = 16, kTile = 8;  // 32 zmm registers: 16 accumulators
+#elif defined(__AVX__)
+constexpr int kLanes = 8, kTile = 4;   // 16 ymm registers: 8 accumulators
+#else
+constexpr int kLanes = 4, kTile = 4;   // SSE / NEON / other: 128-bit vectors
+#endif
+constexpr int kVecs = 2;                // vectors per query chunk
 constexpr int kChunk = kLanes * kVecs;  // queries per chunk (QC)
-constexpr int kTile = 8;              // keys (first product) or values (second) per micro-tile (KR)
 
 typedef float vf __attribute__((vector_size(kLanes * 4)));
 typedef int32_t vi __attribute__((vector_size(kLanes * 4)));
