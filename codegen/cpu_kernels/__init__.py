@@ -72,7 +72,8 @@ def block_sparse_attention(q, k, v, layout, mask, block: int, causal: bool, scal
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
     out = torch.empty(B, H, L, Ev, dtype=torch.float32)
     layout = layout.to("cpu", torch.int64).contiguous()
-    mask = None if mask is None else mask.float()
+    if mask is not None:  # varying over queries: stored query-fastest, so the kernel loads a vector per key
+        mask = mask.float() if mask.stride(2) in (0, 1) else mask.float().transpose(2, 3).contiguous().transpose(2, 3)
     strides = [_strides(t) for t in (q, k, v)]
     mask_strides = None if mask is None else _strides(mask)
     failed = lib.sg_block_sparse_attention_f32(

@@ -95,3 +95,20 @@ def test_result_does_not_depend_on_the_thread_count():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, cpu_kernels.block_sparse_attention(q, k, v, layout, None, 16, False, 0.2))
+
+
+@native
+@pytest.mark.parametrize("causal", [False, True])
+def test_every_mask_layout_matches_the_reference(causal):
+    """A mask constant over queries (one broadcast per key), one varying over queries (transposed by
+    the binding: a vector load per key on full query chunks, a load per lane on the partial last one),
+    per head or shared, with padding and a row that sees nothing."""
+    B, H, L, E, block = 2, 4, 100, 16, 64  # query blocks of 64 (two full chunks) and 36 (a partial one)
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(B, H, L, E, generator=g) for _ in range(3))
+    layout = layout_from_block_mask(torch.rand(H, 2, 2, generator=g) < 0.7)
+    for name, mask in _masks(B, H, L, L, g).items():
+        want = bsa.reference(q, k, v, layout, mask, block, causal, 0.25)
+        full = None if mask is None else bsa._full_mask(mask, B, H, L, L)
+        got = cpu_kernels.block_sparse_attention(q, k, v, layout, full, block, causal, 0.25)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"mask {name}")
