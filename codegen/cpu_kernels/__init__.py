@@ -23,7 +23,7 @@ import torch
 
 ABI_VERSION = 1  # must equal sg_abi_version() in the sources: a stale build is refused, not called
 
-_P, _I = ctypes.c_void_p, ctypes.c_int64
+_P, _I, _Strides = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64 * 4
 
 
 @functools.cache
@@ -35,8 +35,10 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     if lib.sg_abi_version() != ABI_VERSION:
         return None, (f"{spec.origin} is a stale build (ABI {lib.sg_abi_version()}, expected {ABI_VERSION}): "
                       "reinstall the package to rebuild it; torch fallback in use")
-    lib.sg_block_sparse_attention_f32.argtypes = [_P, _P, _P, _P, _P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I,
-                                                  _I, _I, _I, _I, ctypes.c_int, ctypes.c_float, ctypes.c_int]
+    strides = ctypes.POINTER(_I)
+    lib.sg_block_sparse_attention_f32.argtypes = [_P, strides, _P, strides, _P, strides, _P, _P, _I, _P, strides,
+                                                  _I, _I, _I, _I, _I, _I, _I, _I, ctypes.c_int, ctypes.c_float,
+                                                  ctypes.c_int]
     lib.sg_block_sparse_attention_f32.restype = ctypes.c_int
     return lib, f"loaded from {spec.origin}"
 
@@ -55,9 +57,9 @@ def status() -> str:
     return _load()[1]
 
 
-def _strides(t: torch.Tensor) -> torch.Tensor:
-    """Element strides as int64, 0 along size-1 dimensions (they broadcast)."""
-    return torch.tensor([s if n > 1 else 0 for n, s in zip(t.shape, t.stride())], dtype=torch.int64)
+def _strides(t: torch.Tensor) -> ctypes.Array:
+    """A 4-d tensor's element strides, 0 along size-1 dimensions (they broadcast)."""
+    return _Strides(*(s if n > 1 else 0 for n, s in zip(t.shape, t.stride())))
 
 
 def block_sparse_attention(q, k, v, layout, mask, block: int, causal: bool, scale: float) -> torch.Tensor | None:
@@ -74,13 +76,11 @@ def block_sparse_attention(q, k, v, layout, mask, block: int, causal: bool, scal
     layout = layout.to("cpu", torch.int64).contiguous()
     if mask is not None:  # varying over queries: stored query-fastest, so the kernel loads a vector per key
         mask = mask.float() if mask.stride(2) in (0, 1) else mask.float().transpose(2, 3).contiguous().transpose(2, 3)
-    strides = [_strides(t) for t in (q, k, v)]
-    mask_strides = None if mask is None else _strides(mask)
     failed = lib.sg_block_sparse_attention_f32(
-        q.data_ptr(), strides[0].data_ptr(), k.data_ptr(), strides[1].data_ptr(), v.data_ptr(),
-        strides[2].data_ptr(), out.data_ptr(), layout.data_ptr(), layout.shape[2],
-        None if mask is None else mask.data_ptr(), None if mask is None else mask_strides.data_ptr(),
-        B, H, Hkv, L, S, E, Ev, block, int(causal), float(scale), torch.get_num_threads())
+        q.data_ptr(), _strides(q), k.data_ptr(), _strides(k), v.data_ptr(), _strides(v), out.data_ptr(),
+        layout.data_ptr(), layout.shape[2], None if mask is None else mask.data_ptr(),
+        None if mask is None else _strides(mask), B, H, Hkv, L, S, E, Ev, block, int(causal), float(scale),
+        torch.get_num_threads())
     if failed:
         raise MemoryError("sparsegraph's CPU attention kernel could not allocate its scratch memory")
     return out
