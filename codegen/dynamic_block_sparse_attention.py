@@ -129,8 +129,9 @@ def onnx(q, k, v, layout, topk, mask, block: int, causal: bool, scale: float):
     est = op.Mul(op.MatMul(op.Cast(qm, to=1), op.Transpose(op.Cast(km, to=1), perm=[0, 1, 3, 2])),
                  op.Constant(value_float=scale))
     inf = op.Constant(value_float=_INF)
-    if mask is not None:  # + the block max of the mask (padded with −∞)
-        m = op.Cast(mask, to=1)
+    if mask is not None:  # + the block max of the mask (padded with −∞), the mask first made 4-d
+        rank4 = op.Slice(op.Concat(ints(1, 1, 1, 1), op.Shape(mask), axis=0), ints(-4), ints(2**62))
+        m = op.Reshape(op.Cast(mask, to=1), rank4)
         rows = op.Shape(m, start=2, end=3)
         per_query = op.Equal(rows, ints(1))
         qrows = op.Where(per_query, ints(1), op.Unsqueeze(op.Mul(nq, size), ints(0)))

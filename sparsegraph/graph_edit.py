@@ -59,6 +59,19 @@ def replace_linear(gm: torch.fx.GraphModule, node: torch.fx.Node, weight: torch.
     return replace_with_call(node, torch.ops.aten.linear.default, (parts.x, w, b))
 
 
+def _where_true(how: str) -> tuple[float, float]:
+    """What a bool mask's True and False add to the scores: SDPA (and an added bool) keep True, a
+    ``masked_fill(·, −inf)`` mask drops it."""
+    return (0.0, float("-inf")) if how in ("add", "sdpa") else (float("-inf"), 0.0)
+
+
+def additive_value(mask: torch.Tensor, how: str) -> torch.Tensor:
+    """`additive_mask` on a value: the float mask added to the scores."""
+    if how in ("add", "sdpa") and mask.dtype != torch.bool:
+        return mask.float()
+    return torch.where(mask.bool(), *_where_true(how))
+
+
 def additive_mask(gm, mask: torch.fx.Node, how: str, before: torch.fx.Node) -> torch.fx.Node:
     """An additive float mask from an SDPA bool mask (True = keep) or a masked_fill mask (True = drop)."""
     from sparsegraph import ir
@@ -66,7 +79,7 @@ def additive_mask(gm, mask: torch.fx.Node, how: str, before: torch.fx.Node) -> t
     val = ir.val(mask)
     if how in ("add", "sdpa") and val is not None and val.dtype != torch.bool:
         return mask
-    keep, drop = (0.0, float("-inf")) if how in ("add", "sdpa") else (float("-inf"), 0.0)
+    keep, drop = _where_true(how)
     with gm.graph.inserting_before(before):
         node = gm.graph.call_function(torch.ops.aten.where.Scalar, (mask, keep, drop))
     meta.copy_provenance(before, node)

@@ -27,8 +27,9 @@ A pattern is a set of blocks A; its recall is R(A) = Σ_{(I,J) ∈ A} M[h, I, J]
 
       C(t) = Σ_b Σ_I Σ_{J ∈ top_t(est_b[I])} M_b[h, I, J]
 
-  and t is the smallest with C(t) ≥ recall · Σ M (SDPA sites, where q and k are observed). For heads
-  whose attention moves with the input, where any static pattern must list the union over inputs;
+  and t is the smallest with C(t) ≥ recall · Σ M (q and k observed at SDPA sites; at explicit chains
+  kᵀ, the scale and the masks are read as the rewrite reads them). For heads whose attention moves
+  with the input, where any static pattern must list the union over inputs;
 
 - ``skip``: the head computes nothing and its output is replaced by its calibrated mean ō_h. Recall
   does not judge this one; the head's output does: with o_h [E] the head's attention output per query
@@ -65,7 +66,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from sparsegraph import ir
+from sparsegraph import graph_edit, ir
 from sparsegraph.codegen import dynamic_block_sparse_attention as dynamic
 from sparsegraph.observe import Observer
 from sparsegraph.pass_contract import AnalysisPass, option
@@ -297,6 +298,11 @@ def _fit_greedy(mass, allowed, need, columns: bool) -> dict | None:
 # --------------------------------------------------------------------------------------- observer
 
 
+def _repeat_heads(k: torch.Tensor, heads: int) -> torch.Tensor:
+    """k [B, Hkv, S, E] as fp32 with one head per query head (GQA: repeated)."""
+    return k.float().repeat_interleave(heads // k.shape[1], 1) if k.shape[1] != heads else k.float()
+
+
 class _Observer(Observer):
     """Runs the graph and accumulates per-site block attention mass M [H, nq, nk] (padding rows dropped)."""
 
@@ -304,11 +310,17 @@ class _Observer(Observer):
         super().__init__(gm)
         self.block, self.chunk = block, max(block, chunk // block * block)
         self.at: dict[torch.fx.Node, ir.AttentionSite] = {}
-        for s in sites:
+        self.parts: dict[str, tuple] = {}  # explicit site → (scale, masks) as the rewrite reads them
+        self.kept: dict[torch.fx.Node, torch.Tensor] = {}  # their q, kᵀ and masks, freed by the
+        for s in sites:  # interpreter before the softmax runs: kept until the site's capture
             if s.form == "sdpa":
                 self.at[s.out] = s
-            else:
-                self.at[next(n for n in s.core if ir.kind(n) == "softmax")] = s
+                continue
+            self.at[next(n for n in s.core if ir.kind(n) == "softmax")] = s
+            parts = ir.explicit_attention_parts(s)
+            if parts is not None:
+                self.parts[s.id] = parts
+                self.kept.update({n: None for n in (s.q, s.k, *(m for m, _ in parts[1]))})
         self.masses: dict[str, dict[int, torch.Tensor]] = {}
         self.outs = {s.out: s for s in sites}
         self.moments: dict[str, list] = {}  # site → [rows, Σ o [H, E], Σ ‖o‖² [H]]
@@ -319,8 +331,10 @@ class _Observer(Observer):
         if site is not None and site.form == "sdpa":
             self._sdpa(site, n)
         out = super().run_node(n)
+        if n in self.kept:
+            self.kept[n] = out
         if site is not None and site.form == "explicit" and isinstance(out, torch.Tensor) and out.dim() == 4:
-            self._add(site, out.float(), 0, out.shape[2])
+            self._explicit(site, self._add(site, out.float(), 0, out.shape[2]))
         if n in self.outs and isinstance(out, torch.Tensor) and out.dim() == 4:
             self._moments(self.outs[n], out.float())
         return out
@@ -344,14 +358,11 @@ class _Observer(Observer):
         return variation / (sq / max(rows, 1.0)).sum().clamp_min(1e-30), mean
 
     def _sdpa(self, site, node):
-        q, k = self.env[site.q], self.env[site.k]
-        mask = self.env[site.mask] if site.mask is not None else None
+        q, k = self.env[site.q], _repeat_heads(self.env[site.k], self.env[site.q].shape[1])
+        mask = graph_edit.additive_value(self.env[site.mask], "sdpa") if site.mask is not None else None
         scale = ir._arg(node, 6, "scale") or q.shape[-1] ** -0.5
         causal = bool(ir._arg(node, 5, "is_causal", False))
         B, H, L, S = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
-        k = k.float().repeat_interleave(H // k.shape[1], 1) if k.shape[1] != H else k.float()
-        if mask is not None and mask.dtype == torch.bool:
-            mask = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
         per_input = torch.zeros(B, H, math.ceil(L / self.block), math.ceil(S / self.block), dtype=torch.float64)
         for c0 in range(0, L, self.chunk):
             c1 = min(L, c0 + self.chunk)
@@ -363,6 +374,21 @@ class _Observer(Observer):
                 s = s.masked_fill(torch.arange(S)[None, :] > torch.arange(c0, c1)[:, None], float("-inf"))
             per_input += self._add(site, torch.softmax(s, -1).nan_to_num(0.0), c0, L)
         self._capture(site, q, k, mask, causal, scale, per_input, L)
+
+    def _explicit(self, site, per_input):
+        """`_capture` at an explicit chain, from its q, kᵀ, scale and masks as the rewrite reads them
+        (chains it cannot read are refused by the rewrite, so nothing is captured there)."""
+        if site.id not in self.parts:
+            return
+        scale, masks = self.parts[site.id]
+        q = self.kept[site.q]
+        k = _repeat_heads(self.kept[site.k].transpose(-1, -2), q.shape[1])
+        self.kept[site.q] = self.kept[site.k] = None  # masks may be shared with later sites: kept
+        mask = None
+        for node, how in masks:
+            m = graph_edit.additive_value(self.kept[node], how)
+            mask = m if mask is None else mask + m
+        self._capture(site, q, k, mask, site.causal, scale, per_input, q.shape[2])
 
     def _capture(self, site, q, k, mask, causal, scale, per_input, L):
         """C(t) of ``dynamic_topk``: the mass its run-time estimate would keep, per input, for every t."""

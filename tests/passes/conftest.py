@@ -44,3 +44,22 @@ def _moving(batch, seed, L=128, E=32, strength=20.0, block=16):
 def moving_heads():
     """`_moving`: q, k, v of one head that attends somewhere else for every input."""
     return _moving
+
+
+class _Explicit(torch.nn.Module):
+    """softmax(q kᵀ · scale) v written out as an explicit chain, with a masked_fill of padded keys."""
+
+    def __init__(self, head_dim=32, padded=0, length=128):
+        super().__init__()
+        self.scale = head_dim ** -0.5
+        self.register_buffer("padding", torch.arange(length) >= length - padded)
+
+    def forward(self, q, k, v):
+        scores = (q @ k.transpose(-1, -2) * self.scale).masked_fill(self.padding, float("-inf"))
+        return torch.softmax(scores, -1) @ v
+
+
+@pytest.fixture(scope="session")
+def explicit_chain():
+    """`_Explicit`: the attention of `moving_heads` inputs as an explicit matmul-softmax-matmul chain."""
+    return _Explicit

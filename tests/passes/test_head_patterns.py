@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import sparsegraph as sg
+from sparsegraph import ir
 from sparsegraph.passes.analysis.head_patterns import choose, pattern_mask
 
 BLOCK = 16
@@ -184,16 +185,20 @@ def test_skipping_is_off_by_default():
     assert all(h["pattern"] != "skip" and "output_share" in h for h in cm.plan.evidence("head_patterns", site)["heads"])
 
 
-def test_a_head_that_moves_with_the_input_gets_dynamic_topk(moving_heads):
+@pytest.mark.parametrize("form", ["sdpa", "explicit"])
+def test_a_head_that_moves_with_the_input_gets_dynamic_topk(moving_heads, explicit_chain, form):
+    """At SDPA sites and at explicit chains (q, kᵀ, scale and a masked_fill read as the rewrite does)."""
     batches = [moving_heads(2, seed) for seed in range(4)]
-    cm = _compile(_SDPA(), batches[0], batches)
-    site = next(iter(cm.plan.sites))
+    model = _SDPA() if form == "sdpa" else explicit_chain(padded=4)
+    cm = _compile(model, batches[0], batches)
+    (site,) = cm.plan.sites
+    assert [s.form for s in ir.attention_sites(cm.graph_module)] == [form]
     (head,) = cm.plan.evidence("head_patterns", site)["heads"]
     # the diagonal (always listed) and the input's own target: 2 blocks per row, nearly all the mass
     assert head["pattern"] == "dynamic_topk" and head["params"] == {"k": 2}, head
     assert head["recall"] >= 0.95 and head["density"] == pytest.approx(2 / (128 // BLOCK))
     # without the family, the static patterns must list (nearly) everything
-    static = _compile(_SDPA(), batches[0], batches, patterns=["dense", "local", "vertical_slash", "block_topk"])
+    static = _compile(model, batches[0], batches, patterns=["dense", "local", "vertical_slash", "block_topk"])
     assert static.plan.evidence("head_patterns", site)["heads"][0]["density"] > 0.5
 
 

@@ -140,19 +140,21 @@ class _SDPA(torch.nn.Module):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v)
 
 
-def test_dynamic_heads_become_the_dynamic_op_and_follow_each_input(moving_heads, tmp_path):
+@pytest.mark.parametrize("form", ["sdpa", "explicit"])
+def test_dynamic_heads_become_the_dynamic_op_and_follow_each_input(moving_heads, explicit_chain, form, tmp_path):
     from sparsegraph.codegen import dynamic_block_sparse_attention as dyn
 
     batches = [moving_heads(2, seed) for seed in range(4)]
+    model = _SDPA() if form == "sdpa" else explicit_chain(padded=4)
     config = {"passes": [{"head_patterns": {"block": 16}}, {"sparse_attention": {}}]}
-    cm = sg.compile(_SDPA(), config, example_inputs=batches[0], calibration=batches, quiet=True)
+    cm = sg.compile(model, config, example_inputs=batches[0], calibration=batches, quiet=True)
     nodes = [n for n in cm.graph_module.graph.nodes if n.target is dyn.OP.overload]
     assert len(nodes) == 1 and not _ops(cm)
     assert cm.plan.passes["sparse_attention"]["stats"]["rewritten"] == 1
     topk = ir.get_attr(cm.graph_module, nodes[0].args[4].target)
     assert topk.tolist() == [2]
     held_out = moving_heads(3, seed=9)  # permutations it never saw
-    dense = _SDPA()(*held_out)
+    dense = model(*held_out)
     out = _run(cm, "eager", *held_out)
     torch.testing.assert_close(out, _run(cm, "reference", *held_out), rtol=1e-5, atol=1e-5)
     assert torch.nn.functional.cosine_similarity(out.flatten(), dense.flatten(), dim=0) > 0.99
