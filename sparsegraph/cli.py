@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -35,6 +36,8 @@ from sparsegraph.errors import SparsegraphError
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     warnings.filterwarnings("ignore", module="torch")
+    if getattr(args, "quiet", False) or getattr(args, "json", False):
+        _silence_model_loading()
     try:
         return args.run(args) or 0
     except SparsegraphError as e:
@@ -228,6 +231,17 @@ def cmd_demo(args) -> None:
 
 
 # -- helpers ----------------------------------------------------------------------------------------------
+
+
+def _silence_model_loading() -> None:
+    """--quiet / --json: Hugging Face's own weight-loading bars and notices too (they write to stderr)."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # no transformers: nothing of theirs to silence
+        return
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 def _emit(args, data: dict, text: str = "") -> None:

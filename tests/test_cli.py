@@ -87,3 +87,10 @@ def test_profile_and_compile_read_calibration_data(tmp_path, capsys):
     assert main(["profile", "zoo:digits_vit", "--config", str(config), "--data", str(bad),
                  "-o", str(plan)]) == 2
     assert "shape (3, 8, 8)" in capsys.readouterr().err
+
+
+def test_json_leaves_stderr_free_of_model_loading_bars(capfd):
+    """--json (and --quiet) silence Hugging Face's weight-loading bar as well as ours."""
+    assert main(["inspect", "zoo:minilm", "--json"]) == 0
+    out, err = capfd.readouterr()
+    assert json.loads(out)["sites"] and "Loading" not in err and "it/s" not in err, err
