@@ -40,12 +40,10 @@ _INF = float("inf")
 
 def estimate(q, k, mask, block: int, causal: bool, scale: float) -> torch.Tensor:
     """est [B, H, nq, nk] (fp32) as in the module docstring."""
-    B, H, L, _ = q.shape
+    H, L = q.shape[1], q.shape[2]
     S = k.shape[2]
     nq, nk = math.ceil(L / block), math.ceil(S / block)
-    qm = F.pad(q.float(), (0, 0, 0, nq * block - L)).view(B, H, nq, block, -1).sum(3) / block
-    km = F.pad(k.float(), (0, 0, 0, nk * block - S)).view(B, k.shape[1], nk, block, -1).sum(3) / block
-    est = qm @ bsa.repeat_kv(km, H).transpose(-1, -2) * scale
+    est = _block_means(q, block) @ bsa.repeat_kv(_block_means(k, block), H).transpose(-1, -2) * scale
     if mask is not None:
         m = mask.float().reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
         m = m.expand(*m.shape[:2], m.shape[2], S)
@@ -55,6 +53,17 @@ def estimate(q, k, mask, block: int, causal: bool, scale: float) -> torch.Tensor
     i, j = torch.arange(nq, device=q.device)[:, None], torch.arange(nk, device=q.device)[None, :]
     est = est.masked_fill((i == j) & (est > -_INF), _INF)
     return est.masked_fill(j > i, -_INF) if causal else est
+
+
+def _block_means(x, block: int) -> torch.Tensor:
+    """x [B, h, T, E] → fp32 [B, h, ⌈T / block⌉, E]: the sum over each block of rows / block (a partial
+    last block counts its missing rows as 0). Read in place: splitting the row axis is a view, so no
+    padded copy of x is made (that copy cost as much as the rest of the estimate)."""
+    full = x.shape[2] // block * block
+    sums = x[:, :, :full].unflatten(2, (-1, block)).sum(3, dtype=torch.float32)
+    if full < x.shape[2]:
+        sums = torch.cat([sums, x[:, :, full:].sum(2, keepdim=True, dtype=torch.float32)], 2)
+    return sums / block
 
 
 def layouts(q, k, layout, topk, mask, block, causal, scale) -> torch.Tensor:
