@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from sparsegraph import ir
+from sparsegraph import graph_edit, ir
 from sparsegraph.codegen import token_scores
 from sparsegraph.observe import Observer
 from sparsegraph.pass_contract import AnalysisPass, option
@@ -131,9 +131,7 @@ def attention_scores(observer: Observer, site: ir.AttentionSite, out: torch.fx.N
     if site.form == "sdpa":
         q, k = observer.env[out.args[0]], observer.env[out.args[1]]
         mask = ir._arg(out, 3, "attn_mask")
-        mask = observer.env[mask] if isinstance(mask, torch.fx.Node) else None
-        if mask is not None and mask.dtype == torch.bool:
-            mask = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+        mask = graph_edit.additive_value(observer.env[mask], "sdpa") if isinstance(mask, torch.fx.Node) else None
         if mask is not None and mask.dim() < 4:
             mask = mask.reshape(*([1] * (4 - mask.dim())), *mask.shape)
         scale = ir._arg(out, 6, "scale") or q.shape[-1] ** -0.5
