@@ -4,7 +4,9 @@ The C++ sources beside this file are built when the package is installed (``pypr
 ``[[tool.setuptools.ext-modules]]``: ``-O3 -march=native -fopenmp``) into one shared library,
 ``_native``, with a plain C interface: no Python or torch headers, so it does not depend on the torch
 version it runs with. It is loaded with ctypes; the tensors are passed as data pointers and strides.
-Nothing is compiled at run time.
+Nothing is compiled at run time. The kernels run on ``torch.get_num_threads()`` OpenMP threads of the
+runtime torch itself loaded (one ``libgomp.so.1`` per process), so torch's rules hold for them too:
+in a process forked after threads ran, set one thread (as DataLoader workers do) or use spawn.
 
 The build is optional: without a C++ compiler the install still succeeds, `library()` is None and the
 ops run their torch paths (for block-sparse attention: `attention_tiles` and the gathered path),
