@@ -311,8 +311,10 @@ class _Observer(Observer):
         self.block, self.chunk = block, max(block, chunk // block * block)
         self.at: dict[torch.fx.Node, ir.AttentionSite] = {}
         self.parts: dict[str, tuple] = {}  # explicit site → (scale, masks) as the rewrite reads them
-        self.kept: dict[torch.fx.Node, torch.Tensor] = {}  # their q, kᵀ and masks, freed by the
-        for s in sites:  # interpreter before the softmax runs: kept until the site's capture
+        # their q, kᵀ and masks: the interpreter frees them before the softmax runs, so they are kept
+        # here until the site's capture
+        self.kept: dict[torch.fx.Node, torch.Tensor | None] = {}
+        for s in sites:
             if s.form == "sdpa":
                 self.at[s.out] = s
                 continue
