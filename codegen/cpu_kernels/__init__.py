@@ -23,7 +23,7 @@ import os
 
 import torch
 
-ABI_VERSION = 1  # must equal sg_abi_version() in the sources: a stale build is refused, not called
+ABI_VERSION = 2  # must equal sg_abi_version() in the sources: a stale build is refused, not called
 
 _P, _I, _Strides = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64 * 4
 
@@ -37,6 +37,9 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     if lib.sg_abi_version() != ABI_VERSION:
         return None, (f"{spec.origin} is a stale build (ABI {lib.sg_abi_version()}, expected {ABI_VERSION}): "
                       "reinstall the package to rebuild it; torch fallback in use")
+    if not lib.sg_cpu_supported():
+        return None, (f"{spec.origin} was built for another CPU (-march=native where it was installed): "
+                      "reinstall the package on this machine to rebuild it; torch fallback in use")
     strides = ctypes.POINTER(_I)
     lib.sg_block_sparse_attention_f32.argtypes = [_P, strides, _P, strides, _P, strides, _P, _P, _I, _P, strides,
                                                   _I, _I, _I, _I, _I, _I, _I, _I, ctypes.c_int, ctypes.c_float,

@@ -164,9 +164,46 @@ void* scratch(int64_t vectors) {  // aligned_alloc wants a size that is a multip
 
 extern "C" {
 
-// Bumped whenever the signature below changes: the Python binding refuses a library built from
+// Bumped whenever the signatures below change: the Python binding refuses a library built from
 // another version of this file (a stale build) instead of calling it with the wrong arguments.
-int sg_abi_version() { return 1; }
+int sg_abi_version() { return 2; }
+
+// 1 when the CPU running this has every instruction set the library was compiled for (-march=native
+// on the installing machine); 0 on another CPU (an environment copied elsewhere), where calling the
+// kernels would die on an illegal instruction. Compiled for the baseline ISA so it can itself run.
+#if defined(__x86_64__) || defined(__i386__)
+__attribute__((target("arch=x86-64")))
+#endif
+int sg_cpu_supported() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  int ok = 1;
+#if defined(__AVX__)
+  ok &= __builtin_cpu_supports("avx") != 0;
+#endif
+#if defined(__AVX2__)
+  ok &= __builtin_cpu_supports("avx2") != 0;
+#endif
+#if defined(__FMA__)
+  ok &= __builtin_cpu_supports("fma") != 0;
+#endif
+#if defined(__AVX512F__)
+  ok &= __builtin_cpu_supports("avx512f") != 0;
+#endif
+#if defined(__AVX512VL__)
+  ok &= __builtin_cpu_supports("avx512vl") != 0;
+#endif
+#if defined(__AVX512BW__)
+  ok &= __builtin_cpu_supports("avx512bw") != 0;
+#endif
+#if defined(__AVX512DQ__)
+  ok &= __builtin_cpu_supports("avx512dq") != 0;
+#endif
+  return ok;
+#else
+  return 1;  // other architectures: the build is assumed to match (no portable runtime check)
+#endif
+}
 
 // q [B, H, L, E], k [B, Hkv, S, E], v [B, Hkv, S, Ev]: strided (4 element strides each, the last 1).
 // out: contiguous [B, H, L, Ev]. layout: contiguous int64 [H, nq, nsel], −1 padded. mask: null or an

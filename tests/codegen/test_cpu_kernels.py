@@ -41,6 +41,32 @@ def test_a_stale_build_is_refused_not_called(monkeypatch):
     assert cpu_kernels.library() is not None
 
 
+def test_a_build_for_another_cpu_is_refused_not_called(monkeypatch):
+    """A library whose instruction sets this CPU lacks would die on an illegal instruction: refused."""
+
+    class ForeignBuild:
+        def sg_abi_version(self):
+            return cpu_kernels.ABI_VERSION
+
+        def sg_cpu_supported(self):
+            return 0
+
+    monkeypatch.setattr(cpu_kernels.ctypes, "CDLL", lambda path: ForeignBuild())
+    monkeypatch.setattr(cpu_kernels.importlib.util, "find_spec",
+                        lambda name: type("Spec", (), {"origin": "/elsewhere/_native.so"})())
+    cpu_kernels._load.cache_clear()
+    try:
+        assert cpu_kernels.library() is None and "built for another CPU" in cpu_kernels.status()
+    finally:
+        monkeypatch.undo()
+        cpu_kernels._load.cache_clear()
+
+
+@native
+def test_this_cpu_runs_the_build():
+    assert cpu_kernels.library().sg_cpu_supported() == 1
+
+
 def _masks(B, H, L, S, g):
     padding = torch.zeros(B, 1, 1, S)
     padding[-1, ..., S - max(1, S // 3):] = float("-inf")
