@@ -29,19 +29,22 @@ def test_turned_off_says_so(monkeypatch):
                                               None, 4, False, 1.0) is None
 
 
-@native
-def test_a_stale_build_is_refused_not_called(monkeypatch):
-    monkeypatch.setattr(cpu_kernels, "ABI_VERSION", cpu_kernels.ABI_VERSION + 1)
+@pytest.fixture
+def reload(monkeypatch):
+    """Patches (through the returned monkeypatch) under which the library is looked up again; the
+    cache is cleared after the test too, so later tests load the real library."""
     cpu_kernels._load.cache_clear()
-    try:
-        assert cpu_kernels.library() is None and "stale build" in cpu_kernels.status()
-    finally:
-        monkeypatch.undo()
-        cpu_kernels._load.cache_clear()
-    assert cpu_kernels.library() is not None
+    yield monkeypatch
+    cpu_kernels._load.cache_clear()
 
 
-def test_a_build_for_another_cpu_is_refused_not_called(monkeypatch):
+@native
+def test_a_stale_build_is_refused_not_called(reload):
+    reload.setattr(cpu_kernels, "ABI_VERSION", cpu_kernels.ABI_VERSION + 1)
+    assert cpu_kernels.library() is None and "stale build" in cpu_kernels.status()
+
+
+def test_a_build_for_another_cpu_is_refused_not_called(reload):
     """A library whose instruction sets this CPU lacks would die on an illegal instruction: refused."""
 
     class ForeignBuild:
@@ -51,15 +54,10 @@ def test_a_build_for_another_cpu_is_refused_not_called(monkeypatch):
         def sg_cpu_supported(self):
             return 0
 
-    monkeypatch.setattr(cpu_kernels.ctypes, "CDLL", lambda path: ForeignBuild())
-    monkeypatch.setattr(cpu_kernels.importlib.util, "find_spec",
-                        lambda name: type("Spec", (), {"origin": "/elsewhere/_native.so"})())
-    cpu_kernels._load.cache_clear()
-    try:
-        assert cpu_kernels.library() is None and "built for another CPU" in cpu_kernels.status()
-    finally:
-        monkeypatch.undo()
-        cpu_kernels._load.cache_clear()
+    reload.setattr(cpu_kernels.ctypes, "CDLL", lambda path: ForeignBuild())
+    reload.setattr(cpu_kernels.importlib.util, "find_spec",
+                   lambda name: type("Spec", (), {"origin": "/elsewhere/_native.so"})())
+    assert cpu_kernels.library() is None and "built for another CPU" in cpu_kernels.status()
 
 
 @native
