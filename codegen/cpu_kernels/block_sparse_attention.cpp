@@ -319,7 +319,7 @@ int sg_block_sparse_attention_f32(const float* q, const int64_t* qs, const float
                                   int causal, float scale, int threads) {
   // A query block of ≥ 4 vectors of queries takes chunks of 4 (K and V read once per 4 vectors, and
   // fewer loads per FMA in the micro-tiles: 8 per 16 FMAs against 10) where 16 accumulators fit;
-  // smaller blocks take 2, so few lanes idle. Measured (2-core Xeon): 10–15% faster at AVX-512 with
+  // smaller blocks take 2, so few lanes idle. Measured (2-core Xeon): 8–16% faster at AVX-512 with
   // block 64 and 128; with AVX2's 8 accumulators, chunks of 4 were 10% slower.
   const auto run = block >= 4 * kLanes && kAccumulators >= 16 ? attend<4> : attend<2>;
   return run(q, qs, k, ks, v, vs, out, layout, nsel, mask, ms, B, H, Hkv, L, S, E, Ev, block, causal, scale,
