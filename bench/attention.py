@@ -30,6 +30,7 @@ import math
 import os
 import tempfile
 import time
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -66,15 +67,8 @@ def density(bm: torch.Tensor, causal: bool) -> float:
 def torch_fallback(call):
     """`call` with the compiled CPU kernels turned off (SPARSEGRAPH_NATIVE=0): the torch path."""
     def fallback():
-        before = os.environ.get("SPARSEGRAPH_NATIVE")
-        os.environ["SPARSEGRAPH_NATIVE"] = "0"
-        try:
+        with mock.patch.dict(os.environ, {"SPARSEGRAPH_NATIVE": "0"}):
             return call()
-        finally:
-            if before is None:
-                del os.environ["SPARSEGRAPH_NATIVE"]
-            else:
-                os.environ["SPARSEGRAPH_NATIVE"] = before
     return fallback
 
 

@@ -19,8 +19,9 @@ per batch element b. The cost of the estimate is B·H·nq·nk·E multiply-adds, 
 Backends: reference, CPU and Triton share the estimate (``estimate``) and fold the batch into the
 heads (query head b·H + h, kv head b·Hkv + h // group) so the per-input layouts are one
 [B·H, nq, ·] layout of the static kernels (on the CPU the compiled kernel, which takes any layout as
-it comes; its torch fallback skips the tiling here, a new layout every call). ONNX: the same estimate in standard ops (``ReduceMean``, ``MatMul``, ``ReduceMax``, ``TopK``
-with k read from ``topk``), the chosen blocks turned into a block mask, then dense masked attention.
+it comes; its torch fallback skips the tiling here, a new layout every call). ONNX: the same
+estimate in standard ops (``ReduceMean``, ``MatMul``, ``ReduceMax``, ``TopK`` with k read from
+``topk``), the chosen blocks turned into a block mask, then dense masked attention.
 """
 
 from __future__ import annotations

@@ -360,7 +360,8 @@ class _Observer(Observer):
         return variation / (sq / max(rows, 1.0)).sum().clamp_min(1e-30), mean
 
     def _sdpa(self, site, node):
-        q, k = self.env[site.q], _repeat_heads(self.env[site.k], self.env[site.q].shape[1])
+        q = self.env[site.q]
+        k = _repeat_heads(self.env[site.k], q.shape[1])
         mask = graph_edit.additive_value(self.env[site.mask], "sdpa") if site.mask is not None else None
         scale = ir._arg(node, 6, "scale") or q.shape[-1] ** -0.5
         causal = bool(ir._arg(node, 5, "is_causal", False))
