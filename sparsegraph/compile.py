@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -36,6 +37,9 @@ from sparsegraph.plan import SparsityPlan, load_plan
 from sparsegraph.trace import trace
 
 _KERNELS = {"auto": "auto", "eager": "eager", "triton": "triton"}
+# Guards the lazy ONNX session of every CompiledModel (a module-level lock, not one per model, so that a
+# CompiledModel stays deep-copyable; exports are one at a time in a process anyway).
+_ONNX_LOCK = threading.Lock()
 
 
 def compile(
@@ -167,9 +171,20 @@ class CompiledModel(torch.nn.Module):
                            dynamic=dynamic, opset=opset)
 
     def onnx_model(self, threads: int | None = None) -> OnnxModel:
-        """This model exported to a temporary ONNX file and loaded in onnxruntime (cached)."""
-        if self._onnx is None:
-            self._onnx_dir = tempfile.TemporaryDirectory(prefix="sparsegraph-")
-            path = self.export_onnx(Path(self._onnx_dir.name) / "model.onnx")
-            self._onnx = OnnxModel(path, self.graph_module, threads=threads)
-        return self._onnx
+        """This model exported to a temporary ONNX file and loaded in onnxruntime (cached; `threads` counts
+        on the first call only). Safe to call from many threads at once: one of them exports, the others
+        wait for its session (onnxruntime's ``run`` is thread-safe)."""
+        session = self._onnx
+        if session is None:
+            with _ONNX_LOCK:
+                session = self._onnx
+                if session is None:
+                    directory = tempfile.TemporaryDirectory(prefix="sparsegraph-")
+                    try:
+                        path = self.export_onnx(Path(directory.name) / "model.onnx")
+                        session = OnnxModel(path, self.graph_module, threads=threads)
+                    except BaseException:
+                        directory.cleanup()
+                        raise
+                    self._onnx_dir, self._onnx = directory, session  # published whole, the session last
+        return session

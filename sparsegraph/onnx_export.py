@@ -10,9 +10,8 @@ the graph's placeholders are) and returns the same output structure, as torch te
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -25,6 +24,11 @@ from sparsegraph.errors import ExportError
 from sparsegraph.trace import dynamic_shapes_for, widen
 
 _TWO_GB = 2**31
+
+# torch.export is not re-entrant across threads (its pre-dispatch mode stack is one process-wide object: two at once
+# fail with "Trying to pop empty mode stack"), and `warnings.catch_warnings` swaps the process-wide filters:
+# one export at a time in this process.
+_EXPORT_LOCK = threading.Lock()
 
 
 def export_onnx(gm: torch.fx.GraphModule, path: str | os.PathLike, args: tuple, kwargs: dict | None = None,
@@ -40,7 +44,7 @@ def export_onnx(gm: torch.fx.GraphModule, path: str | os.PathLike, args: tuple, 
         if dynamic:
             args, kwargs = pytree.tree_map(widen, (args, kwargs))
         shapes = dynamic_shapes_for(gm.forward, args, kwargs) if dynamic else None
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        with _EXPORT_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ep = torch.export.export(gm, args, kwargs, strict=False, dynamic_shapes=shapes)
             program = torch.onnx.export(ep, dynamo=True, opset_version=opset, verbose=False,
