@@ -36,8 +36,9 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import machine, machine_line, table, write
+from sparsegraph.attention_layouts import fixed_table
 from sparsegraph.codegen import cpu_kernels, use_backend
-from sparsegraph.codegen.block_sparse_attention import OP, layout_from_block_mask
+from sparsegraph.codegen.block_sparse_attention import OP
 from sparsegraph.codegen.dynamic_block_sparse_attention import OP as DYNAMIC
 from sparsegraph.measure import compare
 
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             budget = (1 - args.sparsity) * ((nq + 1) / 2 if causal else nq)  # blocks per row on average
             per_row = max(1, round(budget))
             bm = block_mask(H, nq, per_row, causal)
-            layout = layout_from_block_mask(bm).to(device)
+            layout = fixed_table(bm).to(device)
 
             def ours(layout=layout, block=block, causal=causal):
                 with use_backend(backend):

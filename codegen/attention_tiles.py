@@ -41,6 +41,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sparsegraph.attention_layouts import block_mask_from_layout, layout_from_block_mask
+
 MIN_ROWS = 2  # a columns or band tile must cover at least this many query blocks
 MIN_KEYS = 256  # a columns tile must read at least this many keys (measured: 4096 queries × 128 keys run at
 #                 ~70% of the speed of × 256, and then splitting rows between tiles does not pay)
@@ -127,8 +129,6 @@ def untiled(layout: torch.Tensor, L: int, S: int, block: int, causal: bool, grou
 
 
 def _tile(layout, L, S, block, causal, group) -> Tiling:
-    from sparsegraph.codegen.block_sparse_attention import block_mask_from_layout, layout_from_block_mask
-
     H, nq = layout.shape[:2]
     nk = math.ceil(S / block)
     listed = block_mask_from_layout(layout, nk).numpy()

@@ -1,38 +1,43 @@
 """``sparsegraph::block_sparse_attention``: attention over a static, per-head set of key blocks.
 
 Inputs: q [B, H, L, E], k [B, Hkv, S, E], v [B, Hkv, S, Ev] (GQA: query head h reads kv head
-h // (H / Hkv)); ``layout`` int64 [H, nq, nsel], nq = ⌈L / block⌉: for query block i of head h the
-key-block indices it attends to, each row padded with −1 (indices unique within a row, any order);
-``mask`` an optional *additive* float mask broadcastable to [B, H, L, S] (padding: 0 / −inf); ``block``
-the block size of queries and keys; ``causal`` (SDPA's top-left alignment: key j is seen by query i
-iff j ≤ i); ``scale`` the score scale (1/√E in SDPA). With M(h, i, j) = [key block of j is listed for
-the query block of i in head h] ∧ (¬causal ∨ j ≤ i):
+h // (H / Hkv)); ``layout`` an int64 layout *table* [H, W] (`sparsegraph.attention_layouts`): per head a
+pattern family's bands (diagonals and columns of the block grid, or dense), or a fixed block mask,
+laid out at each call's lengths as index lists [H, nq, nsel], nq = ⌈L / block⌉ (cached per length); ``mask``
+an optional *additive* float mask broadcastable to [B, H, L, S] (padding: 0 / −inf); ``block`` the
+block size of queries and keys; ``causal`` (SDPA's top-left alignment: key j is seen by query i iff j ≤
+i); ``scale`` the score scale (1/√E in SDPA). With M(h, i, j) = [key block of j is listed for the query
+block of i in head h] ∧ (¬causal ∨ j ≤ i):
 
     out[b, h, i] = Σ_j softmax_j( q_i·k_j · scale + mask[b, h, i, j]  over j with M(h, i, j) ) · v_j
 
 A query row with no allowed key gives 0 (SDPA would give NaN). L and S need not be multiples of
-``block``: the last blocks are partial. The layout is fixed for one query length (nq rows); calling
-with another length is an error that says so (the rewrite materialises layouts at the traced length).
+``block``: the last blocks are partial. Any sequence length runs: structured patterns are laid out at
+it; a fixed head (``block_topk``, or a block mask given with ``fixed_table``) is sparse at its own
+grid and dense elsewhere, with a `LayoutWarning`.
 
-Why index lists: a kernel walks only the listed blocks, in place, and the plan stores them as small
-integer lists (JSON). ``layout_from_block_mask`` converts a bool [H, nq, nk] block mask.
+Why index lists inside: a kernel walks only the listed blocks, in place. ``layout_from_block_mask``
+converts a bool [H, nq, nk] block mask into them.
 
 Backends:
 
 - reference: the dense score matrix with the layout expanded to an element mask (the oracle);
-- CPU: no dense score matrix. The layout is cut into tiles (`attention_tiles`): columns listed by
-  every query block (sinks, vertical lines, dense heads) run as one SDPA call over all those queries,
-  diagonal bands as one call over overlapping strided views of K, and what is left (``_listed``) is
-  gathered: rows (head, query block) are grouped by how many blocks they list, their K/V blocks
-  gathered at once (``index_select`` into a reused workspace) into [B, R, c·block, E], one batched
-  SDPA call per group. Causal: blocks after the diagonal are dropped; the diagonal block (and a
-  partial last block) is sorted first in its row, so one small [block, c·block] mask shared by the
-  whole group covers it. Partial results merge exactly by their log-sum-exp. Work and memory are ∝
-  the listed blocks; figures in ``bench/results/attention-cpu.md``;
+- CPU: the compiled C++ kernel (`cpu_kernels`, built at install time) when it is there: a
+  flash-attention forward over the listed blocks, one pass, no gather. Otherwise a torch path with no
+  dense score matrix: the layout is cut into tiles (`attention_tiles`): columns listed by every query
+  block (sinks, vertical lines, dense heads) run as one SDPA call over all those queries, diagonal
+  bands as one call over overlapping strided views of K, and what is left (``_listed``) is gathered:
+  rows (head, query block) are grouped by how many blocks they list, their K/V blocks gathered at once
+  (``index_select`` into a reused workspace) into [B, R, c·block, E], one batched SDPA call per group.
+  Causal: blocks after the diagonal are dropped; the diagonal block (and a partial last block) is
+  sorted first in its row, so one small [block, c·block] mask shared by the whole group covers it.
+  Partial results merge exactly by their log-sum-exp. Work and memory are ∝ the listed blocks;
+  figures in ``bench/results/attention-cpu.md``;
 - Triton (`triton_kernels/block_sparse_attention.py`): flash-attention forward over the listed blocks
   of each query block with online softmax; fp32/fp16/bf16, fp32 accumulation;
-- ONNX: the block mask is rebuilt from the layout (``Equal`` against ``Range(nk)`` + ``ReduceMax``),
-  expanded to [H, L, S] with two ``Gather``s, then dense masked softmax attention. Exact, at dense speed.
+- ONNX: the block mask is laid out from the same table at the run-time lengths (``onnx_table_mask``:
+  the bands compared against ``Range`` grids, the fixed grid where the lengths match), expanded to
+  [H, L, S] with two ``Gather``s, then dense masked softmax attention. Exact, at dense speed.
 """
 
 from __future__ import annotations
@@ -44,46 +49,30 @@ import torch
 import torch.nn.functional as F
 from onnxscript import opset18 as op
 
+from sparsegraph import attention_layouts as layouts
 from sparsegraph import ir
+from sparsegraph.attention_layouts import block_mask_from_layout
 from sparsegraph.codegen import attention_tiles, cpu_kernels
 from sparsegraph.codegen.op import SparseOp
 
 # ----------------------------------------------------------------------------------------- layouts
 
 
-def layout_from_block_mask(block_mask: torch.Tensor) -> torch.Tensor:
-    """Bool [H, nq, nk] block mask → int64 [H, nq, nsel] index lists (ascending, padded with −1)."""
-    block_mask = block_mask.bool()
-    nk = block_mask.shape[-1]
-    nsel = max(1, int(block_mask.sum(-1).max()))
-    cols = torch.arange(nk).expand_as(block_mask)
-    keyed = torch.where(block_mask, cols, nk + cols)  # listed blocks first, in ascending order
-    order = keyed.sort(-1).values[..., :nsel]
-    return torch.where(order < nk, order, -1).to(torch.int64).contiguous()
-
-
-def block_mask_from_layout(layout: torch.Tensor, nk: int) -> torch.Tensor:
-    """int64 [H, nq, nsel] index lists → bool [H, nq, nk] block mask."""
-    hit = layout[..., None] == torch.arange(nk, device=layout.device)
-    return hit.any(-2)
-
-
 def block_counts(L: int, S: int, block: int) -> tuple[int, int]:
     return math.ceil(L / block), math.ceil(S / block)
 
 
-def _check(q, k, v, layout, block):
-    H, L = q.shape[1], q.shape[2]
-    if k.dim() != 4 or v.dim() != 4 or k.shape[2] != v.shape[2] or k.shape[1] != v.shape[1]:
-        raise ValueError(f"block_sparse_attention: k {tuple(k.shape)} and v {tuple(v.shape)} must be "
-                         "[B, Hkv, S, E] with the same B, Hkv, S")
+def lists(q, k, v, layout, block, causal) -> torch.Tensor:
+    """Check the operands; the layout table laid out at this call's lengths: int64 [H, nq, nsel]."""
+    H = q.shape[1]
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape[2] != v.shape[2] or k.shape[1] != v.shape[1] \
+            or k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
+        raise ValueError(f"block_sparse_attention: q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} "
+                         "must be [B, H, L, E], [B, Hkv, S, E] and [B, Hkv, S, Ev]")
     if H % k.shape[1]:
         raise ValueError(f"block_sparse_attention: {H} query heads are not a multiple of {k.shape[1]} kv heads")
-    nq = math.ceil(L / block)
-    if layout.dim() != 3 or layout.shape[0] != H or layout.shape[1] != nq:
-        raise ValueError(f"block_sparse_attention: layout {tuple(layout.shape)} is for another shape: "
-                         f"need [heads={H}, query blocks={nq} (seq {L}, block {block}), nsel]; layouts are "
-                         "materialised for one sequence length (recompile at this length)")
+    layouts.check_table(layout, H)
+    return layouts.layout(layout, *block_counts(q.shape[2], k.shape[2], block), causal, q.device)
 
 
 def _element_mask(layout, L, S, block, causal):
@@ -117,7 +106,11 @@ def onnx_repeat_kv(x, q):
 
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: torch.Tensor, mask: torch.Tensor | None,
               block: int, causal: bool, scale: float) -> torch.Tensor:
-    _check(q, k, v, layout, block)
+    return reference_lists(q, k, v, lists(q, k, v, layout, block, causal), mask, block, causal, scale)
+
+
+def reference_lists(q, k, v, layout, mask, block, causal, scale):
+    """`reference` on index lists [H, nq, nsel] (the oracle of every kernel)."""
     H, L, S = q.shape[1], q.shape[2], k.shape[2]
     s = (q.float() * scale) @ repeat_kv(k, H).float().transpose(-1, -2)
     if mask is not None:
@@ -127,11 +120,20 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: torch.T
     return (p @ repeat_kv(v, H).float()).to(q.dtype)
 
 
-def cpu(q, k, v, layout, mask, block, causal, scale, tile: bool = True):
-    """The CPU path (module docstring): the compiled kernel when it is built, else the torch path;
-    `tile` False there gathers every block (for layouts new at every call, whose tiling would cost
-    more than it saves)."""
-    _check(q, k, v, layout, block)
+def cpu(q, k, v, layout, mask, block, causal, scale):
+    return cpu_lists(q, k, v, lists(q, k, v, layout, block, causal), mask, block, causal, scale)
+
+
+def triton(q, k, v, layout, mask, block, causal, scale):
+    from sparsegraph.codegen.triton_kernels.block_sparse_attention import block_sparse_attention
+
+    return block_sparse_attention(q, k, v, lists(q, k, v, layout, block, causal), mask, block, causal, scale)
+
+
+def cpu_lists(q, k, v, layout, mask, block, causal, scale, tile: bool = True):
+    """The CPU path on index lists (module docstring): the compiled kernel when it is built, else the
+    torch path; `tile` False there gathers every block (for layouts new at every call, whose tiling
+    would cost more than it saves)."""
     B, H, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
     mask = None if mask is None else _full_mask(mask.to(q.dtype), B, H, L, S)
@@ -345,16 +347,50 @@ def onnx_block_mask(lists, nk):
     return op.ReduceMax(op.Cast(hit, to=1), op.Constant(value_ints=[-2]), keepdims=0)
 
 
+def onnx_table_mask(table, nq, nk, causal: bool):
+    """`attention_layouts.block_mask` in onnxscript: the table laid out at the run-time grid nq × nk
+    (int64 scalars), as a float block mask [H, nq, nk] (1 where listed)."""
+    def ints(*xs):
+        return op.Constant(value_ints=list(xs))
+
+    def column(i, n=None):  # table[:, i : i + n] ([H, 1] when n is None); i, n int64 [1] or Python ints
+        start = ints(i) if isinstance(i, int) else i
+        end = op.Add(start, ints(1) if n is None else n)
+        return op.Slice(table, start, end, ints(1))
+
+    def scalar(i):  # table[0, i] as [1]
+        return op.Reshape(op.Slice(column(i), ints(0), ints(1), ints(0)), ints(1))
+
+    n_diag, n_col, nq0, nk0 = scalar(3), scalar(4), scalar(1), scalar(2)
+    nq1, nk1 = op.Unsqueeze(nq, ints(0)), op.Unsqueeze(nk, ints(0))
+    diagonals = column(layouts.HEADER, n_diag)  # [H, D]
+    columns = column(op.Add(ints(layouts.HEADER), n_diag), n_col)  # [H, C]
+    zero, one = op.Constant(value_int=0), op.Constant(value_int=1)
+    rows, cols = op.Range(zero, nq, one), op.Range(zero, nk, one)
+    rel = op.Sub(op.Add(op.Unsqueeze(rows, ints(1)), op.Sub(nk, nq)), op.Unsqueeze(cols, ints(0)))  # [nq, nk]
+    on_diagonal = op.ReduceMax(op.Cast(op.Equal(op.Unsqueeze(rel, ints(0, 3)), op.Unsqueeze(diagonals, ints(1, 2))),
+                                       to=1), ints(3), keepdims=0)  # [H, nq, nk]
+    on_column = op.ReduceMax(op.Cast(op.Equal(op.Unsqueeze(cols, ints(0, 2)), op.Unsqueeze(columns, ints(1))), to=1),
+                             ints(2), keepdims=1)  # [H, nk, 1]
+    kind = op.Unsqueeze(column(0), ints(2))  # [H, 1, 1]
+    dense = op.Cast(op.Equal(kind, op.Constant(value_int=layouts.DENSE)), to=1)
+    banded = op.Max(on_diagonal, op.Transpose(on_column, perm=[0, 2, 1]), dense)
+    bits = column(op.Add(ints(layouts.HEADER), op.Add(n_diag, n_col)), op.Mul(nq0, nk0))
+    bits = op.Cast(op.Reshape(bits, op.Concat(ints(-1), nq0, nk0, axis=0)), to=1)  # [H, nq0, nk0]
+    grown = op.Pad(bits, op.Concat(ints(0, 0, 0, 0), op.Max(ints(0), op.Sub(nq1, nq0)),
+                                   op.Max(ints(0), op.Sub(nk1, nk0)), axis=0))
+    at_grid = op.Slice(grown, ints(0, 0), op.Concat(nq1, nk1, axis=0), ints(1, 2))  # [H, nq, nk]
+    same_grid = op.And(op.Equal(nq1, nq0), op.Equal(nk1, nk0))
+    fixed = op.Where(same_grid, at_grid, op.Constant(value_float=1.0))  # another grid: dense
+    mask = op.Where(op.Equal(kind, op.Constant(value_int=layouts.FIXED)), fixed, banded)
+    if causal:  # J ≤ I + (nk − nq)
+        mask = op.Mul(mask, op.Cast(op.GreaterOrEqual(rel, op.Constant(value_int=0)), to=1))
+    return mask
+
+
 def onnx(q, k, v, layout, mask, block: int, causal: bool, scale: float):
-    nk = onnx_sizes(q, k, block)[3]
-    return onnx_block_attention(q, k, v, onnx_block_mask(layout, nk), mask, block, causal, scale)
-
-
-def density(layout: torch.Tensor, L: int, S: int, block: int, causal: bool) -> float:
-    """Fraction of the (query, key) pairs of the dense (causal: lower-triangular) matrix computed."""
-    computed = _element_mask(layout, L, S, block, causal).sum().item()
-    total = layout.shape[0] * (L * (L + 1) // 2 if causal and L == S else L * S)
-    return computed / max(total, 1)
+    _, _, nq, nk, _, _, _ = onnx_sizes(q, k, block)
+    return onnx_block_attention(q, k, v, onnx_table_mask(layout, nq, nk, causal), mask, block, causal, scale)
 
 
 def cost(node: torch.fx.Node) -> tuple[int, int]:
@@ -366,8 +402,9 @@ def cost(node: torch.fx.Node) -> tuple[int, int]:
     listed = None
     layout_node = node.args[3]
     if isinstance(layout_node, torch.fx.Node) and layout_node.op == "get_attr":
-        layout = ir.get_attr(node.graph.owning_module, layout_node.target)
-        listed = int((layout >= 0).sum()) * block * block  # (query, key) pairs in listed blocks
+        table = ir.get_attr(node.graph.owning_module, layout_node.target)
+        lists_ = layouts.layout(table, *block_counts(L, S, block), bool(node.args[6]))
+        listed = int((lists_ >= 0).sum()) * block * block  # (query, key) pairs in listed blocks
     if listed is None:
         listed = H * L * S
     listed = min(listed, H * math.ceil(L / block) * block * S)
@@ -377,4 +414,4 @@ def cost(node: torch.fx.Node) -> tuple[int, int]:
 
 
 OP = SparseOp("block_sparse_attention", reference, fake=fake, cpu=cpu, onnx=onnx, cost=cost, dense=dense,
-              triton="sparsegraph.codegen.triton_kernels.block_sparse_attention:block_sparse_attention")
+              triton="sparsegraph.codegen.block_sparse_attention:triton")

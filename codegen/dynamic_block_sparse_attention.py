@@ -1,8 +1,8 @@
 """``sparsegraph::dynamic_block_sparse_attention``: block-sparse attention whose blocks are chosen per input.
 
 Inputs as ``block_sparse_attention`` (q [B, H, L, E], k, v [B, Hkv, S, ·], an additive ``mask``,
-``block``, ``causal``, ``scale``) plus ``layout`` int64 [H, nq, nsel], the blocks every input lists
-(static heads; −1 rows for the others) and ``topk`` int64 [H]: for a head with topk[h] = t > 0, each
+``block``, ``causal``, ``scale``, and its ``layout`` table: the blocks every input lists, for the
+static heads; no blocks for the others) plus ``topk`` int64 [H]: for a head with topk[h] = t > 0, each
 query block I also lists the t key blocks of highest *estimated* score for this input, estimated from
 block means (the MInference / SpargeAttn estimate, one small matmul):
 
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from onnxscript import opset18 as op
 
-from sparsegraph import ir
+from sparsegraph import attention_layouts, ir
 from sparsegraph.codegen import block_sparse_attention as bsa
 from sparsegraph.codegen.op import SparseOp
 
@@ -68,7 +68,8 @@ def _block_means(x, block: int) -> torch.Tensor:
 
 
 def layouts(q, k, layout, topk, mask, block, causal, scale) -> torch.Tensor:
-    """Per-input layouts [B, H, nq, n]: the static rows of `layout` and each dynamic head's top-k."""
+    """Per-input layouts [B, H, nq, n]: the static index lists `layout` [H, nq, ·] and each dynamic
+    head's top-k."""
     B = q.shape[0]
     nk = math.ceil(k.shape[2] / block)
     topk = topk.to(q.device)
@@ -82,10 +83,10 @@ def layouts(q, k, layout, topk, mask, block, causal, scale) -> torch.Tensor:
 
 
 def _folded(kernel, q, k, v, layout, topk, mask, block, causal, scale, **kw):
-    """Run a static-layout kernel on the per-input layouts, the batch folded into the heads."""
-    bsa._check(q, k, v, layout, block)
+    """Run a static-layout kernel (on index lists) on the per-input layouts, the batch folded into the heads."""
+    layout = bsa.lists(q, k, v, layout, block, causal)
     B, H, L, _ = q.shape
-    per_input = bsa.layout_from_block_mask(bsa.block_mask_from_layout(
+    per_input = attention_layouts.layout_from_block_mask(attention_layouts.block_mask_from_layout(
         layouts(q, k, layout, topk, mask, block, causal, scale), math.ceil(k.shape[2] / block)))
 
     def fold(x):
@@ -101,11 +102,11 @@ def _folded(kernel, q, k, v, layout, topk, mask, block, causal, scale, **kw):
 
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: torch.Tensor, topk: torch.Tensor,
               mask: torch.Tensor | None, block: int, causal: bool, scale: float) -> torch.Tensor:
-    return _folded(bsa.reference, q, k, v, layout, topk, mask, block, causal, scale)
+    return _folded(bsa.reference_lists, q, k, v, layout, topk, mask, block, causal, scale)
 
 
 def cpu(q, k, v, layout, topk, mask, block, causal, scale):
-    return _folded(bsa.cpu, q, k, v, layout, topk, mask, block, causal, scale, tile=False)
+    return _folded(bsa.cpu_lists, q, k, v, layout, topk, mask, block, causal, scale, tile=False)
 
 
 def triton(q, k, v, layout, topk, mask, block, causal, scale):
@@ -161,8 +162,8 @@ def onnx(q, k, v, layout, topk, mask, block: int, causal: bool, scale: float):
     keep = op.And(op.Less(op.Range(zero, op.Squeeze(t, ints(0)), one), op.Unsqueeze(topk, ints(1, 2))),
                   op.Greater(values, op.Neg(inf)))
     dynamic = op.Where(keep, chosen, op.Constant(value_int=-1))  # [B, H, nq, t]
-    static = op.Expand(layout, op.Concat(op.Shape(q, start=0, end=1), op.Shape(layout), axis=0))
-    block_mask = bsa.onnx_block_mask(op.Concat(static, dynamic, axis=-1), nk)  # [B, H, nq, nk]
+    static = op.Unsqueeze(bsa.onnx_table_mask(layout, nq, nk, causal), ints(0))  # [1, H, nq, nk]
+    block_mask = op.Max(static, bsa.onnx_block_mask(dynamic, nk))  # [B, H, nq, nk]
     return bsa.onnx_block_attention(q, k, v, block_mask, mask, block, causal, scale)
 
 
@@ -176,7 +177,8 @@ def cost(node: torch.fx.Node) -> tuple[int, int]:
     listed = H * nq * nk
     layout_node, topk_node = node.args[3], node.args[4]
     if all(isinstance(n, torch.fx.Node) and n.op == "get_attr" for n in (layout_node, topk_node)):
-        layout = ir.get_attr(node.graph.owning_module, layout_node.target)
+        table = ir.get_attr(node.graph.owning_module, layout_node.target)
+        layout = attention_layouts.layout(table, nq, nk, bool(node.args[7]))
         topk = ir.get_attr(node.graph.owning_module, topk_node.target)
         listed = min(listed, int((layout >= 0).sum()) + int(topk.clamp(max=nk).sum()) * nq)
     macs = B * listed * block * block * (E + Ev) + B * H * nq * nk * E

@@ -67,6 +67,7 @@ import torch.fx
 import torch.nn.functional as F
 
 from sparsegraph import graph_edit, ir
+from sparsegraph.attention_layouts import allowed_blocks, pattern_mask
 from sparsegraph.codegen import dynamic_block_sparse_attention as dynamic
 from sparsegraph.observe import Observer
 from sparsegraph.pass_contract import AnalysisPass, option
@@ -140,46 +141,6 @@ class HeadPatterns(AnalysisPass):
 
 
 # --------------------------------------------------------------------------------------- patterns
-
-
-def allowed_blocks(nq: int, nk: int, causal: bool) -> torch.Tensor:
-    """bool [nq, nk]: the blocks a pattern may list (causal: J ≤ I, query and key blocks aligned)."""
-    if not causal:
-        return torch.ones(nq, nk, dtype=torch.bool)
-    return torch.arange(nk)[None, :] <= torch.arange(nq)[:, None] + (nk - nq)
-
-
-def pattern_mask(pattern: str, params: dict, nq: int, nk: int, causal: bool) -> torch.Tensor:
-    """bool [nq, nk] block mask of a pattern at a sequence of nq query and nk key blocks.
-
-    Structured patterns are functions of their parameters, so the rewrite can lay them out at any
-    length; ``block_topk`` stores its blocks and exists only at its calibration length;
-    ``dynamic_topk`` lists nothing ahead of time (its blocks are chosen per input).
-    """
-    rel = torch.arange(nq)[:, None] + (nk - nq) - torch.arange(nk)[None, :]  # I − J (aligned at the end)
-    if pattern == "dense":
-        mask = torch.ones(nq, nk, dtype=torch.bool)
-    elif pattern == "local":
-        mask = rel.abs() < params["window"] if not causal else (rel >= 0) & (rel < params["window"])
-    elif pattern == "sink_local":
-        mask = pattern_mask("local", params, nq, nk, causal) | (torch.arange(nk)[None, :] < params["sinks"])
-    elif pattern == "multi_diagonal":
-        mask = torch.isin(rel, torch.tensor(params["diagonals"], dtype=torch.long))
-    elif pattern == "vertical_slash":
-        cols = torch.zeros(nk, dtype=torch.bool)
-        cols[[c for c in params["columns"] if c < nk]] = True
-        mask = cols[None, :] | torch.isin(rel, torch.tensor(params["diagonals"], dtype=torch.long))
-    elif pattern in ("skip", "dynamic_topk"):
-        mask = torch.zeros(nq, nk, dtype=torch.bool)
-    elif pattern == "block_topk":
-        mask = torch.zeros(nq, nk, dtype=torch.bool)
-        if params["shape"] != [nq, nk]:
-            raise ValueError(f"block_topk layout was fitted at {params['shape']} blocks, not {[nq, nk]}")
-        for i, cols in enumerate(params["blocks"]):
-            mask[i, cols] = True
-    else:
-        raise ValueError(f"unknown pattern {pattern!r}")
-    return mask & allowed_blocks(nq, nk, causal)
 
 
 def choose(mass: torch.Tensor, causal: bool, recall: float, families=FAMILIES, topk_overhead: float = 0.25,

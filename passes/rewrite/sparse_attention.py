@@ -2,9 +2,9 @@
 
 For each attention site that ``head_patterns`` measured, the decision holds the block size, the traced
 query/key lengths and, per head, the pattern and its parameters (not the layout: structured patterns
-are functions of their parameters, ``block_topk`` keeps its block lists). ``apply`` lays each head's
-pattern out at the traced lengths (``head_patterns.pattern_mask``), converts it to the op's index lists
-and replaces the site:
+are functions of their parameters, ``block_topk`` keeps its block lists). ``apply`` stores the heads as
+one layout table (`sparsegraph.attention_layouts.table`), which the op lays out at every call's
+lengths, and replaces the site:
 
 - SDPA ``sdpa(q, k, v, attn_mask, is_causal, scale)`` → ``block_sparse_attention(q, k, v, layout,
   additive(attn_mask), block, causal, scale)``; a bool mask becomes ``where(mask, 0, −inf)``; GQA
@@ -15,10 +15,11 @@ and replaces the site:
 The result is exact where the layout lists every block (dense heads), and drops exactly the blocks a
 head's pattern leaves out elsewhere: the attention mass lost is 1 − recall on the calibration data.
 
-**Sequence length.** Layouts are materialised at the traced length; the op checks that a call has
-that many query blocks and otherwise raises an error naming both lengths, so a compiled model with
-this pass runs at its traced sequence length (compile again, or from the plan, for another length;
-structured patterns then lay out at the new length, ``block_topk`` heads are refused there).
+**Sequence length.** One compiled graph runs at every length, in PyTorch and in ONNX alike: the
+structured families (local, sink + local, multi-diagonal, vertical-slash, skip, dynamic top-k) are
+bands of the block grid, laid out afresh for each length (and cached). ``block_topk`` heads exist
+only at the grid they were fitted at: at any other length they run dense (exact) and a
+`LayoutWarning` says so; the plan marks them ``length_bound``.
 
 A ``skip`` head lists no block (the op returns zeros for it) and its calibrated mean output is added
 after the op. A site with ``dynamic_topk`` heads calls ``sparsegraph::dynamic_block_sparse_attention``
@@ -27,8 +28,8 @@ static heads): those heads work at any length.
 
 Refused, with the reason: sites head_patterns did not measure; every head dense (nothing skipped);
 mean density above ``max_density``; dropout in the attention; causal attention with L ≠ S; explicit
-chains with other ops between the scores and the softmax; ``block_topk`` heads fitted at another
-length. Counts are in sites; the counters add heads rewritten and mean density.
+chains with other ops between the scores and the softmax. Counts are in sites; the counters add heads
+rewritten and the heads whose layout is length-bound.
 """
 
 from __future__ import annotations
@@ -37,11 +38,10 @@ from dataclasses import dataclass
 
 import torch
 
-from sparsegraph import graph_edit, ir, meta
+from sparsegraph import attention_layouts, graph_edit, ir, meta
 from sparsegraph.codegen import dynamic_block_sparse_attention
-from sparsegraph.codegen.block_sparse_attention import OP, layout_from_block_mask
+from sparsegraph.codegen.block_sparse_attention import OP
 from sparsegraph.pass_contract import RewritePass, SiteDecision, option
-from sparsegraph.passes.analysis.head_patterns import pattern_mask
 from sparsegraph.registry import register_pass
 
 
@@ -76,11 +76,12 @@ class SparseAttention(RewritePass):
             decisions[site.id] = SiteDecision(
                 {"block": evidence["block"], "seq_len": L, "key_len": S, "causal": site.causal,
                  "heads": [{"pattern": h["pattern"], "params": h["params"]} for h in evidence["heads"]]},
-                {"density": evidence["density"], "recall": [h["recall"] for h in evidence["heads"]]})
+                {"density": evidence["density"], "recall": [h["recall"] for h in evidence["heads"]],
+                 "length_bound": [h for h, head in enumerate(evidence["heads"]) if head["pattern"] == "block_topk"]})
         return decisions
 
     def apply(self, gm, ctx, decisions, stats):
-        heads = 0
+        heads = bound = 0
         for site in ir.attention_sites(gm):
             decision = decisions.get(site.id)
             if decision is None:
@@ -89,16 +90,9 @@ class SparseAttention(RewritePass):
                 d = decision.decision
                 _replace(gm, site, d, decision.evidence.get("density"))
                 heads += sum(h["pattern"] != "dense" for h in d["heads"])
+                bound += sum(h["pattern"] == "block_topk" for h in d["heads"])
                 stats.rewritten += 1
-        stats.counters.update(sparse_heads=heads)
-
-
-def layout_for(decision: dict) -> torch.Tensor:
-    """The int64 [H, nq, nsel] layout of a decision at its traced lengths."""
-    block, L, S = decision["block"], decision["seq_len"], decision["key_len"]
-    nq, nk = -(-L // block), -(-S // block)
-    masks = [pattern_mask(h["pattern"], h["params"], nq, nk, decision["causal"]) for h in decision["heads"]]
-    return layout_from_block_mask(torch.stack(masks))
+        stats.counters.update(sparse_heads=heads, length_bound_heads=bound)
 
 
 def _lengths(site) -> tuple[int, int]:
@@ -114,9 +108,6 @@ def _unsupported(site, lengths, evidence) -> str | None:
         return "attention dropout is on"
     if site.form == "explicit" and ir.explicit_attention_parts(site) is None:
         return "the explicit chain has ops between the scores and the softmax other than scale and mask"
-    if evidence["seq_len"] != L and any(h["pattern"] == "block_topk" for h in evidence["heads"]):
-        return (f"block_topk layouts were fitted at length {evidence['seq_len']}, the graph is traced at {L}; "
-                "calibrate at the traced length")
     if len(evidence["heads"]) != site.heads:
         return f"head_patterns measured {len(evidence['heads'])} heads, the site has {site.heads}"
     return None
@@ -125,7 +116,7 @@ def _unsupported(site, lengths, evidence) -> str | None:
 def _replace(gm, site, d: dict, density: float | None) -> None:
     out = site.out
     name = site.module_path or site.id
-    layout = graph_edit.add_tensor(gm, f"{name}.attention_layout", layout_for(d), out)
+    layout = graph_edit.add_tensor(gm, f"{name}.attention_layout", attention_layouts.table(d["heads"]), out)
     g = gm.graph
     q, k, v, additive, scale = graph_edit.attention_operands(gm, site, out)
     topk = [h["params"]["k"] if h["pattern"] == "dynamic_topk" else 0 for h in d["heads"]]

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from sparsegraph.attention_layouts import layout_from_block_mask
 from sparsegraph.codegen import attention_tiles as tiles
 from sparsegraph.codegen import block_sparse_attention as bsa
-from sparsegraph.codegen.block_sparse_attention import layout_from_block_mask
 
 
 @pytest.fixture
@@ -121,8 +121,8 @@ def test_tiled_cpu_path_matches_the_reference(small_tiles, causal, B, H, Hkv, L)
     layout = layout_from_block_mask(bm)
     assert tiles.tiling(layout, L, L, block, causal, H // Hkv).calls > 0
     for name, mask in _masks(B, H, L, L).items():
-        ref = bsa.reference(q, k, v, layout, mask, block, causal, E ** -0.5)
-        torch.testing.assert_close(bsa.cpu(q, k, v, layout, mask, block, causal, E ** -0.5), ref,
+        ref = bsa.reference_lists(q, k, v, layout, mask, block, causal, E ** -0.5)
+        torch.testing.assert_close(bsa.cpu_lists(q, k, v, layout, mask, block, causal, E ** -0.5), ref,
                                    rtol=1e-5, atol=1e-5, msg=f"mask {name}")
 
 

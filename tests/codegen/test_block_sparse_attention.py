@@ -1,15 +1,18 @@
 """sparsegraph::block_sparse_attention through every backend: reference, CPU, Triton, ONNX Runtime."""
 
 import math
+import warnings
 
 import onnx
 import pytest
 import torch
 import torch.nn.functional as F
 
+from sparsegraph import attention_layouts
+from sparsegraph.attention_layouts import LayoutWarning, fixed_table, layout_from_block_mask
 from sparsegraph.codegen import block_sparse_attention as bsa
 from sparsegraph.codegen import triton_available, use_backend
-from sparsegraph.codegen.block_sparse_attention import OP, layout_from_block_mask
+from sparsegraph.codegen.block_sparse_attention import OP
 from sparsegraph.onnx_export import OnnxModel, export_onnx
 
 SHAPES = [  # batch, heads, kv heads, L, S, head dim, block
@@ -32,7 +35,7 @@ def _case(B, H, Hkv, L, S, E, block, *, uniform=False, seed=0, dtype=torch.float
         bm[:, torch.arange(nq), torch.arange(nq).clamp(max=nk - 1)] = True
     else:
         bm = torch.rand(H, nq, nk, generator=g) < 0.4
-    return q, k, v, layout_from_block_mask(bm), bm
+    return q, k, v, fixed_table(bm), bm
 
 
 def _masks(B, H, L, S, seed=1):
@@ -65,7 +68,7 @@ def test_layout_round_trips_through_the_block_mask():
     layout = layout_from_block_mask(bm)
     assert layout.dtype == torch.int64 and layout.shape[-1] == int(bm.sum(-1).max())
     assert (layout[0, 0] == -1).all()
-    assert torch.equal(bsa.block_mask_from_layout(layout, 7), bm)
+    assert torch.equal(attention_layouts.block_mask_from_layout(layout, 7), bm)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -81,7 +84,7 @@ def test_reference_is_masked_dense_attention(shape, causal):
 
 def test_full_layout_is_sdpa():
     q, k, v, _, _ = _case(2, 4, 2, 70, 70, 16, 16)
-    full = layout_from_block_mask(torch.ones(4, 5, 5, dtype=torch.bool))
+    full = fixed_table(torch.ones(4, 5, 5, dtype=torch.bool))
     for causal in (False, True):
         want = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
         torch.testing.assert_close(bsa.reference(q, k, v, full, None, 16, causal, 0.25), want, rtol=1e-5, atol=1e-5)
@@ -107,7 +110,7 @@ def test_cpu_dense_heads_match_the_oracle(cpu_path, causal):
     q, k, v, _, bm = _case(B, H, Hkv, L, L, E, block)
     bm[1] = True  # head 1 dense
     bm[2] = torch.ones(5, 5, dtype=torch.bool).tril() if causal else True
-    layout = layout_from_block_mask(bm)
+    layout = fixed_table(bm)
     for name, mask in _masks(B, H, L, L).items():
         ref = bsa.reference(q, k, v, layout, mask, block, causal, 0.25)
         torch.testing.assert_close(bsa.cpu(q, k, v, layout, mask, block, causal, 0.25), ref, rtol=1e-5, atol=1e-5,
@@ -137,17 +140,51 @@ def test_row_with_no_allowed_key_is_zero(cpu_path):
     q, k, v, _, _ = _case(1, 2, 2, 32, 32, 8, 16)
     bm = torch.ones(2, 2, 2, dtype=torch.bool)
     bm[1, 1] = False
-    layout = layout_from_block_mask(bm)
+    layout = fixed_table(bm)
     for backend in ("reference", "eager"):
         with use_backend(backend):
             out = OP(q, k, v, layout, None, 16, False, 0.3)
         assert torch.isfinite(out).all() and (out[0, 1, 16:] == 0).all() and (out[0, 0, 16:] != 0).any()
 
 
-def test_layout_for_another_length_is_refused_with_a_reason():
+def test_a_fixed_layout_at_another_length_runs_dense_and_warns(cpu_path):
+    """A block mask given for one grid (block_topk's kind) is exact at any other length: dense, with a warning."""
     q, k, v, layout, _ = _case(1, 2, 2, 64, 64, 8, 16)
-    with pytest.raises(ValueError, match="sequence length"):
-        OP(q[:, :, :40], k[:, :, :40], v[:, :, :40], layout, None, 16, False, 0.3)
+    q, k, v = q[:, :, :40], k[:, :, :40], v[:, :, :40]
+    for backend in ("reference", "eager"):
+        with use_backend(backend), pytest.warns(LayoutWarning, match="run dense"):
+            got = OP(q, k, v, layout, None, 16, False, 0.3)
+        want = F.scaled_dot_product_attention(q, k, v, scale=0.3)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_malformed_layout_is_refused_with_a_reason():
+    q, k, v, _, bm = _case(1, 2, 2, 64, 64, 8, 16)
+    with pytest.raises(ValueError, match="layout table"):
+        OP(q, k, v, layout_from_block_mask(bm), None, 16, False, 0.3)  # index lists are not a table
+    with pytest.raises(ValueError, match="heads=2"):
+        OP(q, k, v, fixed_table(bm[:1]), None, 16, False, 0.3)
+
+
+HEADS = [{"pattern": "local", "params": {"window": 2}},
+         {"pattern": "sink_local", "params": {"sinks": 1, "window": 1}},
+         {"pattern": "vertical_slash", "params": {"columns": [2], "diagonals": [0, 3]}},
+         {"pattern": "multi_diagonal", "params": {"diagonals": [-2, 0, 2]}}]
+
+
+@pytest.mark.parametrize("length", [16, 31, 64, 100, 257])
+@pytest.mark.parametrize("causal", [False, True])
+def test_structured_layouts_run_at_any_length(cpu_path, length, causal, tmp_path):
+    """One table serves every length: below, at, above and not a multiple of the block, in every backend."""
+    g = torch.Generator().manual_seed(length)
+    q, k, v = (torch.randn(1, 4, length, 8, generator=g) for _ in range(3))
+    table = attention_layouts.table(HEADS)
+    nq = math.ceil(length / 16)
+    bm = torch.stack([attention_layouts.pattern_mask(h["pattern"], h["params"], nq, nq, causal) for h in HEADS])
+    want = _dense_oracle(q, k, v, bm, None, 16, causal, 0.3)
+    for backend in ("reference", "eager"):
+        with use_backend(backend):
+            torch.testing.assert_close(OP(q, k, v, table, None, 16, causal, 0.3), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2), (torch.float16, 3e-3)])
@@ -208,22 +245,53 @@ class _Attention(torch.nn.Module):
         return OP(q, k, v, self.layout, mask, self.block, self.causal, 0.25)
 
 
+class _Sequence(torch.nn.Module):
+    """The op on [B, L, heads·E] inputs and a bool [B, L] key mask: export keeps batch and length dynamic."""
+
+    def __init__(self, layout, heads, kv_heads, block, causal):
+        super().__init__()
+        self.register_buffer("layout", layout)
+        self.heads, self.kv_heads, self.block, self.causal = heads, kv_heads, block, causal
+
+    def forward(self, q, k, v, keep):
+        def split(x, h):
+            return x.unflatten(-1, (h, -1)).transpose(1, 2)
+
+        mask = torch.where(keep, 0.0, float("-inf"))[:, None, None, :]
+        return OP(split(q, self.heads), split(k, self.kv_heads), split(v, self.kv_heads), self.layout, mask,
+                  self.block, self.causal, 0.25)
+
+
 @pytest.mark.parametrize("length", [40, 72])
 @pytest.mark.parametrize("causal", [False, True])
-def test_onnx_translation_matches_in_onnxruntime(length, causal, tmp_path):
+@pytest.mark.parametrize("structured", [False, True])
+def test_onnx_translation_matches_in_onnxruntime(length, causal, structured, tmp_path):
+    """ORT runs the table as PyTorch does: at the traced length, and at other lengths (structured heads
+    laid out there; a fixed layout dense there), for any batch."""
     B, H, Hkv, E, block = 2, 4, 2, 16, 16
-    q, k, v, layout, _ = _case(B, H, Hkv, length, length, E, block, seed=length)
-    mask = _masks(B, H, length, length)["padding"]
-    gm = torch.fx.symbolic_trace(_Attention(layout, block, causal))
-    path = export_onnx(gm, tmp_path / "bsa.onnx", (q, k, v, mask))
+    _, _, _, layout, _ = _case(B, H, Hkv, length, length, E, block, seed=length)
+    if structured:
+        layout = attention_layouts.table(HEADS)
+    module = _Sequence(layout, H, Hkv, block, causal)
+
+    def inputs(batch, L):
+        g = torch.Generator().manual_seed(batch + L)
+        keep = torch.ones(batch, L, dtype=torch.bool)
+        keep[-1, L - 3:] = False
+        return (torch.randn(batch, L, H * E, generator=g), torch.randn(batch, L, Hkv * E, generator=g),
+                torch.randn(batch, L, Hkv * E, generator=g), keep)
+
+    gm = torch.fx.symbolic_trace(module)
+    path = export_onnx(gm, tmp_path / "bsa.onnx", inputs(B, length))
     ops = {n.op_type for n in onnx.load(str(path)).graph.node}
     assert {"Softmax", "Where", "MatMul"} <= ops
-    for batch in (B, 3):  # the batch axis is dynamic
-        g = torch.Generator().manual_seed(batch)
-        args = (torch.randn(batch, H, length, E, generator=g), torch.randn(batch, Hkv, length, E, generator=g),
-                torch.randn(batch, Hkv, length, E, generator=g), mask[:1].expand(batch, -1, -1, -1).contiguous())
-        ref = bsa.reference(*args[:3], layout, args[3], block, causal, 0.25)
-        torch.testing.assert_close(OnnxModel(path, gm)(*args), ref, rtol=1e-4, atol=1e-4)
+    model = OnnxModel(path, gm)
+    for batch, L in ((B, length), (3, length), (1, length + 29), (2, 17)):  # batch and length are dynamic
+        args = inputs(batch, L)
+        with warnings.catch_warnings(), use_backend("reference"):
+            warnings.simplefilter("ignore", LayoutWarning)
+            ref = module(*args)
+        torch.testing.assert_close(model(*args), ref, rtol=1e-4, atol=1e-4, msg=f"batch {batch}, length {L}")
 
 
 def test_cost_counts_only_listed_blocks():
@@ -232,7 +300,7 @@ def test_cost_counts_only_listed_blocks():
     q, k, v, _, _ = _case(1, 2, 2, 64, 64, 8, 16)
     bm = torch.zeros(2, 4, 4, dtype=torch.bool)
     bm[:, torch.arange(4), torch.arange(4)] = True  # 4 of 16 blocks per head
-    gm = sg.trace(_Attention(layout_from_block_mask(bm), 16, False), (q, k, v, torch.zeros(1, 1, 1, 64)))
+    gm = sg.trace(_Attention(fixed_table(bm), 16, False), (q, k, v, torch.zeros(1, 1, 1, 64)))
     node = next(n for n in gm.graph.nodes if n.target is OP.overload)
     macs, _ = OP.cost(node)
     assert macs == 1 * 2 * 4 * 16 * 16 * (8 + 8)  # listed (query, key) pairs × (E + Ev)

@@ -9,9 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sparsegraph.attention_layouts import layout_from_block_mask
 from sparsegraph.codegen import block_sparse_attention as bsa
 from sparsegraph.codegen import cpu_kernels
-from sparsegraph.codegen.block_sparse_attention import layout_from_block_mask
 
 native = pytest.mark.skipif(cpu_kernels.library() is None, reason=f"compiled CPU kernels: {cpu_kernels.status()}")
 
@@ -88,7 +88,7 @@ def test_kernel_matches_the_reference(B, kv, group, L, extra_keys, E, Ev, block,
     bm = torch.rand(H, math.ceil(L / block), math.ceil(S / block), generator=g) < density
     layout = layout_from_block_mask(bm)
     for name, mask in _masks(B, H, L, S, g).items():
-        want = bsa.reference(q, k, v, layout, mask, block, causal, E ** -0.5)
+        want = bsa.reference_lists(q, k, v, layout, mask, block, causal, E ** -0.5)
         got = cpu_kernels.block_sparse_attention(q, k, v, layout, None if mask is None else
                                                  bsa._full_mask(mask, B, H, L, S), block, causal, E ** -0.5)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"mask {name}")
@@ -103,7 +103,8 @@ def test_strided_inputs_are_read_in_place():
     got = cpu_kernels.block_sparse_attention(q, k, v, layout, None, 16, True, 0.25)
     want = cpu_kernels.block_sparse_attention(*(t.contiguous() for t in (q, k, v)), layout, None, 16, True, 0.25)
     assert torch.equal(got, want)
-    torch.testing.assert_close(got, bsa.reference(q, k, v, layout, None, 16, True, 0.25), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, bsa.reference_lists(q, k, v, layout, None, 16, True, 0.25), rtol=1e-5,
+                               atol=1e-5)
 
 
 @native
@@ -132,7 +133,7 @@ def test_every_mask_layout_matches_the_reference(causal):
     q, k, v = (torch.randn(B, H, L, E, generator=g) for _ in range(3))
     layout = layout_from_block_mask(torch.rand(H, 2, 2, generator=g) < 0.7)
     for name, mask in _masks(B, H, L, L, g).items():
-        want = bsa.reference(q, k, v, layout, mask, block, causal, 0.25)
+        want = bsa.reference_lists(q, k, v, layout, mask, block, causal, 0.25)
         full = None if mask is None else bsa._full_mask(mask, B, H, L, L)
         got = cpu_kernels.block_sparse_attention(q, k, v, layout, full, block, causal, 0.25)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"mask {name}")

@@ -6,10 +6,11 @@ import onnx
 import pytest
 import torch
 
+from sparsegraph import attention_layouts
+from sparsegraph.attention_layouts import block_mask, fixed_table, layout_from_block_mask
 from sparsegraph.codegen import block_sparse_attention as bsa
 from sparsegraph.codegen import dynamic_block_sparse_attention as dyn
 from sparsegraph.codegen import triton_available, use_backend
-from sparsegraph.codegen.block_sparse_attention import layout_from_block_mask
 from sparsegraph.onnx_export import OnnxModel, export_onnx
 
 
@@ -20,7 +21,7 @@ def _case(B=2, H=4, Hkv=2, L=70, E=16, block=16, seed=0):
     bm = torch.zeros(H, nq, nq, dtype=torch.bool)
     bm[0] = True       # a static dense head
     bm[1, :, 0] = True  # a static sink head that also takes its top 1
-    layout = layout_from_block_mask(bm)
+    layout = fixed_table(bm)
     topk = torch.tensor([0, 1, 2, 3])[:H]
     padding = torch.zeros(B, 1, 1, L)
     padding[-1, ..., L - 20:] = float("-inf")
@@ -36,7 +37,7 @@ def _oracle(q, k, v, layout, topk, mask, block, causal, scale):
     full = None if mask is None else mask.expand(B, H, L, S)
     outs = []
     for b in range(B):
-        bm = bsa.block_mask_from_layout(layout, nk).clone()
+        bm = block_mask(layout, nq, nk, causal)
         for h in range(H):
             if topk[h] == 0:
                 continue
@@ -54,8 +55,8 @@ def _oracle(q, k, v, layout, topk, mask, block, causal, scale):
                 for _, j in sorted(scores, reverse=True)[:int(topk[h])]:
                     bm[h, i, j] = True
         m = None if mask is None else mask[b:b + 1] if mask.shape[0] > 1 else mask
-        outs.append(bsa.reference(q[b:b + 1], k[b:b + 1], v[b:b + 1], layout_from_block_mask(bm), m, block, causal,
-                                  scale))
+        outs.append(bsa.reference_lists(q[b:b + 1], k[b:b + 1], v[b:b + 1], layout_from_block_mask(bm), m, block,
+                                        causal, scale))
     return torch.cat(outs)
 
 
@@ -70,9 +71,10 @@ def test_reference_is_the_loop_oracle(causal):
 
 def test_estimate_keeps_the_diagonal_and_never_picks_what_no_query_sees():
     q, k, _, layout, topk, masks = _case()
-    lists = dyn.layouts(q, k, layout, topk, masks["padding"], 16, True, 0.25)  # [B, H, nq, n]
-    dynamic = lists[..., layout.shape[-1]:]
-    nq = layout.shape[1]
+    static = attention_layouts.layout(layout, 5, 5, True)  # the table's index lists at L = 70
+    lists = dyn.layouts(q, k, static, topk, masks["padding"], 16, True, 0.25)  # [B, H, nq, n]
+    dynamic = lists[..., static.shape[-1]:]
+    nq = static.shape[1]
     rows = torch.arange(nq)[:, None]
     assert ((dynamic <= rows) | (dynamic == -1)).all()  # causal: no block after the diagonal
     assert (dynamic[0, 3] == rows).any(-1).all()  # the diagonal is always chosen
@@ -141,5 +143,5 @@ def test_cost_counts_static_and_topk_blocks():
     ir.propagate_shapes(gm, (q, k, v, torch.zeros(1, 1, 1, 64)))
     node = next(n for n in gm.graph.nodes if n.target is dyn.OP.overload)
     macs, _ = dyn.cost(node)
-    listed = int((layout >= 0).sum()) + int(topk.sum()) * 4
+    listed = int((attention_layouts.layout(layout, 4, 4, False) >= 0).sum()) + int(topk.sum()) * 4
     assert macs == listed * 16 * 16 * 32 + 4 * 4 * 4 * 16

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 import sparsegraph as sg
 from sparsegraph import ir
-from sparsegraph.passes.analysis.head_patterns import choose, pattern_mask
+from sparsegraph.attention_layouts import pattern_mask
+from sparsegraph.passes.analysis.head_patterns import choose
 
 BLOCK = 16
 

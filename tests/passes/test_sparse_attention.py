@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import sparsegraph as sg
-from sparsegraph import ir, models
+from sparsegraph import attention_layouts, ir, models
 from sparsegraph.codegen import use_backend
 from sparsegraph.codegen.block_sparse_attention import OP
 from sparsegraph.onnx_export import OnnxModel
@@ -47,7 +47,9 @@ def test_explicit_sites_become_the_op(explicit_sparse):
         q, k, _v, layout, mask, block, causal, scale = node.args
         assert block == 16 and causal is False and scale == pytest.approx(32 ** -0.5)
         assert mask is not None and ir.shape(k) == ir.shape(q)  # kᵀ transposed back; padding mask kept
-        assert ir.shape(layout)[:2] == (4, 4)  # heads, query blocks at the traced length 64
+        assert ir.shape(layout)[0] == 4  # a layout table per head, laid out at each call's length
+        table = ir.get_attr(cm.graph_module, layout.target)
+        assert attention_layouts.layout(table, 4, 4, False).shape[:2] == (4, 4)
     stats = cm.plan.passes["sparse_attention"]["stats"]
     assert (stats["matched"], stats["rewritten"], stats["refused"]) == (3, 3, [])
     assert stats["counters"]["sparse_heads"] == 12
@@ -85,11 +87,58 @@ def test_plan_replays_without_calibration(explicit_sparse, tmp_path):
     torch.testing.assert_close(_run(again, "eager", *example), _run(cm, "eager", *example), rtol=0, atol=0)
 
 
-def test_another_sequence_length_is_an_error_that_says_so(explicit_sparse):
-    _, _, _, cm = explicit_sparse
-    ids = torch.randint(0, 1000, (2, 40))
-    with pytest.raises(Exception, match="sequence length"):
-        _run(cm, "eager", ids, torch.ones_like(ids))
+LENGTHS = (16, 40, 64, 100, 129)  # below, at (64), above, and not multiples of the block (16)
+
+
+def test_one_compiled_model_runs_at_every_length_in_pytorch_and_onnx(explicit_sparse, tmp_path):
+    """Calibrated and traced at 64 tokens; at every length eager matches the reference op and ORT, and
+    the heads stay sparse (the output is not the dense one) wherever there is more than one block."""
+    model, _, _, cm = explicit_sparse
+    onnx_model = OnnxModel(cm.export_onnx(tmp_path / "explicit.onnx"), cm.graph_module)
+    g = torch.Generator().manual_seed(7)
+    for L in LENGTHS:
+        ids = torch.randint(0, 1000, (2, L), generator=g)
+        mask = torch.ones_like(ids)
+        mask[1, L // 2:] = 0
+        eager = _run(cm, "eager", ids, mask)
+        torch.testing.assert_close(eager, _run(cm, "reference", ids, mask), rtol=1e-5, atol=1e-5, msg=f"L={L}")
+        torch.testing.assert_close(onnx_model(ids, mask), eager, rtol=1e-4, atol=1e-4, msg=f"L={L}")
+        with torch.no_grad():
+            dense = model(ids, mask)
+        if L > 16:
+            assert (eager - dense).abs().max() > 1e-3, f"L={L}: no block was dropped"
+        else:  # one block: every pattern lists it
+            torch.testing.assert_close(eager, dense, rtol=1e-5, atol=1e-5)
+
+
+def test_a_plan_replays_at_another_traced_length(explicit_sparse, tmp_path):
+    """A plan made at 64 tokens, replayed with a 40-token example: compiles and runs on its own example."""
+    model, _, _, cm = explicit_sparse
+    cm.plan.save(tmp_path / "plan.json")
+    ids = torch.randint(0, 1000, (2, 40), generator=torch.Generator().manual_seed(3))
+    again = sg.compile(model, plan=tmp_path / "plan.json", example_inputs=(ids, torch.ones_like(ids)), quiet=True)
+    assert len(_ops(again)) == 3
+    torch.testing.assert_close(_run(again, "eager", ids, torch.ones_like(ids)),
+                               _run(cm, "eager", ids, torch.ones_like(ids)), rtol=0, atol=0)
+
+
+def test_block_topk_heads_are_length_bound_and_run_dense_elsewhere_with_a_warning(explicit_calibrated):
+    from sparsegraph.attention_layouts import LayoutWarning
+
+    model, example, batches = explicit_calibrated
+    config = {"passes": [{"head_patterns": {"block": 16, "recall": 0.5, "min_saving": 0.0,
+                                            "patterns": ["dense", "block_topk"]}},
+                         {"sparse_attention": {"max_density": 1.0}}]}
+    cm = sg.compile(model, config, example_inputs=example, calibration=batches, quiet=True)
+    stats = cm.plan.passes["sparse_attention"]["stats"]
+    assert stats["counters"]["length_bound_heads"] == stats["counters"]["sparse_heads"] == 12
+    site = next(s for s in cm.plan.sites if "sparse_attention" in cm.plan.sites[s])
+    assert cm.plan.sites[site]["sparse_attention"]["evidence"]["length_bound"] == [0, 1, 2, 3]
+    ids = torch.randint(0, 1000, (2, 80), generator=torch.Generator().manual_seed(4))  # 5 blocks, fitted at 3
+    with pytest.warns(LayoutWarning, match="run dense"):
+        out = _run(cm, "eager", ids, torch.ones_like(ids))
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(ids, torch.ones_like(ids)), rtol=1e-5, atol=1e-5)
 
 
 def test_explicit_onnx_matches_in_onnxruntime(explicit_sparse, tmp_path):

@@ -1,0 +1,235 @@
+"""Block layouts of sparse attention, as functions of the sequence length.
+
+Attention over L queries and S keys is cut into nq = ⌈L / block⌉ query blocks I and nk = ⌈S / block⌉
+key blocks J. A head's *pattern* says which blocks (I, J) it computes. Every pattern family that
+`head_patterns` offers, except ``block_topk``, is a union of *bands*, which makes it a function of
+(nq, nk) rather than a list fitted at one length:
+
+    diagonals D:  rel(I, J) = I + (nk − nq) − J ∈ D      (offsets from the diagonal, aligned at the end)
+    columns C:    J ∈ C                                   (key blocks counted from the start: sinks)
+
+- ``dense``: every block;
+- ``local`` (w): D = {−(w−1) … w−1} (a causal site keeps those it allows: {0 … w−1});
+- ``sink_local`` (s, w): C = {0 … s−1} and the local diagonals;
+- ``multi_diagonal`` (D), ``vertical_slash`` (C, D): as stored;
+- ``skip`` and ``dynamic_topk``: no static block (their blocks are chosen per input, or none);
+- ``block_topk``: the fitted blocks, which exist only at the grid [nq0, nk0] they were fitted at.
+
+Causal attention lists only J ≤ I + (nk − nq) (`allowed_blocks`).
+
+**The table.** A rewrite stores a site's heads as one int64 table [H, W], which the ops lay out at the
+lengths of each call (`layout`, cached per length), so one compiled graph serves every sequence
+length, in PyTorch and in ONNX alike (the ONNX translation reads the same table). Row layout::
+
+    [kind, nq0, nk0, n_diag, n_col, d_1 … d_n_diag, c_1 … c_n_col, bits of the fixed grid (nq0·nk0)]
+
+``kind`` is ``BANDS``, ``DENSE`` or ``FIXED``; every row holds the site's fixed grid nq0 × nk0 (1 × 1
+when no head is fixed: no slice of the table is ever empty) and the slot counts; unused diagonal slots
+hold ``NO_DIAGONAL`` (matches no offset), unused column slots −1. A ``FIXED`` head (``block_topk``, or a layout given as a block mask)
+is sparse at its own grid only: at any other grid it computes every block (dense, exact) and
+`LayoutWarning` says so once per length. Nothing else needs refitting at another length.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+import weakref
+
+import torch
+
+BANDS, DENSE, FIXED = 0, 1, 2
+NO_DIAGONAL = -(2**40)
+HEADER = 5  # kind, nq0, nk0, n_diag, n_col
+
+
+class LayoutWarning(UserWarning):
+    """A length-bound (fixed) head ran dense at a sequence length it was not fitted for."""
+
+
+def allowed_blocks(nq: int, nk: int, causal: bool) -> torch.Tensor:
+    """bool [nq, nk]: the blocks a pattern may list (causal: J ≤ I + (nk − nq), aligned at the end)."""
+    if not causal:
+        return torch.ones(nq, nk, dtype=torch.bool)
+    return torch.arange(nk)[None, :] <= torch.arange(nq)[:, None] + (nk - nq)
+
+
+def bands(pattern: str, params: dict) -> tuple[list[int], list[int], int]:
+    """``(diagonals, columns, kind)`` of a pattern family (module docstring); ``FIXED`` for block_topk."""
+    if pattern == "dense":
+        return [], [], DENSE
+    if pattern in ("local", "sink_local"):
+        w = int(params["window"])
+        return list(range(-(w - 1), w)), list(range(int(params.get("sinks", 0)))), BANDS
+    if pattern == "multi_diagonal":
+        return [int(d) for d in params["diagonals"]], [], BANDS
+    if pattern == "vertical_slash":
+        return [int(d) for d in params["diagonals"]], [int(c) for c in params["columns"]], BANDS
+    if pattern in ("skip", "dynamic_topk"):
+        return [], [], BANDS
+    if pattern == "block_topk":
+        return [], [], FIXED
+    raise ValueError(f"unknown attention pattern {pattern!r}")
+
+
+def pattern_mask(pattern: str, params: dict, nq: int, nk: int, causal: bool) -> torch.Tensor:
+    """bool [nq, nk] block mask of one head's pattern at a grid of nq query and nk key blocks (the
+    single-head form of `block_mask`, which lays out a whole table; head_patterns fits with this one)."""
+    diagonals, columns, kind = bands(pattern, params)
+    if kind == DENSE:
+        mask = torch.ones(nq, nk, dtype=torch.bool)
+    elif kind == FIXED:
+        mask = _fixed_bits(params)
+        if tuple(mask.shape) != (nq, nk):
+            raise ValueError(f"block_topk layout was fitted at {list(mask.shape)} blocks, not {[nq, nk]}")
+    else:
+        rel = torch.arange(nq)[:, None] + (nk - nq) - torch.arange(nk)[None, :]
+        mask = torch.isin(rel, torch.tensor(diagonals, dtype=torch.long))
+        mask |= torch.isin(torch.arange(nk), torch.tensor(columns, dtype=torch.long))[None, :]
+    return mask & allowed_blocks(nq, nk, causal)
+
+
+# ------------------------------------------------------------------------------------------ tables
+
+
+def table(heads: list[dict]) -> torch.Tensor:
+    """The int64 [H, W] table of heads given as ``{"pattern", "params"}`` (module docstring)."""
+    rows = [bands(h["pattern"], h["params"]) for h in heads]
+    fixed = [_fixed_bits(h["params"]) if kind == FIXED else None for h, (_, _, kind) in zip(heads, rows)]
+    return _pack(rows, fixed)
+
+
+def fixed_table(block_mask_: torch.Tensor) -> torch.Tensor:
+    """The table of explicit per-head block masks bool [H, nq, nk]: ``FIXED`` heads at that grid."""
+    bm = block_mask_.bool().cpu()
+    return _pack([([], [], FIXED)] * bm.shape[0], list(bm))
+
+
+def _fixed_bits(params: dict) -> torch.Tensor:
+    nq0, nk0 = params["shape"]
+    bm = torch.zeros(nq0, nk0, dtype=torch.bool)
+    for i, cols in enumerate(params["blocks"]):
+        bm[i, cols] = True
+    return bm
+
+
+def _pack(rows: list[tuple[list[int], list[int], int]], fixed: list[torch.Tensor | None]) -> torch.Tensor:
+    grids = {tuple(f.shape) for f in fixed if f is not None}
+    if len(grids) > 1:
+        raise ValueError(f"fixed heads of one site must share one grid, got {sorted(grids)}")
+    nq0, nk0 = grids.pop() if grids else (1, 1)  # never empty: keeps every slice of the table non-empty
+    n_diag = max([1] + [len(d) for d, _, _ in rows])
+    n_col = max([1] + [len(c) for _, c, _ in rows])
+    out = torch.zeros(len(rows), HEADER + n_diag + n_col + nq0 * nk0, dtype=torch.int64)
+    for h, ((diagonals, columns, kind), bits) in enumerate(zip(rows, fixed)):
+        out[h, :HEADER] = torch.tensor([kind, nq0, nk0, n_diag, n_col])
+        out[h, HEADER:HEADER + n_diag] = torch.tensor(sorted(set(diagonals)) + [NO_DIAGONAL] * (n_diag - len(set(diagonals))))
+        out[h, HEADER + n_diag:HEADER + n_diag + n_col] = torch.tensor(sorted(set(columns))
+                                                                       + [-1] * (n_col - len(set(columns))))
+        if bits is not None:
+            out[h, HEADER + n_diag + n_col:] = bits.reshape(-1).long()
+    return out
+
+
+def check_table(t: torch.Tensor, heads: int) -> None:
+    """Raise ValueError naming the problem when `t` is not a layout table for `heads` heads."""
+    if t.dim() != 2 or t.dtype != torch.int64 or t.shape[0] != heads or t.shape[1] < HEADER + 2:
+        raise ValueError(f"layout table {tuple(t.shape)} {t.dtype} is not an int64 [heads={heads}, ≥ {HEADER + 2}] "
+                         "table (sparsegraph.attention_layouts.table / fixed_table build one)")
+    n_diag, n_col, nq0, nk0 = (int(t[0, i]) for i in (3, 4, 1, 2))
+    if t.shape[1] != HEADER + n_diag + n_col + nq0 * nk0 or min(n_diag, n_col, nq0, nk0) < 1:
+        raise ValueError(f"layout table of width {t.shape[1]} does not match its header "
+                         f"({n_diag} diagonals, {n_col} columns, fixed grid {nq0}×{nk0})")
+    if not bool(((t[:, 0] >= BANDS) & (t[:, 0] <= FIXED)).all()):
+        raise ValueError(f"layout table kinds {sorted(set(t[:, 0].tolist()))} are not all in (0, 1, 2)")
+
+
+def block_mask(t: torch.Tensor, nq: int, nk: int, causal: bool) -> torch.Tensor:
+    """bool [H, nq, nk]: the blocks each head of table `t` lists at a grid of nq × nk blocks."""
+    mask, note = _laid_out(t, nq, nk, causal)
+    if note:
+        warnings.warn(LayoutWarning(note), stacklevel=2)
+    return mask
+
+
+def _laid_out(t: torch.Tensor, nq: int, nk: int, causal: bool) -> tuple[torch.Tensor, str | None]:
+    """`block_mask`, and the warning to give when fixed heads run dense at this grid (else None)."""
+    t = t.cpu()
+    n_diag, n_col = int(t[0, 3]), int(t[0, 4])
+    diagonals = t[:, HEADER:HEADER + n_diag]
+    columns = t[:, HEADER + n_diag:HEADER + n_diag + n_col]
+    rel = torch.arange(nq)[:, None] + (nk - nq) - torch.arange(nk)[None, :]
+    mask = (rel[None, :, :, None] == diagonals[:, None, None, :]).any(-1)
+    mask |= (torch.arange(nk)[None, :, None] == columns[:, None, :]).any(-1)[:, None, :]
+    kind = t[:, 0]
+    mask |= (kind == DENSE)[:, None, None]
+    fixed = (kind == FIXED).nonzero().view(-1).tolist()
+    note = None
+    if fixed:
+        nq0, nk0 = int(t[0, 1]), int(t[0, 2])
+        if (nq0, nk0) == (nq, nk):
+            bits = t[fixed, HEADER + n_diag + n_col:HEADER + n_diag + n_col + nq0 * nk0]
+            mask[fixed] = bits.view(len(fixed), nq, nk).bool()
+        else:
+            mask[fixed] = True
+            note = (f"{len(fixed)} attention head(s) have block_topk layouts fitted at {nq0}×{nk0} blocks; at "
+                    f"{nq}×{nk} blocks they run dense (exact, not sparse). Calibrate at this length, or leave "
+                    "block_topk out of head_patterns' patterns for length-independent layouts")
+    return mask & allowed_blocks(nq, nk, causal), note
+
+
+def layout_from_block_mask(bm: torch.Tensor) -> torch.Tensor:
+    """Bool [H, nq, nk] block mask → int64 [H, nq, nsel] index lists (ascending, padded with −1)."""
+    bm = bm.bool()
+    nk = bm.shape[-1]
+    nsel = max(1, int(bm.sum(-1).max())) if bm.numel() else 1
+    cols = torch.arange(nk, device=bm.device).expand_as(bm)
+    keyed = torch.where(bm, cols, nk + cols)  # listed blocks first, in ascending order
+    order = keyed.sort(-1).values[..., :nsel]
+    return torch.where(order < nk, order, -1).to(torch.int64).contiguous()
+
+
+def block_mask_from_layout(layout: torch.Tensor, nk: int) -> torch.Tensor:
+    """int64 [H, nq, nsel] index lists → bool [H, nq, nk] block mask."""
+    hit = layout[..., None] == torch.arange(nk, device=layout.device)
+    return hit.any(-2)
+
+
+# ------------------------------------------------------------------------------------------ per-length cache
+
+_lock = threading.RLock()  # re-entrant: a freed table's eviction may run inside a locked section
+_cache: dict[int, tuple[weakref.ref, int, dict]] = {}
+
+
+def layout(t: torch.Tensor, nq: int, nk: int, causal: bool, device: torch.device | None = None) -> torch.Tensor:
+    """Index lists int64 [H, nq, nsel] of table `t` at a grid of nq × nk blocks, cached per table and length.
+
+    The cache is keyed by the table object (a graph buffer: the same tensor at every call) and its
+    version counter, so an edited table is laid out again; entries go when the table is freed.
+    Thread-safe: concurrent calls may both compute a missing entry, and one of the equal results is
+    kept. Fixed heads laid out dense at this grid warn at every call (`LayoutWarning`).
+    """
+    device = device or t.device
+    key = (nq, nk, bool(causal), str(device))
+    with _lock:
+        entry = _cache.get(id(t))
+        found = entry[2].get(key) if entry is not None and entry[0]() is t and entry[1] == t._version else None
+    if found is None:
+        mask, note = _laid_out(t, nq, nk, causal)
+        found = (layout_from_block_mask(mask).to(device), note)
+        with _lock:
+            entry = _cache.get(id(t))
+            if entry is None or entry[0]() is not t or entry[1] != t._version:
+                ident = id(t)
+                entry = _cache[ident] = (weakref.ref(t, lambda _, ident=ident: _evict(ident)), t._version, {})
+            found = entry[2].setdefault(key, found)
+    if found[1]:
+        warnings.warn(LayoutWarning(found[1]), stacklevel=3)
+    return found[0]
+
+
+def _evict(ident: int) -> None:
+    with _lock:
+        entry = _cache.get(ident)
+        if entry is not None and entry[0]() is None:
+            del _cache[ident]
