@@ -14,6 +14,8 @@
     sparsegraph demo                                  # MiniLM and digits_vit end to end
 
 ``--quiet`` silences progress bars and tables; ``--json`` prints one JSON object instead (for scripts).
+Commands that write files never overwrite an existing one unless given ``--force``, and never their own
+inputs (the plan, ``--plan``, ``--data``, ``--config``) even then.
 
 A model is ``zoo:NAME``, ``torchvision:NAME``, ``timm:NAME``, ``hf:PATH`` or ``pkg.module:factory``.
 Errors of ours print one clear message and exit with status 2.
@@ -22,6 +24,7 @@ Errors of ours print one clear message and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -30,7 +33,13 @@ from pathlib import Path
 
 import sparsegraph as sg
 from sparsegraph import ir, models, pipelines
-from sparsegraph.errors import SparsegraphError
+from sparsegraph.errors import SparsegraphError, did_you_mean
+
+
+class UsageError(SparsegraphError):
+    """A command's argument cannot be used: a count below 1, a missing or empty input file, or an output
+    that would overwrite an input (always refused) or an existing file (refused without ``--force``), or
+    that cannot be written."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "quiet", False) or getattr(args, "json", False):
         _silence_model_loading()
     try:
+        check_inputs(args)
         return args.run(args) or 0
     except SparsegraphError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -55,13 +65,17 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--quiet", action="store_true", help="no progress bars, no tables")
     common.add_argument("--json", action="store_true", help="print one JSON object (implies --quiet)")
+    writes = argparse.ArgumentParser(add_help=False)
+    writes.add_argument("--force", action="store_true",
+                        help="overwrite existing output files (never the command's own inputs)")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
     p = sub.add_parser("inspect", help="print a model's sites, parameters and cost", parents=[common])
     p.add_argument("model")
     p.set_defaults(run=cmd_inspect)
 
-    p = sub.add_parser("profile", help="run analysis passes on calibration data; save the plan", parents=[common])
+    p = sub.add_parser("profile", help="run analysis passes on calibration data; save the plan",
+                       parents=[common, writes])
     p.add_argument("model")
     p.add_argument("--config", help="an analysis-only pipeline (default: activation_profile, cost)")
     p.add_argument("--calibration", type=int, default=128, metavar="N", help="calibration sentences (text models)")
@@ -70,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", required=True, help="the plan.json to write")
     p.set_defaults(run=cmd_profile)
 
-    p = sub.add_parser("report", help="write the report of a saved plan", parents=[common])
+    p = sub.add_parser("report", help="write the report of a saved plan", parents=[common, writes])
     p.add_argument("plan")
     p.add_argument("-o", "--out", required=True, help="the HTML file to write")
     p.set_defaults(run=cmd_report)
@@ -79,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
                                ("export", cmd_export, "compile a model and write it as ONNX"),
                                ("bench", cmd_bench, "compile a model; time it against dense (eager and ONNX "
                                                     "Runtime) on its example inputs, in one run")):
-        p = sub.add_parser(name, help=helptext, parents=[common])
+        p = sub.add_parser(name, help=helptext, parents=[common] if name == "bench" else [common, writes])
         p.add_argument("model")
         p.add_argument("--config", help=f"YAML/JSON path or pipeline name {pipelines.names()}")
         p.add_argument("--plan", help="a saved plan.json: alone, replayed; with --config, its profile is reused")
@@ -97,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("passes", help="list passes (built-in and plugins) and named pipelines", parents=[common])
     p.set_defaults(run=cmd_passes)
 
-    p = sub.add_parser("demo", help="MiniLM end to end: trace, inspect, compile, export, compare")
+    p = sub.add_parser("demo", help="MiniLM end to end: trace, inspect, compile, export, compare", parents=[writes])
     p.add_argument("--out", default="sparsegraph-demo", help="where the plan, report and ONNX go")
     p.set_defaults(run=cmd_demo)
     return parser
@@ -122,22 +136,33 @@ def cmd_inspect(args) -> None:
 
 
 def cmd_compile(args) -> None:
-    cm = _compile(args)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cm.plan.save(out / "plan.json")
+    _check_folder(out)
+    written = [out / name for name in ("plan.json", "report.md", "report.html")]
+    check_outputs(args, written)
+    cm = _compile(args)
     report = cm.report()
-    (out / "report.md").write_text(report.to_markdown(stem="report"))
-    report.to_html(out / "report.html")
-    files = [str(out / name) for name in ("plan.json", "report.md", "report.html")]
-    files += [str(p) for p in report.image_paths(out / "report.html")]
+    written += report.image_paths(out / "report.html")
+    check_outputs(args, written)  # the pictures too, now that the report names them
+    with _writing(out):
+        out.mkdir(parents=True, exist_ok=True)
+        cm.plan.save(out / "plan.json")
+        (out / "report.md").write_text(report.to_markdown(stem="report"))
+        report.to_html(out / "report.html")
+    files = [str(p) for p in written]
     _emit(args, {"files": files, "passes": {k: v.get("stats") for k, v in cm.plan.passes.items()},
                  "macs": {"dense": cm.dense_cost.macs, "compiled": cm.cost.macs}},
           f"{report.to_markdown()}\nwrote {', '.join(files)}")
 
 
 def cmd_export(args) -> None:
-    path = _compile(args).export_onnx(args.out)
+    out = Path(args.out)
+    if out.suffix.lower() != ".onnx":
+        raise UsageError(f"--out {out}: an ONNX file's name ends in .onnx; try --out {out.with_suffix('.onnx')}")
+    check_outputs(args, [out])
+    cm = _compile(args)
+    with _writing(out):
+        path = cm.export_onnx(out)
     _emit(args, {"files": [str(path)]}, f"wrote {path}")
 
 
@@ -182,11 +207,12 @@ def cmd_profile(args) -> int:
     """Profile, sharded over ``--nproc`` processes (re-launched under torch.distributed.run)."""
     from sparsegraph import distributed
 
+    check_outputs(args, [Path(args.out)])
     if args.nproc > 1 and not distributed.in_worker():
         argv = ["profile", args.model, "--out", args.out, "--calibration", str(args.calibration),
                 *(["--data", args.data] if args.data else []),
                 *(["--config", args.config] if args.config else []), *(["--quiet"] if args.quiet else []),
-                *(["--json"] if args.json else [])]
+                *(["--json"] if args.json else []), *(["--force"] if args.force else [])]
         return distributed.launch(args.nproc, "sparsegraph.cli", argv)
     config = sg.Config.load(args.config or {"passes": ["activation_profile", "cost"]})
     rewrites = [p.name for p in config.passes if not isinstance(p, sg.AnalysisPass)]
@@ -199,7 +225,9 @@ def cmd_profile(args) -> int:
     cm = sg.compile(model, config, example_inputs=example, quiet=args.quiet or args.json or rank > 0,
                     calibration=calibration_for(model, example, args.calibration, args.data))
     if rank == 0:
-        cm.plan.save(args.out)
+        with _writing(args.out):
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            cm.plan.save(args.out)
         _emit(args, {"files": [args.out], "processes": world, "passes": list(cm.plan.passes)},
               f"profiled with {world} process(es); wrote {args.out}")
     if world > 1:
@@ -212,9 +240,14 @@ def cmd_profile(args) -> int:
 def cmd_report(args) -> None:
     from sparsegraph.report import Report
 
+    out = Path(args.out)
     report = Report.of_plan(sg.load_plan(args.plan))
-    report.to_html(args.out)
-    files = [str(args.out), *(str(p) for p in report.image_paths(args.out))]
+    written = [out, *report.image_paths(out)]
+    check_outputs(args, written)
+    with _writing(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        report.to_html(out)
+    files = [str(p) for p in written]
     _emit(args, {"files": files}, f"{report.to_markdown()}\nwrote {', '.join(files)}")
 
 
@@ -227,7 +260,110 @@ def cmd_passes(args) -> None:
 def cmd_demo(args) -> None:
     from sparsegraph.demo import run
 
-    run(Path(args.out))
+    out = Path(args.out)
+    _check_folder(out)
+    if out.is_dir() and any(out.iterdir()) and not args.force:
+        raise UsageError(f"--out {out} is a folder that already holds files, which the demo's plans and reports "
+                         "may overwrite: pass --force to let them, or choose another --out")
+    run(out)
+
+
+# -- checks: before any work, so that a mistake costs no model load or compile -----------------------------
+
+_COUNTS = {"calibration": "calibration sentences, default 128", "nproc": "calibration processes, default 1",
+           "repeats": "timed rounds, default 7"}
+
+
+def check_inputs(args) -> None:
+    """Counts of at least 1; the plan, --config and --data files exist (and --data holds something)."""
+    for name, meaning in _COUNTS.items():
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name} {value}: give at least 1 ({meaning})")
+    plan = getattr(args, "plan", None)
+    if plan is not None and not Path(plan).is_file():
+        flag = "plan" if args.run is cmd_report else "--plan"
+        what = "is a folder" if Path(plan).is_dir() else "no such file"
+        raise UsageError(f"{flag} {plan}: {what}; give a plan.json written by `sparsegraph compile` or "
+                         "`sparsegraph profile`")
+    config = getattr(args, "config", None)
+    if config is not None and config not in pipelines.names() and not Path(config).is_file():
+        if Path(config).suffix.lower() in (".yaml", ".yml", ".json") or os.sep in config:
+            raise UsageError(f"--config {config}: no such file; give a YAML/JSON config file or a pipeline name "
+                             "(`sparsegraph passes` lists them)")
+        raise UsageError(f"--config {config}: no such file and no pipeline of that name"
+                         f"{did_you_mean(config, pipelines.names())}; give a pipeline name or a YAML/JSON file")
+    data = getattr(args, "data", None)
+    if data is not None:
+        _check_data(Path(data))
+
+
+def _check_data(path: Path) -> None:
+    """--data exists, is a .txt or .npy file, and holds at least one text or input."""
+    if not path.is_file():
+        raise UsageError(f"--data {path}: no such file; give a .txt (one text per line) or a .npy array of inputs")
+    if path.suffix not in (".txt", ".npy"):
+        raise UsageError(f"--data {path}: expected a .txt (texts) or .npy (input array) file")
+    try:
+        if path.suffix == ".txt":
+            if not any(line.strip() for line in path.read_text().splitlines()):
+                raise UsageError(f"--data {path} holds no text (every line is blank): give one text per line")
+        else:
+            import numpy as np
+
+            shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
+            if not shape or shape[0] == 0:
+                raise UsageError(f"--data {path} holds no inputs (an array of shape {shape}): give an array "
+                                 "[N, ...] of N ≥ 1 inputs")
+    except (OSError, ValueError) as e:  # unreadable, not UTF-8, not an .npy array
+        raise UsageError(f"--data {path} cannot be read: {e}; give a UTF-8 .txt or a .npy array") from e
+
+
+def check_outputs(args, paths: list[Path]) -> None:
+    """Refuse to write any of `paths` over this command's inputs (even with --force) or over an existing file
+    (without --force), or where it cannot be written."""
+    inputs = {name: Path(value) for name in ("plan", "config", "data")
+              if (value := getattr(args, name, None)) is not None and Path(value).is_file()}
+    for path in paths:
+        for name, source in inputs.items():
+            if path.exists() and os.path.samefile(path, source):
+                flag = "the plan" if name == "plan" and args.run is cmd_report else f"the --{name} file"
+                raise UsageError(f"{path} is {flag} this command reads; it is never overwritten, even with "
+                                 "--force: choose another --out")
+        _check_writable(path)
+    existing = [str(p) for p in paths if p.exists()]
+    if existing and not args.force:
+        raise UsageError(f"{', '.join(existing)} already exist{'s' if len(existing) == 1 else ''}: pass --force to "
+                         "overwrite, or choose another --out")
+
+
+def _check_writable(path: Path) -> None:
+    if path.is_dir():
+        raise UsageError(f"cannot write {path}: it is a folder; give --out a file name")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UsageError(f"cannot write {path}: permission denied; choose another --out")
+    _check_folder(path.parent)
+
+
+def _check_folder(folder: Path) -> None:
+    """`folder` is, or can be made as, a folder we may write in."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"cannot write in {folder}: {existing} is a file, not a folder; choose another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write in {folder}: {existing} is not writable (permission denied); "
+                         "choose another --out")
+
+
+@contextlib.contextmanager
+def _writing(target):
+    """Turn a failed write (a full disk, a read-only file system) into one line naming the file."""
+    try:
+        yield
+    except OSError as e:
+        raise UsageError(f"cannot write {e.filename or target}: {e.strerror or e}; choose another --out") from e
 
 
 # -- helpers ----------------------------------------------------------------------------------------------
@@ -271,6 +407,8 @@ def calibration_for(model, example, n: int, data: str | None = None) -> list:
     Sentences are padded to the example's length (padding is left out of every statistic), so that
     length-bound facts such as attention layouts are measured at the length the graph is traced at.
     """
+    if n < 1:
+        raise UsageError(f"--calibration {n}: give at least 1 ({_COUNTS['calibration']})")
     if data is not None:
         return _calibration_file(Path(data), model, example)
     if hasattr(model, "tokenize"):
@@ -284,13 +422,10 @@ def calibration_for(model, example, n: int, data: str | None = None) -> list:
 
 
 def _calibration_file(path: Path, model, example) -> list:
-    from sparsegraph.errors import ModelSpecError
-
-    if not path.is_file():
-        raise ModelSpecError(f"--data {path}: no such file")
+    _check_data(path)
     if path.suffix == ".txt":
         if not hasattr(model, "tokenize"):
-            raise ModelSpecError(f"--data {path}: text needs a model with a tokenizer; give a .npy array instead")
+            raise UsageError(f"--data {path}: text needs a model with a tokenizer; give a .npy array instead")
         texts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
         length = example[0].shape[-1]
         return [model.tokenize(texts[i:i + 32], max_length=length, pad_to=length) for i in range(0, len(texts), 32)]
@@ -300,10 +435,9 @@ def _calibration_file(path: Path, model, example) -> list:
 
         array = torch.from_numpy(np.load(path, allow_pickle=False))
         if array.shape[1:] != example[0].shape[1:]:
-            raise ModelSpecError(f"--data {path}: inputs of shape {tuple(array.shape[1:])}, the model's example "
-                                 f"is {tuple(example[0].shape[1:])}")
+            raise UsageError(f"--data {path}: inputs of shape {tuple(array.shape[1:])}, the model's example "
+                             f"is {tuple(example[0].shape[1:])}: give an array [N, {', '.join(map(str, example[0].shape[1:]))}]")
         return [(array[i:i + 32].to(example[0].dtype),) for i in range(0, len(array), 32)]
-    raise ModelSpecError(f"--data {path}: expected a .txt (texts) or .npy (input array) file")
 
 
 def inspect_table(gm) -> str:
