@@ -137,7 +137,6 @@ def cmd_inspect(args) -> None:
 
 def cmd_compile(args) -> None:
     out = Path(args.out)
-    _check_folder(out)
     written = [out / name for name in ("plan.json", "report.md", "report.html")]
     check_outputs(args, written)
     cm = _compile(args)
