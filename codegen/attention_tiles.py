@@ -35,6 +35,7 @@ from __future__ import annotations
 import collections
 import itertools
 import math
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -105,19 +106,23 @@ class Tiling:
 # ------------------------------------------------------------------------------------------ tiling
 
 _cache: collections.OrderedDict = collections.OrderedDict()
+_lock = threading.Lock()
 
 
 def tiling(layout: torch.Tensor, L: int, S: int, block: int, causal: bool, group: int) -> Tiling:
     """The tiles of `layout` at query length L, key length S (cached by the layout's content)."""
     host = layout.detach().to("cpu", torch.int64).contiguous()
     key = (host.numpy().tobytes(), tuple(host.shape), L, S, block, causal, group)
-    found = _cache.get(key)
-    if found is None:
-        found = _cache[key] = _tile(host, L, S, block, causal, group)
+    with _lock:
+        found = _cache.get(key)
+        if found is not None:
+            _cache.move_to_end(key)
+            return found
+    found = _tile(host, L, S, block, causal, group)
+    with _lock:  # concurrent callers may both tile a new layout; one of the equal results is kept
+        found = _cache.setdefault(key, found)
         while len(_cache) > 256:
             _cache.popitem(last=False)
-    else:
-        _cache.move_to_end(key)
     return found
 
 

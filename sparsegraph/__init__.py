@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 from sparsegraph.compile import CompiledModel, compile
 from sparsegraph.config import Config
 from sparsegraph.errors import (
+    CalibrationError,
     ConfigError,
     ExportError,
     ModelSpecError,
@@ -25,7 +26,7 @@ from sparsegraph.plan import SparsityPlan, load_plan
 from sparsegraph.registry import available_passes, register_pass
 from sparsegraph.trace import trace
 
-__all__ = ["AnalysisPass", "CompiledModel", "Config", "ConfigError", "ExportError", "ModelSpecError", "PassError",
+__all__ = ["AnalysisPass", "CalibrationError", "CompiledModel", "Config", "ConfigError", "ExportError", "ModelSpecError", "PassError",
            "PassResult", "PassStats", "PlanError", "RewritePass", "SiteDecision", "SparsegraphError",
            "SparsityPlan", "TraceError", "__version__", "available_passes", "compile", "load_plan", "option",
            "register_pass", "trace"]

@@ -24,12 +24,14 @@ from pathlib import Path
 
 import torch
 
+from sparsegraph import ir
 from sparsegraph.codegen import use_backend
-from sparsegraph.config import Config
+from sparsegraph.config import Config, check_overrides
 from sparsegraph.context import Batch, PassContext
-from sparsegraph.errors import ConfigError
+from sparsegraph.errors import CalibrationError, ConfigError
 from sparsegraph.instruments import default_instruments
 from sparsegraph.manager import PassManager
+from sparsegraph.observe import check_calibration
 from sparsegraph.onnx_export import OnnxModel, export_onnx
 from sparsegraph.pass_contract import AnalysisPass
 from sparsegraph.passes.analysis.cost import NodeCost, site_costs, total_cost
@@ -71,7 +73,7 @@ def compile(
                                                                         dict(example_kwargs))
     gm = trace(model, example.args, example.kwargs, dynamic=dynamic)
     model_class = type(model).__name__
-    replay, reuse = plan is not None and config is None, frozenset()
+    replay, reuse, needing = plan is not None and config is None, frozenset(), []
     if plan is not None:
         plan.check_model(gm, model_class)
     if replay:
@@ -87,13 +89,31 @@ def compile(
         if needing and calibration is None:
             raise ConfigError(f"passes {needing} profile calibration data: pass calibration=[batch, ...] "
                               "(inputs like example_inputs), or a plan that holds their facts")
+    batches = _batches(calibration)
+    if needing:
+        check_calibration(gm, batches)
+    check_overrides(cfg, ir.sites(gm))
     dense_cost, dense_sites = total_cost(gm), site_costs(gm)
-    ctx = PassContext(plan=plan, config=cfg, example=example,
-                      calibration=[Batch.of(b) for b in (calibration or [])],
+    ctx = PassContext(plan=plan, config=cfg, example=example, calibration=batches,
                       replay=replay, reuse=reuse, quiet=quiet,
                       instruments=default_instruments(len(cfg.passes), quiet))
     gm = PassManager(cfg.passes, ctx.instruments).run(gm, ctx)
     return CompiledModel(gm, plan, cfg, example, model_class, dense_cost, dense_sites, dict(ctx.timings))
+
+
+def _batches(calibration) -> list[Batch]:
+    if calibration is None:
+        return []
+    if isinstance(calibration, (torch.Tensor, dict)):
+        raise CalibrationError("calibration is a list of batches, got one tensor or dict: wrap it, "
+                               "calibration=[batch]")
+    out = []
+    for index, item in enumerate(calibration):
+        try:
+            out.append(Batch.of(item))
+        except TypeError as e:
+            raise CalibrationError(f"calibration batch {index}: {e}") from e
+    return out
 
 
 def _reusable_facts(plan: SparsityPlan, cfg: Config) -> frozenset[str]:

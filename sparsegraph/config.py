@@ -105,9 +105,29 @@ class Config:
         """`p` with the options of every override whose glob matches the site (in config order)."""
         merged: dict[str, Any] = {}
         for glob, per_pass in self.overrides.items():
-            if p.name in per_pass and (fnmatch.fnmatchcase(module_path, glob) or fnmatch.fnmatchcase(site_id, glob)):
+            if p.name in per_pass and matches(glob, site_id, module_path):
                 merged.update(per_pass[p.name])
         return _with_options(p, merged, f"overrides for {site_id!r}") if merged else p
+
+
+def matches(glob: str, site_id: str, module_path: str) -> bool:
+    """Whether an override glob names a site: it matches the site's id or module path, and ``path.*``
+    also matches the module ``path`` itself (the site's own module, not only what is below it)."""
+    names = [site_id, module_path] if module_path else [site_id]
+    if glob.endswith(".*"):
+        names += [n + "." for n in names]
+    return any(fnmatch.fnmatchcase(n, glob) for n in names)
+
+
+def check_overrides(config: Config, sites) -> None:
+    """Refuse overrides whose glob names no site of the traced model (they would silently do nothing)."""
+    unmatched = [g for g in config.overrides if not any(matches(g, s.id, s.module_path) for s in sites)]
+    if unmatched:
+        listed = ", ".join(f"{s.id} ({s.module_path or 'no module path'})" for s in sites[:12])
+        more = f" and {len(sites) - 12} more" if len(sites) > 12 else ""
+        raise ConfigError(f"overrides {unmatched} match no site of this model, so they would change nothing. "
+                          f"Globs match a site's id or module path (`path.*` includes `path`); the sites are: "
+                          f"{listed or 'none'}{more}")
 
 
 def _pass_from_item(item, index: int) -> Pass:

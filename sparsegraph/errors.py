@@ -26,6 +26,11 @@ class PlanError(SparsegraphError):
     """A plan is malformed, from another schema version, or for another model."""
 
 
+class CalibrationError(SparsegraphError):
+    """Calibration data that cannot support the statistics asked of it (empty, all masked, non-finite,
+    constant, too few tokens); the message names the batch or site and the likely mistake."""
+
+
 class PassError(SparsegraphError):
     """A pass failed; the message names the pass and, where known, the site."""
 

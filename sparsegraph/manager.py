@@ -3,7 +3,8 @@
 Before running, every pass's ``requires`` must be met by an earlier pass of the pipeline. After each
 pass the graph is verified: FX lint, our meta keys well-formed, shapes re-propagated at the example
 inputs (which also checks that every new op has a fake implementation), and, for analysis passes, that
-the graph's code did not change. Any failure is re-raised as `PassError` naming the pass and the site.
+the graph's code did not change. Any failure is re-raised as `PassError` naming the pass and the site,
+except a `CalibrationError` (the data's fault), which keeps its class and gains the pass's name.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch.fx
 
 from sparsegraph import ir, meta
 from sparsegraph.context import PassContext
-from sparsegraph.errors import ConfigError, PassError, SparsegraphError
+from sparsegraph.errors import CalibrationError, ConfigError, PassError, SparsegraphError
 from sparsegraph.instruments import Instrument
 from sparsegraph.pass_contract import AnalysisPass, Pass, PassResult
 
@@ -46,6 +47,8 @@ class PassManager:
                 result = p.run(gm, ctx)
         except PassError:
             raise
+        except CalibrationError as e:  # the data's fault, not the pass's: keeps its class, gains the pass
+            raise CalibrationError(f"{p.name}: {e}") from e
         except SparsegraphError as e:
             raise PassError(p.name, str(e), ctx.error_site) from e
         except Exception as e:

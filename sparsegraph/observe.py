@@ -1,9 +1,15 @@
-"""`Observer`: runs a traced graph on calibration batches so analysis passes can watch its values.
+"""Running a traced graph on calibration batches: the checks at the door, and the `Observer`.
 
-Subclasses override ``run_node`` (call ``super().run_node(n)`` and look at the result, or at
-``self.env`` for a node's inputs). `run_batch` feeds one batch the way the graph's placeholders
-expect it and, when the model takes an ``attention_mask`` ([batch, tokens], 1 = real token), keeps it
-as ``self.token_mask`` so that statistics can leave padding tokens out.
+`check_calibration` validates every batch against the traced graph before any analysis pass sees it,
+so that degenerate data is refused with the batch and the likely mistake named, instead of giving a
+plan built on nothing: a batch that does not bind to the model's inputs, non-finite float inputs, and
+an ``attention_mask`` input ([batch, tokens]) that is not 0/1 or that masks every token (the easy
+mistake of passing ``token_type_ids``, all zeros for one segment, where the mask goes).
+
+`Observer` runs the graph so analysis passes can watch its values: subclasses override ``run_node``
+(call ``super().run_node(n)`` and look at the result, or at ``self.env`` for a node's inputs).
+`run_batch` feeds one batch the way the graph's placeholders expect it and keeps the model's
+``attention_mask`` as ``self.token_mask`` so that statistics can leave padding tokens out.
 """
 
 from __future__ import annotations
@@ -12,6 +18,47 @@ import torch
 import torch.fx
 
 from sparsegraph import ir
+from sparsegraph.errors import CalibrationError
+
+
+def token_mask(gm: torch.fx.GraphModule, flat: list) -> tuple[str, torch.Tensor] | None:
+    """``(name, mask)`` of the graph's ``attention_mask`` input ([batch, tokens], 1 = real token), if any."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return next(((p.name, x) for p, x in zip(placeholders, flat)
+                 if "attention_mask" in p.name and isinstance(x, torch.Tensor) and x.dim() == 2), None)
+
+
+def check_calibration(gm: torch.fx.GraphModule, batches: list) -> None:
+    """Refuse calibration data that would make the analysis passes observe nothing or garbage."""
+    if not batches:
+        raise CalibrationError("calibration is empty: pass calibration=[batch, ...] with at least one batch of "
+                               "real inputs (like example_inputs)")
+    placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    for index, batch in enumerate(batches):
+        where = f"calibration batch {index}"
+        try:
+            flat = ir.flatten_inputs(gm, batch.args, batch.kwargs)
+        except Exception as e:
+            raise CalibrationError(f"{where} does not fit the model's inputs {placeholders} ({type(e).__name__}: "
+                                   f"{e}); give every batch as example_inputs are given: a tensor, a tuple of "
+                                   "positional inputs or a dict of keyword inputs") from e
+        for name, x in zip(placeholders, flat):
+            if isinstance(x, torch.Tensor) and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+                raise CalibrationError(f"{where}: input {name!r} holds NaN or infinite values; every statistic "
+                                       "over it would be NaN. Drop or clean that batch")
+        found = token_mask(gm, flat)
+        if found is None:
+            continue
+        name, mask = found
+        values = mask.unique()
+        if not bool(((values == 0) | (values == 1)).all()):
+            raise CalibrationError(f"{where}: input {name!r} is not a 0/1 attention mask (values "
+                                   f"{values[:6].tolist()}…); did the token ids or token_type_ids go where the "
+                                   "attention mask goes?")
+        if not bool(mask.any()):
+            raise CalibrationError(f"{where}: input {name!r} masks every token (all zeros), so nothing would be "
+                                   "observed; did token_type_ids (all zeros for one segment) go where the "
+                                   "attention mask goes? The mask is 1 for real tokens")
 
 
 class Observer(torch.fx.Interpreter):
@@ -21,9 +68,7 @@ class Observer(torch.fx.Interpreter):
 
     def run_batch(self, args: tuple, kwargs: dict) -> None:
         flat = ir.flatten_inputs(self.module, args, kwargs)
-        placeholders = [n for n in self.module.graph.nodes if n.op == "placeholder"]
-        self.token_mask = next((x.bool() for p, x in zip(placeholders, flat)
-                                if "attention_mask" in p.name and isinstance(x, torch.Tensor) and x.dim() == 2),
-                               None)
+        found = token_mask(self.module, flat)
+        self.token_mask = found[1].bool() if found is not None else None
         with torch.no_grad():
             self.run(*flat)

@@ -11,7 +11,6 @@ the graph's placeholders are) and returns the same output structure, as torch te
 from __future__ import annotations
 
 import os
-import threading
 import warnings
 from pathlib import Path
 
@@ -21,14 +20,10 @@ from torch.utils import _pytree as pytree
 
 from sparsegraph import codegen, ir
 from sparsegraph.errors import ExportError
-from sparsegraph.trace import dynamic_shapes_for, widen
+from sparsegraph.trace import CAPTURE_LOCK, dynamic_shapes_for, widen
 
 _TWO_GB = 2**31
 
-# torch.export is not re-entrant across threads (its pre-dispatch mode stack is one process-wide object: two at once
-# fail with "Trying to pop empty mode stack"), and `warnings.catch_warnings` swaps the process-wide filters:
-# one export at a time in this process.
-_EXPORT_LOCK = threading.Lock()
 
 
 def export_onnx(gm: torch.fx.GraphModule, path: str | os.PathLike, args: tuple, kwargs: dict | None = None,
@@ -44,7 +39,7 @@ def export_onnx(gm: torch.fx.GraphModule, path: str | os.PathLike, args: tuple, 
         if dynamic:
             args, kwargs = pytree.tree_map(widen, (args, kwargs))
         shapes = dynamic_shapes_for(gm.forward, args, kwargs) if dynamic else None
-        with _EXPORT_LOCK, warnings.catch_warnings():
+        with CAPTURE_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ep = torch.export.export(gm, args, kwargs, strict=False, dynamic_shapes=shapes)
             program = torch.onnx.export(ep, dynamo=True, opset_version=opset, verbose=False,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import threading
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -30,7 +31,12 @@ from torch.utils import _pytree as pytree
 from sparsegraph import ir
 from sparsegraph.errors import TraceError
 
-__all__ = ["dynamic_shapes_for", "trace"]
+__all__ = ["CAPTURE_LOCK", "dynamic_shapes_for", "trace"]
+
+# torch.export is not re-entrant across threads (its pre-dispatch mode stack is one process-wide object: two at
+# once fail with "Trying to pop empty mode stack"), torch.fx.symbolic_trace patches module calls process-wide, and
+# `warnings.catch_warnings` swaps the process-wide filters: one capture (trace or ONNX export) at a time.
+CAPTURE_LOCK = threading.RLock()
 
 
 def trace(
@@ -54,6 +60,11 @@ def trace(
     # Checked up front: otherwise export fails on the mismatch, the fx fallback (which never calls the
     # model) succeeds, and the mismatch surfaces later as a bare TypeError from shape propagation.
     _bind(model.forward, example_inputs, example_kwargs)
+    with CAPTURE_LOCK:
+        return _capture(model, example_inputs, example_kwargs, dynamic)
+
+
+def _capture(model, example_inputs: tuple, example_kwargs: dict, dynamic: bool) -> torch.fx.GraphModule:
     attempts: list[tuple[str, BaseException]] = []
     gm = None
     with _eval_mode(model):
@@ -66,7 +77,7 @@ def trace(
             if gm is not None and dynamic:
                 warnings.warn(
                     "dynamic-shape export failed, so the graph is specialised to the example shapes: "
-                    f"{_first_line(attempts[-1][1])}", stacklevel=2)
+                    f"{_first_line(attempts[-1][1])}", stacklevel=4)
         if gm is None:
             gm = _try(attempts, "torch.fx.symbolic_trace", lambda: _symbolic_trace(model, example_kwargs))
     if gm is None:

@@ -123,3 +123,34 @@ def test_exports_from_threads_leave_stdout_alone(tmp_path, capsys):
         expected = model(x)
     for path in paths.values():
         torch.testing.assert_close(OnnxModel(path, cm.graph_module)(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_compiles_and_exports_from_threads_at_once(tmp_path):
+    """Captures share torch.export's process-wide state: compiles and ONNX exports started together in
+    several threads all succeed (one capture at a time) and give the single-thread results."""
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 16)).eval()
+    x = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(0))
+    cm = sg.compile(model, "dense", example_inputs=(x,), quiet=True)
+    barrier, errors, results = threading.Barrier(THREADS), [], {}
+
+    def work(i: int) -> None:
+        barrier.wait()
+        try:
+            if i % 2:
+                results[i] = OnnxModel(cm.export_onnx(tmp_path / f"m{i}.onnx"), cm.graph_module)(x)
+            else:
+                with torch.no_grad():
+                    results[i] = sg.compile(model, "dense", example_inputs=(x,), quiet=True)(x)
+        except Exception as e:  # collected, and reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(THREADS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, f"{len(errors)} of {THREADS} failed, the first: {errors[0]!r}"
+    with torch.no_grad():
+        expected = model(x)
+    for out in results.values():
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)

@@ -41,6 +41,7 @@ import torch
 import torch.fx
 
 from sparsegraph import distributed, ir
+from sparsegraph.errors import CalibrationError
 from sparsegraph.observe import Observer
 from sparsegraph.pass_contract import AnalysisPass, option
 from sparsegraph.registry import register_pass
@@ -65,6 +66,8 @@ class ActivationProfile(AnalysisPass):
     inputs: bool = option(False, "also profile each MLP's input (for input sparsity on up/gate)")
     attention: bool = option(False, "also profile the inputs of the attention projections (q/k/v and out)")
     seed: int = option(0, "seed of the reservoir sampling")
+    min_tokens: int = option(16, "fewest tokens a site must see: per-neuron medians and thresholds need a "
+                             "sample", range=(1, None))
 
     def analyze(self, gm, ctx, stats):
         observed = list(_observed(gm, self.inputs, self.attention))
@@ -78,9 +81,11 @@ class ActivationProfile(AnalysisPass):
         for index, batch in ctx.progress(mine, "activation_profile"):
             # keys drawn per batch index: the reservoir is the same however the batches are sharded
             observer.generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+            observer.batch = index
             observer.run_batch(batch.args, batch.kwargs)
         if world > 1:
             streams = distributed.merge(streams, Stream.merged)
+        self._check(streams)
         for site_id in dict.fromkeys(site for _, (site, _) in observed):
             stats.matched += 1
             evidence = {what: streams[(site, what)].summary(self.targets, self.hot_mass)
@@ -90,6 +95,19 @@ class ActivationProfile(AnalysisPass):
         ctx.plan.set_summary(self.name, {"batches": len(ctx.calibration), "tokens_per_site": tokens,
                                          "targets": list(self.targets)})
         stats.counters.update(batches=len(ctx.calibration), tokens=max(tokens.values(), default=0))
+
+    def _check(self, streams: dict) -> None:
+        """Refuse a profile too thin to hold its statistics, or one that saw only constant activations."""
+        for (site, what), stream in streams.items():
+            if stream.tokens < self.min_tokens:
+                raise CalibrationError(f"saw {stream.tokens} token(s) at site {site} ({what}), "
+                                       f"fewer than min_tokens={self.min_tokens}: per-neuron medians and "
+                                       "thresholds need more calibration data (more or longer batches, fewer "
+                                       "padding tokens)")
+        if streams and all(s.constant() for s in streams.values()):
+            raise CalibrationError("every profiled activation was the same for every calibration token: is the "
+                                   "calibration data constant (all zeros, one repeated input)? Calibrate on "
+                                   "real inputs")
 
 
 def _observed(gm, inputs: bool, attention: bool):
@@ -149,6 +167,12 @@ class Stream:
             out.merge(p.sample, p.keys)
         return out
 
+    def constant(self) -> bool:
+        """Whether every neuron took one value over all tokens (variance at rounding level)."""
+        n = max(self.tokens, 1)
+        variance = self.sum_sq / n - (self.sum / n).square()
+        return bool((variance <= 1e-12 * (self.sum_sq / n).clamp(min=1e-30)).all())
+
     def merge(self, rows: torch.Tensor, keys: torch.Tensor) -> None:
         """Add sampled rows with their keys, keeping the `capacity` smallest keys."""
         self.sample = torch.cat([self.sample, rows])
@@ -176,6 +200,7 @@ class Stream:
         lo, hi = HIST_RANGE
         return {
             "tokens": self.tokens, "sampled": len(self.sample), "zero_fraction": self.zeros / (n * len(mean)),
+            "constant": self.constant(),
             "quantiles": {str(q): _quantile(magnitude, q) for q in QUANTILES},
             "thresholds": thresholds,
             "centre": _floats(centre), "mean": _floats(mean), "rms": _floats(rms), "mass": _floats(mass),
@@ -193,10 +218,16 @@ class _Observer(Observer):
         self.watched, self.streams = watched, streams
         self.reservoir = reservoir
         self.generator = torch.Generator()
+        self.batch = 0
 
     def run_node(self, n):
         out = super().run_node(n)
         if n in self.watched and isinstance(out, torch.Tensor):
+            if not bool(torch.isfinite(out).all()):
+                site, what = self.watched[n][0]
+                raise CalibrationError(f"calibration batch {self.batch}: the activations at site {site} ({what}) "
+                                       "are NaN or infinite; the model overflows on this data (check the inputs, "
+                                       "or calibrate in float32)")
             rows = out
             if self.token_mask is not None and tuple(out.shape[:2]) == tuple(self.token_mask.shape):
                 rows = out[self.token_mask]

@@ -69,6 +69,7 @@ import torch.nn.functional as F
 from sparsegraph import graph_edit, ir
 from sparsegraph.attention_layouts import allowed_blocks, pattern_mask
 from sparsegraph.codegen import dynamic_block_sparse_attention as dynamic
+from sparsegraph.errors import CalibrationError, ConfigError
 from sparsegraph.observe import Observer
 from sparsegraph.pass_contract import AnalysisPass, option
 from sparsegraph.registry import register_pass
@@ -100,7 +101,6 @@ class HeadPatterns(AnalysisPass):
         super().__post_init__()
         unknown = [p for p in self.patterns if p not in FAMILIES]
         if unknown:
-            from sparsegraph.errors import ConfigError
             raise ConfigError(f"head_patterns: unknown pattern families {unknown}; known: {list(FAMILIES)}")
 
     def analyze(self, gm, ctx, stats):
@@ -117,13 +117,19 @@ class HeadPatterns(AnalysisPass):
                 stats.refuse(site.id, "no attention probabilities were observed (the site did not run)")
                 continue
             length, mass = observed
+            if not bool(torch.isfinite(mass).all()):
+                raise CalibrationError(f"the attention at site {site.id} was not finite on the calibration data "
+                                       "(NaN or inf scores): check the model and the data")
+            if float(mass.sum()) <= 0:
+                raise CalibrationError(f"no attention was observed at site {site.id}: every query row of every "
+                                       "calibration batch was padding; give batches with real tokens")
             shares, means = observer.output_shares(site)
             captured = observer.captured.get(site.id, {}).get(length)
             heads = [choose(m, site.causal, opts.recall, opts.patterns, opts.topk_overhead, opts.min_saving,
                             captured=None if captured is None else captured[h]) for h, m in enumerate(mass)]
             for h, head in enumerate(heads):
                 head["output_share"] = round(float(shares[h]), 6)
-                if "skip" in opts.patterns and shares[h] <= opts.skip_share:
+                if "skip" in opts.patterns and opts.skip_share > 0 and shares[h] <= opts.skip_share:
                     head.update(pattern="skip", params={"mean": [round(float(x), 6) for x in means[h]]},
                                 recall=0.0, density=0.0, blocks=0)
             groups: dict[str, list[int]] = {}
@@ -148,12 +154,15 @@ def choose(mass: torch.Tensor, causal: bool, recall: float, families=FAMILIES, t
     """The cheapest pattern of `families` whose recall on `mass` [nq, nk] is ≥ `recall`.
 
     `captured` [nk]: C(t) of ``dynamic_topk`` for t = 1 … nk (None: that family is not available).
-    Dense is always a candidate; a sparse pattern must cost at most (1 − min_saving) of it.
+    Dense is always a candidate; a sparse pattern must cost at most (1 − min_saving) of it, and one
+    whose kept mass falls short of the recall is never taken, whatever its fit said.
     """
     nq, nk = mass.shape
     allowed = allowed_blocks(nq, nk, causal)
     mass = mass.double() * allowed
-    total = float(mass.sum()) or 1.0
+    total = float(mass.sum())
+    if not total > 0:
+        raise ValueError(f"no attention mass to choose a pattern from (total {total})")
     possible = int(allowed.sum())
     found = []
     for family in families:
@@ -166,6 +175,8 @@ def choose(mass: torch.Tensor, causal: bool, recall: float, families=FAMILIES, t
         if fitted is None:
             continue
         params, blocks, kept = fitted
+        if kept < recall * total - 1e-9 * total:
+            continue
         cost = blocks * (1 + (topk_overhead if family in ("block_topk", "dynamic_topk") else 0.0))
         if family != "dense" and cost > (1 - min_saving) * possible:
             continue

@@ -74,6 +74,11 @@ class NeuronSparsity(RewritePass):
                 stats.refuse(site.id, f"activation_profile has no {missing} statistics for this site "
                                       "(set activation_profile inputs: true / attention: true)")
                 continue
+            constant = [what for what, _, _ in groups if evidence[what].get("constant")]
+            if constant:
+                stats.refuse(site.id, f"the {constant} activations were constant on the calibration data: no "
+                                      "threshold separates active from inactive neurons")
+                continue
             choice = {what: _choose(opts, evidence[what], width) for what, _, width in groups}
             bad = [c for c in choice.values() if isinstance(c, str)]
             if bad:

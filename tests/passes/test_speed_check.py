@@ -57,3 +57,19 @@ def test_reverted_attention_is_dense_attention(explicit_calibrated):
     assert not [n for n in cm.graph_module.graph.nodes if op_of(n) is not None]
     with torch.no_grad():
         torch.testing.assert_close(cm(*example), model(*example), rtol=1e-5, atol=1e-5)
+
+
+def test_reverting_a_site_leaves_its_ops_without_a_dense_form(explicit_calibrated):
+    """Token selection shares a site with the attention it prunes before; reverting that site's attention
+    keeps the selection (it has no dense form and was never timed) instead of failing on it."""
+    from sparsegraph.codegen.token_select import OP as SELECT
+
+    model, example, batches = explicit_calibrated
+    config = {"passes": [{"head_patterns": {"block": 16, "recall": 0.5, "min_saving": 0.0}},
+                         {"token_pruning": {"layers": [2], "keep": 0.5}}, "sparse_attention",
+                         {"speed_check": {"min_speedup": 1e9, "repeats": 1, "warmup": 0}}]}
+    cm = sg.compile(model, config, example_inputs=example, calibration=batches, quiet=True)
+    left = [op_of(n).name for n in cm.graph_module.graph.nodes if op_of(n) is not None]
+    assert "block_sparse_attention" not in left and SELECT.name in left
+    refused = cm.plan.passes["speed_check"]["stats"]["refused"]
+    assert any("no dense form" in r["reason"] for r in refused)
