@@ -15,6 +15,7 @@ from sparsegraph.errors import (
     CalibrationError,
     ConfigError,
     ExportError,
+    InputError,
     ModelSpecError,
     PassError,
     PlanError,
@@ -26,7 +27,7 @@ from sparsegraph.plan import SparsityPlan, load_plan
 from sparsegraph.registry import available_passes, register_pass
 from sparsegraph.trace import trace
 
-__all__ = ["AnalysisPass", "CalibrationError", "CompiledModel", "Config", "ConfigError", "ExportError", "ModelSpecError", "PassError",
+__all__ = ["AnalysisPass", "CalibrationError", "CompiledModel", "Config", "ConfigError", "ExportError", "InputError", "ModelSpecError", "PassError",
            "PassResult", "PassStats", "PlanError", "RewritePass", "SiteDecision", "SparsegraphError",
            "SparsityPlan", "TraceError", "__version__", "available_passes", "compile", "load_plan", "option",
            "register_pass", "trace"]

@@ -41,6 +41,10 @@ class PassError(SparsegraphError):
         self.site = site
 
 
+class InputError(SparsegraphError):
+    """A compiled model was called with inputs its graph cannot take (arity, dtype, rank, a fixed size)."""
+
+
 class ExportError(SparsegraphError):
     """The compiled model could not be exported to ONNX."""
 
