@@ -5,6 +5,7 @@ centred input ``a = x − c``, only the inputs that survive the test feed the pr
 
     keep_j = |a_j| > threshold                      (threshold mode, k = 0)
     keep_j = |a_j| ≥ (k-th largest |a| of the row)  (top-k mode, k > 0)
+    (and keep_j whenever a_j is NaN: non-finite inputs reach the output, as through the dense layer)
     y      = Σ_{j kept} a_j · weight_t[j, :] + bias
 
 The caller folds ``weight_t ᵀ c`` into ``bias`` once, so that ``y = W x + b`` exactly when nothing is
@@ -43,11 +44,14 @@ from sparsegraph.codegen.op import SparseOp
 
 
 def _centred_kept(x, centre, threshold: float, k: int):
+    """The centred input and which inputs are kept. NaN inputs are always kept, so a NaN reaches the
+    output as it does through the dense layer (a comparison with NaN is false: testing ``|a| > t`` would
+    drop it and hide it)."""
     a = x if centre is None else x - centre
     if k > 0:
         kth = a.abs().topk(k, dim=-1).values[..., -1:]
-        return a, a.abs() >= kth
-    return a, a.abs() > threshold
+        return a, (a.abs() >= kth) | a.isnan()
+    return a, ~(a.abs() <= threshold)
 
 
 def reference(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, centre: torch.Tensor | None,
@@ -98,9 +102,9 @@ def onnx(x, weight_t, bias, centre, threshold: float, k: int):
         values, _ = op.TopK(magnitude, op.Constant(value_ints=[k]), axis=-1, largest=1, sorted=1)
         kth = op.Slice(values, op.Constant(value_ints=[k - 1]), op.Constant(value_ints=[k]),
                        op.Constant(value_ints=[-1]))
-        keep = op.GreaterOrEqual(magnitude, kth)
-    else:
-        keep = op.Greater(magnitude, op.CastLike(op.Constant(value_float=threshold), a))
+        keep = op.Or(op.GreaterOrEqual(magnitude, kth), op.IsNaN(a))
+    else:  # NaN kept, as in the kernels
+        keep = op.Not(op.LessOrEqual(magnitude, op.CastLike(op.Constant(value_float=threshold), a)))
     y = op.MatMul(op.Where(keep, a, op.CastLike(op.Constant(value_float=0.0), a)), weight_t)
     return y if bias is None else op.Add(y, bias)
 

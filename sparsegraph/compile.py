@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from sparsegraph import ir
+from sparsegraph import inputs, ir
 from sparsegraph.codegen import use_backend
 from sparsegraph.config import Config, check_overrides
 from sparsegraph.context import Batch, PassContext
-from sparsegraph.errors import CalibrationError, ConfigError
+from sparsegraph.errors import CalibrationError, ConfigError, InputError
 from sparsegraph.instruments import default_instruments
 from sparsegraph.manager import PassManager
 from sparsegraph.observe import check_calibration
@@ -154,10 +154,17 @@ class CompiledModel(torch.nn.Module):
         self._onnx_dir: tempfile.TemporaryDirectory | None = None
 
     def forward(self, *args, **kwargs):
-        if self.config.backend == "onnx":
-            return self.onnx_model()(*args, **kwargs)
-        with use_backend(_KERNELS[self.config.backend]):
-            return self.graph_module(*args, **kwargs)
+        inputs.check(self.graph_module, args, kwargs)  # a wrong call is an InputError naming the input
+        try:
+            if self.config.backend == "onnx":
+                return self.onnx_model()(*args, **kwargs)
+            with use_backend(_KERNELS[self.config.backend]):
+                return self.graph_module(*args, **kwargs)
+        except Exception as e:
+            if inputs.empty(args, kwargs):
+                raise InputError(f"the graph cannot run on an empty input (a dimension of size 0): {type(e).__name__}: "
+                                 f"{str(e)[:200]}. Skip the call for an empty batch") from e
+            raise
 
     @property
     def cost(self) -> NodeCost:

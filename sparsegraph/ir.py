@@ -280,10 +280,10 @@ def flatten_inputs(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> list:
             kwargs = reorder_kwargs(kwargs, info.in_spec)
         given = pytree.tree_structure((tuple(args), kwargs))
         if given != info.in_spec:  # tree_flatten_spec would silently drop extra inputs
-            positional = info.in_spec.children_specs[0].num_children
-            raise ValueError(f"the graph takes {positional} positional input(s) and keywords "
-                             f"{info.in_spec.children_specs[1].context}; got {len(args)} positional and "
-                             f"{sorted(kwargs)}")
+            spec = info.in_spec  # torch ≥ 2.10 has children(), older ones children_specs
+            positional, keywords = spec.children() if hasattr(spec, "children") else spec.children_specs
+            raise ValueError(f"the graph takes {positional.num_children} positional input(s) and keywords "
+                             f"{keywords.context}; got {len(args)} positional and {sorted(kwargs)}")
         return list(tree_flatten_spec((list(args), kwargs), info.in_spec))
     bound = inspect.signature(gm.forward).bind(*args, **kwargs)
     bound.apply_defaults()

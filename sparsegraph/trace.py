@@ -28,7 +28,7 @@ import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
-from sparsegraph import ir
+from sparsegraph import inputs, ir
 from sparsegraph.errors import TraceError
 
 __all__ = ["CAPTURE_LOCK", "dynamic_shapes_for", "trace"]
@@ -82,6 +82,7 @@ def _capture(model, example_inputs: tuple, example_kwargs: dict, dynamic: bool) 
             gm = _try(attempts, "torch.fx.symbolic_trace", lambda: _symbolic_trace(model, example_kwargs))
     if gm is None:
         raise TraceError(_explain(model, attempts))
+    inputs.record(gm, ir.flatten_inputs(gm, example_inputs, example_kwargs))
     ir.propagate_shapes(gm, example_inputs, example_kwargs)
     ir.annotate(gm)
     return gm

@@ -38,7 +38,7 @@ def _kernel(x_ptr, c_ptr, w_ptr, b_ptr, thr_ptr, y_ptr, M, K, N, stride_xm, stri
             keep = tl.abs(a) >= thr[:, None]
         else:
             keep = tl.abs(a) > thr[:, None]
-        keep = keep & (rk[None, :] < K) & (rm[:, None] < M)
+        keep = (keep | (a != a)) & (rk[None, :] < K) & (rm[:, None] < M)  # NaN kept: it reaches the output
         a = tl.where(keep, a, 0.0)
         row_used = tl.max(keep.to(tl.int32), axis=0) > 0
         w = tl.load(w_ptr + rk[:, None] * stride_wk + rn[None, :],

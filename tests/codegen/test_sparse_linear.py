@@ -114,3 +114,22 @@ def test_cost_counts_the_kept_fraction():
     node = next(n for n in gm.graph.nodes if n.target is OP.overload)
     macs, _ = OP.cost(node)
     assert macs == 1 * 12 * 40  # top-k: k of 48 inputs
+
+
+@pytest.mark.parametrize("threshold,k", [(0.5, 0), (0.0, 7)])
+def test_nan_and_inf_reach_the_output_in_every_backend(threshold, k, tmp_path):
+    """A NaN or inf input reaches the output as through the dense layer (never dropped as 'inactive'),
+    in the reference, both CPU paths (decode and batched), Triton and ONNX Runtime."""
+    x, w_t, b, c = _case((6,), True)
+    x[1, 3], x[4, 10] = float("nan"), float("inf")
+    dense = torch.isfinite(x @ w_t + b).all(-1)
+    assert dense.tolist() == [True, False, True, True, False, True]
+    backends = ["reference", "eager"] + (["triton"] if triton_available() else [])
+    for backend in backends:
+        for rows in (x, x[:2]):  # 6 rows: masked GEMM; 2 rows: embedding_bag
+            with use_backend(backend):
+                got = OP(rows, w_t, b, c, threshold, k)
+            assert torch.equal(torch.isfinite(got).all(-1), dense[:len(rows)]), backend
+    gm = torch.fx.symbolic_trace(_Layer(w_t, b, c, threshold, k))
+    got = OnnxModel(export_onnx(gm, tmp_path / "sl.onnx", (x,)), gm)(x)
+    assert torch.equal(torch.isfinite(got).all(-1), dense)
