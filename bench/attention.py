@@ -205,31 +205,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _long_texts(tokenizer, split: str, count: int, length: int) -> list[str]:
-    """`count` texts of ≥ `length` tokens, each made of consecutive sentences of `split`."""
-    from sparsegraph.data.stdlib_text import sentences
-
-    pool, texts, current, i = sentences(split), [], "", 0
-    while len(texts) < count:
-        current = (current + " " + pool[i % len(pool)]).strip()
-        i += 1
-        if len(tokenizer(current)["input_ids"]) >= length:
-            texts.append(current)
-            current = ""
-    return texts
-
-
 def minilm(args) -> int:
     import statistics
 
     import sparsegraph as sg
     from sparsegraph import models
+    from sparsegraph.data.stdlib_text import documents
     from sparsegraph.measure import cosine
 
     seq = 512
     model, _ = models.load("minilm", seq_len=seq)
-    calibration = _long_texts(model.tokenizer, "calibration", 16, seq)
-    heldout = _long_texts(model.tokenizer, "heldout", 8, seq)
+    calibration = documents(model.tokenizer, "calibration", 16, seq)
+    heldout = documents(model.tokenizer, "heldout", 8, seq)
     batches = [model.tokenize(calibration[i:i + 4], pad_to=seq) for i in range(0, 16, 4)]
     example = model.tokenize(heldout[:2], pad_to=seq)
     config = {"passes": [{"head_patterns": {"block": 64, "recall": args.recall}}, {"sparse_attention": {}}]}

@@ -102,6 +102,20 @@ def test_skip_is_never_chosen_with_skip_share_zero(explicit_model):
         assert all(h["pattern"] != "skip" for h in cm.plan.evidence("head_patterns", site)["heads"])
 
 
+def test_patterns_are_not_fitted_where_calibration_saw_no_queries(explicit_model):
+    """Short texts padded to a long traced length: query blocks past the texts saw nothing (the bug: one
+    block per head at recall 1.0 on calibration, cosine 0.55 on long text)."""
+    model, _ = explicit_model
+    ids = torch.randint(0, 1000, (2, 96), generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros_like(ids)
+    mask[:, :20] = 1
+    config = {"passes": [{"head_patterns": {"block": 16}}, "sparse_attention"]}
+    with pytest.raises(sg.CalibrationError, match=r"5 of 6 query blocks \(positions 16–95\) saw fewer than one block"):
+        sg.compile(model, config, example_inputs=(ids, mask), calibration=[(ids, mask)], quiet=True)
+    mask[1, :] = 1  # one full row: every block has seen queries
+    sg.compile(model, config, example_inputs=(ids, mask), calibration=[(ids, mask)], quiet=True)
+
+
 @settings(max_examples=60, deadline=None)
 @given(nq=st.integers(1, 6), causal=st.booleans(), recall=st.floats(0.05, 1.0), seed=st.integers(0, 10_000),
        sparse=st.booleans())

@@ -33,6 +33,19 @@ def sentences(split: str = "calibration", limit: int | None = None, min_words: i
     return chosen[:limit] if limit is not None else chosen
 
 
+def documents(tokenizer, split: str, count: int, length: int) -> list[str]:
+    """`count` texts of at least `length` tokens (by `tokenizer`), each made of consecutive sentences of
+    `split`: long inputs for statistics bound to a sequence length (attention layouts)."""
+    pool, texts, current, i = sentences(split), [], "", 0
+    while len(texts) < count:
+        current = (current + " " + pool[i % len(pool)]).strip()
+        i += 1
+        if len(tokenizer(current)["input_ids"]) >= length:
+            texts.append(current)
+            current = ""
+    return texts
+
+
 @functools.lru_cache(maxsize=1)
 def _all() -> tuple[str, ...]:
     root = Path(sysconfig.get_paths()["stdlib"])
