@@ -1,4 +1,5 @@
-"""The CPU path of ``block_sparse_attention``: a static layout cut into a few large SDPA calls.
+"""The torch fallback of ``block_sparse_attention`` (`attention_fallback`): a static layout cut into a few
+large SDPA calls.
 
 Why: SDPA's CPU flash kernel runs near GEMM speed when many queries share their keys and much slower
 when every query block has its own few keys. Measured here (2-core Xeon, fp32, head dim 64): 4096
@@ -17,7 +18,7 @@ block in one tile), into
   of K (no copy); window blocks another tile already took are masked per row (``excluded``) rather
   than cutting the band; a causal band that ends on the diagonal takes one [block, w·block] triangle
   mask shared by all rows;
-- the rest: the general path (`block_sparse_attention._listed`), which gathers the listed blocks.
+- the rest: the general path (`attention_fallback._listed`), which gathers the listed blocks.
 
 Columns tiles of heads that read as many keys from the same first row run in one call (keys
 gathered per head, or one slice when they are the same) when the heads are evenly spaced, so q stays

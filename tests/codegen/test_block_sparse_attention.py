@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from sparsegraph import attention_layouts
 from sparsegraph.attention_layouts import LayoutWarning, fixed_table, layout_from_block_mask
+from sparsegraph.codegen import attention_fallback, triton_available, use_backend
 from sparsegraph.codegen import block_sparse_attention as bsa
-from sparsegraph.codegen import triton_available, use_backend
 from sparsegraph.codegen.block_sparse_attention import OP
 from sparsegraph.onnx_export import OnnxModel, export_onnx
 
@@ -308,7 +308,7 @@ def test_cost_counts_only_listed_blocks():
 
 def test_cpu_runs_in_and_out_of_inference_mode_in_any_order(torch_path):
     """The torch path's gather workspace is reused across calls: one made under inference_mode must still be writable."""
-    bsa._workspaces.__dict__.clear()
+    attention_fallback._workspaces.__dict__.clear()
     q, k, v, layout, _ = _case(1, 2, 2, 64, 64, 8, 16)
     with torch.inference_mode():
         first = bsa.cpu(q, k, v, layout, None, 16, False, 0.3)
