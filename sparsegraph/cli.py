@@ -33,6 +33,7 @@ from pathlib import Path
 
 import sparsegraph as sg
 from sparsegraph import ir, models, pipelines
+from sparsegraph.codegen import cpu_kernels
 from sparsegraph.errors import SparsegraphError, did_you_mean
 
 
@@ -130,7 +131,7 @@ def cmd_inspect(args) -> None:
         costs = site_costs(gm)
         sites = [{**s, "macs": costs[s["id"]].macs if s["id"] in costs else 0} for s in describe_sites(gm)]
         _emit(args, {"sites": sites, "parameters": sum(p.numel() for p in gm.parameters()),
-                     "macs": total_cost(gm).macs})
+                     "macs": total_cost(gm).macs, "cpu_kernels": cpu_kernels.status()})
     else:
         print(inspect_table(gm))
 
@@ -459,6 +460,7 @@ def inspect_table(gm) -> str:
     params = sum(p.numel() for p in gm.parameters())
     lines.append(f"\n{len(rows) - 1} sites; {params / 1e6:.2f} M parameters; "
                  f"{total.macs / 1e9:.4f} GMACs, {total.bytes / 1e6:.1f} MB moved at the example shapes")
+    lines.append(f"compiled CPU kernels: {cpu_kernels.status()}")
     return "\n".join(lines)
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sparsegraph import png, svg
+from sparsegraph.codegen import cpu_kernels
 
 
 @dataclass
@@ -41,6 +42,7 @@ class Report:
         """The plan's report plus cost before/after (totals and per site) and pass timings."""
         report = cls.of_plan(cm.plan, cm.timings)
         report.facts["backend"] = cm.config.backend
+        report.facts["CPU kernels"] = cpu_kernels.status()
         dense, ours = cm.dense_cost, cm.cost
         report.tables.insert(0, Table("Cost at the example shapes", ["", "dense", "compiled", "compiled / dense"], [
             ["GMACs", f"{dense.macs / 1e9:.4f}", f"{ours.macs / 1e9:.4f}", _ratio(ours.macs, dense.macs)],

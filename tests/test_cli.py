@@ -6,6 +6,7 @@ import os
 import pytest
 
 from sparsegraph.cli import main
+from sparsegraph.codegen import cpu_kernels
 
 
 def test_inspect_prints_sites_and_cost(capsys):
@@ -13,6 +14,7 @@ def test_inspect_prints_sites_and_cost(capsys):
     out = capsys.readouterr().out
     assert "attn:blocks.0.attn" in out and "explicit attention, 4 heads (4 kv), head_dim 32" in out
     assert "6 sites" in out and "GMACs" in out
+    assert f"compiled CPU kernels: {cpu_kernels.status()}" in out
 
 
 def test_compile_writes_plan_and_reports_then_replays(tmp_path, capsys):
@@ -21,6 +23,7 @@ def test_compile_writes_plan_and_reports_then_replays(tmp_path, capsys):
     plan = json.loads((out / "plan.json").read_text())
     assert plan["passes"]["nm_weights"]["stats"]["rewritten"] == 6
     assert (out / "report.html").read_text().startswith("<!doctype html>")
+    assert "**CPU kernels**" in (out / "report.md").read_text()
     assert main(["compile", "zoo:explicit_attention", "--plan", str(out / "plan.json"), "--out", str(tmp_path / "b")]) == 0
     assert json.loads((tmp_path / "b" / "plan.json").read_text())["sites"] == plan["sites"]
 

@@ -265,11 +265,14 @@ int attend(const float* q, const int64_t* qs, const float* k, const int64_t* ks,
 
 }  // namespace
 
+// The sha256 of the kernel sources, this stamp blanked: the Python binding refuses a library built
+// from other sources (a stale build) instead of calling it. Restamped by
+// `python -m sparsegraph.codegen.cpu_kernels` after an edit; a test checks that it is current.
+#define SG_SOURCE_HASH "899470827fb2020b9dfca0d9e63cc98066429cdc950c71a9135d417385269395"
+
 extern "C" {
 
-// Bumped whenever the signatures below change: the Python binding refuses a library built from
-// another version of this file (a stale build) instead of calling it with the wrong arguments.
-int sg_abi_version() { return 2; }
+const char* sg_source_hash() { return SG_SOURCE_HASH; }
 
 // 1 when the CPU running this has every instruction set the library was compiled for (-march=native
 // on the installing machine); 0 on another CPU (an environment copied elsewhere), where calling the

@@ -39,17 +39,41 @@ def reload(monkeypatch):
 
 
 @native
-def test_a_stale_build_is_refused_not_called(reload):
-    reload.setattr(cpu_kernels, "ABI_VERSION", cpu_kernels.ABI_VERSION + 1)
-    assert cpu_kernels.library() is None and "stale build" in cpu_kernels.status()
+def test_a_library_built_from_other_sources_is_refused_not_called(reload):
+    """The sources were edited after the build (their hash moved): the old library is not called."""
+    reload.setattr(cpu_kernels, "source_hash", lambda: "0" * 64)
+    assert cpu_kernels.library() is None and "built from other sources" in cpu_kernels.status()
+
+
+def test_the_source_stamp_is_current():
+    """The stamp in the sources is their hash: edit a .cpp and this fails until it is restamped."""
+    for path in cpu_kernels.SOURCES:
+        stamp = cpu_kernels._STAMP.search(path.read_text()).group(2)
+        assert stamp == cpu_kernels.source_hash(), (
+            f"{path.name}: stale SG_SOURCE_HASH; run `python -m sparsegraph.codegen.cpu_kernels`, then reinstall")
+
+
+def test_the_c_prototypes_are_the_binding():
+    """The ctypes types come from the extern "C" definitions: one declaration, read the same way."""
+    import ctypes
+
+    found = cpu_kernels.signatures(cpu_kernels.SOURCES[0].read_text())
+    restype, argtypes = found["sg_block_sparse_attention_f32"]
+    assert restype is ctypes.c_int and len(argtypes) == 22
+    assert argtypes[:8] == [ctypes.c_void_p] * 8 and argtypes[8] is ctypes.c_int64
+    assert argtypes[-3:] == [ctypes.c_int, ctypes.c_float, ctypes.c_int]
+    assert found["sg_source_hash"] == (ctypes.c_char_p, [])
 
 
 def test_a_build_for_another_cpu_is_refused_not_called(reload):
     """A library whose instruction sets this CPU lacks would die on an illegal instruction: refused."""
 
     class ForeignBuild:
-        def sg_abi_version(self):
-            return cpu_kernels.ABI_VERSION
+        class sg_source_hash:  # a current build's stamp
+            restype = None
+
+            def __new__(cls):
+                return cpu_kernels.source_hash().encode()
 
         def sg_cpu_supported(self):
             return 0
