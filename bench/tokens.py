@@ -52,7 +52,7 @@ def minilm(args) -> tuple[dict, str]:
         with torch.inference_mode():
             return torch.cat([fn(*x) for x in inputs])
 
-    from sparsegraph.cli import calibration_for
+    from sparsegraph.data.calibration import calibration_for
 
     dense = embed(model)
     calibration = calibration_for(model, example, 64)

@@ -34,13 +34,8 @@ from pathlib import Path
 import sparsegraph as sg
 from sparsegraph import ir, models, pipelines
 from sparsegraph.codegen import cpu_kernels
-from sparsegraph.errors import SparsegraphError, did_you_mean
-
-
-class UsageError(SparsegraphError):
-    """A command's argument cannot be used: a count below 1, a missing or empty input file, or an output
-    that would overwrite an input (always refused) or an existing file (refused without ``--force``), or
-    that cannot be written."""
+from sparsegraph.data.calibration import calibration_for
+from sparsegraph.errors import SparsegraphError, UsageError, did_you_mean
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -398,46 +393,6 @@ def _compile(args, model=None, example=None) -> sg.CompiledModel:
     needs = any(getattr(p, "needs_calibration", False) for p in config.passes)
     return sg.compile(model, config, example_inputs=example, quiet=quiet, plan=args.plan,
                       calibration=calibration_for(model, example, args.calibration, args.data) if needs else None)
-
-
-def calibration_for(model, example, n: int, data: str | None = None) -> list:
-    """Calibration batches: from `data` (a .txt of texts or a .npy of inputs) when given; else `n` held-in
-    stdlib sentences in batches of 32 for models with a tokenizer, else the example inputs.
-
-    Sentences are padded to the example's length (padding is left out of every statistic), so that
-    length-bound facts such as attention layouts are measured at the length the graph is traced at.
-    """
-    if n < 1:
-        raise UsageError(f"--calibration {n}: give at least 1 ({_COUNTS['calibration']})")
-    if data is not None:
-        return _calibration_file(Path(data), model, example)
-    if hasattr(model, "tokenize"):
-        from sparsegraph.data.stdlib_text import sentences
-
-        texts = sentences("calibration", limit=n)
-        length = example[0].shape[-1]
-        return [model.tokenize(texts[i:i + 32], max_length=length, pad_to=length) for i in range(0, len(texts), 32)]
-    print("note: calibrating on the example inputs only (no tokenizer to read real text with)", file=sys.stderr)
-    return [example]
-
-
-def _calibration_file(path: Path, model, example) -> list:
-    _check_data(path)
-    if path.suffix == ".txt":
-        if not hasattr(model, "tokenize"):
-            raise UsageError(f"--data {path}: text needs a model with a tokenizer; give a .npy array instead")
-        texts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        length = example[0].shape[-1]
-        return [model.tokenize(texts[i:i + 32], max_length=length, pad_to=length) for i in range(0, len(texts), 32)]
-    if path.suffix == ".npy":
-        import numpy as np
-        import torch
-
-        array = torch.from_numpy(np.load(path, allow_pickle=False))
-        if array.shape[1:] != example[0].shape[1:]:
-            raise UsageError(f"--data {path}: inputs of shape {tuple(array.shape[1:])}, the model's example "
-                             f"is {tuple(example[0].shape[1:])}: give an array [N, {', '.join(map(str, example[0].shape[1:]))}]")
-        return [(array[i:i + 32].to(example[0].dtype),) for i in range(0, len(array), 32)]
 
 
 def inspect_table(gm) -> str:

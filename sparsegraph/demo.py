@@ -26,7 +26,8 @@ import torch
 
 import sparsegraph as sg
 from sparsegraph import models
-from sparsegraph.cli import calibration_for, inspect_table
+from sparsegraph.cli import inspect_table
+from sparsegraph.data.calibration import calibration_for
 from sparsegraph.data.stdlib_text import sentences
 from sparsegraph.measure import compare, cosine
 

@@ -45,8 +45,25 @@ class InputError(SparsegraphError):
     """A compiled model was called with inputs its graph cannot take (arity, dtype, rank, a fixed size)."""
 
 
+class PlanEntryError(PlanError, PassError):
+    """A plan entry of one pass (a rewrite's decision, an analysis pass's facts) that cannot be used on this
+    graph. The message names the pass, the site and the key, the problem and the fix. It is a `PlanError`
+    (the plan is at fault) and a `PassError` (it names its pass), so the PassManager passes it on as it is."""
+
+    def __init__(self, pass_name: str, site: str | None, message: str):
+        SparsegraphError.__init__(self, message)
+        self.pass_name = pass_name
+        self.site = site
+
+
 class ExportError(SparsegraphError):
     """The compiled model could not be exported to ONNX."""
+
+
+class UsageError(SparsegraphError):
+    """A command's argument cannot be used: a count below 1, a missing or empty input file, or an output
+    that would overwrite an input (always refused) or an existing file (refused without ``--force``), or
+    that cannot be written."""
 
 
 class ModelSpecError(SparsegraphError):

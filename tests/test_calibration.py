@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import sparsegraph as sg
 from sparsegraph import models
-from sparsegraph.cli import calibration_for
+from sparsegraph.data.calibration import calibration_for
 from sparsegraph.passes.analysis.head_patterns import choose
 
 ROOT = Path(__file__).resolve().parents[1]

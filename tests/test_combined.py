@@ -5,7 +5,7 @@ import torch
 
 import sparsegraph as sg
 from sparsegraph import models, pipelines
-from sparsegraph.cli import calibration_for
+from sparsegraph.data.calibration import calibration_for
 from sparsegraph.measure import cosine
 from sparsegraph.onnx_export import OnnxModel
 

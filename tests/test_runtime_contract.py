@@ -13,8 +13,8 @@ import torch
 
 import sparsegraph as sg
 from sparsegraph import graph_edit, ir, models, pipelines
-from sparsegraph.cli import calibration_for
 from sparsegraph.codegen import use_backend
+from sparsegraph.data.calibration import calibration_for
 
 SEQ = 64  # the traced length; calls below run at others
 # A compiled model is no worse than this on any input here (the one-shot pipelines lose the most:
