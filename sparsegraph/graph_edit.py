@@ -11,7 +11,7 @@ import re
 import torch
 import torch.fx
 
-from sparsegraph import meta
+from sparsegraph import ir, meta
 
 
 def add_tensor(gm: torch.fx.GraphModule, name: str, tensor: torch.Tensor, before: torch.fx.Node) -> torch.fx.Node:
@@ -51,8 +51,6 @@ def linear_bias_node(node: torch.fx.Node) -> torch.fx.Node | None:
 def replace_linear(gm: torch.fx.GraphModule, node: torch.fx.Node, weight: torch.Tensor,
                    bias: torch.Tensor | None) -> torch.fx.Node:
     """Replace a linear node by ``aten.linear(x, weight, bias)`` with new (copied) weight tensors."""
-    from sparsegraph import ir
-
     parts = ir.linear_parts(node)
     w = add_tensor(gm, f"{parts.module_path}.weight", weight.detach().contiguous().clone(), node)
     b = add_tensor(gm, f"{parts.module_path}.bias", bias.detach().contiguous().clone(), node) if bias is not None else None
@@ -74,8 +72,6 @@ def additive_value(mask: torch.Tensor, how: str) -> torch.Tensor:
 
 def additive_mask(gm, mask: torch.fx.Node, how: str, before: torch.fx.Node) -> torch.fx.Node:
     """An additive float mask from an SDPA bool mask (True = keep) or a masked_fill mask (True = drop)."""
-    from sparsegraph import ir
-
     val = ir.val(mask)
     if how in ("add", "sdpa") and val is not None and val.dtype != torch.bool:
         return mask
@@ -91,27 +87,18 @@ def attention_operands(gm: torch.fx.GraphModule, site, before: torch.fx.Node):
 
     q [B, H, L, E], k and v [B, Hkv, S, E]; for an explicit chain k is transposed back from kᵀ (a node
     inserted before `before`) and its masks (added, or ``masked_fill``-ed) are summed into one additive
-    mask. Returns None for explicit chains `ir.explicit_attention_parts` cannot read.
+    mask. Returns None for sites that are not `readable` (other ops between the scores and the softmax).
     """
-    from sparsegraph import ir
-
     g, out = gm.graph, site.out
-    if site.form == "sdpa":
-        q, k, v = out.args[:3]
-        scale = ir._arg(out, 6, "scale") or ir.shape(q)[-1] ** -0.5
-        mask = ir._arg(out, 3, "attn_mask")
-        masks = [(mask, "sdpa")] if isinstance(mask, torch.fx.Node) else []
-    else:
-        parts = ir.explicit_attention_parts(site)
-        if parts is None:
-            return None
-        q, v = site.q, site.v
-        scale, masks = parts
+    if not site.readable:
+        return None
+    q, k, v = site.q, site.k, site.v
+    if site.key_transposed:
         with g.inserting_before(before):
             k = g.call_function(torch.ops.aten.transpose.int, (site.k, -1, -2))
         meta.copy_provenance(out, k)
     additive = None
-    for node, how in masks:
+    for node, how in site.masks:
         m = additive_mask(gm, node, how, before)
         if additive is None:
             additive = m
@@ -119,4 +106,4 @@ def attention_operands(gm: torch.fx.GraphModule, site, before: torch.fx.Node):
             with g.inserting_before(before):
                 additive = g.call_function(torch.ops.aten.add.Tensor, (additive, m))
             meta.copy_provenance(out, additive)
-    return q, k, v, additive, float(scale)
+    return q, k, v, additive, float(site.scale)

@@ -333,8 +333,16 @@ class AttentionSite:
     """One attention: ``softmax(q kᵀ · scale + mask) v`` over ``heads`` query heads.
 
     q, k, v are the attention core's inputs, shaped [batch, heads, seq, head_dim] (k and v may already be
-    repeated across query heads: `kv_heads` is read off the K projection). `out` is the node producing the
+    repeated across query heads: `kv_heads` is read off the K projection); at an explicit chain `k` is the
+    node holding kᵀ [batch, heads, head_dim, seq] (`key_transposed`). `out` is the node producing the
     attention output (the SDPA call, or the second matmul of an explicit chain); `core` all nodes between.
+
+    How the scores are made, read once here so that no pass reads operands by position: `scale` (SDPA's
+    ``scale`` or 1/√E; an explicit chain's constant factors), `dropout` (SDPA's ``dropout_p``),
+    `is_causal` (SDPA's flag; a causal *mask* is among `masks` instead) and `masks`, each a node with how
+    it enters: ``"sdpa"`` (SDPA's ``attn_mask``: bool keeps True, float is added), ``"add"`` (added to the
+    scores) or ``"masked_fill"`` (True positions set to −inf). An explicit chain with other ops between
+    the scores and the softmax is not plain scaled, masked attention: its `scale` is None (`readable`).
     """
 
     id: str
@@ -356,10 +364,25 @@ class AttentionSite:
     k_proj: torch.fx.Node | None
     v_proj: torch.fx.Node | None
     o_proj: torch.fx.Node | None
+    scale: float | None = None
+    dropout: float = 0.0
+    is_causal: bool = False
+    masks: tuple[tuple[torch.fx.Node, str], ...] = ()
 
     @property
     def gqa(self) -> bool:
         return self.kv_heads != self.heads
+
+    @property
+    def key_transposed(self) -> bool:
+        """Whether `k` holds kᵀ (explicit chains multiply q by kᵀ)."""
+        return self.form == "explicit"
+
+    @property
+    def readable(self) -> bool:
+        """Whether the scores are plain scaled, masked q·k (an SDPA call, or an explicit chain whose ops
+        between the scores and the softmax are only scale and masks)."""
+        return self.scale is not None
 
 
 @dataclass(frozen=True)
@@ -409,21 +432,20 @@ def sites(gm: torch.fx.GraphModule) -> list[AttentionSite | MLPSite]:
     return [*attention_sites(gm), *mlp_sites(gm)]
 
 
-def explicit_attention_parts(site: AttentionSite) -> tuple[float, list] | None:
+def _explicit_parts(core, qk, softmax, out) -> tuple[float, list] | None:
     """``(scale, [(mask node, 'add' | 'masked_fill'), ...])`` between an explicit chain's ``q kᵀ`` and its
     softmax, or None when other ops sit there (then the chain is not plain scaled, masked attention)."""
     scale, masks = 1.0, []
-    qk, softmax = site.core[0], next(n for n in site.core if kind(n) == "softmax")
-    for n in site.core:
-        if n is qk or n is site.out or n is softmax:
+    for n in core:
+        if n is qk or n is out or n is softmax:
             continue
         k = kind(n)
-        others = [a for a in n.args if not (isinstance(a, torch.fx.Node) and a in site.core)]
+        others = [a for a in n.args if not (isinstance(a, torch.fx.Node) and a in core)]
         if k in ("div", "mul") and len(others) == 1 and isinstance(others[0], (int, float)):
             scale = scale / others[0] if k == "div" else scale * others[0]
         elif k == "add" and len(others) == 1 and isinstance(others[0], torch.fx.Node):
             masks.append((others[0], "add"))
-        elif k == "masked_fill" and isinstance(n.args[1], torch.fx.Node) and n.args[0] in site.core \
+        elif k == "masked_fill" and isinstance(n.args[1], torch.fx.Node) and n.args[0] in core \
                 and n.args[2] == float("-inf"):
             masks.append((n.args[1], "masked_fill"))
         elif k != "shape":
@@ -458,8 +480,11 @@ def _sdpa_site(node: torch.fx.Node) -> AttentionSite:
     mask = _arg(node, 3, "attn_mask")
     is_causal = bool(_arg(node, 5, "is_causal", False))
     gqa = bool(node.kwargs.get("enable_gqa", False))
-    return _attention(form="sdpa", q=q, k=k, v=v, core=(node,), out=node, mask=mask,
+    site = _attention(form="sdpa", q=q, k=k, v=v, core=(node,), out=node, mask=mask,
                       causal=is_causal or (mask is not None and _causal_mask(mask)), kv_from_k=gqa)
+    return dataclasses.replace(site, scale=float(_arg(node, 6, "scale") or shape(q)[-1] ** -0.5),
+                               dropout=float(_arg(node, 4, "dropout_p", 0.0) or 0.0), is_causal=is_causal,
+                               masks=((mask, "sdpa"),) if isinstance(mask, torch.fx.Node) else ())
 
 
 def _explicit_site(softmax: torch.fx.Node) -> AttentionSite | None:
@@ -477,8 +502,10 @@ def _explicit_site(softmax: torch.fx.Node) -> AttentionSite | None:
     masks = [a for n in between if kind(n) in ("add", "masked_fill") for a in n.all_input_nodes
              if a not in between and a is not qk]
     mask = masks[0] if masks else None
-    return _attention(form="explicit", q=q, k=kt, v=v, core=(qk, *sorted(between - {qk}), pv),
+    site = _attention(form="explicit", q=q, k=kt, v=v, core=(qk, *sorted(between - {qk}), pv),
                       out=pv, mask=mask, causal=any(_causal_mask(m) for m in masks), kv_from_k=False)
+    parts = _explicit_parts(site.core, qk, softmax, pv)
+    return site if parts is None else dataclasses.replace(site, scale=parts[0], masks=tuple(parts[1]))
 
 
 def _attention(*, form, q, k, v, core, out, mask, causal, kv_from_k) -> AttentionSite:

@@ -261,3 +261,36 @@ def test_causal_gqa_attention_found_in_both_dialects(refuse_export):
         "attn:block", "sdpa", 4, 2, 8, True, True)
     assert [_path(n) for n in (s.q_proj, s.k_proj, s.v_proj, s.o_proj)] == [
         f"block.{p}_proj" for p in "qkvo"]
+
+
+class _ScoredSDPA(torch.nn.Module):
+    def forward(self, q, k, v, mask):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.1, scale=0.3)
+
+
+class _ScoredChain(torch.nn.Module):
+    """Scores divided by 4, a padding mask added and a causal one masked_fill-ed, then softmax."""
+
+    def forward(self, q, k, v, pad):
+        causal = torch.ones(q.shape[2], q.shape[2], dtype=torch.bool).triu(1)
+        s = (q @ k.transpose(-1, -2) / 4 + pad).masked_fill(causal, float("-inf"))
+        return torch.softmax(s, -1) @ v
+
+
+class _Unreadable(torch.nn.Module):
+    """Scores multiplied by a tensor: not a scale, not a mask."""
+
+    def forward(self, q, k, v, w):
+        return torch.softmax((q @ k.transpose(-1, -2)) * w, -1) @ v
+
+
+def test_how_the_scores_are_made_is_read_once_into_the_site():
+    q = k = v = torch.randn(1, 2, 8, 4)
+    (sdpa,) = ir.attention_sites(sg.trace(_ScoredSDPA(), (q, k, v, torch.zeros(1, 1, 1, 8))))
+    assert (sdpa.scale, sdpa.dropout, sdpa.is_causal, sdpa.readable) == (0.3, 0.1, False, True)
+    assert [how for _, how in sdpa.masks] == ["sdpa"] and sdpa.masks[0][0] is sdpa.mask
+    (chain,) = ir.attention_sites(sg.trace(_ScoredChain(), (q, k, v, torch.zeros(1, 1, 1, 8))))
+    assert chain.key_transposed and chain.causal and chain.scale == 0.25 and chain.dropout == 0.0
+    assert sorted(how for _, how in chain.masks) == ["add", "masked_fill"]
+    (odd,) = ir.attention_sites(sg.trace(_Unreadable(), (q, k, v, torch.rand(1, 2, 8, 8))))
+    assert not odd.readable and odd.scale is None and odd.masks == ()
