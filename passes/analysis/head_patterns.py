@@ -308,10 +308,9 @@ class _Observer(Observer):
                 self.at[s.out] = s
                 continue
             self.at[next(n for n in s.core if ir.kind(n) == "softmax")] = s
-            parts = ir.explicit_attention_parts(s)
-            if parts is not None:
-                self.parts[s.id] = parts
-                self.kept.update({n: None for n in (s.q, s.k, *(m for m, _ in parts[1]))})
+            if s.readable:
+                self.parts[s.id] = (s.scale, list(s.masks))
+                self.kept.update({n: None for n in (s.q, s.k, *(m for m, _ in s.masks))})
         self.masses: dict[str, dict[int, torch.Tensor]] = {}
         self.outs = {s.out: s for s in sites}
         self.moments: dict[str, list] = {}  # site → [rows, Σ o [H, E], Σ ‖o‖² [H]]

@@ -104,9 +104,9 @@ def _unsupported(site, lengths, evidence) -> str | None:
     L, S = lengths
     if site.causal and L != S:
         return f"causal attention with {L} queries and {S} keys (the op's causal mask is for L = S)"
-    if site.form == "sdpa" and float(ir._arg(site.out, 4, "dropout_p", 0.0) or 0.0) != 0.0:
+    if site.dropout != 0.0:
         return "attention dropout is on"
-    if site.form == "explicit" and ir.explicit_attention_parts(site) is None:
+    if not site.readable:
         return "the explicit chain has ops between the scores and the softmax other than scale and mask"
     if len(evidence["heads"]) != site.heads:
         return f"head_patterns measured {len(evidence['heads'])} heads, the site has {site.heads}"

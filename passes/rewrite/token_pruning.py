@@ -163,7 +163,7 @@ def _unsupported(site, previous, opts):
     if N in others:
         return (f"the token count {N} equals another axis size here (batch / dim / heads), so sizes "
                 "cannot be told apart; trace with an example of another length"), None
-    if previous.form == "explicit" and ir.explicit_attention_parts(previous) is None:
+    if not previous.readable:
         return "the previous attention has ops between its scores and softmax; its scores cannot be read", None
     return None, stream
 
