@@ -697,6 +697,55 @@ def to_networkx(gm: torch.fx.GraphModule) -> nx.DiGraph:
     return g
 
 
+def pretty(gm: torch.fx.GraphModule) -> str:
+    """The graph as short text, one line per node, for golden tests, dumps and reading what a pass did::
+
+        %linear = linear(%x, %up.weight[64, 16], %up.bias[64])        mlp.up @ mlp:up
+
+    ATen targets lose their namespace and overload (``aten.linear.default`` → ``linear``), our ops keep
+    theirs (``sparsegraph.sparse_linear``); parameters and buffers show their shape; nodes of a site show
+    its role and id. Inputs, shape-only bookkeeping (``sym_size``) and the export's guards are left out.
+    """
+    lines, gm_attr = [], {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            value = get_attr(gm, node.target)
+            gm_attr[node] = f"%{node.target}" + (f"{list(value.shape)}" if isinstance(value, torch.Tensor) else "")
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "get_attr") or kind(node) == "sym_size" or node.name.startswith("_guards"):
+            continue
+        if node.op == "output":
+            lines.append(f"return {_pretty_args(node.args[0], gm_attr)}")
+            continue
+        target = _pretty_target(node)
+        info = meta.get(node)
+        role = f"  {info.role} @ {info.site}" if info is not None else ""
+        args = ", ".join([_pretty_args(a, gm_attr) for a in node.args]
+                         + [f"{k}={_pretty_args(v, gm_attr)}" for k, v in node.kwargs.items()])
+        lines.append(f"%{node.name} = {target}({args}){role}")
+    return "\n".join(lines)
+
+
+def _pretty_target(node: torch.fx.Node) -> str:
+    if node.op != "call_function":
+        return str(node.target)
+    if isinstance(node.target, torch._ops.OpOverload):
+        namespace, name = node.target.namespace, node.target._schema.name.split("::")[-1]
+        return name if namespace == "aten" else f"{namespace}.{name}"
+    module, name = getattr(node.target, "__module__", "") or "", getattr(node.target, "__name__", str(node.target))
+    return f"{module.rsplit('.', 1)[-1]}.{name}" if module.startswith("sparsegraph") else name
+
+
+def _pretty_args(value, attrs: dict) -> str:
+    if isinstance(value, torch.fx.Node):
+        return attrs.get(value, f"%{value.name}")
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_pretty_args(v, attrs) for v in value) + "]"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
 def tensors(value) -> Iterable[torch.Tensor]:
     """Every tensor inside a (possibly nested) value."""
     return [x for x in pytree.tree_leaves(value) if isinstance(x, torch.Tensor)]
