@@ -38,7 +38,6 @@ from sparsegraph.passes.analysis.cost import NodeCost, site_costs, total_cost
 from sparsegraph.plan import SparsityPlan, load_plan
 from sparsegraph.trace import trace
 
-_KERNELS = {"auto": "auto", "eager": "eager", "triton": "triton"}
 # Guards the lazy ONNX session of every CompiledModel (a module-level lock, not one per model, so that a
 # CompiledModel stays deep-copyable; exports are one at a time in a process anyway).
 _ONNX_LOCK = threading.Lock()
@@ -158,7 +157,7 @@ class CompiledModel(torch.nn.Module):
         try:
             if self.config.backend == "onnx":
                 return self.onnx_model()(*args, **kwargs)
-            with use_backend(_KERNELS[self.config.backend]):
+            with use_backend(self.config.backend):  # auto, eager, triton: the kernel backends of the same names
                 return self.graph_module(*args, **kwargs)
         except Exception as e:
             if inputs.empty(args, kwargs):

@@ -52,7 +52,6 @@ class PassContext:
     quiet: bool = False
     instruments: list = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
-    site: str | None = None  # the site being worked on
     error_site: str | None = None  # the innermost site an exception left, for error messages
 
     def options(self, p: Pass, site_id: str, module_path: str) -> Pass:
@@ -61,14 +60,11 @@ class PassContext:
 
     @contextlib.contextmanager
     def at(self, site_id: str) -> Iterator[None]:
-        previous, self.site = self.site, site_id
         try:
             yield
         except BaseException:
             self.error_site = self.error_site or site_id
             raise
-        finally:
-            self.site = previous
 
     def progress(self, items: Iterable, desc: str, total: int | None = None) -> Iterable:
         """`items` with a progress bar on stderr (none when quiet or not a terminal)."""

@@ -148,11 +148,6 @@ def kind(node: torch.fx.Node) -> str | None:
     return None
 
 
-def register_kind(kind_name: str, *targets: object) -> None:
-    """Teach `kind` new targets (for example a plugin's custom op that behaves like a linear layer)."""
-    _targets(kind_name, *targets)
-
-
 # ------------------------------------------------------------------------------------------------------------
 # Node helpers
 
