@@ -10,8 +10,10 @@
     backend: auto                    # auto | eager | triton | onnx
 
 `Config.load` takes a dict, a YAML or JSON path, a named pipeline (`sparsegraph.pipelines`) or a
-Config. Every key and value is checked when the config is built: an unknown key, pass or option raises
-`ConfigError` with the nearest valid name; a bad value names the option and what it accepts.
+Config. Every key and value is checked when the config is built, types first (a YAML file gives
+whatever its author typed: numbers as keys, a string where a list belongs, NaN): an unknown key, pass
+or option raises `ConfigError` with the nearest valid name; a bad value names the option and what it
+accepts.
 """
 
 from __future__ import annotations
@@ -39,13 +41,25 @@ class Config:
     backend: str = "auto"
 
     def __post_init__(self):
+        if not isinstance(self.backend, str):
+            raise ConfigError(f"config 'backend' must be one of {BACKENDS} (a string), got {self.backend!r}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend {self.backend!r} is not one of {BACKENDS}{did_you_mean(self.backend, BACKENDS)}")
+        if not isinstance(self.passes, tuple) or not all(isinstance(p, Pass) for p in self.passes):
+            raise ConfigError(f"Config(passes=...) takes a tuple of passes, got {self.passes!r}; build configs "
+                              "with Config.from_dict or Config.load")
+        if not isinstance(self.overrides, dict):
+            raise ConfigError(f"config 'overrides' must map globs to {{pass: {{option: value}}}}, got "
+                              f"{self.overrides!r}")
         names = [p.name for p in self.passes]
         for glob, per_pass in self.overrides.items():
+            if not isinstance(glob, str):
+                raise ConfigError(f"overrides key {glob!r} must be a glob string (quote it in YAML)")
             if not isinstance(per_pass, dict):
                 raise ConfigError(f"overrides[{glob!r}] must map pass names to options, got {per_pass!r}")
             for pass_name, opts in per_pass.items():
+                if not isinstance(pass_name, str):
+                    raise ConfigError(f"overrides[{glob!r}] key {pass_name!r} must be a pass name (a string)")
                 if pass_name not in names:
                     raise ConfigError(f"overrides[{glob!r}] names pass {pass_name!r}, which is not in the pipeline"
                                       f"{did_you_mean(pass_name, names)}")
@@ -70,7 +84,11 @@ class Config:
             if text in pipelines.names():
                 return pipelines.get(text)
             path = Path(source)
-            if path.suffix.lower() in (".yaml", ".yml", ".json") or path.exists():
+            try:
+                is_file = path.suffix.lower() in (".yaml", ".yml", ".json") or path.exists()
+            except (OSError, ValueError) as e:  # a name the OS cannot take (a NUL byte, too long)
+                raise ConfigError(f"config {text!r} is neither a file nor a named pipeline: {e}") from e
+            if is_file:
                 return cls.from_dict(_read(path))
             raise ConfigError(f"config {text!r} is neither a file nor a named pipeline"
                               f"{did_you_mean(text, pipelines.names())}")
@@ -82,10 +100,17 @@ class Config:
             raise ConfigError(f"a config is a mapping with keys {_TOP_KEYS}, got {type(data).__name__}")
         for key in data:
             if key not in _TOP_KEYS:
-                raise ConfigError(f"unknown config key {key!r}{did_you_mean(key, _TOP_KEYS)}")
-        items = data.get("passes") or []
+                near = did_you_mean(key, _TOP_KEYS) if isinstance(key, str) else f" (valid: {_TOP_KEYS})"
+                raise ConfigError(f"unknown config key {key!r}{near}")
+        items = data.get("passes")
+        items = [] if items is None else items  # `passes:` with nothing after it in YAML
         if not isinstance(items, list):
-            raise ConfigError("config 'passes' must be a list of pass names or {name: {options}} items")
+            raise ConfigError("config 'passes' must be a list of pass names or {name: {options}} items, got "
+                              f"{items!r}")
+        overrides = data.get("overrides")
+        overrides = {} if overrides is None else overrides
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"config 'overrides' must map globs to {{pass: {{option: value}}}}, got {overrides!r}")
         passes = tuple(_pass_from_item(item, i) for i, item in enumerate(items))
         seen = set()
         for p in passes:
@@ -93,7 +118,7 @@ class Config:
                 raise ConfigError(f"pass {p.name!r} appears twice in the pipeline; give it once and use "
                                   "overrides for per-site options")
             seen.add(p.name)
-        return cls(passes=passes, overrides=dict(data.get("overrides") or {}), backend=data.get("backend", "auto"))
+        return cls(passes=passes, overrides=dict(overrides), backend=data.get("backend", "auto"))
 
     def to_dict(self) -> dict:
         return {"passes": [{p.name: p.options()} for p in self.passes],
@@ -138,17 +163,30 @@ def _pass_from_item(item, index: int) -> Pass:
     else:
         raise ConfigError(f"passes[{index}] must be a pass name or a one-key mapping {{name: {{options}}}}, "
                           f"got {item!r}")
+    if not isinstance(name, str):
+        raise ConfigError(f"passes[{index}]: {name!r} is not a pass name (a string)")
     if options is not None and not isinstance(options, dict):
         raise ConfigError(f"options of pass {name!r} must be a mapping, got {options!r}")
-    return get_pass(name).from_options(_tuples(options or {}))
+    try:
+        return get_pass(name).from_options(_tuples(options or {}))
+    except ConfigError as e:  # say where in the pipeline
+        raise ConfigError(f"passes[{index}]: {e}") from e
 
 
 def _with_options(p: Pass, options: dict, where: str) -> Pass:
+    if not isinstance(options, dict):
+        raise ConfigError(f"{where}: the options of pass {p.name!r} must be a mapping {{option: value}}, "
+                          f"got {options!r}")
     known = {f.name for f in dataclasses.fields(p)}
     for key in options:
+        if not isinstance(key, str):
+            raise ConfigError(f"{where}: {key!r} is not an option name (a string) of pass {p.name!r}")
         if key not in known:
             raise ConfigError(f"{where}: pass {p.name!r} has no option {key!r}{did_you_mean(key, known)}")
-    return dataclasses.replace(p, **_tuples(options))
+    try:
+        return dataclasses.replace(p, **_tuples(options))
+    except ConfigError as e:  # a bad value: say which override gave it
+        raise ConfigError(f"{where}: {e}") from e
 
 
 def _tuples(options: dict) -> dict:
@@ -157,9 +195,14 @@ def _tuples(options: dict) -> dict:
 
 
 def _read(path: Path) -> dict:
-    if not path.exists():
-        raise ConfigError(f"config file {path} does not exist")
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except FileNotFoundError as e:
+        raise ConfigError(f"config file {path} does not exist") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not a text file (configs are UTF-8 YAML or JSON): {e}") from e
+    except (OSError, ValueError) as e:  # a folder, no permission; a name the OS cannot take (a NUL byte)
+        raise ConfigError(f"cannot read the config file {str(path)!r}: {getattr(e, 'strerror', None) or e}") from e
     if path.suffix.lower() == ".json":
         try:
             return json.loads(text)

@@ -18,6 +18,7 @@ Two kinds:
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -35,7 +36,9 @@ def option(default: Any, doc: str, *, range: tuple[float | None, float | None] |
            choices: tuple | None = None) -> Any:
     """A pass option: a dataclass field with its documentation and the values it accepts.
 
-    ``range=(lo, hi)`` bounds a number (inclusive; None for unbounded); ``choices`` lists allowed values.
+    ``range=(lo, hi)`` bounds a number, or each number of a tuple (inclusive; None for unbounded);
+    ``choices`` lists allowed values. Numbers must be finite whatever the range: NaN passes every
+    comparison, so an unchecked NaN option would silently disable what it controls.
     """
     metadata = {"doc": doc, "range": range, "choices": choices}
     if isinstance(default, (list, dict, set)):
@@ -106,6 +109,8 @@ class Pass:
         options = dict(options or {})
         known = {f.name for f in dataclasses.fields(cls)}
         for key in options:
+            if not isinstance(key, str):
+                raise ConfigError(f"pass {cls.name!r}: {key!r} is not an option name (a string)")
             if key not in known:
                 raise ConfigError(f"pass {cls.name!r} has no option {key!r}{did_you_mean(key, known)}")
         return cls(**options)
@@ -176,10 +181,15 @@ def _check_option(owner: str, f: dataclasses.Field, hint, value) -> None:
     if hint is not None and not _type_ok(value, hint):
         raise ConfigError(f"{where} must be {_type_name(hint)}, got {value!r}")
     lo, hi = f.metadata.get("range") or (None, None)
-    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if is_number and ((lo is not None and value < lo) or (hi is not None and value > hi)):
-        bounds = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
-        raise ConfigError(f"{where} is {value!r}, outside {bounds}")
+    for number in (value if isinstance(value, tuple) else (value,)):
+        if not isinstance(number, (int, float)) or isinstance(number, bool):
+            continue
+        if not math.isfinite(number):
+            raise ConfigError(f"{where} must be a finite number, got {value!r}")
+        if (lo is not None and number < lo) or (hi is not None and number > hi):
+            bounds = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+            held = f"holds {number!r}" if isinstance(value, tuple) else f"is {value!r}"
+            raise ConfigError(f"{where} {held}, outside {bounds}")
     choices = f.metadata.get("choices")
     if choices and value not in choices:
         raise ConfigError(f"{where} is {value!r}{did_you_mean(str(value), map(str, choices))}")

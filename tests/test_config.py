@@ -191,3 +191,95 @@ def test_random_valid_configs_round_trip(data):
     for item, p in zip(as_dict["passes"], cfg.passes):
         assert item == {p.name: p.options()}
     assert as_dict["overrides"] == data.get("overrides", {})
+
+
+# -- wrongly typed values are refused by name, before anything uses them (found by tests/test_fuzz.py) -------
+
+
+@pytest.mark.parametrize("data,message", [
+    pytest.param({"passes": ["cost"], "backend": float("nan")}, "config 'backend' must be one of", id="backend-nan"),
+    pytest.param({"passes": ["cost"], "backend": None}, "config 'backend' must be one of", id="backend-null"),
+    pytest.param({"passes": ["cost"], "backend": ["eager"]}, "config 'backend' must be one of", id="backend-list"),
+    pytest.param({3: ["cost"]}, "unknown config key 3", id="top-key-int"),
+    pytest.param({"passes": 0}, "config 'passes' must be a list", id="passes-zero"),
+    pytest.param({"passes": {}}, "config 'passes' must be a list", id="passes-empty-mapping"),
+    pytest.param({"passes": [{1: {}}]}, "passes[0]: 1 is not a pass name", id="pass-name-int"),
+    pytest.param({"passes": [{"cost": {1: 2}}]}, "pass 'cost': 1 is not an option name", id="option-name-int"),
+    pytest.param({"passes": ["cost"], "overrides": "blocks.*"}, "config 'overrides' must map globs", id="overrides-str"),
+    pytest.param({"passes": ["cost"], "overrides": [["blocks.*", {}]]}, "config 'overrides' must map globs",
+                 id="overrides-pairs"),
+    pytest.param({"passes": ["nm_weights"], "overrides": {0: {"nm_weights": {"n": 1}}}},
+                 "overrides key 0 must be a glob string", id="override-glob-int"),
+    pytest.param({"passes": ["nm_weights"], "overrides": {"blocks.*": {2: {}}}},
+                 "overrides['blocks.*'] key 2 must be a pass name", id="override-pass-int"),
+    pytest.param({"passes": ["nm_weights"], "overrides": {"blocks.*": {"nm_weights": ["n"]}}},
+                 "the options of pass 'nm_weights' must be a mapping", id="override-options-list"),
+    pytest.param({"passes": ["nm_weights"], "overrides": {"blocks.*": {"nm_weights": None}}},
+                 "the options of pass 'nm_weights' must be a mapping", id="override-options-null"),
+    pytest.param({"passes": ["nm_weights"], "overrides": {"blocks.*": {"nm_weights": {None: 1}}}},
+                 "None is not an option name", id="override-option-name-null"),
+])
+def test_wrongly_typed_config_values_are_errors_naming_the_key(data, message):
+    with pytest.raises(sg.ConfigError) as err:
+        Config.from_dict(data)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("item,message", [
+    pytest.param({"neuron_sparsity": {"target": float("nan")}}, "option 'target' of pass 'neuron_sparsity' must be a "
+                 "finite number, got nan", id="nan-target"),
+    pytest.param({"speed_check": {"min_speedup": float("inf")}}, "option 'min_speedup' of pass 'speed_check' must be "
+                 "a finite number, got inf", id="inf-speedup"),
+    pytest.param({"activation_profile": {"targets": [0.5, float("nan")]}}, "option 'targets' of pass "
+                 "'activation_profile' must be a finite number", id="nan-in-tuple"),
+    # values that would silently do nothing, or something else than they say
+    pytest.param({"token_pruning": {"layers": [2], "keep": 0.0}}, "option 'keep' of pass 'token_pruning' is 0.0, "
+                 "outside [0.001, 1.0]", id="keep-zero"),
+    pytest.param({"token_pruning": {"layers": [2], "keep": 0.0004}}, "outside [0.001, 1.0]", id="keep-rounds-to-zero"),
+    pytest.param({"token_pruning": {"layers": []}}, "option 'layers' of pass 'token_pruning' is empty", id="no-layers"),
+    pytest.param({"token_pruning": {}}, "option 'layers' of pass 'token_pruning' is empty", id="layers-default"),
+    pytest.param({"token_pruning": {"layers": [2, -1]}}, "option 'layers' of pass 'token_pruning' holds -1, outside "
+                 "[0, inf]", id="negative-layer"),
+    pytest.param({"activation_profile": {"targets": [0.5, 1.5]}}, "option 'targets' of pass 'activation_profile' "
+                 "holds 1.5, outside [0.0, 1.0]", id="target-above-one"),
+    pytest.param({"token_importance": {"keeps": [0.7, 0.0]}}, "option 'keeps' of pass 'token_importance' holds 0.0",
+                 id="keeps-zero"),
+    pytest.param({"head_patterns": {"recall": 0.0}}, "option 'recall' of pass 'head_patterns' is 0.0, outside "
+                 "[0.001, 1.0]", id="recall-zero"),
+    pytest.param({"head_patterns": {"patterns": []}}, "option 'patterns' of pass 'head_patterns' is empty",
+                 id="no-patterns"),
+])
+def test_option_values_that_mean_nothing_are_errors(item, message):
+    with pytest.raises(sg.ConfigError) as err:
+        Config.from_dict({"passes": [item]})
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("options,message", [
+    pytest.param({"neuron_sparsity": {"target": float("nan")}}, "must be a finite number, got nan", id="nan"),
+    pytest.param({"token_pruning": {"keep": 0.0}}, "option 'keep' of pass 'token_pruning' is 0.0", id="keep-zero"),
+    pytest.param({"token_pruning": {"layers": []}}, "option 'layers' of pass 'token_pruning' is empty", id="layers"),
+])
+def test_option_values_that_mean_nothing_are_errors_in_overrides_too(options, message):
+    passes = ["activation_profile", "neuron_sparsity", {"token_pruning": {"layers": [1]}}]
+    with pytest.raises(sg.ConfigError) as err:
+        Config.from_dict({"passes": passes, "overrides": {"blocks.0.*": options}})
+    assert message in str(err.value) and "overrides['blocks.0.*']" in str(err.value)
+
+
+def test_unreadable_config_files_are_errors(tmp_path):
+    (tmp_path / "folder.yaml").mkdir()
+    with pytest.raises(sg.ConfigError, match="cannot read the config file"):
+        Config.load(tmp_path / "folder.yaml")
+    (tmp_path / "binary.json").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(sg.ConfigError, match="is not a text file"):
+        Config.load(tmp_path / "binary.json")
+    with pytest.raises(sg.ConfigError, match="cannot read the config file"):
+        Config.load("pipeline\x00.yaml")
+    with pytest.raises(sg.ConfigError, match="is neither a file nor a named pipeline"):
+        Config.load("pipeline\x00")
+    (tmp_path / "nan.yaml").write_text("passes:\n  - neuron_sparsity: {target: .nan}\n")
+    with pytest.raises(sg.ConfigError, match="must be a finite number"):
+        Config.load(tmp_path / "nan.yaml")
+    (tmp_path / "empty_passes.yaml").write_text("passes:\nbackend: eager\n")  # `passes:` alone is an empty pipeline
+    assert Config.load(tmp_path / "empty_passes.yaml").passes == ()

@@ -59,7 +59,8 @@ class ActivationProfile(AnalysisPass):
     needs_calibration = True
 
     targets: tuple[float, ...] = option((0.3, 0.5, 0.6, 0.7, 0.9),
-                                        "sparsities whose per-layer thresholds are recorded")
+                                        "sparsities whose per-layer thresholds are recorded (each in [0, 1])",
+                                        range=(0.0, 1.0))
     hot_mass: float = option(0.8, "share of activation mass the hot (core) neuron set covers", range=(0.0, 1.0))
     reservoir: int = option(4096, "tokens kept per site for quantiles and medians (bounded memory)",
                             range=(16, None))

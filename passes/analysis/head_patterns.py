@@ -85,7 +85,8 @@ class HeadPatterns(AnalysisPass):
 
     needs_calibration = True
 
-    recall: float = option(0.95, "attention mass each head's pattern must keep", range=(0.0, 1.0))
+    recall: float = option(0.95, "attention mass each head's pattern must keep (at least 1/1000: at 0 every "
+                           "head would take a pattern that lists no block and outputs zeros)", range=(0.001, 1.0))
     block: int = option(64, "block size of the kernel the layouts are for", range=(1, None))
     patterns: tuple[str, ...] = option(FAMILIES, "candidate pattern families", choices=None)
     topk_overhead: float = option(0.25, "relative cost added to block_topk (fitted to calibration)",
@@ -102,6 +103,9 @@ class HeadPatterns(AnalysisPass):
         unknown = [p for p in self.patterns if p not in FAMILIES]
         if unknown:
             raise ConfigError(f"head_patterns: unknown pattern families {unknown}; known: {list(FAMILIES)}")
+        if not self.patterns:
+            raise ConfigError(f"option 'patterns' of pass 'head_patterns' is empty, so every head would stay dense; "
+                              f"list candidate families from {list(FAMILIES)}")
 
     def analyze(self, gm, ctx, stats):
         sites = ir.attention_sites(gm)

@@ -70,8 +70,8 @@ class TokenImportance(AnalysisPass):
     score: str = option("auto", "cls, received, last, or auto (last if causal, cls if protect ≥ 1, else "
                         "received)", choices=MODES)
     protect: int = option(1, "leading tokens left out of the mass statistics (the class token)", range=(0, None))
-    keeps: tuple[float, ...] = option((0.9, 0.7, 0.5, 0.3), "keep ratios to report the mass kept at",
-                                      choices=None)
+    keeps: tuple[float, ...] = option((0.9, 0.7, 0.5, 0.3), "keep ratios to report the mass kept at (each in "
+                                      "[1/1000, 1], as token_pruning's keep)", range=(0.001, 1.0))
     chunk: int = option(256, "query rows per step for score 'received'", range=(1, None))
 
     def analyze(self, gm, ctx, stats):

@@ -43,11 +43,13 @@ from torch.fx.passes.tools_common import legalize_graph
 
 from sparsegraph import graph_edit, ir, meta
 from sparsegraph.codegen import core_scores, roi_scores, token_gather, token_scores, token_select
+from sparsegraph.errors import ConfigError
 from sparsegraph.pass_contract import RewritePass, SiteDecision, option
 from sparsegraph.passes.analysis.token_importance import MODES, score_mode
 from sparsegraph.registry import register_pass
 
 _SYM_ARITHMETIC = frozenset({operator.mul, operator.add, operator.sub, operator.floordiv, operator.neg})
+KEEP_MIN = 0.001  # token_select counts in permille: a smaller keep rounds to 0, which the op reads as "RoI"
 
 
 @register_pass("token_pruning")
@@ -55,10 +57,10 @@ _SYM_ARITHMETIC = frozenset({operator.mul, operator.add, operator.sub, operator.
 class TokenPruning(RewritePass):
     """Keep the top tokens by attention received before chosen blocks (see the module docstring)."""
 
-    layers: tuple[int, ...] = option((), "blocks (by attention-site layer index) before which tokens are pruned",
-                                     choices=None)
-    keep: float = option(0.7, "fraction of the non-protected tokens kept at each pruned block",
-                         range=(0.0, 1.0))
+    layers: tuple[int, ...] = option((), "blocks (by attention-site layer index) before which tokens are pruned; "
+                                     "at least one", range=(0, None))
+    keep: float = option(0.7, "fraction of the non-protected tokens kept at each pruned block (at least "
+                         "1/1000: the op counts in permille)", range=(KEEP_MIN, 1.0))
     score: str = option("auto", "token importance: cls, received, last (auto: last for causal attention, "
                         "cls when a leading token is protected, else received), or core (the previous MLP's hot "
                         "neurons; needs activation_profile)", choices=(*MODES, "core"))
@@ -67,6 +69,12 @@ class TokenPruning(RewritePass):
     chunk: int = option(256, "query rows per step for score 'received'", range=(1, None))
     select: str = option("topk", "topk: keep a ratio of tokens; roi: keep the tokens inside the RoI boxes "
                          "(needs the roi pass; data-dependent length, eager only)", choices=("topk", "roi"))
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.layers:
+            raise ConfigError("option 'layers' of pass 'token_pruning' is empty, so no block would be pruned; list "
+                              "the blocks before which tokens are dropped (e.g. layers: [4])")
 
     def decide(self, gm, ctx, stats):
         sites = ir.attention_sites(gm)
