@@ -35,7 +35,7 @@ from sparsegraph.observe import check_calibration
 from sparsegraph.onnx_export import OnnxModel, export_onnx
 from sparsegraph.pass_contract import AnalysisPass
 from sparsegraph.passes.analysis.cost import NodeCost, site_costs, total_cost
-from sparsegraph.plan import SparsityPlan, load_plan
+from sparsegraph.plan import SparsityPlan, as_plan
 from sparsegraph.trace import trace
 
 # Guards the lazy ONNX session of every CompiledModel (a module-level lock, not one per model, so that a
@@ -65,8 +65,8 @@ def compile(
     With a ``config`` too, the plan supplies the facts of its calibration-driven analysis passes (a saved
     profile) and the config's rewrites decide afresh: tuning a target does not re-profile.
     """
-    if isinstance(plan, (str, os.PathLike)):
-        plan = load_plan(plan)
+    if plan is not None:
+        plan = as_plan(plan)  # loaded and checked: a malformed plan is refused here, naming the key
     cfg = Config.load(config if config is not None or plan is None else plan.config)
     example = Batch.of(example_inputs) if not example_kwargs else Batch(Batch.of(example_inputs).args,
                                                                         dict(example_kwargs))
@@ -77,6 +77,7 @@ def compile(
         plan.check_model(gm, model_class)
     if replay:
         plan = SparsityPlan.from_json(copy.deepcopy(plan.to_json()))
+        plan.check_replay(cfg)
     else:
         if plan is not None:
             reuse = _reusable_facts(plan, cfg)

@@ -13,6 +13,13 @@ Two kinds:
   the graph (and at analysis facts in the plan) and writes one decision per site into the plan;
   ``apply`` reads those decisions and rewrites. Compiling from a saved plan skips ``decide``, so the same
   rewrites are reproduced without calibration.
+
+**What a plan supplies is checked before it is used.** A plan is a file people read and edit, so a
+decision or a fact taken from one is checked against the graph it is about to change: a rewrite pass's
+``check_decision`` runs on every decision taken from a plan (and on decisions made from a plan's facts),
+an analysis pass's ``check_evidence`` / ``check_summary`` on the facts a plan supplies instead of
+calibration. They raise `PlanEntryError` naming the pass, the site, the key, the problem and the fix;
+`Entry` gives them typed reads that do so (``entry["keep"].indices(512)``).
 """
 
 from __future__ import annotations
@@ -21,12 +28,13 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 
 import torch.fx
 
-from sparsegraph.errors import ConfigError, did_you_mean
+from sparsegraph.errors import ConfigError, PlanEntryError, PlanError, did_you_mean
 
 if TYPE_CHECKING:
     from sparsegraph.context import PassContext
@@ -134,6 +142,7 @@ class AnalysisPass(Pass):
     def run(self, gm, ctx):
         stats = PassStats()
         if self.needs_calibration and (ctx.replay or self.name in ctx.reuse):
+            self.check_facts(gm, ctx.plan)
             stats = ctx.plan.stats_of(self.name) or stats
             stats.counters["replayed"] = True
         else:
@@ -142,6 +151,27 @@ class AnalysisPass(Pass):
 
     def analyze(self, gm: torch.fx.GraphModule, ctx: PassContext, stats: PassStats) -> None:
         raise NotImplementedError
+
+    def check_facts(self, gm: torch.fx.GraphModule, plan) -> None:
+        """Check the facts of this pass that `plan` supplies instead of calibration, against `gm`: every
+        site's evidence (`check_evidence`) and the summary (`check_summary`)."""
+        fix = (f"restore the facts {self.name!r} wrote, or profile again (compile with a config and "
+               "calibration data)")
+        for site, per_pass in plan.sites.items():
+            if "evidence" in per_pass.get(self.name, {}):
+                self.check_evidence(site, Entry.in_plan(plan.sites, (site, self.name, "evidence"), fix,
+                                                        self.name, site), gm)
+        if "summary" in plan.passes.get(self.name, {}):
+            self.check_summary(Entry.in_plan(plan.passes, (self.name, "summary"), fix, self.name, None,
+                                             root="passes"), gm)
+
+    def check_evidence(self, site: str, evidence: Entry, gm: torch.fx.GraphModule) -> None:
+        """Raise `PlanEntryError` (``evidence.fail``) if the evidence a plan holds for `site` cannot stand
+        for a calibration of `gm`: a site the graph lacks, a missing key, a wrong type, length or range.
+        Passes whose facts later passes read override this; the default accepts any evidence."""
+
+    def check_summary(self, summary: Entry, gm: torch.fx.GraphModule) -> None:
+        """Like `check_evidence`, for the model-level summary."""
 
 
 class RewritePass(Pass):
@@ -154,9 +184,13 @@ class RewritePass(Pass):
     def run(self, gm, ctx):
         if ctx.replay:
             decisions, stats = ctx.plan.decisions(self.name)
+            self.check_decisions(gm, decisions, "")
         else:
             stats = PassStats()
             decisions = self.decide(gm, ctx, stats)
+            if ctx.reuse:  # decided from facts a plan supplied: check them as strictly as a replayed plan
+                self.check_decisions(gm, decisions, f" (decided from the {sorted(ctx.reuse)} facts of the "
+                                                    "plan given with the config)")
             ctx.plan.record_decisions(self.name, decisions, stats)
         stats = dataclasses.replace(stats, rewritten=0, refused=list(stats.refused))
         if decisions:
@@ -171,6 +205,185 @@ class RewritePass(Pass):
     def apply(self, gm: torch.fx.GraphModule, ctx: PassContext, decisions: dict[str, SiteDecision],
               stats: PassStats) -> None:
         raise NotImplementedError
+
+    def check_decisions(self, gm: torch.fx.GraphModule, decisions: dict[str, SiteDecision], note: str) -> None:
+        """`check_decision` on every decision, each read through an `Entry` at its place in the plan."""
+        fix = (f"restore the decision {self.name!r} wrote, or make a new plan (compile with a config and "
+               "calibration data)")
+        for site, d in decisions.items():
+            tree = {site: {self.name: {"decision": d.decision, "evidence": d.evidence}}}
+            entry = Entry.in_plan(tree, (site, self.name), fix, self.name, site, note=note)
+            self.check_decision(site, entry, gm)
+
+    def check_decision(self, site: str, entry: Entry, gm: torch.fx.GraphModule) -> None:
+        """Raise `PlanEntryError` (``entry.fail``) if the decision for `site` cannot be applied to `gm` as
+        recorded: a site the graph lacks, a missing or unknown key, a wrong type, length or range, anything
+        that would fail deep in a kernel or silently compute something else. ``entry["decision"]`` and
+        ``entry["evidence"]`` are the two halves of the `SiteDecision`. The default accepts any decision."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading plan entries
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A value read from a plan, with its place there, so that every check names the key it refuses.
+
+    ``entry["keep"]`` is the entry one key down (a missing key or a non-mapping fails); the typed reads
+    (`mapping`, `integer`, `number`, `flag`, `text`, `elements`, `numbers`, `indices`) return the value
+    or call `fail`, which raises `PlanError` (`PlanEntryError` when the entry belongs to a pass) as
+    ``plan entry sites['mlp:0']['neuron_pruning']['decision']['keep'][3]: <problem>. Fix: <fix>``.
+    Only JSON values reach here (`SparsityPlan.check` refused the rest), so the checks are about types
+    as JSON has them: a bool is not an integer, an integer is a number.
+    """
+
+    value: Any
+    keys: tuple = ()
+    fix: str = "restore the entry sparsegraph wrote, or make a new plan (compile with a config)"
+    pass_name: str | None = None
+    site: str | None = None
+    root: str = "sites"
+    note: str = ""
+
+    @classmethod
+    def in_plan(cls, tree, keys: Iterable, fix: str, pass_name: str | None = None, site: str | None = None, *,
+                root: str = "sites", note: str = "") -> Entry:
+        """The entry at `keys` below `tree` (the plan's ``root`` mapping), which the caller knows is there."""
+        keys, value = tuple(keys), tree
+        for key in keys:
+            value = value[key]
+        return cls(value, keys, fix, pass_name, site, root, note)
+
+    @property
+    def where(self) -> str:
+        return self.root + "".join(f"[{k!r}]" for k in self.keys)
+
+    def fail(self, problem: str) -> NoReturn:
+        message = f"plan entry {self.where}{self.note}: {problem}. Fix: {self.fix}"
+        if self.pass_name is None:
+            raise PlanError(message)
+        raise PlanEntryError(self.pass_name, self.site, message)
+
+    def child(self, key) -> Entry:
+        return dataclasses.replace(self, value=self.value[key], keys=(*self.keys, key))
+
+    def __getitem__(self, key: str) -> Entry:
+        if key not in self.mapping(extra=True):
+            self.fail(f"has no key {key!r}")
+        return self.child(key)
+
+    def get(self, key: str) -> Entry | None:
+        return self.child(key) if key in self.mapping(extra=True) else None
+
+    def __contains__(self, key: str) -> bool:
+        return isinstance(self.value, dict) and key in self.value
+
+    # -- shapes ----------------------------------------------------------------------------------------------
+
+    def mapping(self, required: Iterable[str] = (), optional: Iterable[str] = (), *, extra: bool = False) -> dict:
+        """The value as a mapping with every `required` key and, unless `extra`, no key outside `required`
+        and `optional` (an unknown key is a typo or an edit that would be ignored)."""
+        if not isinstance(self.value, dict):
+            self._wrong("a mapping")
+        required, optional = tuple(required), tuple(optional)
+        missing = [k for k in required if k not in self.value]
+        if missing:
+            self.fail(f"misses key{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))} "
+                      f"(it needs {', '.join(map(repr, required))})")
+        if not extra:
+            known = (*required, *optional)
+            for key in self.value:
+                if key not in known:
+                    self.fail(f"has unknown key {key!r}{did_you_mean(key, known)}")
+        return self.value
+
+    def items(self) -> list[tuple[str, Entry]]:
+        return [(key, self.child(key)) for key in self.mapping(extra=True)]
+
+    def elements(self, length: int | None = None, *, min_length: int = 0, what: str = "") -> list[Entry]:
+        """The value as a list of entries; `length` (exact) or `min_length` items, `what` says why."""
+        if not isinstance(self.value, list):
+            self._wrong("a list")
+        n = len(self.value)
+        why = f" ({what})" if what else ""
+        if length is not None and n != length:
+            self.fail(f"has {n} item{'s' if n != 1 else ''}, {length} expected{why}")
+        if n < min_length:
+            self.fail(f"has {n} item{'s' if n != 1 else ''}, at least {min_length} expected{why}")
+        return [self.child(i) for i in range(n)]
+
+    # -- scalars ---------------------------------------------------------------------------------------------
+
+    def integer(self, lo: int | None = None, hi: int | None = None) -> int:
+        """An integer (not a bool, not 3.0) in [lo, hi]."""
+        if not isinstance(self.value, int) or isinstance(self.value, bool):
+            self._wrong("an integer")
+        self._within(self.value, lo, hi)
+        return self.value
+
+    def number(self, lo: float | None = None, hi: float | None = None) -> float:
+        """A finite number (integer or float, not a bool) in [lo, hi]."""
+        if not isinstance(self.value, (int, float)) or isinstance(self.value, bool):
+            self._wrong("a number")
+        if not math.isfinite(self.value):
+            self.fail(f"is {self.value!r}, not a finite number")
+        self._within(self.value, lo, hi)
+        return float(self.value)
+
+    def flag(self) -> bool:
+        if not isinstance(self.value, bool):
+            self._wrong("true or false")
+        return self.value
+
+    def text(self, choices: Iterable[str] | None = None) -> str:
+        if not isinstance(self.value, str):
+            self._wrong("a string")
+        if choices is not None and self.value not in (choices := tuple(choices)):
+            self.fail(f"is {self.value!r}, not one of {', '.join(map(repr, choices))}"
+                      f"{did_you_mean(self.value, choices)}")
+        return self.value
+
+    # -- lists of scalars ------------------------------------------------------------------------------------
+
+    def numbers(self, length: int | None = None, *, lo: float | None = None, what: str = "") -> list[float]:
+        """A list of finite numbers ≥ `lo`, `length` of them."""
+        return [e.number(lo) for e in self.elements(length, what=what)]
+
+    def indices(self, size: int, *, min_length: int = 0, what: str = "index") -> list[int]:
+        """A list of distinct integers in [0, size): positions into something of `size` items (a negative
+        or repeated index would wrap around or count twice without an error)."""
+        seen: dict[int, int] = {}
+        for i, e in enumerate(self.elements(min_length=min_length)):
+            if not isinstance(e.value, int) or isinstance(e.value, bool):
+                e._wrong(f"an integer {what}")
+            if not 0 <= e.value < size:
+                e.fail(f"{what} {e.value} is outside 0 … {size - 1}")
+            if e.value in seen:
+                e.fail(f"{what} {e.value} appears twice (also at [{seen[e.value]}])")
+            seen[e.value] = i
+        return list(self.value)
+
+    # -- helpers ---------------------------------------------------------------------------------------------
+
+    def _within(self, value, lo, hi) -> None:
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            bounds = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+            self.fail(f"is {value!r}, outside {bounds}")
+
+    def _wrong(self, expected: str) -> NoReturn:
+        self.fail(f"is {_show(self.value)}, expected {expected}")
+
+
+def _show(value) -> str:
+    """`value` for a message, as JSON names it: null, true, a number, or its type and a short repr."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    if isinstance(value, (int, float)):
+        return repr(value)
+    kind = {str: "string", list: "list", dict: "mapping"}.get(type(value), type(value).__name__)
+    text = repr(value)
+    return f"{kind} {text if len(text) <= 60 else text[:57] + '…'}"
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -30,6 +30,9 @@ Written to the plan as evidence per site and observed tensor (``"down_input"``, 
 - ``firing``: per-neuron fraction of tokens with |a| above the ``magnitude`` threshold at 50%;
 - ``hot``: the fewest neurons that carry ``hot_mass`` of the total activation mass (core neurons);
 - ``quantiles`` of |a|, the histogram, ``mass`` and ``rms`` per neuron.
+
+When a plan supplies these facts instead of calibration, `check_evidence` holds them to this layout at
+the graph's widths (what `neuron_sparsity`, `neuron_pruning`, `token_pruning` and the report read).
 """
 
 from __future__ import annotations
@@ -109,6 +112,47 @@ class ActivationProfile(AnalysisPass):
             raise CalibrationError("every profiled activation was the same for every calibration token: is the "
                                    "calibration data constant (all zeros, one repeated input)? Calibrate on "
                                    "real inputs")
+
+
+    def check_evidence(self, site, evidence, gm):
+        widths = {what: ir.shape(node)[-1] for node, (s, what) in _observed(gm, True, True) if s == site}
+        if not widths:
+            evidence.fail(f"names {site!r}, which is not an MLP or attention site of this graph")
+        evidence.mapping(optional=widths)
+        for what, stream in evidence.items():
+            _check_stream(stream, widths[what])
+
+
+def _check_stream(e, width: int) -> None:
+    """One observed tensor's statistics (an `Entry`) as `Stream.summary` writes them, for `width` neurons."""
+    e.mapping(required=("tokens", "constant", "zero_fraction", "thresholds", "centre", "mean", "rms", "mass",
+                        "hot", "histogram"), extra=True)
+    e["tokens"].integer(0)
+    e["constant"].flag()
+    e["zero_fraction"].number(0.0, 1.0)
+    for key in ("centre", "mean"):
+        e[key].numbers(width, what="one per neuron")
+    for key in ("rms", "mass"):
+        e[key].numbers(width, lo=0.0, what="one per neuron")
+    e["hot"].indices(width, what="neuron")
+    e["thresholds"].mapping(required=("magnitude", "centred"))
+    for _, table in e["thresholds"].items():
+        for target, threshold in table.items():
+            if not _is_fraction(target):
+                threshold.fail(f"the key {target!r} is not a sparsity in [0, 1]")
+            threshold.number(0.0)
+    histogram = e["histogram"]
+    histogram.mapping(required=("log10_range", "counts"))
+    histogram["log10_range"].numbers(2, what="[low, high]")
+    for count in histogram["counts"].elements(min_length=1):
+        count.integer(0)
+
+
+def _is_fraction(text: str) -> bool:
+    try:
+        return 0.0 <= float(text) <= 1.0
+    except ValueError:
+        return False
 
 
 def _observed(gm, inputs: bool, attention: bool):

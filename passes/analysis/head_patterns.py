@@ -53,7 +53,7 @@ with the same pattern and parameters (the same layout: the CPU kernel runs a gro
 one call, and a plan reader sees at a glance how many distinct layouts a site has), per head the
 pattern, its parameters, recall and density (listed blocks / dense blocks, causal: / lower-triangular blocks),
 the block mask (as lists) and the per-head mass grid summary; the summary holds the mean density per
-layer.
+layer. Evidence a plan supplies instead of calibration is checked against the site (`check_evidence`).
 """
 
 from __future__ import annotations
@@ -106,6 +106,24 @@ class HeadPatterns(AnalysisPass):
         if not self.patterns:
             raise ConfigError(f"option 'patterns' of pass 'head_patterns' is empty, so every head would stay dense; "
                               f"list candidate families from {list(FAMILIES)}")
+
+    def check_evidence(self, site, evidence, gm):
+        found = next((s for s in ir.attention_sites(gm) if s.id == site), None)
+        if found is None:
+            evidence.fail(f"names {site!r}, which is not an attention site of this graph")
+        evidence.mapping(required=("block", "seq_len", "causal", "heads", "density"), extra=True)
+        evidence["block"].integer(1)
+        evidence["seq_len"].integer(1)
+        if evidence["causal"].flag() != found.causal:
+            evidence["causal"].fail(f"is {evidence['causal'].value}, but the site's attention is "
+                                    f"{'causal' if found.causal else 'not causal'}")
+        evidence["density"].number(0.0, 1.0)
+        for head in evidence["heads"].elements(found.heads, what="one per query head of the site"):
+            head.mapping(required=("pattern", "params", "recall", "density"), extra=True)
+            head["pattern"].text(FAMILIES)  # the parameters are sparse_attention's to check, in its decisions
+            head["params"].mapping(extra=True)
+            head["recall"].number(0.0, 1.0)
+            head["density"].number(0.0, 1.0)
 
     def analyze(self, gm, ctx, stats):
         sites = ir.attention_sites(gm)

@@ -18,7 +18,8 @@ the patch grid.
 
 On calibration images the pass records the settings (what `CompiledModel.roi` replays on new inputs),
 the boxes of the first ``samples`` images (the report draws them), and the mean box area. `detect`
-is the same computation for any input batch.
+is the same computation for any input batch. Settings a plan supplies instead of calibration are checked
+against the graph (sites at or before the read layer, a grid that is the token count there).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 
 from sparsegraph import ir
 from sparsegraph.observe import Observer
-from sparsegraph.pass_contract import AnalysisPass, option
+from sparsegraph.pass_contract import AnalysisPass, Entry, option
 from sparsegraph.passes.analysis.token_importance import attention_scores
 from sparsegraph.registry import register_pass
 
@@ -132,6 +133,44 @@ class RegionsOfInterest(AnalysisPass):
         return {"site": site.id, "layers": layers, "layer": layer, "grid": side, "image": int(image.shape[-1]),
                 "patch": image.shape[-1] / side, "threshold": self.threshold, "max_boxes": self.max_boxes,
                 "protect": self.protect}
+
+
+    def check_facts(self, gm, plan):
+        super().check_facts(gm, plan)
+        summary = plan.summary(self.name)
+        if summary is not None and plan.evidence(self.name, summary["site"]) is None:
+            Entry.in_plan(plan.passes, (self.name, "summary", "site"), "restore the facts 'roi' wrote, or "
+                          "profile again (compile with calibration data)", self.name, None, root="passes").fail(
+                f"names {summary['site']!r}, for which the plan holds no roi evidence (the settings to replay)")
+
+    def check_summary(self, summary, gm):
+        summary.mapping(required=("site", "boxes"), extra=True)
+        summary["site"].text()
+        summary["boxes"].integer(0)
+
+    def check_evidence(self, site, evidence, gm):
+        sites = {s.id: s for s in ir.attention_sites(gm)}
+        if site not in sites:
+            evidence.fail(f"names {site!r}, which is not an attention site of this graph")
+        evidence.mapping(required=("site", "layers", "layer", "grid", "image", "patch", "threshold", "max_boxes",
+                                   "protect"), extra=True)
+        if evidence["site"].text() != site:
+            evidence["site"].fail(f"must be the site it is filed under, {site!r}")
+        if evidence["layer"].integer() != sites[site].layer:
+            evidence["layer"].fail(f"must be the layer of {site!r}, {sites[site].layer}")
+        layers = evidence["layers"].elements(min_length=1)
+        for e in layers:
+            if e.text() not in sites or sites[e.value].layer > sites[site].layer:
+                e.fail(f"must be an attention site at or before {site!r}")
+        grid, protect = evidence["grid"].integer(1), evidence["protect"].integer(0)
+        tokens = ir.shape(sites[site].q)[2]
+        if protect + grid * grid != tokens:
+            evidence["grid"].fail(f"{protect} protected + {grid}² patches are not the {tokens} tokens at {site!r}")
+        evidence["image"].integer(1)
+        if evidence["patch"].number(0.0) == 0.0:
+            evidence["patch"].fail("is 0: a grid cell covers some pixels")
+        evidence["threshold"].number(0.0, 1.0)
+        evidence["max_boxes"].integer(1)
 
 
 def detect(gm, args: tuple, kwargs: dict, settings: dict) -> list[list[Box]]:

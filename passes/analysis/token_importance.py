@@ -13,7 +13,7 @@ for r in ``keeps``: how much of the importance a keep ratio r retains at that la
 means attention is spread out and pruning there is risky); and, when every calibration sequence has
 the same length (images), the mean score per position (`position_mean`), the map `roi` and the report
 draw on the patch grid. The plan summary holds the mass-kept table per layer (the keep schedule the
-report shows).
+report shows). Facts a plan supplies instead of calibration are checked against this layout.
 """
 
 from __future__ import annotations
@@ -94,6 +94,35 @@ class TokenImportance(AnalysisPass):
             table[site.layer] = evidence["mass_kept"]
         ctx.plan.set_summary(self.name, {"mass_kept_per_layer": table, "keeps": list(self.keeps)})
         stats.counters.update(batches=len(ctx.calibration), sites=len(table))
+
+
+    def check_evidence(self, site, evidence, gm):
+        if site not in {s.id for s in ir.attention_sites(gm)}:
+            evidence.fail(f"names {site!r}, which is not an attention site of this graph")
+        evidence.mapping(required=("score", "sequences", "mass_kept"), extra=True)
+        evidence["score"].text(token_scores.MODES)
+        evidence["sequences"].integer(0)
+        _check_mass_table(evidence["mass_kept"])
+        if "position_mean" in evidence:
+            evidence["position_mean"].numbers()
+
+    def check_summary(self, summary, gm):
+        summary.mapping(extra=True)
+        if "mass_kept_per_layer" in summary:  # the report draws it
+            for _, table in summary["mass_kept_per_layer"].items():
+                _check_mass_table(table)
+
+
+def _check_mass_table(table) -> None:
+    """{keep ratio: share of the importance mass kept} (an `Entry`), as `analyze` writes it."""
+    for keep, mass in table.items():
+        try:
+            ratio = float(keep)
+        except ValueError:
+            ratio = float("nan")
+        if not 0.0 < ratio <= 1.0:
+            mass.fail(f"the key {keep!r} is not a keep ratio in (0, 1]")
+        mass.number(0.0, 1.0)
 
 
 class _Observer(Observer):

@@ -15,7 +15,9 @@ With ``compensate`` (default) the removed neurons' mean activation is folded int
 neurons sit at a nonzero mean; dropping them outright shifts every token).
 
 A fraction of 0 refuses the site (dense, exact). Decisions hold the kept neuron indices and the
-removed neurons' means; replay slices the same neurons without calibration.
+removed neurons' means; replay slices the same neurons without calibration. A decision from a plan
+must split the site's neurons into ``keep`` and ``removed`` (each once, none out of range: torch would
+wrap a negative index and count a repeated one twice) with no or one finite mean per removed neuron.
 """
 
 from __future__ import annotations
@@ -67,6 +69,30 @@ class NeuronPruning(RewritePass):
                     {"keep": keep, "removed": gone, "removed_mean": means},
                     {"score": opts.score, "kept_score_share": float(score[keep].sum() / score.sum())})
         return decisions
+
+    def check_decision(self, site, entry, gm):
+        mlp = next((s for s in ir.mlp_sites(gm) if s.id == site), None)
+        if mlp is None:
+            entry.fail(f"names {site!r}, which is not an MLP site of this graph")
+        if any(ir.linear_parts(n).weight is None for n in (mlp.up, mlp.gate, mlp.down) if n is not None):
+            entry.fail("the site's projection weights are computed in the graph, so they cannot be sliced")
+        d = entry["decision"]
+        d.mapping(required=("keep", "removed", "removed_mean"))
+        width = mlp.intermediate
+        keep = d["keep"].indices(width, min_length=1, what="neuron")
+        removed = d["removed"].indices(width, min_length=1, what="neuron")
+        both = set(keep) & set(removed)
+        if both:
+            d["removed"].fail(f"neuron {min(both)} is also in 'keep'")
+        if len(keep) + len(removed) != width:
+            d["removed"].fail(f"'keep' ({len(keep)}) and 'removed' ({len(removed)}) must split the site's {width} "
+                              f"neurons; {width - len(keep) - len(removed)} are in neither")
+        means = d["removed_mean"].elements()
+        if means and len(means) != len(removed):
+            d["removed_mean"].fail(f"has {len(means)} values for {len(removed)} removed neurons: one mean per "
+                                   "removed neuron (or none: no compensation)")
+        for m in means:
+            m.number()
 
     def apply(self, gm, ctx, decisions, stats):
         for site in ir.mlp_sites(gm):

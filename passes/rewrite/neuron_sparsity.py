@@ -22,6 +22,10 @@ input) and of its output projection: TEAL's input sparsity on every projection (
 A target of 0 refuses the site (dense, exact). A target that the profile did not record is refused
 with the list of recorded ones. Decisions hold the threshold, k and the centre; the evidence holds the
 sparsity measured on the calibration sample. Counts are in sites (matched, rewritten, refused).
+
+A decision from a plan names only projections the site has, per projection a finite threshold ≥ 0, a k
+within the input width (≥ 1 in core mode), and no centre or one finite value per input: a NaN threshold
+keeps every input, a NaN centre makes every output NaN, a short centre fails deep in a matmul.
 """
 
 from __future__ import annotations
@@ -89,6 +93,28 @@ class NeuronSparsity(RewritePass):
                 {w: c["evidence"] for w, c in choice.items()})
         return decisions
 
+    def check_decision(self, site, entry, gm):
+        found = next((s for s in [*ir.mlp_sites(gm), *ir.attention_sites(gm)] if s.id == site), None)
+        if found is None:
+            entry.fail(f"names {site!r}, which is not an MLP or attention site of this graph")
+        d = entry["decision"]
+        names = ("down_input", "mlp_input") if isinstance(found, ir.MLPSite) else ("attn_input", "attn_out_input")
+        d.mapping(optional=names)
+        groups = {what: (nodes, width) for what, nodes, width in _groups(found, d.value)}
+        if not groups:
+            d.fail(f"names no projection input to sparsify (this site has {', '.join(map(repr, names))})")
+        for what in d.value:
+            if what not in groups:
+                d[what].fail(f"this {'MLP' if isinstance(found, ir.MLPSite) else 'attention'} site has no "
+                             f"projection reading {what!r}")
+            nodes, width = groups[what]
+            if any(ir.linear_parts(n).weight is None for n in nodes):
+                d[what].fail("the projection weight is computed in the graph, not a stored parameter")
+            _check_choice(d[what], width)
+        for _, e in entry["evidence"].items():  # apply reads the measured sparsity into the node's meta
+            if "measured_sparsity" in e.mapping(extra=True):
+                e["measured_sparsity"].number(0.0, 1.0)
+
     def apply(self, gm, ctx, decisions, stats):
         sites = [*ir.mlp_sites(gm), *ir.attention_sites(gm)]  # found before any node is replaced
         for site in sites:
@@ -143,6 +169,21 @@ def _choose(opts: NeuronSparsity, evidence: dict, width: int) -> dict | str:
                 f"add it to activation_profile's targets")
     decision = {"threshold": table[key], "k": 0, "centre": evidence["centre"] if centred else None}
     return {"decision": decision, "evidence": {"measured_sparsity": float(key)}}
+
+
+def _check_choice(g, width: int) -> None:
+    """One projection's decision (an `Entry`): the op's threshold, k, centre (and core prefix) as `_choose`
+    writes them, for an input of `width`."""
+    core = "core" in g
+    g.mapping(required=("threshold", "k", "centre"), optional=("core", "prefix") if core else ())
+    g["threshold"].number(0.0)
+    g["k"].integer(1 if core else 0, width)
+    if core:
+        if g["core"].flag() is not True:
+            g["core"].fail("is false; leave 'core' and 'prefix' out for per-token selection")
+        g["prefix"].integer(0)
+    if g["centre"].value is not None:
+        g["centre"].numbers(width, what="one per input of the projection, or null: no centre")
 
 
 def _replace(gm, nodes: list[torch.fx.Node], d: dict, density: float) -> None:

@@ -13,7 +13,9 @@ number of sites touched.
 
 The plan records, per site and layer, ``n`` and ``m`` (the decision) and the share of weight magnitude
 kept plus a sha256 of the kept positions (the evidence). Replaying a plan repacks the weights and checks
-the hash, so a plan applied to changed weights is refused instead of silently pruning differently.
+the hash, so a plan applied to changed weights is refused instead of silently pruning differently. A
+decision from a plan may name only linear layers of its site with stored weights, each with integers
+1 ≤ n < m and m dividing the layer's inputs.
 """
 
 from __future__ import annotations
@@ -70,6 +72,27 @@ class NMWeights(RewritePass):
                     "kept_magnitude": float(values.abs().sum() / parts.weight.abs().sum().clamp(min=1e-30)),
                     "positions_sha256": _digest(offsets)}
         return {site: SiteDecision(e["decision"], e["evidence"]) for site, e in decisions.items()}
+
+    def check_decision(self, site, entry, gm):
+        layers = {ir.linear_parts(node).module_path: node for node, info in _linears(gm) if info.site == site}
+        if not layers:
+            entry.fail(f"names {site!r}, which has no linear layer with a role in {LINEAR_ROLES} in this graph")
+        d = entry["decision"]
+        d.mapping(optional=layers)
+        if not d.value:
+            d.fail("names no layer; leave the site out of the plan to keep it dense")
+        for path, layer in d.items():
+            parts = ir.linear_parts(layers[path])
+            layer.mapping(required=("n", "m"))
+            m = layer["m"].integer(2)
+            layer["n"].integer(1, m - 1)
+            if parts.weight is None:
+                layer.fail("the layer's weight is computed in the graph, not a stored parameter")
+            if parts.in_features % m:
+                layer["m"].fail(f"does not divide the layer's {parts.in_features} inputs")
+        for _, e in entry["evidence"].items():  # apply compares the kept positions with the recorded hash
+            if "positions_sha256" in e.mapping(extra=True) and e["positions_sha256"].value is not None:
+                e["positions_sha256"].text()
 
     def apply(self, gm, ctx, decisions, stats):
         done: set[str] = set()

@@ -30,6 +30,12 @@ Refused, with the reason: sites head_patterns did not measure; every head dense 
 mean density above ``max_density``; dropout in the attention; causal attention with L ≠ S; explicit
 chains with other ops between the scores and the softmax. Counts are in sites; the counters add heads
 rewritten and the heads whose layout is length-bound.
+
+A decision from a plan must hold one head per query head of the site, each a known pattern with
+exactly its parameters (`PARAMS`), which must describe blocks: windows, sinks, ``k`` and block sizes ≥
+1, integer diagonals and columns (columns ≥ 0), ``block_topk`` blocks on its grid, a ``skip`` mean
+per output channel; and the site's own causality. A head that lists no block at all would output
+zeros and is refused (``skip`` is the pattern for a head replaced by its mean).
 """
 
 from __future__ import annotations
@@ -80,6 +86,36 @@ class SparseAttention(RewritePass):
                  "length_bound": [h for h, head in enumerate(evidence["heads"]) if head["pattern"] == "block_topk"]})
         return decisions
 
+    def check_decision(self, site, entry, gm):
+        found = next((s for s in ir.attention_sites(gm) if s.id == site), None)
+        if found is None:
+            entry.fail(f"names {site!r}, which is not an attention site of this graph")
+        d = entry["decision"]
+        d.mapping(required=("block", "seq_len", "key_len", "causal", "heads"))
+        d["block"].integer(1)
+        d["seq_len"].integer(1)
+        d["key_len"].integer(1)
+        if d["causal"].flag() != found.causal:
+            d["causal"].fail(f"is {d['causal'].value}, but the site's attention is "
+                             f"{'causal' if found.causal else 'not causal'}")
+        reason = _unsupported_site(found, _lengths(found))
+        if reason is not None:
+            entry.fail(f"the site cannot take block-sparse attention: {reason}")
+        heads = d["heads"].elements(found.heads, what="one per query head of the site")
+        width = (ir.shape(found.v) or (found.head_dim,))[-1]
+        for head in heads:
+            check_head(head, width)
+        grids = {tuple(h["params"]["shape"].value) for h in heads if h["pattern"].value == "block_topk"}
+        if len(grids) > 1:
+            d["heads"].fail(f"block_topk heads are fitted at different grids {sorted(grids)}; one site has one grid")
+        try:
+            attention_layouts.table(d["heads"].value)
+        except ValueError as e:
+            d["heads"].fail(str(e))
+        density = entry["evidence"].get("density")
+        if density is not None and density.value is not None:
+            density.number(0.0, 1.0)
+
     def apply(self, gm, ctx, decisions, stats):
         heads = bound = 0
         for site in ir.attention_sites(gm):
@@ -101,6 +137,14 @@ def _lengths(site) -> tuple[int, int]:
 
 
 def _unsupported(site, lengths, evidence) -> str | None:
+    reason = _unsupported_site(site, lengths)
+    if reason is None and len(evidence["heads"]) != site.heads:
+        return f"head_patterns measured {len(evidence['heads'])} heads, the site has {site.heads}"
+    return reason
+
+
+def _unsupported_site(site, lengths) -> str | None:
+    """Why the op cannot replace this site's attention (None: it can)."""
     L, S = lengths
     if site.causal and L != S:
         return f"causal attention with {L} queries and {S} keys (the op's causal mask is for L = S)"
@@ -108,9 +152,69 @@ def _unsupported(site, lengths, evidence) -> str | None:
         return "attention dropout is on"
     if not site.readable:
         return "the explicit chain has ops between the scores and the softmax other than scale and mask"
-    if len(evidence["heads"]) != site.heads:
-        return f"head_patterns measured {len(evidence['heads'])} heads, the site has {site.heads}"
     return None
+
+
+def _positive(e) -> None:
+    e.integer(1)
+
+
+def _diagonals(e) -> None:
+    """Offsets from the diagonal (any integer, each once; one that misses the grid at this length lists
+    nothing here and may list blocks at another length)."""
+    values = [x.integer() for x in e.elements()]
+    if len(set(values)) != len(values):
+        e.fail("repeats a diagonal")
+
+
+def _columns(e) -> None:
+    """Key blocks counted from the start (≥ 0, each once)."""
+    values = [x.integer(0) for x in e.elements()]
+    if len(set(values)) != len(values):
+        e.fail("repeats a column")
+
+
+def _grid(e) -> None:
+    for x in e.elements(2, what="[query blocks, key blocks]"):
+        x.integer(1)
+
+
+# pattern → {parameter: check}: exactly the parameters each family has (`attention_layouts.bands` reads them;
+# an extra one would be ignored, or change the family: `sinks` on a `local` head makes it `sink_local`)
+PARAMS = {
+    "dense": {},
+    "local": {"window": _positive},
+    "sink_local": {"sinks": _positive, "window": _positive},
+    "multi_diagonal": {"diagonals": _diagonals},
+    "vertical_slash": {"columns": _columns, "diagonals": _diagonals},
+    "block_topk": {"shape": _grid, "blocks": lambda e: e.elements()},
+    "dynamic_topk": {"k": _positive},
+    "skip": {"mean": lambda e: e.numbers()},
+}
+
+
+def check_head(head, width: int) -> None:
+    """One head of a decision (an `Entry`): a known pattern with exactly its parameters, listing blocks;
+    `width` is the site's output channels per head (a ``skip`` head's mean)."""
+    head.mapping(required=("pattern", "params"))
+    pattern = head["pattern"].text(PARAMS)
+    params = head["params"]
+    params.mapping(required=PARAMS[pattern])
+    for name, check in PARAMS[pattern].items():
+        check(params[name])
+    if pattern == "skip":
+        params["mean"].numbers(width, what="one per output channel of the head")
+    if pattern == "block_topk":
+        nq0, nk0 = params["shape"].value
+        rows = params["blocks"].elements(nq0, what="one list of key blocks per query block of 'shape'")
+        for row in rows:
+            row.indices(nk0, what="key block")
+        if not any(row.value for row in rows):
+            params["blocks"].fail("lists no block: the head would output zeros (use 'skip' to replace a head "
+                                  "by its mean)")
+    if pattern in ("multi_diagonal", "vertical_slash") and not any(params[k].value for k in PARAMS[pattern]):
+        params.fail("lists no diagonal or column: the head would output zeros (use 'skip' to replace a head by "
+                    "its mean)")
 
 
 def _replace(gm, site, d: dict, density: float | None) -> None:

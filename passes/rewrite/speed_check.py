@@ -10,7 +10,8 @@ A site whose sparse ops are together slower than ``min_speedup`` × dense is rev
 sparse nodes is replaced by a call to the dense form, which computes the dense result (for activation
 sparsity: the original layer). The decision per site records both timings (or costs), so a replayed
 plan reverts the same sites without measuring again: the decision is part of the reproducible plan,
-the timing is evidence. Ops without a dense form are refused with that reason.
+the timing is evidence. Ops without a dense form are refused with that reason. A replayed decision must
+name a site that has sparse ops with a dense form when this pass runs (else it would revert nothing).
 """
 
 from __future__ import annotations
@@ -66,6 +67,14 @@ class SpeedCheck(RewritePass):
                 "unit": unit, "sparse": e["sparse"], "dense": e["dense"], "speedup": round(speedup, 4)})
         return decisions
 
+    def check_decision(self, site, entry, gm):
+        timed = {_site_of(n) for n in _sparse_nodes(gm) if op_of(n).dense is not None}
+        if site not in timed:
+            entry.fail(f"names {site!r}, which has no sparse op with a dense form after the rewrites before "
+                       f"this pass (sites with one: {sorted(timed)})")
+        entry["decision"].mapping(required=("revert",))
+        entry["decision"]["revert"].flag()
+
     def apply(self, gm, ctx, decisions, stats):
         reverted = []
         for node in _sparse_nodes(gm):
@@ -79,6 +88,11 @@ class SpeedCheck(RewritePass):
             reverted.append(site)
         stats.rewritten = len(set(reverted))
         stats.counters["reverted"] = sorted(set(reverted))
+
+
+def _site_of(node: torch.fx.Node) -> str:
+    info = meta.get(node)
+    return info.site if info is not None else node.name
 
 
 def _sparse_nodes(gm) -> list[torch.fx.Node]:

@@ -30,6 +30,13 @@ without a `roi` pass that read the block before.
 Decisions per pruned block: its layer, keep, score mode, protect, fuse, the site scored from, and the
 traced length before and after. Evidence: `token_importance`'s mass kept at this keep ratio, when that
 analysis ran.
+
+``keep`` is at least 1/1000: `token_select` counts in permille and reads ``keep = 0`` as "every token
+with a finite score" (the RoI mode), so a smaller ratio would keep everything while the plan reported a
+pruned length. A decision from a plan is checked against the graph as `decide` would have made it: the
+site of its layer, scored from the block before, a keep ratio in [1/1000, 1) (0 with ``roi``), a known
+score mode, a ``protect`` that leaves tokens to choose from, a ``core`` set of the previous MLP's
+neurons, ``roi`` layers at or before the scored block on a grid that fits the token count.
 """
 
 from __future__ import annotations
@@ -117,6 +124,35 @@ class TokenPruning(RewritePass):
             stats.counters["layers_not_found"] = missing
         return decisions
 
+    def check_decision(self, site, entry, gm):
+        sites = {s.id: s for s in ir.attention_sites(gm)}
+        if site not in sites:
+            entry.fail(f"names {site!r}, which is not an attention site of this graph")
+        found, d = sites[site], entry["decision"]
+        d.mapping(required=("layer", "keep", "score", "protect", "fuse", "chunk", "score_site"),
+                  optional=("core", "roi"))
+        if d["layer"].integer() != found.layer:
+            d["layer"].fail(f"is {d['layer'].value}, but site {site!r} is block {found.layer}")
+        previous = sites.get(d["score_site"].text())
+        if previous is None or previous.layer != found.layer - 1:
+            before = [s.id for s in sites.values() if s.layer == found.layer - 1]
+            d["score_site"].fail(f"must be the attention site of block {found.layer - 1}, the block before the "
+                                 f"pruned one ({before[0] if before else 'none: block 0 cannot be pruned'!r})")
+        score = _check_mode(d)
+        protect = d["protect"].integer(0)
+        d["fuse"].flag()
+        d["chunk"].integer(1)
+        reason, stream = _graph_unsupported(found, previous, protect)
+        if reason is not None:
+            entry.fail(f"the block cannot be pruned: {reason}")
+        if score == "core" or "core" in d:
+            _check_core(d["core"], gm, found.layer - 1)
+        if "roi" in d:
+            _check_roi(d["roi"], sites, previous, ir.shape(stream)[1])
+        entry["evidence"].mapping(required=("tokens_after",), extra=True)  # apply reports it
+        if entry["evidence"]["tokens_after"].value != "RoI":
+            entry["evidence"]["tokens_after"].integer(1)
+
     def apply(self, gm, ctx, decisions, stats):
         for site_id, decision in sorted(decisions.items(), key=lambda kv: kv[1].decision["layer"]):
             with ctx.at(site_id):
@@ -155,9 +191,59 @@ def _core_neurons(ctx, gm, layer: int) -> dict | str:
     return {"mlp_site": mlp.id, "hot": evidence["hot"], "centre": evidence["centre"]}
 
 
+def _check_mode(d) -> str:
+    """The score mode and keep ratio of a decision (an `Entry`): ``roi`` keeps its RoI tokens (keep 0, class-
+    token scores), anything else keeps a ratio in [KEEP_MIN, 1) of tokens ranked by a known mode."""
+    score = d["score"].text((*token_scores.MODES, "core"))
+    if "roi" in d:
+        if d["keep"].number() != 0.0:
+            d["keep"].fail("must be 0 with 'roi': the op keeps the tokens inside the RoI boxes, however many")
+        if score != "cls":
+            d["score"].fail("must be 'cls' with 'roi': the boxes come from class-token attention")
+        return score
+    keep = d["keep"].number(KEEP_MIN, 1.0)
+    if keep == 1.0:
+        d["keep"].fail("is 1: every token would be kept; leave the block out of the plan")
+    if "core" in d and score != "core":
+        d["score"].fail(f"is {score!r} but the decision holds 'core' neurons; the score is 'core' with them")
+    return score
+
+
+def _check_core(c, gm, layer: int) -> None:
+    """A ``core`` entry: the hot neurons and centres of the MLP of block `layer` (the one scored from)."""
+    mlp = next((m for m in ir.mlp_sites(gm) if m.layer == layer), None)
+    c.mapping(required=("mlp_site", "hot", "centre"))
+    if mlp is None or c["mlp_site"].text() != mlp.id:
+        c["mlp_site"].fail(f"must be the MLP site of block {layer} ({mlp.id if mlp else 'there is none'!r})")
+    c["hot"].indices(mlp.intermediate, min_length=1, what="neuron")
+    c["centre"].numbers(mlp.intermediate, what="one per neuron of the MLP")
+
+
+def _check_roi(r, sites: dict, previous, tokens: int) -> None:
+    """A ``roi`` entry: class-token maps of blocks up to the scored one, on a grid that is the token count."""
+    r.mapping(required=("layers", "grid", "protect", "threshold", "max_boxes"))
+    layers = r["layers"].elements(min_length=1)
+    for e in layers:
+        if e.text() not in sites or sites[e.value].layer > previous.layer:
+            e.fail(f"must be an attention site at or before block {previous.layer} (the RoI scores are read "
+                   "before the pruned block)")
+    if len({e.value for e in layers}) != len(layers):
+        r["layers"].fail("repeats a site")
+    grid, protect = r["grid"].integer(1), r["protect"].integer(0)
+    if protect + grid * grid != tokens:
+        r["grid"].fail(f"{protect} protected + {grid}² patches are not the {tokens} tokens here")
+    r["threshold"].number(0.0, 1.0)
+    r["max_boxes"].integer(1)
+
+
 def _unsupported(site, previous, opts):
     if opts.keep >= 1.0 and opts.select == "topk":
         return "keep is 1: nothing to drop", None
+    return _graph_unsupported(site, previous, opts.protect)
+
+
+def _graph_unsupported(site, previous, protect: int):
+    """(Why the block before `site` cannot be pruned scoring from `previous`, or None; the stream node)."""
     if previous is None:
         return "no attention before this block to score tokens with (prune from layer 1 on)", None
     stream = ir.stream_input(site)
@@ -165,8 +251,8 @@ def _unsupported(site, previous, opts):
     if shape is None or len(shape) != 3:
         return "the residual stream entering this block was not found as a [batch, tokens, dim] tensor", None
     N = shape[1]
-    if opts.protect >= N:
-        return f"protect={opts.protect} covers all {N} tokens", None
+    if protect >= N:
+        return f"protect={protect} covers all {N} tokens", None
     others = {shape[0], shape[2], site.heads, site.head_dim}
     if N in others:
         return (f"the token count {N} equals another axis size here (batch / dim / heads), so sizes "
