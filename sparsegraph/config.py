@@ -166,7 +166,7 @@ def _pass_from_item(item, index: int) -> Pass:
     if not isinstance(name, str):
         raise ConfigError(f"passes[{index}]: {name!r} is not a pass name (a string)")
     if options is not None and not isinstance(options, dict):
-        raise ConfigError(f"options of pass {name!r} must be a mapping, got {options!r}")
+        raise ConfigError(f"passes[{index}]: options of pass {name!r} must be a mapping, got {options!r}")
     try:
         return get_pass(name).from_options(_tuples(options or {}))
     except ConfigError as e:  # say where in the pipeline

@@ -169,7 +169,8 @@ class SparsityPlan:
             entry = entry[p.name]
             kind = "analysis" if isinstance(p, AnalysisPass) else "rewrite"
             if entry.get("kind") is None or entry["kind"].value != kind:
-                entry.fail(f"has kind {entry.value.get('kind')!r}; pass {p.name!r} is an {kind} pass")
+                entry.fail(f"has kind {entry.value.get('kind')!r}; pass {p.name!r} is "
+                           f"{'an analysis' if kind == 'analysis' else 'a rewrite'} pass")
             options = entry["options"].value
             if options != p.options():
                 differ = sorted(k for k in {*options, *p.options()} if options.get(k) != p.options().get(k))
