@@ -7,8 +7,6 @@
     cm(x); cm.plan.save("plan.json"); cm.report().to_markdown(); cm.export_onnx("model.onnx")
 """
 
-__version__ = "0.1.0"
-
 from sparsegraph.compile import CompiledModel, compile
 from sparsegraph.config import Config
 from sparsegraph.errors import (
@@ -26,6 +24,7 @@ from sparsegraph.pass_contract import AnalysisPass, PassResult, PassStats, Rewri
 from sparsegraph.plan import SparsityPlan, load_plan
 from sparsegraph.registry import available_passes, register_pass
 from sparsegraph.trace import trace
+from sparsegraph.version import __version__
 
 __all__ = ["AnalysisPass", "CalibrationError", "CompiledModel", "Config", "ConfigError", "ExportError", "InputError", "ModelSpecError", "PassError",
            "PassResult", "PassStats", "PlanError", "RewritePass", "SiteDecision", "SparsegraphError",

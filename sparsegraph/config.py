@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sparsegraph import pipelines
 from sparsegraph.errors import ConfigError, did_you_mean
 from sparsegraph.pass_contract import Pass
 from sparsegraph.registry import get_pass
@@ -78,11 +79,9 @@ class Config:
         if isinstance(source, dict):
             return cls.from_dict(source)
         if isinstance(source, (str, os.PathLike)):
-            from sparsegraph import pipelines
-
             text = str(source)
             if text in pipelines.names():
-                return pipelines.get(text)
+                return cls.from_dict(pipelines.get(text))
             path = Path(source)
             try:
                 is_file = path.suffix.lower() in (".yaml", ".yml", ".json") or path.exists()

@@ -1,85 +1,81 @@
-"""Named pipelines: plain functions that return a `Config`.
+"""Named pipelines: plain functions that return a config as data (the dict a YAML/JSON config file holds).
 
 ``sparsegraph.compile(model, "analyze", ...)`` or ``sparsegraph compile zoo:minilm --config nm-2-4`` look
-the name up here. A pipeline is data (a `Config`), so ``Config.to_dict()`` of any of them is a valid
-YAML/JSON config to start a custom one from.
+the name up here (through `Config.load`, which builds and validates it). Any of them is a valid config
+to start a custom one from: ``pipelines.get("combined")`` is a dict to edit.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from sparsegraph.config import Config
 from sparsegraph.errors import ConfigError, did_you_mean
 
 
-def dense() -> Config:
+def dense() -> dict:
     """No passes: the traced graph as it is (the baseline every fidelity figure compares against)."""
-    return Config.from_dict({"passes": []})
+    return {"passes": []}
 
 
-def analyze() -> Config:
+def analyze() -> dict:
     """Analysis only: the cost model per site; the graph is not changed."""
-    return Config.from_dict({"passes": ["cost"]})
+    return {"passes": ["cost"]}
 
 
-def nm_2_4() -> Config:
+def nm_2_4() -> dict:
     """2:4 structured weights on the MLP linear layers (one-shot magnitude pruning, no fine-tuning).
 
     Fidelity drops on dense pretrained models; this pipeline exists for hardware with 2:4 support and
     for models fine-tuned for it.
     """
-    return Config.from_dict({"passes": ["cost", {"nm_weights": {"n": 2, "m": 4, "roles": ["mlp.up", "mlp.gate",
-                                                                                           "mlp.down"]}}]})
+    return {"passes": ["cost", {"nm_weights": {"n": 2, "m": 4, "roles": ["mlp.up", "mlp.gate", "mlp.down"]}}]}
 
 
-def activation_sparsity() -> Config:
+def activation_sparsity() -> dict:
     """Centred dynamic activation sparsity, 50% of every MLP's activations skipped (needs calibration)."""
-    return Config.from_dict({"passes": ["activation_profile", "cost",
-                                        {"neuron_sparsity": {"target": 0.5, "method": "centred"}}]})
+    return {"passes": ["activation_profile", "cost", {"neuron_sparsity": {"target": 0.5, "method": "centred"}}]}
 
 
-def neuron_pruning() -> Config:
+def neuron_pruning() -> dict:
     """Static removal of the 50% coldest MLP neurons by contribution energy (needs calibration)."""
-    return Config.from_dict({"passes": ["activation_profile", "cost", {"neuron_pruning": {"fraction": 0.5}}]})
+    return {"passes": ["activation_profile", "cost", {"neuron_pruning": {"fraction": 0.5}}]}
 
 
-def llm_activation_sparsity() -> Config:
+def llm_activation_sparsity() -> dict:
     """TEAL-style: 50% of the inputs of up, gate and down projections skipped (decoders; needs calibration)."""
-    return Config.from_dict({"passes": [{"activation_profile": {"inputs": True}}, "cost",
-                                        {"neuron_sparsity": {"target": 0.5, "method": "magnitude",
-                                                             "inputs": True}}]})
+    return {"passes": [{"activation_profile": {"inputs": True}}, "cost",
+                       {"neuron_sparsity": {"target": 0.5, "method": "magnitude", "inputs": True}}]}
 
 
-def sparse_attention() -> Config:
+def sparse_attention() -> dict:
     """Per-head block-sparse attention patterns keeping 95% of the attention mass (needs calibration)."""
-    return Config.from_dict({"passes": [{"head_patterns": {"recall": 0.95}}, "cost", "sparse_attention"]})
+    return {"passes": [{"head_patterns": {"recall": 0.95}}, "cost", "sparse_attention"]}
 
 
-def vit_token_pruning() -> Config:
+def vit_token_pruning() -> dict:
     """EViT-style: keep 70% of the tokens before blocks 3, 6 and 9 of a 12-block ViT, by class-token attention."""
-    return Config.from_dict({"passes": ["cost", {"token_pruning": {"layers": [3, 6, 9], "keep": 0.7}}]})
+    return {"passes": ["cost", {"token_pruning": {"layers": [3, 6, 9], "keep": 0.7}}]}
 
 
-def text_token_pruning() -> Config:
+def text_token_pruning() -> dict:
     """Keep 70% of the tokens from block 4 of a 6-block text encoder on (MiniLM), by [CLS] attention."""
-    return Config.from_dict({"passes": ["cost", {"token_pruning": {"layers": [4], "keep": 0.7}}]})
+    return {"passes": ["cost", {"token_pruning": {"layers": [4], "keep": 0.7}}]}
 
 
-def combined() -> Config:
+def combined() -> dict:
     """Activation sparsity + attention patterns + token pruning in one plan (6-block encoders; needs calibration).
 
     Analyses run first on the dense graph; then tokens are pruned (before block 4, keep 0.7), attention
     sites become block-sparse where their pattern allows, MLPs skip 50% of their centred activations, and
     ``speed_check`` times every sparse op against its dense form and puts back those that do not pay.
     """
-    return Config.from_dict({"passes": [
+    return {"passes": [
         "activation_profile", {"head_patterns": {"recall": 0.95}}, "token_importance", "cost",
         {"token_pruning": {"layers": [4], "keep": 0.7}}, "sparse_attention",
-        {"neuron_sparsity": {"target": 0.5, "method": "centred"}}, "speed_check"]})
+        {"neuron_sparsity": {"target": 0.5, "method": "centred"}}, "speed_check"]}
 
 
-_PIPELINES: dict[str, Callable[[], Config]] = {
+_PIPELINES: dict[str, Callable[[], dict]] = {
     "dense": dense,
     "analyze": analyze,
     "nm-2-4": nm_2_4,
@@ -99,7 +95,8 @@ def names() -> list[str]:
     return list(_PIPELINES)
 
 
-def get(name: str) -> Config:
+def get(name: str) -> dict:
+    """The pipeline `name` as config data (a fresh dict: edit it freely; `Config.load` builds it)."""
     if name not in _PIPELINES:
         raise ConfigError(f"no pipeline named {name!r}{did_you_mean(name, _PIPELINES)}")
     return _PIPELINES[name]()

@@ -41,10 +41,11 @@ from typing import Any
 
 import torch
 
-from sparsegraph import __version__, ir
+from sparsegraph import ir
 from sparsegraph.config import Config
 from sparsegraph.errors import ConfigError, PlanError, did_you_mean
 from sparsegraph.pass_contract import AnalysisPass, Entry, PassStats, SiteDecision
+from sparsegraph.version import __version__
 
 SCHEMA_VERSION = 1
 TOP_KEYS = ("schema_version", "versions", "model", "config", "passes", "sites")

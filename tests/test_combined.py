@@ -53,7 +53,7 @@ def test_vit_small_combined(tmp_path):
     model, example = models.load("vit_small")
     g = torch.Generator().manual_seed(0)
     calibration = [(torch.randn(2, 3, 224, 224, generator=g),)]
-    config = pipelines.get("combined").to_dict()
+    config = pipelines.get("combined")
     for item in config["passes"]:
         if isinstance(item, dict) and "head_patterns" in item:  # random weights attend diffusely
             item["head_patterns"].update(recall=0.5, min_saving=0.0)

@@ -9,7 +9,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sparsegraph as sg
-from sparsegraph import pipelines
 from sparsegraph.models.explicit import ExplicitTransformer
 from sparsegraph.pass_contract import PassStats, SiteDecision
 from sparsegraph.passes.rewrite.nm_weights import NMWeights
@@ -39,7 +38,7 @@ def test_plan_holds_versions_model_config_and_per_site_entries(nm_compiled):
     assert data["model"]["class"] == "ExplicitTransformer" and len(data["model"]["fingerprint"]) == 64
     assert [s["id"] for s in data["model"]["sites"]] == [
         *(f"attn:blocks.{i}.attn" for i in range(3)), *(f"mlp:blocks.{i}.mlp" for i in range(3))]
-    assert data["config"] == pipelines.get("nm-2-4").to_dict()
+    assert data["config"] == sg.Config.load("nm-2-4").to_dict()
     assert {name: entry["kind"] for name, entry in data["passes"].items()} == {"cost": "analysis",
                                                                              "nm_weights": "rewrite"}
     for i in range(3):

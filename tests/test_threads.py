@@ -66,7 +66,7 @@ def sparse_plan():
 @pytest.mark.parametrize("backend", ["eager", "onnx"])
 def test_first_calls_from_threads_match_sequential(backend, sparse_plan):
     model, example, plan = sparse_plan
-    config = {**pipelines.get("activation-sparsity").to_dict(), "backend": backend}
+    config = {**pipelines.get("activation-sparsity"), "backend": backend}
     cm = sg.compile(model, config, example_inputs=example, plan=plan, quiet=True)  # the plan's profile, reused
     assert cm._onnx is None  # nothing exported yet: the threads race for the first call
     exports, export = [], cm.export_onnx
