@@ -2,7 +2,7 @@
 
 `OPS` names every op and its module; `ops()` imports them all (cheap: Triton kernels load lazily) and
 returns them by name. `onnx_translations()` is the ``custom_translation_table`` for ``torch.onnx.export``;
-`cost_of(node)` gives the cost model the MACs and bytes of a sparse-op node.
+`op_of(node)` is the op a graph node calls.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 
 from sparsegraph.codegen.op import KERNEL_BACKENDS, SparseOp, triton_available, use_backend
 
-__all__ = ["KERNEL_BACKENDS", "OPS", "SparseOp", "cost_of", "onnx_translations", "ops", "triton_available",
+__all__ = ["KERNEL_BACKENDS", "OPS", "SparseOp", "onnx_translations", "op_of", "ops", "triton_available",
            "use_backend"]
 
 OPS: dict[str, str] = {
@@ -43,15 +43,3 @@ def op_of(node: torch.fx.Node) -> SparseOp | None:
     if node.op != "call_function":
         return None
     return next((op for op in ops().values() if node.target is op.overload), None)
-
-
-def dense_op_of(node: torch.fx.Node) -> SparseOp | None:
-    """The SparseOp whose ``dense`` form a graph node calls (a site speed_check put back), or None."""
-    if node.op != "call_function":
-        return None
-    return next((op for op in ops().values() if op.dense is not None and node.target is op.dense), None)
-
-
-def cost_of(node: torch.fx.Node) -> tuple[int, int] | None:
-    op = op_of(node)
-    return op.cost(node) if op is not None and op.cost is not None else None

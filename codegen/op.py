@@ -10,7 +10,8 @@ A `SparseOp` bundles, for one ``torch.library.custom_op``:
   triton unless a Triton kernel runs (on CUDA, or on CPU under ``TRITON_INTERPRET=1``);
 - ``onnx``: an onnxscript translation (a plain function over ``onnxscript.opset18`` ops), handed to
   ``torch.onnx.export`` as its ``custom_translation_table`` entry;
-- ``cost``: ``(node) -> (macs, bytes)`` for the cost model, from the node's example shapes;
+- ``cost``: ``(node) -> (macs, bytes)`` for the cost model, from the node's example shapes (registered
+  with `sparsegraph.cost_model`, with the dense form, when the op is defined);
 - ``dense``: the same call computed densely with nothing skipped (same arguments, plain torch ops):
   what ``speed_check`` times the op against, and what it puts back where sparsity does not pay.
 
@@ -29,6 +30,8 @@ import os
 from collections.abc import Callable, Iterator
 
 import torch
+
+from sparsegraph import cost_model
 
 KERNEL_BACKENDS = ("auto", "eager", "triton", "reference")
 _backend: contextvars.ContextVar[str] = contextvars.ContextVar("sparsegraph_backend", default="auto")
@@ -75,6 +78,7 @@ class SparseOp:
 
         self.custom_op = torch.library.custom_op(f"sparsegraph::{name}", dispatch, mutates_args=())
         self.custom_op.register_fake(fake)
+        cost_model.register(self.overload, cost, dense)
 
     @property
     def overload(self) -> torch._ops.OpOverload:

@@ -32,10 +32,12 @@ import warnings
 from pathlib import Path
 
 import sparsegraph as sg
-from sparsegraph import ir, models, pipelines
+from sparsegraph import models, pipelines
 from sparsegraph.codegen import cpu_kernels
+from sparsegraph.cost_model import site_costs, total_cost
 from sparsegraph.data.calibration import calibration_for
 from sparsegraph.errors import SparsegraphError, UsageError, did_you_mean
+from sparsegraph.report import sites_table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,7 +122,6 @@ def cmd_inspect(args) -> None:
     model, example = models.resolve(args.model)
     gm = sg.trace(model, example)
     if args.json:
-        from sparsegraph.passes.analysis.cost import site_costs, total_cost
         from sparsegraph.plan import describe_sites
 
         costs = site_costs(gm)
@@ -128,7 +129,7 @@ def cmd_inspect(args) -> None:
         _emit(args, {"sites": sites, "parameters": sum(p.numel() for p in gm.parameters()),
                      "macs": total_cost(gm).macs, "cpu_kernels": cpu_kernels.status()})
     else:
-        print(inspect_table(gm))
+        print(sites_table(gm))
 
 
 def cmd_compile(args) -> None:
@@ -393,30 +394,6 @@ def _compile(args, model=None, example=None) -> sg.CompiledModel:
     needs = any(getattr(p, "needs_calibration", False) for p in config.passes)
     return sg.compile(model, config, example_inputs=example, quiet=quiet, plan=args.plan,
                       calibration=calibration_for(model, example, args.calibration, args.data) if needs else None)
-
-
-def inspect_table(gm) -> str:
-    """Sites with their shape facts and cost, then parameter count and totals, as aligned text."""
-    from sparsegraph.passes.analysis.cost import site_costs, total_cost
-
-    costs = site_costs(gm)
-    rows = [("site", "layer", "facts", "GMACs")]
-    for s in ir.sites(gm):
-        if isinstance(s, ir.AttentionSite):
-            facts = (f"{s.form} attention, {s.heads} heads ({s.kv_heads} kv), head_dim {s.head_dim}"
-                     f"{', causal' if s.causal else ''}")
-        else:
-            facts = f"{'gated ' if s.gated else ''}MLP {s.hidden}→{s.intermediate}, {s.activation}"
-        macs = costs[s.id].macs if s.id in costs else 0
-        rows.append((s.id, str(s.layer), facts, f"{macs / 1e9:.4f}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    total = total_cost(gm)
-    params = sum(p.numel() for p in gm.parameters())
-    lines.append(f"\n{len(rows) - 1} sites; {params / 1e6:.2f} M parameters; "
-                 f"{total.macs / 1e9:.4f} GMACs, {total.bytes / 1e6:.1f} MB moved at the example shapes")
-    lines.append(f"compiled CPU kernels: {cpu_kernels.status()}")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

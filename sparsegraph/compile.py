@@ -28,13 +28,13 @@ from sparsegraph import inputs, ir
 from sparsegraph.codegen import use_backend
 from sparsegraph.config import Config, check_overrides
 from sparsegraph.context import Batch, PassContext
+from sparsegraph.cost_model import NodeCost, site_costs, total_cost
 from sparsegraph.errors import CalibrationError, ConfigError, InputError
 from sparsegraph.instruments import default_instruments
 from sparsegraph.manager import PassManager
 from sparsegraph.observe import check_calibration
 from sparsegraph.onnx_export import OnnxModel, export_onnx
 from sparsegraph.pass_contract import AnalysisPass
-from sparsegraph.passes.analysis.cost import NodeCost, site_costs, total_cost
 from sparsegraph.plan import SparsityPlan, as_plan
 from sparsegraph.trace import trace
 

@@ -26,10 +26,10 @@ import torch
 
 import sparsegraph as sg
 from sparsegraph import models
-from sparsegraph.cli import inspect_table
 from sparsegraph.data.calibration import calibration_for
 from sparsegraph.data.stdlib_text import sentences
 from sparsegraph.measure import compare, cosine
+from sparsegraph.report import sites_table
 
 PIPELINES = ("activation-sparsity", "combined")
 SEQ, EVAL_TEXTS, CALIBRATION = 128, 64, 64
@@ -46,7 +46,7 @@ def text(out: Path) -> list[dict]:
     model, _ = models.load("minilm", seq_len=SEQ, batch=1)
     heldout = model.tokenize(_filled(model, sentences("heldout"), SEQ, EVAL_TEXTS), max_length=SEQ, pad_to=SEQ)
     example = (heldout[0][:1], heldout[1][:1])
-    print(inspect_table(sg.trace(model, example)))
+    print(sites_table(sg.trace(model, example)))
 
     calibration = calibration_for(model, example, CALIBRATION)
     with torch.inference_mode():

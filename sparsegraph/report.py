@@ -18,8 +18,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sparsegraph import png, svg
+from sparsegraph import ir, png, svg
 from sparsegraph.codegen import cpu_kernels
+from sparsegraph.cost_model import site_costs, total_cost
 
 
 @dataclass
@@ -253,3 +254,26 @@ def _short(value, limit: int = 160) -> str:
 
     text = json.dumps(compact(value), sort_keys=True)
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def sites_table(gm) -> str:
+    """What `sparsegraph inspect` prints: the sites with their shape facts and cost, then the parameter
+    count and totals, and which CPU kernels run, as aligned text."""
+    costs = site_costs(gm)
+    rows = [("site", "layer", "facts", "GMACs")]
+    for s in ir.sites(gm):
+        if isinstance(s, ir.AttentionSite):
+            facts = (f"{s.form} attention, {s.heads} heads ({s.kv_heads} kv), head_dim {s.head_dim}"
+                     f"{', causal' if s.causal else ''}")
+        else:
+            facts = f"{'gated ' if s.gated else ''}MLP {s.hidden}→{s.intermediate}, {s.activation}"
+        macs = costs[s.id].macs if s.id in costs else 0
+        rows.append((s.id, str(s.layer), facts, f"{macs / 1e9:.4f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    total = total_cost(gm)
+    params = sum(p.numel() for p in gm.parameters())
+    lines.append(f"\n{len(rows) - 1} sites; {params / 1e6:.2f} M parameters; "
+                 f"{total.macs / 1e9:.4f} GMACs, {total.bytes / 1e6:.1f} MB moved at the example shapes")
+    lines.append(f"compiled CPU kernels: {cpu_kernels.status()}")
+    return "\n".join(lines)

@@ -24,6 +24,7 @@ import torch
 
 from sparsegraph import graph_edit, ir, meta
 from sparsegraph.codegen import op_of, use_backend
+from sparsegraph.cost_model import dense_form_cost
 from sparsegraph.pass_contract import RewritePass, SiteDecision, option
 from sparsegraph.registry import register_pass
 
@@ -136,8 +137,7 @@ def _cost(node: torch.fx.Node) -> tuple[float, float]:
     The sparse side is the op's own cost rule; the dense side is our cost model summed over the dense
     form traced at the node's shapes, so any op with a dense form is covered.
     """
-    from sparsegraph.passes.analysis.cost import dense_form_cost
-
-    macs, moved = op_of(node).cost(node)
-    dense = dense_form_cost(node)
+    op = op_of(node)
+    macs, moved = op.cost(node)
+    dense = dense_form_cost(node, op.dense)
     return max(macs, moved / 4), max(dense.macs, dense.bytes / 4)

@@ -5,7 +5,7 @@ import torch
 
 import sparsegraph as sg
 from sparsegraph import ir, models
-from sparsegraph.passes.analysis.cost import node_cost, site_costs, total_cost
+from sparsegraph.cost_model import node_cost, site_costs, total_cost
 
 
 def test_minilm_seq128_matches_the_analytic_count():
