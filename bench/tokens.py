@@ -30,6 +30,7 @@ from bench.common import machine, machine_line, table, write
 from sparsegraph import models
 from sparsegraph.measure import compare, cosine
 from sparsegraph.onnx_export import OnnxModel
+from sparsegraph.passes.analysis.roi import rois
 
 GRID = [(start, keep) for start in (2, 3, 4) for keep in (0.9, 0.7, 0.5)]
 NAIVE = {(2, 0.9): 0.976, (2, 0.7): 0.912, (2, 0.5): 0.813, (3, 0.7): 0.950, (3, 0.5): 0.875,
@@ -129,7 +130,7 @@ def digits(args) -> tuple[dict, str]:
     ious, patches = [], []
     settings = with_roi.plan.evidence("roi", with_roi.plan.summary("roi")["site"])
     for i in range(0, len(test.labels), 100):
-        for boxes, truth in zip(with_roi.roi(test.images[i:i + 100]), test.boxes[i:i + 100].tolist()):
+        for boxes, truth in zip(rois(with_roi, test.images[i:i + 100]), test.boxes[i:i + 100].tolist()):
             ious.append(boxes[0].iou(tuple(truth)) if boxes else 0.0)
             patches.append(sum((b.x1 - b.x0) * (b.y1 - b.y0) for b in boxes) / settings["patch"] ** 2)
     roi_only = sg.compile(model, {"passes": ["roi", {"token_pruning": {"layers": [4], "select": "roi"}}]},

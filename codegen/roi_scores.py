@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import torch
 
+from sparsegraph.boxes import boxes_from_map, normalised
 from sparsegraph.codegen.op import SparseOp
 
 
 def reference(scores: list[torch.Tensor], grid: int, protect: int, threshold: float,
               max_boxes: int) -> torch.Tensor:
-    from sparsegraph.passes.analysis.roi import boxes_from_map, normalised
-
     batch, tokens = scores[0].shape
     if tokens != protect + grid * grid:
         raise ValueError(f"roi_scores: {tokens} tokens are not {protect} + {grid}² patches")

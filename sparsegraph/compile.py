@@ -175,17 +175,6 @@ class CompiledModel(torch.nn.Module):
         """MACs and bytes per site of the compiled graph at the example shapes."""
         return site_costs(self.graph_module)
 
-    def roi(self, *args, **kwargs) -> list[list]:
-        """Regions of interest for each input of a batch (``roi`` pass settings from the plan): lists of
-        `Box` (pixel coordinates, attention share), best first."""
-        from sparsegraph.passes.analysis.roi import detect
-
-        summary = self.plan.summary("roi")
-        if summary is None:
-            raise ValueError("this model was compiled without the 'roi' pass (or it found no RoI layer); "
-                             "add {'roi': {}} to the config")
-        return detect(self.graph_module, args, kwargs, self.plan.evidence("roi", summary["site"]))
-
     def report(self):
         """A `Report` of this compile: passes, counts, refusals, per-site decisions, cost before/after."""
         from sparsegraph.report import Report

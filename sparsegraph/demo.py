@@ -29,7 +29,9 @@ from sparsegraph import models
 from sparsegraph.data.calibration import calibration_for
 from sparsegraph.data.stdlib_text import sentences
 from sparsegraph.measure import compare, cosine
+from sparsegraph.passes.analysis.roi import rois
 from sparsegraph.report import sites_table
+from sparsegraph.sections import Table
 
 PIPELINES = ("activation-sparsity", "combined")
 SEQ, EVAL_TEXTS, CALIBRATION = 128, 64, 64
@@ -90,11 +92,11 @@ def vision(out: Path) -> list[dict]:
             pred = torch.cat([fn(test.images[i:i + size]).argmax(-1) for i in range(0, len(test.labels), size)])
         return (pred == test.labels).float().mean().item()
 
-    rois = sg.compile(model, {"passes": ["roi", {"token_pruning": {"layers": [4], "select": "roi"}}]},
-                      example_inputs=batch, calibration=calibration, quiet=True)
+    roi_model = sg.compile(model, {"passes": ["roi", {"token_pruning": {"layers": [4], "select": "roi"}}]},
+                           example_inputs=batch, calibration=calibration, quiet=True)
     half = sg.compile(model, {"passes": ["token_importance", {"token_pruning": {"layers": [2], "keep": 0.5}}]},
                       example_inputs=batch, calibration=calibration, quiet=True)
-    boxes = [b for i in range(0, len(test.labels), 120) for b in rois.roi(test.images[i:i + 120])]
+    boxes = [b for i in range(0, len(test.labels), 120) for b in rois(roi_model, test.images[i:i + 120])]
     iou = sum(b[0].iou(tuple(t)) if b else 0.0 for b, t in zip(boxes, test.boxes.tolist())) / len(boxes)
     print(f"   RoI boxes (class-token attention of blocks 0-3): mean IoU {iou:.3f} with the true digit boxes")
     dense_ort = sg.compile(model, "dense", example_inputs=batch, quiet=True).onnx_model(torch.get_num_threads())
@@ -103,13 +105,13 @@ def vision(out: Path) -> list[dict]:
     candidates = {"dense (PyTorch eager)": lambda: model(*batch), "dense (ONNX Runtime)": lambda: dense_ort(*batch),
                   "keep 0.5 from block 2 (eager)": lambda: half(*batch),
                   "keep 0.5 from block 2 (ONNX Runtime)": lambda: half_ort(*batch),
-                  "RoI tokens from block 4 (eager, per image ×64)": lambda: [rois(one[0]) for _ in range(VISION_BATCH)]}
+                  "RoI tokens from block 4 (eager, per image ×64)": lambda: [roi_model(one[0]) for _ in range(VISION_BATCH)]}
     acc = {"dense (PyTorch eager)": accuracy(model), "dense (ONNX Runtime)": accuracy(dense_ort),
            "keep 0.5 from block 2 (eager)": accuracy(half), "keep 0.5 from block 2 (ONNX Runtime)": accuracy(half_ort),
-           "RoI tokens from block 4 (eager, per image ×64)": accuracy(rois, 1)}
+           "RoI tokens from block 4 (eager, per image ×64)": accuracy(roi_model, 1)}
     print(f"   time per batch of {VISION_BATCH} images, same run; test accuracy on {len(test.labels)} images")
     rows = _table(compare(candidates, warmup=1, repeats=5), acc, "test accuracy")
-    _save(rois, out, "digits-roi", rows, facts={"RoI mean IoU with the true digit boxes": f"{iou:.3f}"})
+    _save(roi_model, out, "digits-roi", rows, facts={"RoI mean IoU with the true digit boxes": f"{iou:.3f}"})
     _save(half, out, "digits-keep-half", rows)
     return rows
 
@@ -129,8 +131,6 @@ def _filled(model, texts: list[str], tokens: int, count: int) -> list[str]:
 
 def _save(cm, out: Path, name: str, rows: list[dict], facts: dict | None = None) -> None:
     """Plan and HTML report, the report with the speed and fidelity this run measured."""
-    from sparsegraph.report import Table
-
     cm.plan.save(out / f"plan-{name}.json")
     report = out / f"report-{name}.html"
     doc = cm.report()

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 import torch.fx
 
 from sparsegraph.errors import ConfigError, PlanEntryError, PlanError, did_you_mean
+from sparsegraph.sections import Section
 
 if TYPE_CHECKING:
     from sparsegraph.context import PassContext
@@ -128,6 +129,13 @@ class Pass:
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         raise NotImplementedError
+
+    @classmethod
+    def report_section(cls, plan, model=None) -> Section | None:
+        """What this pass adds to a report, drawn from what it wrote into `plan` (tables, figures,
+        images); `model` is the `CompiledModel` when the report is of one, None for a saved plan's
+        report. The default adds nothing: the report lists every pass's counts and decisions anyway."""
+        return None
 
 
 class AnalysisPass(Pass):

@@ -1,17 +1,17 @@
 """Pass registry: name → pass class.
 
-Built-in passes are listed by name and module in `sparsegraph.passes.BUILTIN` and imported on first use.
-Third-party passes register through the entry-point group ``sparsegraph.passes``::
+Every pass, built-in or third-party, is found through the entry-point group ``sparsegraph.passes``::
 
     [project.entry-points."sparsegraph.passes"]
     near_zero_rows = "my_package.module:NearZeroRows"
 
-and are loaded lazily, by name, the first time a config asks for them.
+and loaded lazily, by name, the first time a config asks for it (the built-ins are declared the same
+way in sparsegraph's own ``pyproject.toml``), so the registry, and the core above it, imports no pass.
+Passes defined in a running program register with `register_pass` alone.
 """
 
 from __future__ import annotations
 
-import importlib
 from importlib import metadata
 
 from sparsegraph.errors import ConfigError, did_you_mean
@@ -39,21 +39,16 @@ def register_pass(name: str):
 
 
 def get_pass(name: str) -> type[Pass]:
-    """The pass class registered as `name`, importing a built-in or plugin on first use."""
+    """The pass class registered as `name`, importing its module (entry point) on first use."""
     if name in _REGISTRY:
         return _REGISTRY[name]
-    from sparsegraph.passes import BUILTIN
-
-    if name in BUILTIN:
-        importlib.import_module(BUILTIN[name])
-    else:
-        for ep in _entry_points():
-            if ep.name == name:
-                cls = ep.load()
-                _REGISTRY.setdefault(name, cls)
-                if getattr(cls, "name", None) != name:
-                    cls.name = name
-                break
+    for ep in _entry_points():
+        if ep.name == name:
+            cls = ep.load()
+            _REGISTRY.setdefault(name, cls)
+            if getattr(cls, "name", None) != name:
+                cls.name = name
+            break
     if name not in _REGISTRY:
         raise ConfigError(f"unknown pass {name!r}{did_you_mean(name, available_passes())}")
     return _REGISTRY[name]
@@ -61,9 +56,7 @@ def get_pass(name: str) -> type[Pass]:
 
 def available_passes() -> list[str]:
     """Names of every pass that a config can use (built-ins, registered and installed plugins)."""
-    from sparsegraph.passes import BUILTIN
-
-    return sorted({*_REGISTRY, *BUILTIN, *(ep.name for ep in _entry_points())})
+    return sorted({*_REGISTRY, *(ep.name for ep in _entry_points())})
 
 
 def _entry_points():

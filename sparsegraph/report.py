@@ -3,31 +3,27 @@
 Built from a plan (`Report.of_plan`, what ``sparsegraph report plan.json`` shows) or from a
 `CompiledModel` (``cm.report()``, which adds what only the compiled graphs know): the model and its
 sites, each pass with its counts (matched, rewritten, refused with the reasons) and time, the per-site
-decisions, the cost of the graph before and after per site (MACs at the example shapes), and the
-activation histograms per layer with their thresholds. Everything shown comes from the plan and the
-two graphs; nothing is estimated here. Figures are inline SVG (`sparsegraph.svg`): the HTML file is
-self-contained.
+decisions, the cost of the graph before and after per site (MACs at the example shapes), and then what
+each pass has to show of its own (`Pass.report_section`, found by the pass's name in the registry: the
+activation histograms, the head-pattern grid, the token schedule, RoIs on the example images, a
+plugin's table). Everything shown comes from the plan and the two graphs; nothing is estimated here.
+Figures are inline SVG (`sparsegraph.svg`): the HTML file is self-contained.
 """
 
 from __future__ import annotations
 
 import html
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sparsegraph import ir, png, svg
+from sparsegraph import ir, svg
 from sparsegraph.codegen import cpu_kernels
 from sparsegraph.cost_model import site_costs, total_cost
-
-
-@dataclass
-class Table:
-    title: str
-    header: list[str]
-    rows: list[list] = field(default_factory=list)
+from sparsegraph.errors import ConfigError
+from sparsegraph.registry import get_pass
+from sparsegraph.sections import Table
 
 
 @dataclass
@@ -41,7 +37,7 @@ class Report:
     @classmethod
     def of(cls, cm) -> Report:
         """The plan's report plus cost before/after (totals and per site) and pass timings."""
-        report = cls.of_plan(cm.plan, cm.timings)
+        report = cls.of_plan(cm.plan, cm.timings, model=cm)
         report.facts["backend"] = cm.config.backend
         report.facts["CPU kernels"] = cpu_kernels.status()
         dense, ours = cm.dense_cost, cm.cost
@@ -56,12 +52,12 @@ class Report:
                 "MACs per site (millions) at the example shapes", labels,
                 {"dense": [cm.dense_site_costs[s].macs / 1e6 for s in labels],
                  "compiled": [after[s].macs / 1e6 if s in after else 0.0 for s in labels]})))
-        report.figures += _roi_figures(cm)
         return report
 
     @classmethod
-    def of_plan(cls, plan, timings: dict[str, float] | None = None) -> Report:
-        """What the plan alone says: model, passes and counts, refusals, decisions, activation histograms."""
+    def of_plan(cls, plan, timings: dict[str, float] | None = None, model=None) -> Report:
+        """What the plan alone says: model, passes and counts, refusals, decisions, then each pass's own
+        section (`Pass.report_section`; `model` is the compiled model when there is one)."""
         timings = timings or {}
         sites = plan.model["sites"]
         facts = {
@@ -84,11 +80,22 @@ class Report:
             for name, entry in per_pass.items():
                 if "decision" in entry:
                     decisions.rows.append([site, name, _short(entry["decision"])])
-        tables = [passes] + [t for t in (refusals, decisions) if t.rows]
-        figures = _activation_figures(plan) + _head_grid(plan) + _token_figures(plan)
-        grid = _head_grid_png(plan)
-        return cls(f"sparsegraph report: {plan.model['class']}", facts, tables, figures,
-                   {"head-grid.png": grid} if grid else {})
+        report = cls(f"sparsegraph report: {plan.model['class']}", facts,
+                     [passes] + [t for t in (refusals, decisions) if t.rows])
+        missing = []
+        for name in plan.passes:
+            try:
+                section = get_pass(name).report_section(plan, model)
+            except ConfigError:  # a plugin pass not installed here: its section cannot be drawn
+                missing.append(name)
+                continue
+            if section is not None:
+                report.tables += section.tables
+                report.figures += section.figures
+                report.images.update(section.images)
+        if missing:
+            report.facts["sections not drawn"] = f"passes {missing} are not installed here"
+        return report
 
     def to_json(self) -> dict:
         return {"title": self.title, "facts": self.facts,
@@ -143,100 +150,6 @@ class Report:
         for target, data in zip(written, self.images.values(), strict=True):
             target.write_bytes(data)
         return written
-
-
-def _activation_figures(plan) -> list[tuple[str, str]]:
-    """One histogram of log10|a| per MLP site from the activation profile, thresholds marked."""
-    charts = []
-    for site, per_pass in plan.sites.items():
-        evidence = per_pass.get("activation_profile", {}).get("evidence", {}).get("down_input")
-        if not evidence:
-            continue
-        lo, hi = evidence["histogram"]["log10_range"]
-        counts = evidence["histogram"]["counts"][1:-1]  # drop under/overflow bins
-        markers = {f"t{round(float(t) * 100)}%": math.log10(v)
-                   for t, v in evidence["thresholds"]["magnitude"].items() if v > 0}
-        charts.append(svg.histogram(f"{site}: log10|a|", counts, lo, hi, markers,
-                                    f"zero fraction {evidence['zero_fraction']:.3f}"))
-    return [("Activation magnitudes per MLP (thresholds for each target sparsity)", "".join(charts))] if charts else []
-
-
-PATTERN_COLOURS = {"dense": "#bbbbbb", "local": "#4878d0", "sink_local": "#6acc64", "vertical_slash": "#ee854a",
-                   "block_topk": "#956cb4", "multi_diagonal": "#d65f5f", "dynamic_topk": "#8c613c",
-                   "skip": "#ffffff"}
-OTHER_COLOUR = "#888888"  # a pattern family without a colour of its own (a plugin's)
-
-
-def _head_grid(plan) -> list[tuple[str, str]]:
-    """Layer × head grid of the patterns head_patterns chose, each cell with its block density."""
-    rows, cells = [], []
-    for site, heads in _chosen_heads(plan):
-        rows.append(site.split(".")[-2] if "." in site else site)
-        cells.append([(PATTERN_COLOURS.get(h["pattern"], OTHER_COLOUR), f"{h['density']:.2f}",
-                       f"{site} head {i}: {h['pattern']} {h.get('params', {})}, density {h['density']:.3f}, "
-                       f"recall {h['recall']:.3f}") for i, h in enumerate(heads)])
-    if not rows:
-        return []
-    used = {h for row in cells for h, _, _ in row}
-    legend = {name: colour for name, colour in PATTERN_COLOURS.items() if colour in used}
-    cols = [f"h{i}" for i in range(max(len(r) for r in cells))]
-    return [("Attention pattern per layer and head (block density in the cell)",
-             svg.grid("pattern per head (colour) and listed-block density", rows, cols, cells, legend))]
-
-
-def _head_grid_png(plan) -> bytes | None:
-    """The pattern grid as a PNG: a row per attention site, a cell per head in its pattern's colour,
-    filled from the bottom to its block density (colours as in the HTML grid's legend)."""
-    rows = [[(PATTERN_COLOURS.get(h["pattern"], OTHER_COLOUR), h["density"]) for h in heads]
-            for _, heads in _chosen_heads(plan)]
-    return png.grid(rows) if rows else None
-
-
-def _chosen_heads(plan) -> list[tuple[str, list[dict]]]:
-    """(site, per-head choices) of every site head_patterns measured, in plan order."""
-    return [(site, heads) for site, per_pass in plan.sites.items()
-            if (heads := per_pass.get("head_patterns", {}).get("evidence", {}).get("heads"))]
-
-
-def _token_figures(plan) -> list[tuple[str, str]]:
-    """The token keep schedule (token_pruning) and the importance mass kept per layer (token_importance)."""
-    figures = []
-    stats = plan.passes.get("token_pruning", {}).get("stats", {})
-    schedule = stats.get("counters", {}).get("schedule")
-    if schedule:
-        labels = [f"before block {layer}" for layer in schedule]
-        values = [float(v) if isinstance(v, (int, float)) else 0.0 for v in schedule.values()]
-        figures.append(("Token keep schedule", svg.bars("tokens kept (traced length)", labels, {"tokens": values})))
-    table = (plan.summary("token_importance") or {}).get("mass_kept_per_layer")
-    if table:
-        keeps = sorted({k for curve in table.values() for k in curve}, key=float, reverse=True)
-        figures.append(("Token importance kept per layer", svg.bars(
-            "share of attention importance held by the top r of the tokens", [f"layer {k}" for k in table],
-            {f"r = {k}": [curve[k] for curve in table.values()] for k in keeps})))
-    return figures
-
-
-def _roi_figures(cm, limit: int = 4) -> list[tuple[str, str]]:
-    """The example images with the RoI boxes `cm.roi` finds on them (needs the roi pass)."""
-    if cm.plan.summary("roi") is None:
-        return []
-    import torch
-
-    images = next((x for x in cm.example.args if isinstance(x, torch.Tensor) and x.dim() == 4), None)
-    if images is None:
-        return []
-    images = images[:limit]
-    boxes = cm.roi(images, *cm.example.args[1:], **cm.example.kwargs)
-    size = images.shape[-1]
-    factor = max(1, size // 64)  # draw at most 64 × 64 cells per image
-    gray = torch.nn.functional.avg_pool2d(images.float().mean(1, keepdim=True), factor)[:, 0]
-    gray = (gray - gray.amin((1, 2), keepdim=True)) / (gray.amax((1, 2), keepdim=True)
-                                                       - gray.amin((1, 2), keepdim=True)).clamp_min(1e-12)
-    scale = 160 / gray.shape[-1]
-    charts = [svg.image(f"image {i}", gray[i].tolist(),
-                        [(b.x0 / factor, b.y0 / factor, b.x1 / factor, b.y1 / factor, f"{b.score:.2f}") for b in bs],
-                        scale) for i, bs in enumerate(boxes)]
-    return [("Regions of interest on the example images (box: share of class-token attention)", "".join(charts))]
 
 
 def _ratio(a: float, b: float) -> str:

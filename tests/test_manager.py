@@ -347,3 +347,14 @@ def test_register_pass_refuses_a_taken_name_and_non_passes():
     with pytest.raises(TypeError, match=r"@register_pass\('test_mgr_not_a_pass'\) needs a Pass subclass"):
         sg.register_pass("test_mgr_not_a_pass")(object)
     assert "test_mgr_not_a_pass" not in sg.available_passes()
+
+
+def test_every_built_in_pass_is_an_entry_point_of_its_module():
+    """The registry finds built-ins through pyproject's entry points: that table and BUILTIN agree."""
+    from importlib import metadata
+
+    points = {ep.name: ep.value for ep in metadata.entry_points(group="sparsegraph.passes")
+              if ep.value.startswith("sparsegraph.passes.")}
+    assert {name: value.split(":")[0] for name, value in points.items()} == BUILTIN
+    for name in BUILTIN:
+        assert sg.registry.get_pass(name).name == name

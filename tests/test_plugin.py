@@ -115,6 +115,19 @@ def test_plugin_flags_exactly_the_mostly_zero_layer(installed, net):
     assert plan.evidence(PLUGIN, "head") == {"head": {"rows": 5, "near_zero_rows": 3, "share": 0.6}}
 
 
+def test_plugin_contributes_its_report_section(installed, net):
+    """The report asks each pass for its section: the plugin's table shows like a built-in's, flagged first,
+    in the compiled model's report and in a saved plan's."""
+    from sparsegraph.report import Report
+
+    cm = _run(net, fraction=0.4)
+    for report in (cm.report(), Report.of_plan(cm.plan)):
+        (table,) = [t for t in report.tables if t.title == "Near-zero weight rows per linear layer"]
+        assert [row[:4] for row in table.rows] == [["head", "head", 5, 3], ["mlp:mlp", "mlp.0", 10, 4],
+                                                   ["mlp:mlp", "mlp.2", 8, 0]]
+        assert "Near-zero weight rows" in report.to_markdown()
+
+
 def test_plugin_options_move_the_verdict(installed, net):
     assert _run(net, fraction=0.3).plan.summary(PLUGIN)["flagged"] == ["mlp.0", "head"]
     strict = _run(net, fraction=0.3, atol=1e-8).plan

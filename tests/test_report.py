@@ -73,8 +73,8 @@ def _check_head_grid_png(data, plan):
     import struct
     import zlib
 
+    from sparsegraph.passes.analysis.head_patterns import PATTERN_COLOURS
     from sparsegraph.png import hex_rgb
-    from sparsegraph.report import PATTERN_COLOURS
 
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = struct.unpack(">II", data[16:24])

@@ -43,11 +43,12 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from sparsegraph import distributed, ir
+from sparsegraph import distributed, ir, svg
 from sparsegraph.errors import CalibrationError
 from sparsegraph.observe import Observer
 from sparsegraph.pass_contract import AnalysisPass, option
 from sparsegraph.registry import register_pass
+from sparsegraph.sections import Section
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
 HIST_RANGE = (-6.0, 2.0)  # log10|a|
@@ -99,6 +100,11 @@ class ActivationProfile(AnalysisPass):
         ctx.plan.set_summary(self.name, {"batches": len(ctx.calibration), "tokens_per_site": tokens,
                                          "targets": list(self.targets)})
         stats.counters.update(batches=len(ctx.calibration), tokens=max(tokens.values(), default=0))
+
+    @classmethod
+    def report_section(cls, plan, model=None):
+        """One histogram of log10|a| per MLP site, the thresholds of every recorded target marked."""
+        return Section(figures=_histograms(plan))
 
     def _check(self, streams: dict) -> None:
         """Refuse a profile too thin to hold its statistics, or one that saw only constant activations."""
@@ -297,3 +303,22 @@ def _float(x) -> float:
 
 def _floats(t: torch.Tensor) -> list[float]:
     return [float(f"{v:.7g}") for v in t.tolist()]
+
+
+# --------------------------------------------------------------------------------------- report
+
+
+def _histograms(plan) -> list[tuple[str, str]]:
+    """One histogram of log10|a| per MLP site from the activation profile, thresholds marked."""
+    charts = []
+    for site, per_pass in plan.sites.items():
+        evidence = per_pass.get("activation_profile", {}).get("evidence", {}).get("down_input")
+        if not evidence:
+            continue
+        lo, hi = evidence["histogram"]["log10_range"]
+        counts = evidence["histogram"]["counts"][1:-1]  # drop under/overflow bins
+        markers = {f"t{round(float(t) * 100)}%": math.log10(v)
+                   for t, v in evidence["thresholds"]["magnitude"].items() if v > 0}
+        charts.append(svg.histogram(f"{site}: log10|a|", counts, lo, hi, markers,
+                                    f"zero fraction {evidence['zero_fraction']:.3f}"))
+    return [("Activation magnitudes per MLP (thresholds for each target sparsity)", "".join(charts))] if charts else []

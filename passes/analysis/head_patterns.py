@@ -66,13 +66,14 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from sparsegraph import graph_edit, ir
+from sparsegraph import attention_scores, ir, png, svg
 from sparsegraph.attention_layouts import allowed_blocks, pattern_mask
 from sparsegraph.codegen import dynamic_block_sparse_attention as dynamic
 from sparsegraph.errors import CalibrationError, ConfigError
 from sparsegraph.observe import Observer
 from sparsegraph.pass_contract import AnalysisPass, option
 from sparsegraph.registry import register_pass
+from sparsegraph.sections import Section
 
 FAMILIES = ("dense", "local", "sink_local", "multi_diagonal", "vertical_slash", "block_topk", "dynamic_topk",
             "skip")
@@ -124,6 +125,12 @@ class HeadPatterns(AnalysisPass):
             head["params"].mapping(extra=True)
             head["recall"].number(0.0, 1.0)
             head["density"].number(0.0, 1.0)
+
+    @classmethod
+    def report_section(cls, plan, model=None):
+        """The layer × head grid of the chosen patterns (SVG, and a PNG saved beside the HTML)."""
+        grid = _head_grid_png(plan)
+        return Section(figures=_head_grid(plan), images={"head-grid.png": grid} if grid else {})
 
     def analyze(self, gm, ctx, stats):
         sites = ir.attention_sites(gm)
@@ -309,11 +316,6 @@ def _fit_greedy(mass, allowed, need, columns: bool) -> dict | None:
 # --------------------------------------------------------------------------------------- observer
 
 
-def _repeat_heads(k: torch.Tensor, heads: int) -> torch.Tensor:
-    """k [B, Hkv, S, E] as fp32 with one head per query head (GQA: repeated)."""
-    return k.float().repeat_interleave(heads // k.shape[1], 1) if k.shape[1] != heads else k.float()
-
-
 class _Observer(Observer):
     """Runs the graph and accumulates per-site block attention mass M [H, nq, nk] (padding rows dropped)."""
 
@@ -321,9 +323,8 @@ class _Observer(Observer):
         super().__init__(gm)
         self.block, self.chunk = block, max(block, chunk // block * block)
         self.at: dict[torch.fx.Node, ir.AttentionSite] = {}
-        self.parts: dict[str, tuple] = {}  # explicit site → (scale, masks) as the rewrite reads them
-        # their q, kᵀ and masks: the interpreter frees them before the softmax runs, so they are kept
-        # here until the site's capture
+        # explicit chains' q, kᵀ, v and masks: the interpreter frees them before the softmax runs, so
+        # they are kept here until the site's capture
         self.kept: dict[torch.fx.Node, torch.Tensor | None] = {}
         for s in sites:
             if s.form == "sdpa":
@@ -331,8 +332,7 @@ class _Observer(Observer):
                 continue
             self.at[next(n for n in s.core if ir.kind(n) == "softmax")] = s
             if s.readable:
-                self.parts[s.id] = (s.scale, list(s.masks))
-                self.kept.update({n: None for n in (s.q, s.k, *(m for m, _ in s.masks))})
+                self.kept.update({n: None for n in (s.q, s.k, s.v, *(m for m, _ in s.masks))})
         self.masses: dict[str, dict[int, torch.Tensor]] = {}
         self.outs = {s.out: s for s in sites}
         self.moments: dict[str, list] = {}  # site → [rows, Σ o [H, E], Σ ‖o‖² [H]]
@@ -370,42 +370,26 @@ class _Observer(Observer):
         return variation / (sq / max(rows, 1.0)).sum().clamp_min(1e-30), mean
 
     def _sdpa(self, site, node):
-        q = self.env[site.q]
-        k = _repeat_heads(self.env[site.k], q.shape[1])
-        mask = graph_edit.additive_value(self.env[site.mask], "sdpa") if site.mask is not None else None
-        scale = ir._arg(node, 6, "scale") or q.shape[-1] ** -0.5
-        causal = bool(ir._arg(node, 5, "is_causal", False))
-        B, H, L, S = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+        ops = attention_scores.operands(site, self.env.__getitem__)
+        B, H, L, S = ops.q.shape[0], ops.q.shape[1], ops.q.shape[2], ops.k.shape[2]
         per_input = torch.zeros(B, H, math.ceil(L / self.block), math.ceil(S / self.block), dtype=torch.float64)
         for c0 in range(0, L, self.chunk):
-            c1 = min(L, c0 + self.chunk)
-            s = (q[:, :, c0:c1].float() * scale) @ k.transpose(-1, -2)
-            if mask is not None:
-                m = mask if mask.dim() < 2 or mask.shape[-2] == 1 else mask[..., c0:c1, :]
-                s = s + m.float()
-            if causal:
-                s = s.masked_fill(torch.arange(S)[None, :] > torch.arange(c0, c1)[:, None], float("-inf"))
-            per_input += self._add(site, torch.softmax(s, -1).nan_to_num(0.0), c0, L)
-        self._capture(site, q, k, mask, causal, scale, per_input, L)
+            per_input += self._add(site, ops.probabilities(slice(c0, c0 + self.chunk)), c0, L)
+        self._capture(site, ops, per_input, L)
 
     def _explicit(self, site, per_input):
-        """`_capture` at an explicit chain, from its q, kᵀ, scale and masks as the rewrite reads them
-        (chains it cannot read are refused by the rewrite, so nothing is captured there)."""
-        if site.id not in self.parts:
+        """`_capture` at an explicit chain, from its operands as the rewrite reads them (chains it cannot
+        read are refused by the rewrite, so nothing is captured there)."""
+        if not site.readable:
             return
-        scale, masks = self.parts[site.id]
-        q = self.kept[site.q]
-        k = _repeat_heads(self.kept[site.k].transpose(-1, -2), q.shape[1])
-        self.kept[site.q] = self.kept[site.k] = None  # masks may be shared with later sites: kept
-        mask = None
-        for node, how in masks:
-            m = graph_edit.additive_value(self.kept[node], how)
-            mask = m if mask is None else mask + m
-        self._capture(site, q, k, mask, site.causal, scale, per_input, q.shape[2])
+        ops = attention_scores.operands(site, self.kept.__getitem__)
+        self.kept[site.q] = self.kept[site.k] = self.kept[site.v] = None  # masks may be shared with later sites
+        self._capture(site, ops, per_input, ops.q.shape[2])
 
-    def _capture(self, site, q, k, mask, causal, scale, per_input, L):
-        """C(t) of ``dynamic_topk``: the mass its run-time estimate would keep, per input, for every t."""
-        est = dynamic.estimate(q, k, mask, self.block, causal, scale)  # the op's own estimate
+    def _capture(self, site, ops, per_input, L):
+        """C(t) of ``dynamic_topk``: the mass its run-time estimate would keep, per input, for every t
+        (the op's own estimate, causal as the rewrite makes it)."""
+        est = dynamic.estimate(ops.q, ops.k, ops.mask, self.block, site.causal, ops.scale)
         order = est.argsort(-1, descending=True)
         kept = per_input.gather(-1, order).cumsum(-1).sum((0, 2))  # [H, nk]
         by_length = self.captured.setdefault(site.id, {})
@@ -436,3 +420,43 @@ class _Observer(Observer):
         traced = ir.shape(site.q)[2] if ir.shape(site.q) is not None else None
         length = traced if traced in by_length else max(by_length)
         return length, by_length[length]
+
+
+# --------------------------------------------------------------------------------------- report
+
+
+PATTERN_COLOURS = {"dense": "#bbbbbb", "local": "#4878d0", "sink_local": "#6acc64", "vertical_slash": "#ee854a",
+                   "block_topk": "#956cb4", "multi_diagonal": "#d65f5f", "dynamic_topk": "#8c613c",
+                   "skip": "#ffffff"}
+OTHER_COLOUR = "#888888"  # a pattern family without a colour of its own (a plugin's)
+
+
+def _head_grid(plan) -> list[tuple[str, str]]:
+    """Layer × head grid of the patterns head_patterns chose, each cell with its block density."""
+    rows, cells = [], []
+    for site, heads in _chosen_heads(plan):
+        rows.append(site.split(".")[-2] if "." in site else site)
+        cells.append([(PATTERN_COLOURS.get(h["pattern"], OTHER_COLOUR), f"{h['density']:.2f}",
+                       f"{site} head {i}: {h['pattern']} {h.get('params', {})}, density {h['density']:.3f}, "
+                       f"recall {h['recall']:.3f}") for i, h in enumerate(heads)])
+    if not rows:
+        return []
+    used = {h for row in cells for h, _, _ in row}
+    legend = {name: colour for name, colour in PATTERN_COLOURS.items() if colour in used}
+    cols = [f"h{i}" for i in range(max(len(r) for r in cells))]
+    return [("Attention pattern per layer and head (block density in the cell)",
+             svg.grid("pattern per head (colour) and listed-block density", rows, cols, cells, legend))]
+
+
+def _head_grid_png(plan) -> bytes | None:
+    """The pattern grid as a PNG: a row per attention site, a cell per head in its pattern's colour,
+    filled from the bottom to its block density (colours as in the HTML grid's legend)."""
+    rows = [[(PATTERN_COLOURS.get(h["pattern"], OTHER_COLOUR), h["density"]) for h in heads]
+            for _, heads in _chosen_heads(plan)]
+    return png.grid(rows) if rows else None
+
+
+def _chosen_heads(plan) -> list[tuple[str, list[dict]]]:
+    """(site, per-head choices) of every site head_patterns measured, in plan order."""
+    return [(site, heads) for site, per_pass in plan.sites.items()
+            if (heads := per_pass.get("head_patterns", {}).get("evidence", {}).get("heads"))]

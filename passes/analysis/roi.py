@@ -16,9 +16,9 @@ and the ``max_boxes`` components with the highest score are kept. ``patch`` (pix
 read from the image input's size / grid side. Boxes are patch-aligned: a box cannot be finer than
 the patch grid.
 
-On calibration images the pass records the settings (what `CompiledModel.roi` replays on new inputs),
-the boxes of the first ``samples`` images (the report draws them), and the mean box area. `detect`
-is the same computation for any input batch. Settings a plan supplies instead of calibration are checked
+On calibration images the pass records the settings (what `rois` replays on a compiled model's new
+inputs), the boxes of the first ``samples`` images, and the mean box area; the report draws the boxes
+`rois` finds on the example images. `detect` is the same computation for any input batch of a graph. Settings a plan supplies instead of calibration are checked
 against the graph (sites at or before the read layer, a grid that is the token count there).
 """
 
@@ -27,57 +27,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import networkx as nx
 import torch
 
-from sparsegraph import ir
+from sparsegraph import attention_scores, ir, svg
+from sparsegraph.boxes import Box, boxes_from_map, normalised
 from sparsegraph.observe import Observer
 from sparsegraph.pass_contract import AnalysisPass, Entry, option
-from sparsegraph.passes.analysis.token_importance import attention_scores
 from sparsegraph.registry import register_pass
-
-
-@dataclass(frozen=True)
-class Box:
-    x0: int
-    y0: int
-    x1: int
-    y1: int
-    score: float
-
-    def to_json(self) -> dict:
-        return {"box": [self.x0, self.y0, self.x1, self.y1], "score": round(self.score, 4)}
-
-    def iou(self, other: tuple[int, int, int, int]) -> float:
-        ox0, oy0, ox1, oy1 = other
-        w = max(0, min(self.x1, ox1) - max(self.x0, ox0))
-        h = max(0, min(self.y1, oy1) - max(self.y0, oy0))
-        inter = w * h
-        union = (self.x1 - self.x0) * (self.y1 - self.y0) + (ox1 - ox0) * (oy1 - oy0) - inter
-        return inter / union if union > 0 else 0.0
-
-
-def boxes_from_map(m: torch.Tensor, threshold: float, patch: float, max_boxes: int) -> list[Box]:
-    """Boxes (input pixels) of the connected regions of grid map `m` [side, side] at ≥ threshold · max."""
-    m = m.float().clamp_min(0)
-    total = float(m.sum())
-    if total <= 0:
-        return []
-    on = (m >= threshold * m.max()).nonzero().tolist()
-    grid = nx.Graph()
-    grid.add_nodes_from(map(tuple, on))
-    cells = set(grid.nodes)
-    for r, c in cells:
-        for dr, dc in ((0, 1), (1, -1), (1, 0), (1, 1)):
-            if (r + dr, c + dc) in cells:
-                grid.add_edge((r, c), (r + dr, c + dc))
-    found = []
-    for component in nx.connected_components(grid):
-        rows, cols = [r for r, _ in component], [c for _, c in component]
-        score = min(1.0, sum(float(m[r, c]) for r, c in component) / total)
-        found.append(Box(round(min(cols) * patch), round(min(rows) * patch), round((max(cols) + 1) * patch),
-                         round((max(rows) + 1) * patch), score))
-    return sorted(found, key=lambda b: -b.score)[:max_boxes]
+from sparsegraph.sections import Section
 
 
 @register_pass("roi")
@@ -96,6 +53,11 @@ class RegionsOfInterest(AnalysisPass):
     max_boxes: int = option(1, "boxes kept per image, by attention share", range=(1, None))
     protect: int = option(1, "leading (class) tokens before the patch tokens", range=(0, None))
     samples: int = option(8, "calibration images whose boxes are written to the plan", range=(0, None))
+
+    @classmethod
+    def report_section(cls, plan, model=None):
+        """The example images with the boxes `rois` finds on them (a compiled model's report only)."""
+        return Section(figures=_figures(model)) if model is not None and plan.summary("roi") else None
 
     def analyze(self, gm, ctx, stats):
         settings = self.settings(gm, ctx.example.args)
@@ -173,6 +135,16 @@ class RegionsOfInterest(AnalysisPass):
         evidence["max_boxes"].integer(1)
 
 
+def rois(cm, *args, **kwargs) -> list[list[Box]]:
+    """Regions of interest for each input of a batch of a compiled model `cm` (the ``roi`` pass settings
+    from its plan): lists of `Box` (pixel coordinates, attention share), best first."""
+    summary = cm.plan.summary("roi")
+    if summary is None:
+        raise ValueError("this model was compiled without the 'roi' pass (or it found no RoI layer); "
+                         "add {'roi': {}} to the config")
+    return detect(cm.graph_module, args, kwargs, cm.plan.evidence("roi", summary["site"]))
+
+
 def detect(gm, args: tuple, kwargs: dict, settings: dict) -> list[list[Box]]:
     """Boxes for every input of a batch, per `settings` (from `RegionsOfInterest.settings` or a plan)."""
     return [boxes_from_map(m, settings["threshold"], settings["patch"], settings["max_boxes"])
@@ -197,13 +169,6 @@ def importance_maps(gm, args: tuple, kwargs: dict, settings: dict) -> torch.Tens
     return (sum(maps) / len(maps)).reshape(-1, side, side)
 
 
-def normalised(scores: torch.Tensor, protect: int) -> torch.Tensor:
-    """[B, n] patch scores (after `protect` tokens), each row scaled to sum 1 (padding / −inf → 0)."""
-    patches = scores[:, protect:].float()
-    patches = torch.where(torch.isfinite(patches), patches, torch.zeros_like(patches))
-    return patches / patches.sum(1, keepdim=True).clamp_min(1e-12)
-
-
 class _Capture(Observer):
     def __init__(self, gm, sites):
         super().__init__(gm)
@@ -213,5 +178,25 @@ class _Capture(Observer):
     def run_node(self, n):
         result = super().run_node(n)
         if n in self.sites:
-            self.scores[self.sites[n].id] = attention_scores(self, self.sites[n], n, "cls", chunk=256)
+            self.scores[self.sites[n].id] = attention_scores.site_scores(self.sites[n], self.env.__getitem__, "cls",
+                                                                         chunk=256)
         return result
+
+
+def _figures(cm, limit: int = 4) -> list[tuple[str, str]]:
+    """The example images (at most `limit`) with the RoI boxes `rois` finds on them."""
+    images = next((x for x in cm.example.args if isinstance(x, torch.Tensor) and x.dim() == 4), None)
+    if images is None:
+        return []
+    images = images[:limit]
+    boxes = rois(cm, images, *cm.example.args[1:], **cm.example.kwargs)
+    size = images.shape[-1]
+    factor = max(1, size // 64)  # draw at most 64 × 64 cells per image
+    gray = torch.nn.functional.avg_pool2d(images.float().mean(1, keepdim=True), factor)[:, 0]
+    gray = (gray - gray.amin((1, 2), keepdim=True)) / (gray.amax((1, 2), keepdim=True)
+                                                       - gray.amin((1, 2), keepdim=True)).clamp_min(1e-12)
+    scale = 160 / gray.shape[-1]
+    charts = [svg.image(f"image {i}", gray[i].tolist(),
+                        [(b.x0 / factor, b.y0 / factor, b.x1 / factor, b.y1 / factor, f"{b.score:.2f}") for b in bs],
+                        scale) for i, bs in enumerate(boxes)]
+    return [("Regions of interest on the example images (box: share of class-token attention)", "".join(charts))]

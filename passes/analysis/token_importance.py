@@ -23,41 +23,13 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from sparsegraph import graph_edit, ir
+from sparsegraph import ir, svg
+from sparsegraph.attention_scores import MODES, mass_kept, score_mode, site_scores
 from sparsegraph.codegen import token_scores
 from sparsegraph.observe import Observer
 from sparsegraph.pass_contract import AnalysisPass, option
 from sparsegraph.registry import register_pass
-
-MODES = ("auto", *token_scores.MODES)
-
-
-def score_mode(site: ir.AttentionSite, requested: str = "auto", protect: int = 1) -> str:
-    """The token score for `site`: `requested`, or for ``auto``: ``last`` for causal attention, ``cls``
-    when a leading token is protected (it is the class / summary token whose attention says what
-    matters), else ``received``.
-
-    Why cls over received where both apply: on MiniLM (real weights, 120 held-out sentences of ≥ 32
-    tokens, keep 0.7) the [CLS] row gives cosine 0.985 from layer 4 and 0.960 from layer 2, mean
-    attention received 0.967 and 0.921: received favours tokens every query glances at ([SEP],
-    punctuation), not the ones the summary reads.
-    """
-    if requested != "auto":
-        return requested
-    if site.causal:
-        return "last"
-    return "cls" if protect >= 1 else "received"
-
-
-def mass_kept(scores: torch.Tensor, keep: float, protect: int) -> torch.Tensor:
-    """[B] fraction of the (finite, non-protected) score mass the top ⌈keep·n⌉ tokens hold."""
-    s = scores[:, protect:].float()
-    finite = torch.isfinite(s)
-    s = torch.where(finite, s.clamp_min(0), torch.zeros_like(s))
-    n = finite.sum(1)
-    ranked = s.sort(1, descending=True).values.cumsum(1)
-    k = (n.float() * keep).ceil().long().clamp(1, s.shape[1]) - 1
-    return ranked.gather(1, k[:, None])[:, 0] / ranked[:, -1].clamp_min(1e-12)
+from sparsegraph.sections import Section
 
 
 @register_pass("token_importance")
@@ -73,6 +45,10 @@ class TokenImportance(AnalysisPass):
     keeps: tuple[float, ...] = option((0.9, 0.7, 0.5, 0.3), "keep ratios to report the mass kept at (each in "
                                       "[1/1000, 1], as token_pruning's keep)", range=(0.001, 1.0))
     chunk: int = option(256, "query rows per step for score 'received'", range=(1, None))
+
+    @classmethod
+    def report_section(cls, plan, model=None):
+        return Section(figures=_mass_per_layer(plan))
 
     def analyze(self, gm, ctx, stats):
         sites = ir.attention_sites(gm)
@@ -135,7 +111,7 @@ class _Observer(Observer):
         result = super().run_node(n)
         if n in self.outs:
             site, mode = self.outs[n]
-            self._add(site, mode, attention_scores(self, site, n, mode, self.opts.chunk))
+            self._add(site, mode, site_scores(site, self.env.__getitem__, mode, self.opts.chunk))
         return result
 
     def _add(self, site, mode, scores):
@@ -153,25 +129,12 @@ class _Observer(Observer):
         acc["count"] += scores.shape[0]
 
 
-def attention_scores(observer: Observer, site: ir.AttentionSite, out: torch.fx.Node, mode: str,
-                     chunk: int) -> torch.Tensor:
-    """[B, S] token scores at an attention site an `Observer` has just run (its ``env`` holds the
-    operands): from q, k and the mask for SDPA, from the observed probabilities for explicit chains."""
-    if site.form == "sdpa":
-        q, k = observer.env[out.args[0]], observer.env[out.args[1]]
-        mask = ir._arg(out, 3, "attn_mask")
-        mask = graph_edit.additive_value(observer.env[mask], "sdpa") if isinstance(mask, torch.fx.Node) else None
-        if mask is not None and mask.dim() < 4:
-            mask = mask.reshape(*([1] * (4 - mask.dim())), *mask.shape)
-        scale = ir._arg(out, 6, "scale") or q.shape[-1] ** -0.5
-        if site.causal and mask is None:
-            L, S = q.shape[2], k.shape[2]
-            mask = torch.zeros(L, S).masked_fill(torch.ones(L, S, dtype=torch.bool).triu(1), float("-inf"))
-            mask = mask[None, None]
-        return token_scores.cpu(q, k, mask, float(scale), mode, chunk)
-    softmax = next(c for c in site.core if ir.kind(c) == "softmax")
-    p = observer.env[softmax].float()  # [B, H, L, S]
-    if mode == "received":
-        return p.mean((1, 2))
-    return p[:, :, 0 if mode == "cls" else -1].mean(1)
-
+def _mass_per_layer(plan) -> list[tuple[str, str]]:
+    """The share of attention importance the top r of the tokens hold, per layer and keep ratio r."""
+    table = (plan.summary("token_importance") or {}).get("mass_kept_per_layer")
+    if not table:
+        return []
+    keeps = sorted({k for curve in table.values() for k in curve}, key=float, reverse=True)
+    return [("Token importance kept per layer", svg.bars(
+        "share of attention importance held by the top r of the tokens", [f"layer {k}" for k in table],
+        {f"r = {k}": [curve[k] for curve in table.values()] for k in keeps}))]

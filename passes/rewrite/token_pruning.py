@@ -48,12 +48,13 @@ import torch
 import torch.fx
 from torch.fx.passes.tools_common import legalize_graph
 
-from sparsegraph import graph_edit, ir, meta
+from sparsegraph import graph_edit, ir, meta, svg
+from sparsegraph.attention_scores import MODES, score_mode
 from sparsegraph.codegen import core_scores, roi_scores, token_gather, token_scores, token_select
 from sparsegraph.errors import ConfigError
 from sparsegraph.pass_contract import RewritePass, SiteDecision, option
-from sparsegraph.passes.analysis.token_importance import MODES, score_mode
 from sparsegraph.registry import register_pass
+from sparsegraph.sections import Section
 
 _SYM_ARITHMETIC = frozenset({operator.mul, operator.add, operator.sub, operator.floordiv, operator.neg})
 KEEP_MIN = 0.001  # token_select counts in permille: a smaller keep rounds to 0, which the op reads as "RoI"
@@ -82,6 +83,10 @@ class TokenPruning(RewritePass):
         if not self.layers:
             raise ConfigError("option 'layers' of pass 'token_pruning' is empty, so no block would be pruned; list "
                               "the blocks before which tokens are dropped (e.g. layers: [4])")
+
+    @classmethod
+    def report_section(cls, plan, model=None):
+        return Section(figures=_schedule(plan))
 
     def decide(self, gm, ctx, stats):
         sites = ir.attention_sites(gm)
@@ -422,3 +427,13 @@ def _closure(start: list, step) -> set[torch.fx.Node]:
             seen.add(n)
             stack.extend(step(n))
     return seen
+
+
+def _schedule(plan) -> list[tuple[str, str]]:
+    """The token keep schedule: tokens kept before each pruned block (at the traced length)."""
+    schedule = plan.passes.get("token_pruning", {}).get("stats", {}).get("counters", {}).get("schedule")
+    if not schedule:
+        return []
+    labels = [f"before block {layer}" for layer in schedule]
+    values = [float(v) if isinstance(v, (int, float)) else 0.0 for v in schedule.values()]
+    return [("Token keep schedule", svg.bars("tokens kept (traced length)", labels, {"tokens": values}))]

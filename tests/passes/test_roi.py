@@ -6,7 +6,8 @@ import torch
 
 import sparsegraph as sg
 from sparsegraph import models
-from sparsegraph.passes.analysis.roi import Box, boxes_from_map
+from sparsegraph.boxes import Box, boxes_from_map
+from sparsegraph.passes.analysis.roi import rois
 
 
 def test_boxes_of_planted_blobs():
@@ -39,7 +40,7 @@ def test_text_models_are_refused_with_the_reason(explicit_calibrated):
     (refusal,) = cm.plan.passes["roi"]["stats"]["refused"]
     assert "image input" in refusal["reason"]
     with pytest.raises(ValueError, match="without the 'roi' pass"):
-        cm.roi(*example)
+        rois(cm, *example)
 
 
 def test_vit_boxes_at_run_time():
@@ -51,7 +52,7 @@ def test_vit_boxes_at_run_time():
     settings = cm.plan.evidence("roi", cm.plan.summary("roi")["site"])
     assert settings["grid"] == 14 and settings["patch"] == 16 and settings["layer"] == 6
     assert len(settings["samples"]) == 2
-    boxes = cm.roi(*batches[0])
+    boxes = rois(cm, *batches[0])
     assert len(boxes) == 2 and all(1 <= len(b) <= 2 for b in boxes)
     for b in boxes[0]:
         assert 0 <= b.x0 < b.x1 <= 224 and 0 <= b.y0 < b.y1 <= 224 and b.x0 % 16 == 0 and 0 < b.score <= 1

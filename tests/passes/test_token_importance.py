@@ -5,7 +5,7 @@ import torch
 
 import sparsegraph as sg
 from sparsegraph import ir, models
-from sparsegraph.passes.analysis.token_importance import mass_kept, score_mode
+from sparsegraph.attention_scores import mass_kept, score_mode
 
 
 def test_mass_kept_by_hand():

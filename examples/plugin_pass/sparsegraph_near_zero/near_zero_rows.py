@@ -6,8 +6,8 @@ A row of W (one output feature) is near zero when max_j |W[o, j]| ≤ ``atol``: 
 signs of a broken checkpoint.
 
 An analysis pass: it reads the graph and writes evidence (per layer: rows, near-zero rows, share) into
-the plan, keyed by the layer's site when it has one and by its module path otherwise. It never
-changes the graph. Counts: matched = linear layers with a stored weight examined; ``flagged`` lists
+the plan, keyed by the layer's site when it has one and by its module path otherwise, and a table of
+them to the report (`report_section`). It never changes the graph. Counts: matched = linear layers with a stored weight examined; ``flagged`` lists
 the flagged layers; layers whose weight is computed in the graph are refused with that reason.
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sparsegraph import AnalysisPass, ir, meta, option
+from sparsegraph.sections import Section, Table
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,17 @@ class NearZeroRows(AnalysisPass):
 
     fraction: float = option(0.5, "share of near-zero rows above which a layer is flagged", range=(0.0, 1.0))
     atol: float = option(1e-6, "a row is near zero when its largest |weight| is at most this", range=(0.0, None))
+
+    @classmethod
+    def report_section(cls, plan, model=None):
+        """A table of the layers it looked at, flagged ones first (the report shows it like a built-in's)."""
+        rows = [[site, path, layer["rows"], layer["near_zero_rows"], f"{layer['share']:.3f}"]
+                for site, per_pass in plan.sites.items() for path, layer in
+                per_pass.get(cls.name, {}).get("evidence", {}).items()]
+        flagged = set((plan.summary(cls.name) or {}).get("flagged", []))
+        rows.sort(key=lambda r: (r[1] not in flagged, r[1]))
+        return Section(tables=[Table("Near-zero weight rows per linear layer",
+                                     ["site", "layer", "rows", "near-zero rows", "share"], rows)])
 
     def analyze(self, gm, ctx, stats):
         flagged, evidence = [], {}
