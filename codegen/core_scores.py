@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from onnxscript import opset18 as op
 
+from sparsegraph import ir
 from sparsegraph.codegen.op import SparseOp
 from sparsegraph.codegen.token_scores import _finish, _key_mask, onnx_key_padding
 
@@ -45,8 +46,6 @@ def onnx(a, hot, centre, mask):
 
 
 def cost(node: torch.fx.Node) -> tuple[int, int]:
-    from sparsegraph import ir
-
     a, hot = ir.val(node.args[0]), ir.val(node.args[1])
     rows = a.numel() // a.shape[-1]
     return 0, rows * hot.numel() * a.element_size()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from onnxscript import opset18 as op
 
+from sparsegraph import ir
 from sparsegraph.codegen.op import SparseOp
 
 
@@ -76,8 +77,6 @@ def onnx(t, index, dims: list[int]):
 
 
 def cost(node: torch.fx.Node) -> tuple[int, int]:
-    from sparsegraph import ir
-
     out = ir.val(node)
     return 0, 2 * out.numel() * out.element_size()
 

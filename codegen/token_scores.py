@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from onnxscript import opset18 as op
 
+from sparsegraph import ir
 from sparsegraph.codegen.block_sparse_attention import onnx_repeat_kv, repeat_kv
 from sparsegraph.codegen.op import SparseOp
 
@@ -140,8 +141,6 @@ def onnx_key_padding(mask, shape):
 
 def cost(node: torch.fx.Node) -> tuple[int, int]:
     """One query row per head (cls, last) or all of them (received), times S keys and E dims."""
-    from sparsegraph import ir
-
     q, k, mode = ir.val(node.args[0]), ir.val(node.args[1]), node.args[4]
     B, H, L, E = q.shape
     rows = L if mode == "received" else 1

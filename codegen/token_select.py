@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 from onnxscript import opset18 as op
 
+from sparsegraph import ir
 from sparsegraph.codegen.op import SparseOp
 
 
@@ -147,8 +148,6 @@ def onnx(x, scores, keep: float, protect: int, fuse: bool):
 
 def cost(node: torch.fx.Node) -> tuple[int, int]:
     """No MACs; reads the scores and writes the kept tokens."""
-    from sparsegraph import ir
-
     out, scores = ir.val(node)[0], ir.val(node.args[1])
     return 0, scores.numel() * scores.element_size() + 2 * out.numel() * out.element_size()
 

@@ -32,12 +32,15 @@ import warnings
 from pathlib import Path
 
 import sparsegraph as sg
-from sparsegraph import models, pipelines
+from sparsegraph import distributed, models, pipelines
 from sparsegraph.codegen import cpu_kernels
 from sparsegraph.cost_model import site_costs, total_cost
 from sparsegraph.data.calibration import calibration_for
+from sparsegraph.demo import run
 from sparsegraph.errors import SparsegraphError, UsageError, did_you_mean
-from sparsegraph.report import sites_table
+from sparsegraph.measure import compare, cosine
+from sparsegraph.plan import describe_sites
+from sparsegraph.report import Report, sites_table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,7 +125,6 @@ def cmd_inspect(args) -> None:
     model, example = models.resolve(args.model)
     gm = sg.trace(model, example)
     if args.json:
-        from sparsegraph.plan import describe_sites
 
         costs = site_costs(gm)
         sites = [{**s, "macs": costs[s["id"]].macs if s["id"] in costs else 0} for s in describe_sites(gm)]
@@ -167,7 +169,6 @@ def cmd_bench(args) -> None:
     threads, rounds interleaved, median; the outputs' cosine to dense says what the speed costs."""
     import torch
 
-    from sparsegraph.measure import compare, cosine
 
     model, example = models.resolve(args.model)
     cm = _compile(args, model, example)
@@ -201,8 +202,6 @@ def cmd_bench(args) -> None:
 
 def cmd_profile(args) -> int:
     """Profile, sharded over ``--nproc`` processes (re-launched under torch.distributed.run)."""
-    from sparsegraph import distributed
-
     check_outputs(args, [Path(args.out)])
     if args.nproc > 1 and not distributed.in_worker():
         argv = ["profile", args.model, "--out", args.out, "--calibration", str(args.calibration),
@@ -234,8 +233,6 @@ def cmd_profile(args) -> int:
 
 
 def cmd_report(args) -> None:
-    from sparsegraph.report import Report
-
     out = Path(args.out)
     report = Report.of_plan(sg.load_plan(args.plan))
     written = [out, *report.image_paths(out)]
@@ -254,8 +251,6 @@ def cmd_passes(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from sparsegraph.demo import run
-
     out = Path(args.out)
     _check_folder(out)
     if out.is_dir() and any(out.iterdir()) and not args.force:

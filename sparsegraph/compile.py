@@ -36,6 +36,7 @@ from sparsegraph.observe import check_calibration
 from sparsegraph.onnx_export import OnnxModel, export_onnx
 from sparsegraph.pass_contract import AnalysisPass
 from sparsegraph.plan import SparsityPlan, as_plan
+from sparsegraph.report import Report
 from sparsegraph.trace import trace
 
 # Guards the lazy ONNX session of every CompiledModel (a module-level lock, not one per model, so that a
@@ -177,8 +178,6 @@ class CompiledModel(torch.nn.Module):
 
     def report(self):
         """A `Report` of this compile: passes, counts, refusals, per-site decisions, cost before/after."""
-        from sparsegraph.report import Report
-
         return Report.of(self)
 
     def export_onnx(self, path: str | os.PathLike, *, dynamic: bool = True, opset: int = 18) -> Path:

@@ -29,6 +29,7 @@ from sparsegraph import models
 from sparsegraph.data.calibration import calibration_for
 from sparsegraph.data.stdlib_text import sentences
 from sparsegraph.measure import compare, cosine
+from sparsegraph.models import digits_vit
 from sparsegraph.passes.analysis.roi import rois
 from sparsegraph.report import sites_table
 from sparsegraph.sections import Table
@@ -79,8 +80,6 @@ def text(out: Path) -> list[dict]:
 
 
 def vision(out: Path) -> list[dict]:
-    from sparsegraph.models import digits_vit
-
     print(f"\n5. digits_vit (trained ViT, 65 tokens), {torch.get_num_threads()} threads")
     model, _ = models.load("digits_vit")
     test = digits_vit.dataset("test")

@@ -17,12 +17,11 @@ import typing
 from sparsegraph import pipelines
 from sparsegraph.config import BACKENDS
 from sparsegraph.pass_contract import AnalysisPass
+from sparsegraph.passes import BUILTIN
 from sparsegraph.registry import get_pass
 
 
 def render() -> str:
-    from sparsegraph.passes import BUILTIN
-
     lines = ["# Config reference", "",
              "Generated from the pass option dataclasses by `python -m sparsegraph.docgen`; do not edit by hand.",
              "", "A config has three keys:", "",

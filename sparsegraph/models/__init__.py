@@ -31,6 +31,7 @@ from collections.abc import Callable
 import torch
 
 from sparsegraph.errors import ModelSpecError, did_you_mean
+from sparsegraph.models.minilm import HFEncoder
 
 ModelAndInputs = tuple[torch.nn.Module, tuple]
 
@@ -111,8 +112,6 @@ def _timm(name: str) -> ModelAndInputs:
 
 
 def _hf(path: str) -> ModelAndInputs:
-    from sparsegraph.models.minilm import HFEncoder
-
     return HFEncoder.from_path(path)
 
 

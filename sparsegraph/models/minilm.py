@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
+from sparsegraph.errors import ModelSpecError
+
 EXAMPLE_SENTENCES = (
     "Return a new sorted list from the items in iterable.",
     "The mean pooling of token states gives one vector per sentence.",
@@ -74,7 +76,6 @@ class HFEncoder(torch.nn.Module):
     def from_path(cls, path: str):
         from transformers import AutoModel, AutoTokenizer
 
-        from sparsegraph.errors import ModelSpecError
 
         try:
             model = AutoModel.from_pretrained(path, local_files_only=True).eval()
