@@ -36,7 +36,6 @@ from sparsegraph import distributed, models, pipelines
 from sparsegraph.codegen import cpu_kernels
 from sparsegraph.cost_model import site_costs, total_cost
 from sparsegraph.data.calibration import calibration_for
-from sparsegraph.demo import run
 from sparsegraph.errors import SparsegraphError, UsageError, did_you_mean
 from sparsegraph.measure import compare, cosine
 from sparsegraph.plan import describe_sites
@@ -251,6 +250,8 @@ def cmd_passes(args) -> None:
 
 
 def cmd_demo(args) -> None:
+    from sparsegraph.demo import run  # here, not at the top: the demo loads its models (0.8 s) and sklearn
+
     out = Path(args.out)
     _check_folder(out)
     if out.is_dir() and any(out.iterdir()) and not args.force:
