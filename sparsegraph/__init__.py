@@ -20,13 +20,22 @@ from sparsegraph.errors import (
     SparsegraphError,
     TraceError,
 )
-from sparsegraph.pass_contract import AnalysisPass, PassResult, PassStats, RewritePass, SiteDecision, option
+from sparsegraph.pass_contract import (
+    AnalysisPass,
+    PassResult,
+    PassStats,
+    Refused,
+    RewritePass,
+    SiteDecision,
+    option,
+    refusals,
+)
 from sparsegraph.plan import SparsityPlan, load_plan
 from sparsegraph.registry import available_passes, register_pass
 from sparsegraph.trace import trace
 from sparsegraph.version import __version__
 
 __all__ = ["AnalysisPass", "CalibrationError", "CompiledModel", "Config", "ConfigError", "ExportError", "InputError", "ModelSpecError", "PassError",
-           "PassResult", "PassStats", "PlanError", "RewritePass", "SiteDecision", "SparsegraphError",
+           "PassResult", "PassStats", "PlanError", "Refused", "RewritePass", "SiteDecision", "SparsegraphError",
            "SparsityPlan", "TraceError", "__version__", "available_passes", "compile", "load_plan", "option",
-           "register_pass", "trace"]
+           "refusals", "register_pass", "trace"]

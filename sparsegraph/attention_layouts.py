@@ -38,6 +38,7 @@ import weakref
 
 import torch
 
+FAMILIES = ("dense", "local", "sink_local", "multi_diagonal", "vertical_slash", "block_topk", "dynamic_topk", "skip")
 BANDS, DENSE, FIXED = 0, 1, 2
 NO_DIAGONAL = -(2**40)
 HEADER = 5  # kind, nq0, nk0, n_diag, n_col

@@ -24,11 +24,12 @@ calibration. They raise `PlanEntryError` naming the pass, the site, the key, the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import types
 import typing
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 
@@ -53,6 +54,22 @@ def option(default: Any, doc: str, *, range: tuple[float | None, float | None] |
     if isinstance(default, (list, dict, set)):
         raise TypeError("mutable option defaults are not allowed; use a tuple")
     return field(default=default, metadata=metadata)
+
+
+class Refused(Exception):
+    """Raised while a pass works on one site: the site is left as it is, with the message as the reason
+    in the pass's stats (`refusals`). Helpers raise it instead of returning a reason to check for."""
+
+
+@contextlib.contextmanager
+def refusals(stats: PassStats, site: str) -> Iterator[None]:
+    """Count `site` as matched; a `Refused` raised inside records the site as refused with its reason
+    (the rest of the block is skipped, as a ``continue`` would)."""
+    stats.matched += 1
+    try:
+        yield
+    except Refused as refused:
+        stats.refuse(site, str(refused))
 
 
 @dataclass
@@ -185,9 +202,37 @@ class AnalysisPass(Pass):
 class RewritePass(Pass):
     """Decides per site (into the plan), then rewrites exactly as the plan says.
 
-    Subclasses implement ``decide(gm, ctx, stats) -> {site: SiteDecision}`` (counting matches and
-    refusals in `stats`) and ``apply(gm, ctx, decisions, stats)`` (counting rewrites).
+    Subclasses implement ``apply(gm, ctx, decisions, stats)`` (counting rewrites) and either
+    ``sites(gm)`` + ``decide_site(site, opts, ctx)`` (the common case: one decision per site, the site
+    loop, the per-site options and the counting are the contract's) or all of ``decide(gm, ctx, stats)
+    -> {site: SiteDecision}`` (passes whose sites depend on each other).
     """
+
+    def sites(self, gm: torch.fx.GraphModule) -> list:
+        """The sites this pass looks at (`ir` sites: each has an ``id`` and a ``module_path``)."""
+        raise NotImplementedError
+
+    def decide_site(self, site, opts: Pass, ctx: PassContext) -> SiteDecision | None:
+        """The decision for one site with the options that apply there (config overrides included); raise
+        `Refused` to leave it alone with a reason; None: not a site of this pass (not counted)."""
+        raise NotImplementedError
+
+    def decide(self, gm: torch.fx.GraphModule, ctx: PassContext, stats: PassStats) -> dict[str, SiteDecision]:
+        decisions = {}
+        for site in self.sites(gm):
+            opts = ctx.options(self, site.id, site.module_path)
+            with ctx.at(site.id):  # an error (not a refusal) names the site
+                try:
+                    decision = self.decide_site(site, opts, ctx)
+                except Refused as refused:
+                    decision = refused
+            if decision is not None:
+                stats.matched += 1
+                if isinstance(decision, Refused):
+                    stats.refuse(site.id, str(decision))
+                else:
+                    decisions[site.id] = decision
+        return decisions
 
     def run(self, gm, ctx):
         if ctx.replay:
@@ -207,8 +252,6 @@ class RewritePass(Pass):
             gm.recompile()
         return PassResult(gm, stats.rewritten > 0, stats)
 
-    def decide(self, gm: torch.fx.GraphModule, ctx: PassContext, stats: PassStats) -> dict[str, SiteDecision]:
-        raise NotImplementedError
 
     def apply(self, gm: torch.fx.GraphModule, ctx: PassContext, decisions: dict[str, SiteDecision],
               stats: PassStats) -> None:

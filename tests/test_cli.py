@@ -63,6 +63,8 @@ def test_json_output_and_report_from_plan(tmp_path, capsys):
     assert len(sites) == 6 and all(s["macs"] > 0 for s in sites)
 
 
+@pytest.mark.slow
+@pytest.mark.ci  # ~20 s: times dense and compiled, eager and ORT
 def test_bench_times_compiled_against_dense_in_one_run(tmp_path, capsys):
     config = tmp_path / "prune.yaml"
     config.write_text("passes:\n  - token_pruning: {layers: [1, 2], keep: 0.5}\n")

@@ -1,6 +1,7 @@
 """Methods compose: activation sparsity + attention patterns + token pruning in one config and one plan,
 on MiniLM (real weights) and timm ViT-S, with ONNX Runtime parity and a plan that replays."""
 
+import pytest
 import torch
 
 import sparsegraph as sg
@@ -40,6 +41,8 @@ def _check(cm, model, args, tmp_path, min_cosine, other=None, strict=True):
         torch.testing.assert_close(again(*args), ours)
 
 
+@pytest.mark.slow
+@pytest.mark.ci  # ~30 s: compiles combined on MiniLM with speed_check timing
 def test_minilm_combined(tmp_path):
     model, example = models.load("minilm", seq_len=128, batch=1)
     cm = sg.compile(model, "combined", example_inputs=example, calibration=calibration_for(model, example, 32),
@@ -49,6 +52,8 @@ def test_minilm_combined(tmp_path):
     _check(cm, model, example, tmp_path, min_cosine=0.95, other=padded)
 
 
+@pytest.mark.slow
+@pytest.mark.ci  # ~35 s: timm ViT-S at 224, with ORT
 def test_vit_small_combined(tmp_path):
     model, example = models.load("vit_small")
     g = torch.Generator().manual_seed(0)

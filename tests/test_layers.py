@@ -25,7 +25,7 @@ LAYERS = [
                 "sparsegraph.sections"]),
     ("codegen", ["sparsegraph.codegen"]),
     ("measures", ["sparsegraph.attention_scores"]),  # reads the token_scores op's kernel: above codegen
-    ("contract", ["sparsegraph.pass_contract", "sparsegraph.registry", "sparsegraph.pipelines",
+    ("contract", ["sparsegraph.pass_contract", "sparsegraph.facts", "sparsegraph.registry", "sparsegraph.pipelines",
                   "sparsegraph.config", "sparsegraph.plan", "sparsegraph.context", "sparsegraph.instruments",
                   "sparsegraph.manager", "sparsegraph.trace", "sparsegraph.onnx_export"]),
     ("passes", ["sparsegraph.passes"]),

@@ -358,3 +358,30 @@ def test_every_built_in_pass_is_an_entry_point_of_its_module():
     assert {name: value.split(":")[0] for name, value in points.items()} == BUILTIN
     for name in BUILTIN:
         assert sg.registry.get_pass(name).name == name
+
+
+@sg.register_pass("test_mgr_site_loop")
+@dataclass(frozen=True)
+class _SiteLoop(sg.RewritePass):
+    """The contract's site loop: refuse MLP 1 (Refused), skip attention sites (None), decide the rest."""
+
+    def sites(self, gm):
+        return ir.sites(gm)
+
+    def decide_site(self, site, opts, ctx):
+        if isinstance(site, ir.AttentionSite):
+            return None
+        if site.layer == 1:
+            raise sg.Refused("layer 1 is not for us")
+        return sg.SiteDecision({"layer": site.layer})
+
+    def apply(self, gm, ctx, decisions, stats):
+        stats.counters["applied"] = sorted(decisions)
+
+
+def test_the_site_loop_counts_matches_and_refusals(explicit):
+    cm = sg.compile(explicit.model, {"passes": ["test_mgr_site_loop"]}, example_inputs=explicit.example, quiet=True)
+    stats = cm.plan.passes["test_mgr_site_loop"]["stats"]
+    assert stats["matched"] == 3  # the three MLP sites; attention sites are not this pass's (None)
+    assert stats["refused"] == [{"site": "mlp:blocks.1.mlp", "reason": "layer 1 is not for us"}]
+    assert stats["counters"]["applied"] == ["mlp:blocks.0.mlp", "mlp:blocks.2.mlp"]

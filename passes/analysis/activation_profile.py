@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from sparsegraph import distributed, ir, svg
+from sparsegraph import distributed, facts, ir, svg
 from sparsegraph.errors import CalibrationError
 from sparsegraph.observe import Observer
 from sparsegraph.pass_contract import AnalysisPass, option
@@ -93,9 +93,10 @@ class ActivationProfile(AnalysisPass):
         self._check(streams)
         for site_id in dict.fromkeys(site for _, (site, _) in observed):
             stats.matched += 1
-            evidence = {what: streams[(site, what)].summary(self.targets, self.hot_mass)
-                        for _, (site, what) in observed if site == site_id and (site, what) in streams}
-            ctx.plan.set_evidence(self.name, site_id, evidence)
+            profile = facts.SiteActivations({what: streams[(site, what)].summary(self.targets, self.hot_mass)
+                                             for _, (site, what) in observed
+                                             if site == site_id and (site, what) in streams})
+            ctx.plan.set_evidence(self.name, site_id, profile.to_json())
         tokens = {site: st.tokens for (site, what), st in streams.items() if what == "down_input"}
         ctx.plan.set_summary(self.name, {"batches": len(ctx.calibration), "tokens_per_site": tokens,
                                          "targets": list(self.targets)})
@@ -124,41 +125,8 @@ class ActivationProfile(AnalysisPass):
         widths = {what: ir.shape(node)[-1] for node, (s, what) in _observed(gm, True, True) if s == site}
         if not widths:
             evidence.fail(f"names {site!r}, which is not an MLP or attention site of this graph")
-        evidence.mapping(optional=widths)
-        for what, stream in evidence.items():
-            _check_stream(stream, widths[what])
-
-
-def _check_stream(e, width: int) -> None:
-    """One observed tensor's statistics (an `Entry`) as `Stream.summary` writes them, for `width` neurons."""
-    e.mapping(required=("tokens", "constant", "zero_fraction", "thresholds", "centre", "mean", "rms", "mass",
-                        "hot", "histogram"), extra=True)
-    e["tokens"].integer(0)
-    e["constant"].flag()
-    e["zero_fraction"].number(0.0, 1.0)
-    for key in ("centre", "mean"):
-        e[key].numbers(width, what="one per neuron")
-    for key in ("rms", "mass"):
-        e[key].numbers(width, lo=0.0, what="one per neuron")
-    e["hot"].indices(width, what="neuron")
-    e["thresholds"].mapping(required=("magnitude", "centred"))
-    for _, table in e["thresholds"].items():
-        for target, threshold in table.items():
-            if not _is_fraction(target):
-                threshold.fail(f"the key {target!r} is not a sparsity in [0, 1]")
-            threshold.number(0.0)
-    histogram = e["histogram"]
-    histogram.mapping(required=("log10_range", "counts"))
-    histogram["log10_range"].numbers(2, what="[low, high]")
-    for count in histogram["counts"].elements(min_length=1):
-        count.integer(0)
-
-
-def _is_fraction(text: str) -> bool:
-    try:
-        return 0.0 <= float(text) <= 1.0
-    except ValueError:
-        return False
+        evidence.mapping(optional=widths)  # no tensor the site cannot observe
+        facts.SiteActivations.from_json(evidence, widths)
 
 
 def _observed(gm, inputs: bool, attention: bool):
@@ -232,7 +200,7 @@ class Stream:
             keep = self.keys.topk(self.capacity, largest=False).indices.sort().values
             self.sample, self.keys = self.sample[keep], self.keys[keep]
 
-    def summary(self, targets: tuple[float, ...], hot_mass: float) -> dict:
+    def summary(self, targets: tuple[float, ...], hot_mass: float) -> facts.ActivationStats:
         n = max(self.tokens, 1)
         mean, mass = self.sum / n, self.sum_abs / n
         rms = (self.sum_sq / n).sqrt()
@@ -249,16 +217,12 @@ class Stream:
         cumulative = mass[order].cumsum(0) / mass.sum().clamp(min=1e-30)
         hot_count = int((cumulative < hot_mass).sum()) + 1
         lo, hi = HIST_RANGE
-        return {
-            "tokens": self.tokens, "sampled": len(self.sample), "zero_fraction": self.zeros / (n * len(mean)),
-            "constant": self.constant(),
-            "quantiles": {str(q): _quantile(magnitude, q) for q in QUANTILES},
-            "thresholds": thresholds,
-            "centre": _floats(centre), "mean": _floats(mean), "rms": _floats(rms), "mass": _floats(mass),
-            "firing": _floats(firing),
-            "hot": sorted(order[:min(hot_count, len(order))].tolist()),
-            "histogram": {"log10_range": [lo, hi], "counts": self.hist.tolist()},
-        }
+        return facts.ActivationStats(
+            tokens=self.tokens, sampled=len(self.sample), zero_fraction=self.zeros / (n * len(mean)),
+            constant=self.constant(), quantiles={str(q): _quantile(magnitude, q) for q in QUANTILES},
+            thresholds=thresholds, centre=_floats(centre), mean=_floats(mean), rms=_floats(rms), mass=_floats(mass),
+            firing=_floats(firing), hot=sorted(order[:min(hot_count, len(order))].tolist()),
+            histogram_range=(lo, hi), histogram_counts=self.hist.tolist())
 
 
 class _Observer(Observer):
@@ -311,14 +275,13 @@ def _floats(t: torch.Tensor) -> list[float]:
 def _histograms(plan) -> list[tuple[str, str]]:
     """One histogram of log10|a| per MLP site from the activation profile, thresholds marked."""
     charts = []
-    for site, per_pass in plan.sites.items():
-        evidence = per_pass.get("activation_profile", {}).get("evidence", {}).get("down_input")
-        if not evidence:
+    for site in plan.sites:
+        profile = facts.read(plan, "activation_profile", site, facts.SiteActivations, widths={"down_input": None})
+        stats = profile.observed.get("down_input") if profile is not None else None
+        if stats is None:
             continue
-        lo, hi = evidence["histogram"]["log10_range"]
-        counts = evidence["histogram"]["counts"][1:-1]  # drop under/overflow bins
-        markers = {f"t{round(float(t) * 100)}%": math.log10(v)
-                   for t, v in evidence["thresholds"]["magnitude"].items() if v > 0}
-        charts.append(svg.histogram(f"{site}: log10|a|", counts, lo, hi, markers,
-                                    f"zero fraction {evidence['zero_fraction']:.3f}"))
+        lo, hi = stats.histogram_range
+        markers = {f"t{round(float(t) * 100)}%": math.log10(v) for t, v in stats.thresholds["magnitude"].items() if v > 0}
+        charts.append(svg.histogram(f"{site}: log10|a|", stats.histogram_counts[1:-1], lo, hi, markers,  # no under/overflow
+                                    f"zero fraction {stats.zero_fraction:.3f}"))
     return [("Activation magnitudes per MLP (thresholds for each target sparsity)", "".join(charts))] if charts else []

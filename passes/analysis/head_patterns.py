@@ -66,17 +66,14 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from sparsegraph import attention_scores, ir, png, svg
-from sparsegraph.attention_layouts import allowed_blocks, pattern_mask
+from sparsegraph import attention_scores, facts, ir, png, svg
+from sparsegraph.attention_layouts import FAMILIES, allowed_blocks, pattern_mask
 from sparsegraph.codegen import dynamic_block_sparse_attention as dynamic
 from sparsegraph.errors import CalibrationError, ConfigError
 from sparsegraph.observe import Observer
 from sparsegraph.pass_contract import AnalysisPass, option
 from sparsegraph.registry import register_pass
 from sparsegraph.sections import Section
-
-FAMILIES = ("dense", "local", "sink_local", "multi_diagonal", "vertical_slash", "block_topk", "dynamic_topk",
-            "skip")
 
 
 @register_pass("head_patterns")
@@ -112,19 +109,9 @@ class HeadPatterns(AnalysisPass):
         found = next((s for s in ir.attention_sites(gm) if s.id == site), None)
         if found is None:
             evidence.fail(f"names {site!r}, which is not an attention site of this graph")
-        evidence.mapping(required=("block", "seq_len", "causal", "heads", "density"), extra=True)
-        evidence["block"].integer(1)
-        evidence["seq_len"].integer(1)
-        if evidence["causal"].flag() != found.causal:
+        if facts.SitePatterns.from_json(evidence, found.heads).causal != found.causal:
             evidence["causal"].fail(f"is {evidence['causal'].value}, but the site's attention is "
                                     f"{'causal' if found.causal else 'not causal'}")
-        evidence["density"].number(0.0, 1.0)
-        for head in evidence["heads"].elements(found.heads, what="one per query head of the site"):
-            head.mapping(required=("pattern", "params", "recall", "density"), extra=True)
-            head["pattern"].text(FAMILIES)  # the parameters are sparse_attention's to check, in its decisions
-            head["params"].mapping(extra=True)
-            head["recall"].number(0.0, 1.0)
-            head["density"].number(0.0, 1.0)
 
     @classmethod
     def report_section(cls, plan, model=None):
@@ -139,9 +126,9 @@ class HeadPatterns(AnalysisPass):
             observer.run_batch(batch.args, batch.kwargs)
         per_layer = {}
         for site in sites:
-            stats.matched += 1
             opts = ctx.options(self, site.id, site.module_path)
             observed = observer.result(site)
+            stats.matched += 1
             if observed is None:
                 stats.refuse(site.id, "no attention probabilities were observed (the site did not run)")
                 continue
@@ -165,11 +152,11 @@ class HeadPatterns(AnalysisPass):
             groups: dict[str, list[int]] = {}
             for h, head in enumerate(heads):
                 groups.setdefault(json.dumps([head["pattern"], head["params"]], sort_keys=True), []).append(h)
-            ctx.plan.set_evidence(self.name, site.id, {
-                "block": self.block, "seq_len": length, "causal": site.causal,
-                "recall_target": opts.recall, "heads": heads,
-                "groups": [{"pattern": json.loads(key)[0], "heads": hs} for key, hs in groups.items()],
-                "density": sum(h["density"] for h in heads) / len(heads)})
+            ctx.plan.set_evidence(self.name, site.id, facts.SitePatterns(
+                block=self.block, seq_len=length, causal=site.causal, recall_target=opts.recall,
+                heads=[facts.HeadChoice(**h) for h in heads],
+                groups=[{"pattern": json.loads(key)[0], "heads": hs} for key, hs in groups.items()],
+                density=sum(h["density"] for h in heads) / len(heads)).to_json())
             per_layer[site.id] = sum(h["density"] for h in heads) / len(heads)
         ctx.plan.set_summary(self.name, {"batches": len(ctx.calibration), "density_per_site": per_layer,
                                          "block": self.block})
@@ -436,9 +423,9 @@ def _head_grid(plan) -> list[tuple[str, str]]:
     rows, cells = [], []
     for site, heads in _chosen_heads(plan):
         rows.append(site.split(".")[-2] if "." in site else site)
-        cells.append([(PATTERN_COLOURS.get(h["pattern"], OTHER_COLOUR), f"{h['density']:.2f}",
-                       f"{site} head {i}: {h['pattern']} {h.get('params', {})}, density {h['density']:.3f}, "
-                       f"recall {h['recall']:.3f}") for i, h in enumerate(heads)])
+        cells.append([(PATTERN_COLOURS.get(h.pattern, OTHER_COLOUR), f"{h.density:.2f}",
+                       f"{site} head {i}: {h.pattern} {h.params}, density {h.density:.3f}, recall {h.recall:.3f}")
+                      for i, h in enumerate(heads)])
     if not rows:
         return []
     used = {h for row in cells for h, _, _ in row}
@@ -451,12 +438,11 @@ def _head_grid(plan) -> list[tuple[str, str]]:
 def _head_grid_png(plan) -> bytes | None:
     """The pattern grid as a PNG: a row per attention site, a cell per head in its pattern's colour,
     filled from the bottom to its block density (colours as in the HTML grid's legend)."""
-    rows = [[(PATTERN_COLOURS.get(h["pattern"], OTHER_COLOUR), h["density"]) for h in heads]
-            for _, heads in _chosen_heads(plan)]
+    rows = [[(PATTERN_COLOURS.get(h.pattern, OTHER_COLOUR), h.density) for h in heads] for _, heads in _chosen_heads(plan)]
     return png.grid(rows) if rows else None
 
 
-def _chosen_heads(plan) -> list[tuple[str, list[dict]]]:
+def _chosen_heads(plan) -> list[tuple[str, list[facts.HeadChoice]]]:
     """(site, per-head choices) of every site head_patterns measured, in plan order."""
-    return [(site, heads) for site, per_pass in plan.sites.items()
-            if (heads := per_pass.get("head_patterns", {}).get("evidence", {}).get("heads"))]
+    return [(site, found.heads) for site in plan.sites
+            if (found := facts.read(plan, "head_patterns", site, facts.SitePatterns)) is not None and found.heads]

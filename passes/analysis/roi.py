@@ -24,15 +24,16 @@ against the graph (sites at or before the read layer, a grid that is the token c
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 
-from sparsegraph import attention_scores, ir, svg
+from sparsegraph import attention_scores, facts, ir, svg
 from sparsegraph.boxes import Box, boxes_from_map, normalised
 from sparsegraph.observe import Observer
-from sparsegraph.pass_contract import AnalysisPass, Entry, option
+from sparsegraph.pass_contract import AnalysisPass, Entry, Refused, option
 from sparsegraph.registry import register_pass
 from sparsegraph.sections import Section
 
@@ -60,41 +61,42 @@ class RegionsOfInterest(AnalysisPass):
         return Section(figures=_figures(model)) if model is not None and plan.summary("roi") else None
 
     def analyze(self, gm, ctx, stats):
-        settings = self.settings(gm, ctx.example.args)
         stats.matched = len(ir.attention_sites(gm))
-        if isinstance(settings, str):
-            stats.refuse("roi", settings)
+        try:
+            settings = self.settings(gm, ctx.example.args)
+        except Refused as refused:
+            stats.refuse("roi", str(refused))
             return
         samples, areas = [], []
         for batch in ctx.progress(ctx.calibration, "roi"):
             for boxes in detect(gm, batch.args, batch.kwargs, settings):
                 if len(samples) < self.samples:
                     samples.append([b.to_json() for b in boxes])
-                areas.extend((b.x1 - b.x0) * (b.y1 - b.y0) / settings["image"] ** 2 for b in boxes)
-        ctx.plan.set_evidence(self.name, settings["site"], {**settings, "samples": samples,
-                                                             "mean_box_area": sum(areas) / max(len(areas), 1)})
-        ctx.plan.set_summary(self.name, {"site": settings["site"], "boxes": len(areas)})
+                areas.extend((b.x1 - b.x0) * (b.y1 - b.y0) / settings.image ** 2 for b in boxes)
+        settings = dataclasses.replace(settings, samples=samples, mean_box_area=sum(areas) / max(len(areas), 1))
+        ctx.plan.set_evidence(self.name, settings.site, settings.to_json())
+        ctx.plan.set_summary(self.name, {"site": settings.site, "boxes": len(areas)})
         stats.counters.update(boxes=len(areas))
 
-    def settings(self, gm, example_args) -> dict | str:
-        """What `detect` needs, or the reason the model has no RoI to offer."""
+    def settings(self, gm, example_args) -> facts.RoiSettings:
+        """What `detect` needs (`Refused`: the reason the model has no RoI to offer)."""
         sites = ir.attention_sites(gm)
         image = next((x for x in example_args if isinstance(x, torch.Tensor) and x.dim() == 4), None)
         if not sites or image is None:
-            return "needs a vision transformer: an image input [B, C, H, W] and attention sites"
+            raise Refused("needs a vision transformer: an image input [B, C, H, W] and attention sites")
         layer = self.layer if self.layer >= 0 else len(sites) // 2
         site = next((s for s in sites if s.layer == layer), None)
         if site is None:
-            return f"no attention site at layer {layer} (the model has {len(sites)})"
+            raise Refused(f"no attention site at layer {layer} (the model has {len(sites)})")
         tokens = ir.shape(site.q)[2]
         side = math.isqrt(tokens - self.protect)
         if side * side != tokens - self.protect or image.shape[-1] != image.shape[-2]:
-            return (f"{tokens} tokens minus {self.protect} protected are not a square patch grid of a square "
-                    "image")
+            raise Refused(f"{tokens} tokens minus {self.protect} protected are not a square patch grid of a square "
+                          "image")
         layers = [s.id for s in sites if s.layer <= layer] if self.accumulate else [site.id]
-        return {"site": site.id, "layers": layers, "layer": layer, "grid": side, "image": int(image.shape[-1]),
-                "patch": image.shape[-1] / side, "threshold": self.threshold, "max_boxes": self.max_boxes,
-                "protect": self.protect}
+        return facts.RoiSettings(site=site.id, layers=layers, layer=layer, grid=side, image=int(image.shape[-1]),
+                                 patch=image.shape[-1] / side, threshold=self.threshold, max_boxes=self.max_boxes,
+                                 protect=self.protect)
 
 
     def check_facts(self, gm, plan):
@@ -114,25 +116,18 @@ class RegionsOfInterest(AnalysisPass):
         sites = {s.id: s for s in ir.attention_sites(gm)}
         if site not in sites:
             evidence.fail(f"names {site!r}, which is not an attention site of this graph")
-        evidence.mapping(required=("site", "layers", "layer", "grid", "image", "patch", "threshold", "max_boxes",
-                                   "protect"), extra=True)
-        if evidence["site"].text() != site:
+        settings = facts.RoiSettings.from_json(evidence)
+        if settings.site != site:
             evidence["site"].fail(f"must be the site it is filed under, {site!r}")
-        if evidence["layer"].integer() != sites[site].layer:
+        if settings.layer != sites[site].layer:
             evidence["layer"].fail(f"must be the layer of {site!r}, {sites[site].layer}")
-        layers = evidence["layers"].elements(min_length=1)
-        for e in layers:
-            if e.text() not in sites or sites[e.value].layer > sites[site].layer:
+        for e in evidence["layers"].elements():
+            if e.value not in sites or sites[e.value].layer > sites[site].layer:
                 e.fail(f"must be an attention site at or before {site!r}")
-        grid, protect = evidence["grid"].integer(1), evidence["protect"].integer(0)
         tokens = ir.shape(sites[site].q)[2]
-        if protect + grid * grid != tokens:
-            evidence["grid"].fail(f"{protect} protected + {grid}² patches are not the {tokens} tokens at {site!r}")
-        evidence["image"].integer(1)
-        if evidence["patch"].number(0.0) == 0.0:
-            evidence["patch"].fail("is 0: a grid cell covers some pixels")
-        evidence["threshold"].number(0.0, 1.0)
-        evidence["max_boxes"].integer(1)
+        if settings.protect + settings.grid ** 2 != tokens:
+            evidence["grid"].fail(f"{settings.protect} protected + {settings.grid}² patches are not the {tokens} "
+                                  f"tokens at {site!r}")
 
 
 def rois(cm, *args, **kwargs) -> list[list[Box]]:
@@ -142,24 +137,24 @@ def rois(cm, *args, **kwargs) -> list[list[Box]]:
     if summary is None:
         raise ValueError("this model was compiled without the 'roi' pass (or it found no RoI layer); "
                          "add {'roi': {}} to the config")
-    return detect(cm.graph_module, args, kwargs, cm.plan.evidence("roi", summary["site"]))
+    return detect(cm.graph_module, args, kwargs, facts.read(cm.plan, "roi", summary["site"], facts.RoiSettings))
 
 
-def detect(gm, args: tuple, kwargs: dict, settings: dict) -> list[list[Box]]:
+def detect(gm, args: tuple, kwargs: dict, settings: facts.RoiSettings) -> list[list[Box]]:
     """Boxes for every input of a batch, per `settings` (from `RegionsOfInterest.settings` or a plan)."""
-    return [boxes_from_map(m, settings["threshold"], settings["patch"], settings["max_boxes"])
+    return [boxes_from_map(m, settings.threshold, settings.patch, settings.max_boxes)
             for m in importance_maps(gm, args, kwargs, settings)]
 
 
-def importance_maps(gm, args: tuple, kwargs: dict, settings: dict) -> torch.Tensor:
+def importance_maps(gm, args: tuple, kwargs: dict, settings: facts.RoiSettings) -> torch.Tensor:
     """[B, side, side] class-token attention maps (averaged over the settings' layers) that `detect` reads."""
     by_id = {s.id: s for s in ir.attention_sites(gm)}
-    missing = [i for i in settings["layers"] if i not in by_id]
+    missing = [i for i in settings.layers if i not in by_id]
     if missing:
         raise ValueError(f"roi: attention sites {missing} are not in this graph (were they rewritten?)")
-    observer = _Capture(gm, [by_id[i] for i in settings["layers"]])
+    observer = _Capture(gm, [by_id[i] for i in settings.layers])
     observer.run_batch(args, kwargs or {})
-    side, p = settings["grid"], settings["protect"]
+    side, p = settings.grid, settings.protect
     maps = []
     for scores in observer.scores.values():
         if scores.shape[1] != p + side * side:

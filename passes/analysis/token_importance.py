@@ -23,11 +23,11 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from sparsegraph import ir, svg
+from sparsegraph import facts, ir, svg
 from sparsegraph.attention_scores import MODES, mass_kept, score_mode, site_scores
 from sparsegraph.codegen import token_scores
 from sparsegraph.observe import Observer
-from sparsegraph.pass_contract import AnalysisPass, option
+from sparsegraph.pass_contract import AnalysisPass, Refused, option, refusals
 from sparsegraph.registry import register_pass
 from sparsegraph.sections import Section
 
@@ -57,17 +57,17 @@ class TokenImportance(AnalysisPass):
             observer.run_batch(batch.args, batch.kwargs)
         table = {}
         for site in sites:
-            stats.matched += 1
-            acc = observer.acc.get(site.id)
-            if acc is None:
-                stats.refuse(site.id, "no attention was observed at this site (it did not run)")
-                continue
-            evidence = {"score": acc["mode"], "sequences": acc["count"],
-                        "mass_kept": {f"{r:g}": round(acc["mass"][r] / acc["count"], 4) for r in self.keeps}}
-            if acc["positions"] is not None:
-                evidence["position_mean"] = [round(v, 6) for v in (acc["positions"] / acc["count"]).tolist()]
-            ctx.plan.set_evidence(self.name, site.id, evidence)
-            table[site.layer] = evidence["mass_kept"]
+            with refusals(stats, site.id):
+                acc = observer.acc.get(site.id)
+                if acc is None:
+                    raise Refused("no attention was observed at this site (it did not run)")
+                found = facts.TokenImportance(
+                    score=acc["mode"], sequences=acc["count"],
+                    mass_kept={f"{r:g}": round(acc["mass"][r] / acc["count"], 4) for r in self.keeps},
+                    position_mean=None if acc["positions"] is None else
+                    [round(v, 6) for v in (acc["positions"] / acc["count"]).tolist()])
+                ctx.plan.set_evidence(self.name, site.id, found.to_json())
+                table[site.layer] = found.mass_kept
         ctx.plan.set_summary(self.name, {"mass_kept_per_layer": table, "keeps": list(self.keeps)})
         stats.counters.update(batches=len(ctx.calibration), sites=len(table))
 
@@ -75,30 +75,13 @@ class TokenImportance(AnalysisPass):
     def check_evidence(self, site, evidence, gm):
         if site not in {s.id for s in ir.attention_sites(gm)}:
             evidence.fail(f"names {site!r}, which is not an attention site of this graph")
-        evidence.mapping(required=("score", "sequences", "mass_kept"), extra=True)
-        evidence["score"].text(token_scores.MODES)
-        evidence["sequences"].integer(0)
-        _check_mass_table(evidence["mass_kept"])
-        if "position_mean" in evidence:
-            evidence["position_mean"].numbers()
+        facts.TokenImportance.from_json(evidence, token_scores.MODES)
 
     def check_summary(self, summary, gm):
         summary.mapping(extra=True)
         if "mass_kept_per_layer" in summary:  # the report draws it
             for _, table in summary["mass_kept_per_layer"].items():
-                _check_mass_table(table)
-
-
-def _check_mass_table(table) -> None:
-    """{keep ratio: share of the importance mass kept} (an `Entry`), as `analyze` writes it."""
-    for keep, mass in table.items():
-        try:
-            ratio = float(keep)
-        except ValueError:
-            ratio = float("nan")
-        if not 0.0 < ratio <= 1.0:
-            mass.fail(f"the key {keep!r} is not a keep ratio in (0, 1]")
-        mass.number(0.0, 1.0)
+                facts.mass_table(table)
 
 
 class _Observer(Observer):

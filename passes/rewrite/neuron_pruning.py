@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from sparsegraph import graph_edit, ir
-from sparsegraph.pass_contract import RewritePass, SiteDecision, option
+from sparsegraph import facts, graph_edit, ir
+from sparsegraph.pass_contract import Refused, RewritePass, SiteDecision, option
 from sparsegraph.registry import register_pass
 
 
@@ -42,33 +42,31 @@ class NeuronPruning(RewritePass):
     score: str = option("energy", "how neurons are ranked", choices=("energy", "mass"))
     compensate: bool = option(True, "fold the removed neurons' mean activation into the down bias")
 
-    def decide(self, gm, ctx, stats):
-        decisions = {}
-        for site in ir.mlp_sites(gm):
-            opts = ctx.options(self, site.id, site.module_path)
-            stats.matched += 1
-            evidence = (ctx.plan.evidence("activation_profile", site.id) or {}).get("down_input")
-            removed = round(opts.fraction * site.intermediate)
-            if removed == 0:
-                stats.refuse(site.id, f"fraction {opts.fraction} removes no neuron: the site stays dense")
-            elif any(ir.linear_parts(n).weight is None for n in (site.up, site.gate, site.down) if n is not None):
-                stats.refuse(site.id, "a projection weight is computed in the graph, not a stored parameter")
-            elif evidence is None:
-                stats.refuse(site.id, "activation_profile has no statistics for this site")
-            else:
-                down = ir.linear_parts(site.down).weight
-                if opts.score == "energy":
-                    score = down.norm(dim=0) * torch.tensor(evidence["rms"], dtype=down.dtype)
-                else:
-                    score = torch.tensor(evidence["mass"])
-                order = score.argsort(descending=True)
-                keep = sorted(order[: site.intermediate - removed].tolist())
-                gone = sorted(order[site.intermediate - removed:].tolist())
-                means = [evidence["mean"][j] for j in gone] if opts.compensate else []
-                decisions[site.id] = SiteDecision(
-                    {"keep": keep, "removed": gone, "removed_mean": means},
-                    {"score": opts.score, "kept_score_share": float(score[keep].sum() / score.sum())})
-        return decisions
+    def sites(self, gm):
+        return ir.mlp_sites(gm)
+
+    def decide_site(self, site, opts, ctx):
+        removed = round(opts.fraction * site.intermediate)
+        if removed == 0:
+            raise Refused(f"fraction {opts.fraction} removes no neuron: the site stays dense")
+        if any(ir.linear_parts(n).weight is None for n in (site.up, site.gate, site.down) if n is not None):
+            raise Refused("a projection weight is computed in the graph, not a stored parameter")
+        profile = facts.read(ctx.plan, "activation_profile", site.id, facts.SiteActivations,
+                             widths={"down_input": site.intermediate})
+        stats = profile.observed.get("down_input") if profile is not None else None
+        if stats is None:
+            raise Refused("activation_profile has no statistics for this site")
+        down = ir.linear_parts(site.down).weight
+        if opts.score == "energy":
+            score = down.norm(dim=0) * torch.tensor(stats.rms, dtype=down.dtype)
+        else:
+            score = torch.tensor(stats.mass)
+        order = score.argsort(descending=True)
+        keep = sorted(order[: site.intermediate - removed].tolist())
+        gone = sorted(order[site.intermediate - removed:].tolist())
+        means = [stats.mean[j] for j in gone] if opts.compensate else []
+        return SiteDecision({"keep": keep, "removed": gone, "removed_mean": means},
+                            {"score": opts.score, "kept_score_share": float(score[keep].sum() / score.sum())})
 
     def check_decision(self, site, entry, gm):
         mlp = next((s for s in ir.mlp_sites(gm) if s.id == site), None)

@@ -34,10 +34,10 @@ from dataclasses import dataclass
 
 import torch
 
-from sparsegraph import graph_edit, ir, meta
+from sparsegraph import facts, graph_edit, ir, meta
 from sparsegraph.codegen.core_linear import OP as CORE
 from sparsegraph.codegen.sparse_linear import OP
-from sparsegraph.pass_contract import RewritePass, SiteDecision, option
+from sparsegraph.pass_contract import Refused, RewritePass, SiteDecision, option
 from sparsegraph.registry import register_pass
 
 METHODS = ("magnitude", "centred", "topk", "core")
@@ -58,40 +58,29 @@ class NeuronSparsity(RewritePass):
     inputs: bool = option(False, "also sparsify the MLP input feeding up/gate (TEAL)")
     attention: bool = option(False, "also sparsify the inputs of the attention projections q/k/v and out (TEAL)")
 
-    def decide(self, gm, ctx, stats):
-        decisions = {}
-        for site in [*ir.mlp_sites(gm), *ir.attention_sites(gm)]:
-            opts = ctx.options(self, site.id, site.module_path)
-            groups = _groups(site, opts)
-            if not groups:  # an attention site without `attention: true`: not this pass's business
-                continue
-            stats.matched += 1
-            evidence = ctx.plan.evidence("activation_profile", site.id) or {}
-            if any(ir.linear_parts(n).weight is None for _, nodes, _ in groups for n in nodes):
-                stats.refuse(site.id, "a projection weight is computed in the graph, not a stored parameter")
-                continue
-            if opts.target == 0:
-                stats.refuse(site.id, "target 0: the site stays dense")
-                continue
-            missing = [what for what, _, _ in groups if what not in evidence]
-            if missing:
-                stats.refuse(site.id, f"activation_profile has no {missing} statistics for this site "
-                                      "(set activation_profile inputs: true / attention: true)")
-                continue
-            constant = [what for what, _, _ in groups if evidence[what].get("constant")]
-            if constant:
-                stats.refuse(site.id, f"the {constant} activations were constant on the calibration data: no "
-                                      "threshold separates active from inactive neurons")
-                continue
-            choice = {what: _choose(opts, evidence[what], width) for what, _, width in groups}
-            bad = [c for c in choice.values() if isinstance(c, str)]
-            if bad:
-                stats.refuse(site.id, bad[0])
-                continue
-            decisions[site.id] = SiteDecision(
-                {w: c["decision"] for w, c in choice.items()},
-                {w: c["evidence"] for w, c in choice.items()})
-        return decisions
+    def sites(self, gm):
+        return [*ir.mlp_sites(gm), *ir.attention_sites(gm)]
+
+    def decide_site(self, site, opts, ctx):
+        groups = _groups(site, opts)
+        if not groups:  # an attention site without `attention: true`: not this pass's business
+            return None
+        if any(ir.linear_parts(n).weight is None for _, nodes, _ in groups for n in nodes):
+            raise Refused("a projection weight is computed in the graph, not a stored parameter")
+        if opts.target == 0:
+            raise Refused("target 0: the site stays dense")
+        profile = facts.read(ctx.plan, "activation_profile", site.id, facts.SiteActivations,
+                             widths={what: width for what, _, width in groups})
+        missing = [what for what, _, _ in groups if profile is None or what not in profile.observed]
+        if missing:
+            raise Refused(f"activation_profile has no {missing} statistics for this site "
+                          "(set activation_profile inputs: true / attention: true)")
+        constant = [what for what, _, _ in groups if profile.observed[what].constant]
+        if constant:
+            raise Refused(f"the {constant} activations were constant on the calibration data: no threshold "
+                          "separates active from inactive neurons")
+        choice = {what: _choose(opts, profile.observed[what], width) for what, _, width in groups}
+        return SiteDecision({w: d for w, (d, _) in choice.items()}, {w: e for w, (_, e) in choice.items()})
 
     def check_decision(self, site, entry, gm):
         found = next((s for s in [*ir.mlp_sites(gm), *ir.attention_sites(gm)] if s.id == site), None)
@@ -153,22 +142,22 @@ def _groups(site, wants) -> list[tuple[str, list[torch.fx.Node], int]]:
     return groups
 
 
-def _choose(opts: NeuronSparsity, evidence: dict, width: int) -> dict | str:
-    """The decision for one observed tensor, or the reason to refuse."""
+def _choose(opts: NeuronSparsity, stats: facts.ActivationStats, width: int) -> tuple[dict, dict]:
+    """(decision, evidence) for one observed tensor; `Refused` when the profile lacks the target."""
     centred = opts.method == "centred" or (opts.method in ("topk", "core") and opts.rank_centred)
+    centre = stats.centre if centred else None
     if opts.method in ("topk", "core"):
         k = max(1, round((1 - opts.target) * width))
-        decision = {"threshold": 0.0, "k": k, "centre": evidence["centre"] if centred else None}
+        decision = {"threshold": 0.0, "k": k, "centre": centre}
         if opts.method == "core":
             decision.update(core=True, prefix=opts.core_prefix)
-        return {"decision": decision, "evidence": {"measured_sparsity": 1 - k / width}}
-    table = evidence["thresholds"]["centred" if centred else "magnitude"]
-    key = next((t for t in table if abs(float(t) - opts.target) < 1e-9), None)
-    if key is None:
-        return (f"activation_profile recorded targets {sorted(float(t) for t in table)}, not {opts.target}; "
-                f"add it to activation_profile's targets")
-    decision = {"threshold": table[key], "k": 0, "centre": evidence["centre"] if centred else None}
-    return {"decision": decision, "evidence": {"measured_sparsity": float(key)}}
+        return decision, {"measured_sparsity": 1 - k / width}
+    method = "centred" if centred else "magnitude"
+    threshold = stats.threshold(method, opts.target)
+    if threshold is None:
+        raise Refused(f"activation_profile recorded targets {stats.targets(method)}, not {opts.target}; add it "
+                      "to activation_profile's targets")
+    return {"threshold": threshold, "k": 0, "centre": centre}, {"measured_sparsity": opts.target}
 
 
 def _check_choice(g, width: int) -> None:

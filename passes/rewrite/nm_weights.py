@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from sparsegraph import graph_edit, ir, meta
 from sparsegraph.codegen.nm_linear import OP, nm_pack
 from sparsegraph.errors import ConfigError, PlanError
-from sparsegraph.pass_contract import RewritePass, SiteDecision, option
+from sparsegraph.pass_contract import Refused, RewritePass, SiteDecision, option, refusals
 from sparsegraph.registry import register_pass
 
 LINEAR_ROLES = ("attn.q", "attn.k", "attn.v", "attn.qkv", "attn.out", "mlp.up", "mlp.gate", "mlp.down")
@@ -55,16 +55,14 @@ class NMWeights(RewritePass):
             opts = ctx.options(self, info.site, info.module_path)
             if info.role not in opts.roles:
                 continue
-            stats.matched += 1
             parts = ir.linear_parts(node)
-            label = f"{info.site} [{parts.module_path}]"
-            if parts.weight is None:
-                stats.refuse(label, "weight is computed in the graph, not a stored parameter")
-            elif parts.in_features % opts.m:
-                stats.refuse(label, f"in_features {parts.in_features} is not a multiple of m={opts.m}")
-            elif opts.n == opts.m:
-                stats.refuse(label, f"n == m == {opts.m} keeps every weight (dense)")
-            else:
+            with refusals(stats, f"{info.site} [{parts.module_path}]"):
+                if parts.weight is None:
+                    raise Refused("weight is computed in the graph, not a stored parameter")
+                if parts.in_features % opts.m:
+                    raise Refused(f"in_features {parts.in_features} is not a multiple of m={opts.m}")
+                if opts.n == opts.m:
+                    raise Refused(f"n == m == {opts.m} keeps every weight (dense)")
                 values, offsets = nm_pack(parts.weight, opts.n, opts.m)
                 entry = decisions.setdefault(info.site, {"decision": {}, "evidence": {}})
                 entry["decision"][parts.module_path] = {"n": opts.n, "m": opts.m}

@@ -32,7 +32,7 @@ chains with other ops between the scores and the softmax. Counts are in sites; t
 rewritten and the heads whose layout is length-bound.
 
 A decision from a plan must hold one head per query head of the site, each a known pattern with
-exactly its parameters (`PARAMS`), which must describe blocks: windows, sinks, ``k`` and block sizes ≥
+exactly its parameters (`facts.PARAMS`), which must describe blocks: windows, sinks, ``k`` and block sizes ≥
 1, integer diagonals and columns (columns ≥ 0), ``block_topk`` blocks on its grid, a ``skip`` mean
 per output channel; and the site's own causality. A head that lists no block at all would output
 zeros and is refused (``skip`` is the pattern for a head replaced by its mean).
@@ -44,10 +44,10 @@ from dataclasses import dataclass
 
 import torch
 
-from sparsegraph import attention_layouts, graph_edit, ir, meta
+from sparsegraph import attention_layouts, facts, graph_edit, ir, meta
 from sparsegraph.codegen import dynamic_block_sparse_attention
 from sparsegraph.codegen.block_sparse_attention import OP
-from sparsegraph.pass_contract import RewritePass, SiteDecision, option
+from sparsegraph.pass_contract import Refused, RewritePass, SiteDecision, option
 from sparsegraph.registry import register_pass
 
 
@@ -60,31 +60,29 @@ class SparseAttention(RewritePass):
 
     max_density: float = option(0.9, "sites whose mean head density is above this stay dense", range=(0.0, 1.0))
 
-    def decide(self, gm, ctx, stats):
-        decisions = {}
-        for site in ir.attention_sites(gm):
-            opts = ctx.options(self, site.id, site.module_path)
-            stats.matched += 1
-            evidence = ctx.plan.evidence("head_patterns", site.id)
-            if evidence is None:
-                stats.refuse(site.id, "head_patterns has no measurement for this site")
-                continue
-            lengths = _lengths(site)
-            reason = _unsupported(site, lengths, evidence)
-            if reason is None and all(h["pattern"] == "dense" for h in evidence["heads"]):
-                reason = "every head is dense at the recall target: nothing to skip"
-            if reason is None and evidence["density"] > opts.max_density:
-                reason = f"mean head density {evidence['density']:.2f} is above max_density {opts.max_density}"
-            if reason is not None:
-                stats.refuse(site.id, reason)
-                continue
-            L, S = lengths
-            decisions[site.id] = SiteDecision(
-                {"block": evidence["block"], "seq_len": L, "key_len": S, "causal": site.causal,
-                 "heads": [{"pattern": h["pattern"], "params": h["params"]} for h in evidence["heads"]]},
-                {"density": evidence["density"], "recall": [h["recall"] for h in evidence["heads"]],
-                 "length_bound": [h for h, head in enumerate(evidence["heads"]) if head["pattern"] == "block_topk"]})
-        return decisions
+    def sites(self, gm):
+        return ir.attention_sites(gm)
+
+    def decide_site(self, site, opts, ctx):
+        found = facts.read(ctx.plan, "head_patterns", site.id, facts.SitePatterns)
+        if found is None:
+            raise Refused("head_patterns has no measurement for this site")
+        lengths = _lengths(site)
+        reason = _unsupported_site(site, lengths)
+        if reason is not None:
+            raise Refused(reason)
+        if len(found.heads) != site.heads:
+            raise Refused(f"head_patterns measured {len(found.heads)} heads, the site has {site.heads}")
+        if all(h.pattern == "dense" for h in found.heads):
+            raise Refused("every head is dense at the recall target: nothing to skip")
+        if found.density > opts.max_density:
+            raise Refused(f"mean head density {found.density:.2f} is above max_density {opts.max_density}")
+        L, S = lengths
+        return SiteDecision(
+            {"block": found.block, "seq_len": L, "key_len": S, "causal": site.causal,
+             "heads": [{"pattern": h.pattern, "params": h.params} for h in found.heads]},
+            {"density": found.density, "recall": [h.recall for h in found.heads],
+             "length_bound": [i for i, h in enumerate(found.heads) if h.pattern == "block_topk"]})
 
     def check_decision(self, site, entry, gm):
         found = next((s for s in ir.attention_sites(gm) if s.id == site), None)
@@ -104,7 +102,8 @@ class SparseAttention(RewritePass):
         heads = d["heads"].elements(found.heads, what="one per query head of the site")
         width = (ir.shape(found.v) or (found.head_dim,))[-1]
         for head in heads:
-            check_head(head, width)
+            head.mapping(required=("pattern", "params"))  # a decision's head is its pattern, nothing else
+            facts.check_head(head, width)
         grids = {tuple(h["params"]["shape"].value) for h in heads if h["pattern"].value == "block_topk"}
         if len(grids) > 1:
             d["heads"].fail(f"block_topk heads are fitted at different grids {sorted(grids)}; one site has one grid")
@@ -136,13 +135,6 @@ def _lengths(site) -> tuple[int, int]:
     return q[2], (k[-1] if site.form == "explicit" else k[2])  # explicit: k is kᵀ [B, H, E, S]
 
 
-def _unsupported(site, lengths, evidence) -> str | None:
-    reason = _unsupported_site(site, lengths)
-    if reason is None and len(evidence["heads"]) != site.heads:
-        return f"head_patterns measured {len(evidence['heads'])} heads, the site has {site.heads}"
-    return reason
-
-
 def _unsupported_site(site, lengths) -> str | None:
     """Why the op cannot replace this site's attention (None: it can)."""
     L, S = lengths
@@ -153,68 +145,6 @@ def _unsupported_site(site, lengths) -> str | None:
     if not site.readable:
         return "the explicit chain has ops between the scores and the softmax other than scale and mask"
     return None
-
-
-def _positive(e) -> None:
-    e.integer(1)
-
-
-def _diagonals(e) -> None:
-    """Offsets from the diagonal (any integer, each once; one that misses the grid at this length lists
-    nothing here and may list blocks at another length)."""
-    values = [x.integer() for x in e.elements()]
-    if len(set(values)) != len(values):
-        e.fail("repeats a diagonal")
-
-
-def _columns(e) -> None:
-    """Key blocks counted from the start (≥ 0, each once)."""
-    values = [x.integer(0) for x in e.elements()]
-    if len(set(values)) != len(values):
-        e.fail("repeats a column")
-
-
-def _grid(e) -> None:
-    for x in e.elements(2, what="[query blocks, key blocks]"):
-        x.integer(1)
-
-
-# pattern → {parameter: check}: exactly the parameters each family has (`attention_layouts.bands` reads them;
-# an extra one would be ignored, or change the family: `sinks` on a `local` head makes it `sink_local`)
-PARAMS = {
-    "dense": {},
-    "local": {"window": _positive},
-    "sink_local": {"sinks": _positive, "window": _positive},
-    "multi_diagonal": {"diagonals": _diagonals},
-    "vertical_slash": {"columns": _columns, "diagonals": _diagonals},
-    "block_topk": {"shape": _grid, "blocks": lambda e: e.elements()},
-    "dynamic_topk": {"k": _positive},
-    "skip": {"mean": lambda e: e.numbers()},
-}
-
-
-def check_head(head, width: int) -> None:
-    """One head of a decision (an `Entry`): a known pattern with exactly its parameters, listing blocks;
-    `width` is the site's output channels per head (a ``skip`` head's mean)."""
-    head.mapping(required=("pattern", "params"))
-    pattern = head["pattern"].text(PARAMS)
-    params = head["params"]
-    params.mapping(required=PARAMS[pattern])
-    for name, check in PARAMS[pattern].items():
-        check(params[name])
-    if pattern == "skip":
-        params["mean"].numbers(width, what="one per output channel of the head")
-    if pattern == "block_topk":
-        nq0, nk0 = params["shape"].value
-        rows = params["blocks"].elements(nq0, what="one list of key blocks per query block of 'shape'")
-        for row in rows:
-            row.indices(nk0, what="key block")
-        if not any(row.value for row in rows):
-            params["blocks"].fail("lists no block: the head would output zeros (use 'skip' to replace a head "
-                                  "by its mean)")
-    if pattern in ("multi_diagonal", "vertical_slash") and not any(params[k].value for k in PARAMS[pattern]):
-        params.fail("lists no diagonal or column: the head would output zeros (use 'skip' to replace a head by "
-                    "its mean)")
 
 
 def _replace(gm, site, d: dict, density: float | None) -> None:

@@ -48,11 +48,11 @@ import torch
 import torch.fx
 from torch.fx.passes.tools_common import legalize_graph
 
-from sparsegraph import graph_edit, ir, meta, svg
+from sparsegraph import facts, graph_edit, ir, meta, svg
 from sparsegraph.attention_scores import MODES, score_mode
 from sparsegraph.codegen import core_scores, roi_scores, token_gather, token_scores, token_select
 from sparsegraph.errors import ConfigError
-from sparsegraph.pass_contract import RewritePass, SiteDecision, option
+from sparsegraph.pass_contract import Refused, RewritePass, SiteDecision, option, refusals
 from sparsegraph.registry import register_pass
 from sparsegraph.sections import Section
 
@@ -96,34 +96,25 @@ class TokenPruning(RewritePass):
             opts = ctx.options(self, site.id, site.module_path)
             if site.layer not in self.layers:
                 continue
-            stats.matched += 1
-            previous = by_layer.get(site.layer - 1)
-            reason, stream = _unsupported(site, previous, opts)
-            if reason is not None:
-                stats.refuse(site.id, reason)
-                continue
-            N = current or ir.shape(stream)[1]
-            decision = {"layer": site.layer, "keep": opts.keep, "score": score_mode(site, opts.score, opts.protect),
-                        "protect": opts.protect, "fuse": opts.fuse, "chunk": opts.chunk, "score_site": previous.id}
-            if decision["score"] == "core":
-                core = _core_neurons(ctx, gm, site.layer - 1)
-                if isinstance(core, str):
-                    stats.refuse(site.id, core)
-                    continue
-                decision["core"] = core
-            if opts.select == "roi":
-                roi = _roi_settings(ctx, previous)
-                if isinstance(roi, str):
-                    stats.refuse(site.id, roi)
-                    continue
-                decision.update(keep=0.0, score="cls", roi=roi)
-                kept = current = None
-            else:
-                kept = current = token_select.kept_count(N, opts.keep, opts.protect) + int(opts.fuse)
-            evidence = ctx.plan.evidence("token_importance", previous.id) or {}
-            mass = evidence.get("mass_kept", {}).get(f"{opts.keep:g}")
-            decisions[site.id] = SiteDecision(decision, {"tokens_before": N, "tokens_after": kept or "RoI",
-                                                         **({"importance_mass_kept": mass} if mass else {})})
+            with refusals(stats, site.id):  # the tokens before a block depend on the blocks pruned before it
+                previous = by_layer.get(site.layer - 1)
+                if opts.keep >= 1.0 and opts.select == "topk":
+                    raise Refused("keep is 1: nothing to drop")
+                N = current or ir.shape(_stream(site, previous, opts.protect))[1]
+                decision = {"layer": site.layer, "keep": opts.keep, "score": score_mode(site, opts.score, opts.protect),
+                            "protect": opts.protect, "fuse": opts.fuse, "chunk": opts.chunk, "score_site": previous.id}
+                if decision["score"] == "core":
+                    decision["core"] = _core_neurons(ctx, gm, site.layer - 1)
+                if opts.select == "roi":
+                    decision.update(keep=0.0, score="cls", roi=_roi_settings(ctx, previous))
+                    kept = current = None
+                else:
+                    kept = current = token_select.kept_count(N, opts.keep, opts.protect) + int(opts.fuse)
+                importance = facts.read(ctx.plan, "token_importance", previous.id, facts.TokenImportance,
+                                        modes=token_scores.MODES)
+                mass = importance.mass_kept.get(f"{opts.keep:g}") if importance is not None else None
+                decisions[site.id] = SiteDecision(decision, {"tokens_before": N, "tokens_after": kept or "RoI",
+                                                             **({"importance_mass_kept": mass} if mass else {})})
         missing = sorted(set(self.layers) - set(by_layer))
         if missing:
             stats.counters["layers_not_found"] = missing
@@ -147,8 +138,9 @@ class TokenPruning(RewritePass):
         protect = d["protect"].integer(0)
         d["fuse"].flag()
         d["chunk"].integer(1)
-        reason, stream = _graph_unsupported(found, previous, protect)
-        if reason is not None:
+        try:
+            stream = _stream(found, previous, protect)
+        except Refused as reason:
             entry.fail(f"the block cannot be pruned: {reason}")
         if score == "core" or "core" in d:
             _check_core(d["core"], gm, found.layer - 1)
@@ -173,27 +165,30 @@ class TokenPruning(RewritePass):
                                       for d in sorted(decisions.values(), key=lambda d: d.decision["layer"])}
 
 
-def _roi_settings(ctx, previous) -> dict | str:
-    """The roi pass's settings if it read the attention this block is scored from, else the reason."""
+def _roi_settings(ctx, previous) -> dict:
+    """The roi pass's settings, when it read the attention this block is scored from (else `Refused`)."""
     summary = ctx.plan.summary("roi")
     if summary is None:
-        return "select 'roi' needs the roi pass to run first (add 'roi' before token_pruning)"
+        raise Refused("select 'roi' needs the roi pass to run first (add 'roi' before token_pruning)")
     if summary["site"] != previous.id:
-        return (f"select 'roi' scores from {previous.id} but the roi pass read {summary['site']}; "
-                "set roi's layer to the block before the pruned one")
-    e = ctx.plan.evidence("roi", summary["site"])
-    return {k: e[k] for k in ("layers", "grid", "protect", "threshold", "max_boxes")}
+        raise Refused(f"select 'roi' scores from {previous.id} but the roi pass read {summary['site']}; "
+                      "set roi's layer to the block before the pruned one")
+    roi = facts.read(ctx.plan, "roi", summary["site"], facts.RoiSettings)
+    return {"layers": roi.layers, "grid": roi.grid, "protect": roi.protect, "threshold": roi.threshold,
+            "max_boxes": roi.max_boxes}
 
 
-def _core_neurons(ctx, gm, layer: int) -> dict | str:
-    """The hot neurons (and centres) activation_profile found in the MLP of `layer`, or the reason."""
+def _core_neurons(ctx, gm, layer: int) -> dict:
+    """The hot neurons (and centres) activation_profile found in the MLP of `layer` (else `Refused`)."""
     mlp = next((m for m in ir.mlp_sites(gm) if m.layer == layer), None)
     if mlp is None:
-        return f"score 'core' needs an MLP in block {layer}; none was found"
-    evidence = (ctx.plan.evidence("activation_profile", mlp.id) or {}).get("down_input")
-    if evidence is None:
-        return "score 'core' needs activation_profile to run first (it finds the hot neurons)"
-    return {"mlp_site": mlp.id, "hot": evidence["hot"], "centre": evidence["centre"]}
+        raise Refused(f"score 'core' needs an MLP in block {layer}; none was found")
+    profile = facts.read(ctx.plan, "activation_profile", mlp.id, facts.SiteActivations,
+                         widths={"down_input": mlp.intermediate})
+    stats = profile.observed.get("down_input") if profile is not None else None
+    if stats is None:
+        raise Refused("score 'core' needs activation_profile to run first (it finds the hot neurons)")
+    return {"mlp_site": mlp.id, "hot": stats.hot, "centre": stats.centre}
 
 
 def _check_mode(d) -> str:
@@ -241,30 +236,24 @@ def _check_roi(r, sites: dict, previous, tokens: int) -> None:
     r["max_boxes"].integer(1)
 
 
-def _unsupported(site, previous, opts):
-    if opts.keep >= 1.0 and opts.select == "topk":
-        return "keep is 1: nothing to drop", None
-    return _graph_unsupported(site, previous, opts.protect)
-
-
-def _graph_unsupported(site, previous, protect: int):
-    """(Why the block before `site` cannot be pruned scoring from `previous`, or None; the stream node)."""
+def _stream(site, previous, protect: int) -> torch.fx.Node:
+    """The stream node [batch, tokens, dim] entering the block of `site`, when that block can be pruned
+    scoring from `previous` (else `Refused`, saying why)."""
     if previous is None:
-        return "no attention before this block to score tokens with (prune from layer 1 on)", None
+        raise Refused("no attention before this block to score tokens with (prune from layer 1 on)")
     stream = ir.stream_input(site)
     shape = ir.shape(stream) if stream is not None else None
     if shape is None or len(shape) != 3:
-        return "the residual stream entering this block was not found as a [batch, tokens, dim] tensor", None
+        raise Refused("the residual stream entering this block was not found as a [batch, tokens, dim] tensor")
     N = shape[1]
     if protect >= N:
-        return f"protect={protect} covers all {N} tokens", None
-    others = {shape[0], shape[2], site.heads, site.head_dim}
-    if N in others:
-        return (f"the token count {N} equals another axis size here (batch / dim / heads), so sizes "
-                "cannot be told apart; trace with an example of another length"), None
+        raise Refused(f"protect={protect} covers all {N} tokens")
+    if N in {shape[0], shape[2], site.heads, site.head_dim}:
+        raise Refused(f"the token count {N} equals another axis size here (batch / dim / heads), so sizes "
+                      "cannot be told apart; trace with an example of another length")
     if not previous.readable:
-        return "the previous attention has ops between its scores and softmax; its scores cannot be read", None
-    return None, stream
+        raise Refused("the previous attention has ops between its scores and softmax; its scores cannot be read")
+    return stream
 
 
 # ------------------------------------------------------------------------------------------- rewrite

@@ -175,6 +175,8 @@ def test_minilm_mask_and_mean_pooling_follow_the_kept_tokens(minilm):
     assert torch.nn.functional.cosine_similarity(emb, dense).min() > 0.9
 
 
+@pytest.mark.slow
+@pytest.mark.ci  # ~20 s: timm ViT-S export
 def test_vit_small_onnx_matches_in_onnxruntime(tmp_path):
     """timm ViT-S/16 (class token, literal 197s in its reshapes) pruned at two blocks, ORT parity."""
     model, example = models.load("vit_small")
