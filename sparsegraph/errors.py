@@ -45,10 +45,10 @@ class InputError(SparsegraphError):
     """A compiled model was called with inputs its graph cannot take (arity, dtype, rank, a fixed size)."""
 
 
-class PlanEntryError(PlanError, PassError):
+class PlanEntryError(PlanError):
     """A plan entry of one pass (a rewrite's decision, an analysis pass's facts) that cannot be used on this
-    graph. The message names the pass, the site and the key, the problem and the fix. It is a `PlanError`
-    (the plan is at fault) and a `PassError` (it names its pass), so the PassManager passes it on as it is."""
+    graph. The message names the pass, the site and the key, the problem and the fix; the PassManager
+    passes it on as it is."""
 
     def __init__(self, pass_name: str, site: str | None, message: str):
         SparsegraphError.__init__(self, message)
@@ -70,10 +70,11 @@ class ModelSpecError(SparsegraphError):
     """A model name such as `zoo:minilm` or `pkg.module:factory` could not be resolved."""
 
 
-def did_you_mean(word: str, choices: Iterable[str]) -> str:
-    """' (did you mean 'x'?)' for the nearest choice, or a list of the valid ones when none is near."""
-    choices = sorted(choices)
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+def did_you_mean(word, choices: Iterable[str]) -> str:
+    """' (did you mean 'x'?)' for the nearest choice, or a list of the valid ones when none is near (`word`
+    may be anything a config held: a number, None)."""
+    choices = sorted(map(str, choices))
+    close = difflib.get_close_matches(str(word), choices, n=1, cutoff=0.6)
     if close:
         return f" (did you mean {close[0]!r}?)"
     return f" (valid: {', '.join(map(repr, choices))})" if choices else ""

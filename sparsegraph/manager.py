@@ -4,7 +4,8 @@ Before running, every pass's ``requires`` must be met by an earlier pass of the 
 pass the graph is verified: FX lint, our meta keys well-formed, shapes re-propagated at the example
 inputs (which also checks that every new op has a fake implementation), and, for analysis passes, that
 the graph's code did not change. Any failure is re-raised as `PassError` naming the pass and the site,
-except a `CalibrationError` (the data's fault), which keeps its class and gains the pass's name.
+except a `CalibrationError` or `PlanError` (the data's or the plan's fault), which keeps its class and
+gains the pass's name (a `PlanEntryError` names it already).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch.fx
 
 from sparsegraph import ir, meta
 from sparsegraph.context import PassContext
-from sparsegraph.errors import CalibrationError, ConfigError, PassError, SparsegraphError
+from sparsegraph.errors import CalibrationError, ConfigError, PassError, PlanEntryError, PlanError, SparsegraphError
 from sparsegraph.instruments import Instrument
 from sparsegraph.pass_contract import AnalysisPass, Pass, PassResult
 
@@ -45,10 +46,10 @@ class PassManager:
         try:
             with torch.no_grad():  # passes compute on weights; nothing they make should carry autograd history
                 result = p.run(gm, ctx)
-        except PassError:
+        except (PassError, PlanEntryError):  # they name the pass already
             raise
-        except CalibrationError as e:  # the data's fault, not the pass's: keeps its class, gains the pass
-            raise CalibrationError(f"{p.name}: {e}") from e
+        except (CalibrationError, PlanError) as e:  # the data's or the plan's fault: its class, and the pass
+            raise type(e)(f"{p.name}: {e}") from e
         except SparsegraphError as e:
             raise PassError(p.name, str(e), ctx.error_site) from e
         except Exception as e:
