@@ -65,7 +65,8 @@ class SpeedCheck(RewritePass):
             if keep:
                 stats.refuse(site, f"kept sparse: {speedup:.2f}x faster than dense")
             decisions[site] = SiteDecision({"revert": not keep}, {
-                "unit": unit, "sparse": e["sparse"], "dense": e["dense"], "speedup": round(speedup, 4)})
+                "unit": unit, "sparse": e["sparse"], "dense": e["dense"],
+                "speedup": round(speedup, 4) if speedup != float("inf") else None})  # no cost left: JSON has no ∞
         return decisions
 
     def check_decision(self, site, entry, gm):
