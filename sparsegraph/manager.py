@@ -2,8 +2,8 @@
 
 Before running, every pass's ``requires`` must be met by an earlier pass of the pipeline. After each
 pass the graph is verified: FX lint, our meta keys well-formed, shapes re-propagated at the example
-inputs (which also checks that every new op has a fake implementation), and, for analysis passes, that
-the graph's code did not change. Any failure is re-raised as `PassError` naming the pass and the site,
+inputs when the pass changed the graph's code (which also checks that every new op has a fake
+implementation), and, for analysis passes, that the graph's code did not change. Any failure is re-raised as `PassError` naming the pass and the site,
 except a `CalibrationError` or `PlanError` (the data's or the plan's fault), which keeps its class and
 gains the pass's name (a `PlanEntryError` names it already).
 """
@@ -58,7 +58,7 @@ class PassManager:
             raise PassError(p.name, f"run() returned {type(result).__name__}, expected PassResult")
         if isinstance(p, AnalysisPass) and result.gm.code != code_before:
             raise PassError(p.name, "an analysis pass changed the graph; only rewrite passes may")
-        verify(result.gm, ctx, p.name)
+        verify(result.gm, ctx, p.name, changed=result.gm.code != code_before)
         return result
 
 
@@ -72,8 +72,10 @@ def check_requires(passes: Sequence[Pass]) -> None:
         seen.add(p.name)
 
 
-def verify(gm: torch.fx.GraphModule, ctx: PassContext, pass_name: str) -> None:
-    """Lint, meta check and shape propagation; raises `PassError` naming the pass and the node's site."""
+def verify(gm: torch.fx.GraphModule, ctx: PassContext, pass_name: str, changed: bool = True) -> None:
+    """Lint, meta check and, when the pass `changed` the graph's code, shape propagation (code that did
+    not change has the shapes it had: propagating again costs a fake run of the model per pass, half of
+    a small model's compile time); raises `PassError` naming the pass and the node's site."""
     try:
         gm.graph.lint()
     except Exception as e:
@@ -81,6 +83,8 @@ def verify(gm: torch.fx.GraphModule, ctx: PassContext, pass_name: str) -> None:
     problems = meta.check(gm)
     if problems:
         raise PassError(pass_name, "left malformed meta: " + "; ".join(problems[:3]))
+    if not changed:
+        return
     try:
         ir.propagate_shapes(gm, ctx.example.args, ctx.example.kwargs)
     except ir.NodeError as e:

@@ -25,7 +25,7 @@ def test_merged_streams_equal_one_stream():
     assert merged.tokens == whole.tokens and torch.equal(merged.hist, whole.hist)
     torch.testing.assert_close(merged.sum, whole.sum, rtol=1e-12, atol=1e-12)
     assert torch.equal(merged.keys.sort().values, whole.keys.sort().values)
-    assert merged.summary((0.5,), 0.8)["thresholds"] == whole.summary((0.5,), 0.8)["thresholds"]
+    assert merged.summary((0.5,), 0.8).thresholds == whole.summary((0.5,), 0.8).thresholds
 
 
 def _profile(nproc, out):
