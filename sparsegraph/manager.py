@@ -17,7 +17,14 @@ import torch.fx
 
 from sparsegraph import ir, meta
 from sparsegraph.context import PassContext
-from sparsegraph.errors import CalibrationError, ConfigError, PassError, PlanEntryError, PlanError, SparsegraphError
+from sparsegraph.errors import (
+    CalibrationError,
+    ConfigError,
+    PassError,
+    PlanEntryError,
+    PlanError,
+    SparsegraphError,
+)
 from sparsegraph.instruments import Instrument
 from sparsegraph.pass_contract import AnalysisPass, Pass, PassResult
 

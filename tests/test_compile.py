@@ -8,7 +8,8 @@ import torch
 import sparsegraph as sg
 from sparsegraph import models
 
-FAST = ["minilm", "explicit_attention"]
+FAST = [pytest.param("minilm", marks=[pytest.mark.slow, pytest.mark.ci]),  # ~6 s; test_runtime_contract's dense
+        "explicit_attention"]                                              # MiniLM checks the same by default
 HEAVY = ["vit_b_16", "resnet50", "vit_small", "llama_tiny"]
 
 
@@ -55,6 +56,8 @@ def test_compiled_model_is_a_module_with_plan_report_and_cost():
     assert "| nm_weights | rewrite | 6 | 6 | 0 |" in md
 
 
+@pytest.mark.slow
+@pytest.mark.ci  # ~9 s: exports MiniLM; tests/test_threads.py runs the ONNX backend by default
 def test_onnx_backend_runs_the_exported_file():
     model, example = models.load("explicit_attention")
     eager = sg.compile(model, "nm-2-4", example_inputs=example, quiet=True)

@@ -50,7 +50,7 @@ from sparsegraph.plan import TOP_KEYS, SparsityPlan
 
 # the default run draws the same examples every time (a suite that fails at random helps nobody); the slow
 # variants explore afresh on each run
-FAST = settings(max_examples=60, deadline=None, derandomize=True,
+FAST = settings(max_examples=30, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 SLOW = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                         HealthCheck.data_too_large])
@@ -502,7 +502,7 @@ def test_mutated_mlp_plans_are_refused_by_name_or_replay_the_same(bases, tmp_pat
     _plan_property(bases, tmp_path_factory, data, "mlp")
 
 
-@settings(FAST, max_examples=20)
+@settings(FAST, max_examples=10)
 @given(data=st.data())
 def test_mutated_attention_plans_are_refused_by_name_or_replay_the_same(bases, tmp_path_factory, data):
     _plan_property(bases, tmp_path_factory, data, "attention")

@@ -38,6 +38,8 @@ def test_7b_llama_on_meta_traces_and_plans_under_2_minutes_and_4_gib():
     assert abs(r["macs"] / ((r["params"] - 32000 * 4096) * 128) - 1) < 0.05
 
 
+@pytest.mark.slow
+@pytest.mark.ci  # ~6 s: a Llama on meta, then with weights
 def test_a_plan_made_on_meta_applies_to_real_weights():
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -34,7 +34,8 @@ def _check(name, tmp_path, pipeline="dense"):
             torch.testing.assert_close(g, e, rtol=0, atol=ATOL)
 
 
-@pytest.mark.parametrize("name", ["minilm", "explicit_attention"])
+@pytest.mark.parametrize("name", [pytest.param("minilm", marks=[pytest.mark.slow, pytest.mark.ci]),  # ~11 s
+                                  "explicit_attention"])
 def test_onnx_matches_pytorch(name, tmp_path):
     _check(name, tmp_path)
 

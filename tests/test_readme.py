@@ -3,9 +3,13 @@
 import re
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
+@pytest.mark.slow
+@pytest.mark.ci  # ~20 s: MiniLM at 128 tokens, compile, replay, report, ONNX
 def test_readme_api_example_runs(tmp_path, monkeypatch):
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
     assert blocks, "README has no python example"

@@ -35,6 +35,8 @@ def _sparsity_zero_is_dense(name):
             torch.testing.assert_close(g_, e, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
+@pytest.mark.ci  # ~10 s; the explicit model checks the same in the default run
 def test_sparsity_zero_is_dense_minilm():
     _sparsity_zero_is_dense("minilm")
 

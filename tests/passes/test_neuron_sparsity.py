@@ -92,6 +92,8 @@ def test_replay_from_plan_needs_no_calibration(explicit_calibrated, tmp_path):
     assert again.plan.passes["activation_profile"]["stats"]["counters"].get("replayed") is True
 
 
+@pytest.mark.slow
+@pytest.mark.ci  # ~5 s: MiniLM
 def test_core_mode_keeps_one_set_per_sequence(explicit_calibrated, tmp_path):
     from sparsegraph.codegen import core_linear
     from sparsegraph.onnx_export import OnnxModel
@@ -110,6 +112,8 @@ def test_core_mode_keeps_one_set_per_sequence(explicit_calibrated, tmp_path):
     torch.testing.assert_close(ort(*example), cm(*example), rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow
+@pytest.mark.ci  # ~8 s: three compiles
 def test_config_with_a_saved_profile_does_not_profile_again(explicit_calibrated, tmp_path, monkeypatch):
     from sparsegraph.passes.analysis.activation_profile import ActivationProfile
 
@@ -131,6 +135,8 @@ def test_config_with_a_saved_profile_does_not_profile_again(explicit_calibrated,
                    example_inputs=example, quiet=True)
 
 
+@pytest.mark.slow
+@pytest.mark.ci  # ~8 s: llama_tiny, every projection
 def test_teal_on_every_projection(explicit_calibrated, tmp_path):
     from sparsegraph.onnx_export import OnnxModel
 

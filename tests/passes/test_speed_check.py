@@ -1,5 +1,6 @@
 """speed_check: sites whose sparse ops do not pay are reverted to the dense form; the plan says why."""
 
+import pytest
 import torch
 
 import sparsegraph as sg
@@ -11,6 +12,8 @@ def _compile(model, example, batches, **options):
     return sg.compile(model, config, example_inputs=example, calibration=batches, quiet=True)
 
 
+@pytest.mark.slow
+@pytest.mark.ci  # ~7 s: times every op, then ONNX
 def test_revert_everything_gives_the_dense_result(explicit_calibrated, tmp_path):
     model, example, batches = explicit_calibrated
     cm = _compile(model, example, batches, min_speedup=1e9, repeats=2, warmup=0)  # nothing can be that fast

@@ -143,6 +143,8 @@ def test_onnx_matches_in_onnxruntime_at_several_lengths(explicit_pruned, tmp_pat
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
+@pytest.mark.ci  # ~6 s: MiniLM
 def test_fused_token_is_appended(tmp_path):
     model, example = models.load("explicit_attention")
     cm = sg.compile(model, {"passes": [{"token_pruning": {"layers": [2], "keep": 0.5, "fuse": True}}]},
