@@ -83,13 +83,14 @@ def test_first_calls_from_threads_match_sequential(backend, sparse_plan):
 
 
 def test_exports_from_threads_leave_stdout_alone(tmp_path, capsys):
-    """Exports from THREADS threads at once all succeed; what another thread prints meanwhile, and after,
+    """Exports from two threads at once both succeed; what another thread prints meanwhile, and after,
     reaches the (captured) stdout, which is the same object as before."""
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 16)).eval()
     x = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(0))
     cm = sg.compile(model, "dense", example_inputs=(x,), quiet=True)
     stdout = sys.stdout
-    barrier, exported = threading.Barrier(THREADS + 1), threading.Event()
+    exporting = 2  # each export takes seconds and they run one at a time: two threads show the race
+    barrier, exported = threading.Barrier(exporting + 1), threading.Event()
     paths, errors, ticks = {}, [], []
 
     def export(i: int) -> None:
@@ -106,7 +107,7 @@ def test_exports_from_threads_leave_stdout_alone(tmp_path, capsys):
             ticks.append(len(ticks))
             time.sleep(0.005)
 
-    exporters = [threading.Thread(target=export, args=(i,)) for i in range(THREADS)]
+    exporters = [threading.Thread(target=export, args=(i,)) for i in range(exporting)]
     printer = threading.Thread(target=chatter)
     for t in [*exporters, printer]:
         t.start()
@@ -118,7 +119,7 @@ def test_exports_from_threads_leave_stdout_alone(tmp_path, capsys):
     print("still printing")
     assert len(ticks) > 10  # the exports took long enough for the printer to print during them
     assert capsys.readouterr().out == "".join(f"tick {i}\n" for i in ticks) + "still printing\n"
-    assert not errors, f"{len(errors)} of {THREADS} exports failed, the first: {errors[0]!r}"
+    assert not errors, f"{len(errors)} of {exporting} exports failed, the first: {errors[0]!r}"
     with torch.no_grad():
         expected = model(x)
     for path in paths.values():

@@ -90,11 +90,18 @@ def test_plan_replays_without_calibration(explicit_sparse, tmp_path):
 LENGTHS = (16, 40, 64, 100, 129)  # below, at (64), above, and not multiples of the block (16)
 
 
-def test_one_compiled_model_runs_at_every_length_in_pytorch_and_onnx(explicit_sparse, tmp_path):
+@pytest.fixture(scope="module")
+def explicit_onnx(explicit_sparse, tmp_path_factory):
+    """The sparse explicit-attention model exported once, in onnxruntime."""
+    cm = explicit_sparse[3]
+    return OnnxModel(cm.export_onnx(tmp_path_factory.mktemp("onnx") / "explicit.onnx"), cm.graph_module)
+
+
+def test_one_compiled_model_runs_at_every_length_in_pytorch_and_onnx(explicit_sparse, explicit_onnx):
     """Calibrated and traced at 64 tokens; at every length eager matches the reference op and ORT, and
     the heads stay sparse (the output is not the dense one) wherever there is more than one block."""
     model, _, _, cm = explicit_sparse
-    onnx_model = OnnxModel(cm.export_onnx(tmp_path / "explicit.onnx"), cm.graph_module)
+    onnx_model = explicit_onnx
     g = torch.Generator().manual_seed(7)
     for L in LENGTHS:
         ids = torch.randint(0, 1000, (2, L), generator=g)
@@ -141,13 +148,12 @@ def test_block_topk_heads_are_length_bound_and_run_dense_elsewhere_with_a_warnin
         torch.testing.assert_close(out, model(ids, torch.ones_like(ids)), rtol=1e-5, atol=1e-5)
 
 
-def test_explicit_onnx_matches_in_onnxruntime(explicit_sparse, tmp_path):
+def test_explicit_onnx_matches_in_onnxruntime(explicit_sparse, explicit_onnx):
     _, example, _, cm = explicit_sparse
-    path = cm.export_onnx(tmp_path / "explicit.onnx")
     ids, mask = example
     mask = mask.clone()
     mask[1, 48:] = 0
-    got = OnnxModel(path, cm.graph_module)(ids, mask)
+    got = explicit_onnx(ids, mask)
     torch.testing.assert_close(got, _run(cm, "reference", ids, mask), rtol=1e-4, atol=1e-4)
 
 
