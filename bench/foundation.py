@@ -68,11 +68,13 @@ def run_workload(workload: str, args) -> dict:
         candidates["torch.compile"] = lambda: compiled(*example)
     tmp = tempfile.TemporaryDirectory(prefix="sg-bench-")
     dense = sg.compile(model, "dense", example_inputs=example, quiet=True)
-    ort = OnnxModel(dense.export_onnx(Path(tmp.name) / "dense.onnx"), dense.graph_module, threads=args.threads)
+    ort = OnnxModel(dense.export_onnx(Path(tmp.name) / "dense.onnx"), dense.graph_module,
+                    threads=args.threads)
     candidates["onnxruntime"] = lambda: ort(*example)
     for pipeline in args.pipelines:
         cm = sg.compile(model, pipeline, example_inputs=example, quiet=True)
-        cm_ort = OnnxModel(cm.export_onnx(Path(tmp.name) / f"{pipeline}.onnx"), cm.graph_module, threads=args.threads)
+        cm_ort = OnnxModel(cm.export_onnx(Path(tmp.name) / f"{pipeline}.onnx"), cm.graph_module,
+                           threads=args.threads)
         candidates[f"sg:{pipeline}"] = lambda cm=cm: cm(*example)
         candidates[f"sg:{pipeline}+ort"] = lambda o=cm_ort: o(*example)
     times = compare(candidates, warmup=args.warmup, repeats=args.repeats)
@@ -84,10 +86,12 @@ def run_workload(workload: str, args) -> dict:
 
 def markdown(results: dict) -> str:
     lines = [machine_line(results["machine"]),
-             f"Median of {results['settings']['repeats']} interleaved rounds after {results['settings']['warmup']} "
-             "warm-up rounds; speed-up = eager time / candidate time, same run.", ""]
+             f"Median of {results['settings']['repeats']} interleaved rounds after "
+             f"{results['settings']['warmup']} warm-up rounds; speed-up = eager time / candidate time, "
+             "same run.", ""]
     for workload, r in results["workloads"].items():
-        lines += [f"### {workload} (inputs {r['inputs']})", "", "| candidate | ms | speed-up vs eager |", "|---|---|---|"]
+        lines += [f"### {workload} (inputs {r['inputs']})", "", "| candidate | ms | speed-up vs eager |",
+                  "|---|---|---|"]
         lines += [f"| {k} | {v:.1f} | {r['speedup_vs_eager'][k]:.2f} |" for k, v in r["ms"].items()]
         lines += [f"\n{k}: {v:.1f}" for k, v in r["notes"].items()] + [""]
     return "\n".join(lines)
