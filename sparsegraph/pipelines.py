@@ -33,7 +33,8 @@ def nm_2_4() -> dict:
 
 def activation_sparsity() -> dict:
     """Centred dynamic activation sparsity, 50% of every MLP's activations skipped (needs calibration)."""
-    return {"passes": ["activation_profile", "cost", {"neuron_sparsity": {"target": 0.5, "method": "centred"}}]}
+    return {"passes": ["activation_profile", "cost",
+                       {"neuron_sparsity": {"target": 0.5, "method": "centred"}}]}
 
 
 def neuron_pruning() -> dict:
