@@ -1,4 +1,5 @@
-"""``python -m bench foundation``: dense eager vs torch.compile vs ONNX Runtime vs sparsegraph, as same-run ratios.
+"""``python -m bench foundation``: dense eager vs torch.compile vs ONNX Runtime vs sparsegraph, as
+same-run ratios.
 
 For each workload (model, batch, sequence) every candidate runs on the same inputs with the same
 thread count (torch intra-op threads = onnxruntime intra-op threads = ``--threads``), after warm-up,
@@ -35,7 +36,7 @@ WORKLOADS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench foundation", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m bench foundation", description=__doc__.split("\n\n")[0])
     ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     ap.add_argument("--pipelines", nargs="*", default=[], help="sparsegraph pipelines to add as candidates")
     ap.add_argument("--threads", type=int, default=2)
