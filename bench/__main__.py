@@ -1,4 +1,5 @@
-"""``python -m bench SUITE [options]``: run one benchmark suite (``python -m bench SUITE -h`` for its options).
+"""``python -m bench SUITE [options]``: run one benchmark suite (``python -m bench SUITE -h`` for its
+options).
 
 Suites: ``foundation`` (dense eager vs torch.compile vs onnxruntime), ``activation`` (MiniLM activation
 sparsity: fidelity curves and static-pruning speed), ``decode`` (SwiGLU decode microbenchmark),

@@ -73,8 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     dynamic = build([{"neuron_sparsity": {"target": 0.5, "method": "centred"}}])
     traced = sg.compile(model, "dense", example_inputs=example, quiet=True)
     with tempfile.TemporaryDirectory() as tmp:
-        ort_dense = OnnxModel(traced.export_onnx(Path(tmp) / "d.onnx"), traced.graph_module, threads=args.threads)
-        ort_pruned = OnnxModel(pruned.export_onnx(Path(tmp) / "p.onnx"), pruned.graph_module, threads=args.threads)
+        ort_dense = OnnxModel(traced.export_onnx(Path(tmp) / "d.onnx"), traced.graph_module,
+                              threads=args.threads)
+        ort_pruned = OnnxModel(pruned.export_onnx(Path(tmp) / "p.onnx"), pruned.graph_module,
+                               threads=args.threads)
         fidelity = {"pruned 50% (ORT)": cosine(ort_pruned(*heldout), dense),
                     "dense (ORT)": cosine(ort_dense(*heldout), dense)}
         times = compare({
@@ -139,7 +141,8 @@ def markdown(results: dict, times: dict) -> str:
     if times is None:
         return "\n".join(lines)
     base = times["dense eager"]
-    speed = [[k, f"{v * 1e3:.1f}", f"{base / v:.2f}", f"{results['fidelity'][k]:.4f}"] for k, v in times.items()]
+    speed = [[k, f"{v * 1e3:.1f}", f"{base / v:.2f}", f"{results['fidelity'][k]:.4f}"]
+             for k, v in times.items()]
     return "\n".join([*lines,
         f"### Speed, batch 1, sequence 128 (median of {s['repeats']} interleaved rounds)", "",
         *table(["candidate", "ms", "speed-up vs dense eager", "cosine"], speed), ""])

@@ -106,8 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--no-flex", action="store_true", help="leave out torch.compile(flex_attention)")
     ap.add_argument("--warm-cache", action="store_true",
-                    help="let torch.compile use its on-disk cache (default: a fresh one, so compile time is cold)")
-    ap.add_argument("--minilm", action="store_true", help="MiniLM-L6 at seq 512 end to end (fidelity + speed)")
+                    help="let torch.compile use its on-disk cache (default: a fresh one, so compile time "
+                         "is cold)")
+    ap.add_argument("--minilm", action="store_true",
+                    help="MiniLM-L6 at seq 512 end to end (fidelity + speed)")
     ap.add_argument("--recall", type=float, default=0.95, help="--minilm: head_patterns recall target")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--name", default=None)
@@ -125,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, H, L, E, generator=g).to(device, dtype) for _ in range(3))
     scale = E ** -0.5
-    results = {"machine": machine(args.threads), "settings": vars(args), "device": device, "dtype": str(dtype),
-               "cpu_kernels": cpu_kernels.status(), "cases": []}
+    results = {"machine": machine(args.threads), "settings": vars(args), "device": device,
+               "dtype": str(dtype), "cpu_kernels": cpu_kernels.status(), "cases": []}
     rows = []
     for block in args.blocks:
         nq = math.ceil(L / block)
@@ -177,29 +179,33 @@ def main(argv: list[str] | None = None) -> int:
                 candidates["flex_attention (compiled)"] = flex_call
             times = compare(candidates, warmup=args.warmup, repeats=args.repeats)
             base = times["dense SDPA"]
-            case = {"block": block, "causal": causal, "blocks_per_row": per_row, "density": density(bm, causal),
-                    "ms": {n: t * 1e3 for n, t in times.items()}, "speedup": {n: base / t for n, t in times.items()},
+            case = {"block": block, "causal": causal, "blocks_per_row": per_row,
+                    "density": density(bm, causal), "ms": {n: t * 1e3 for n, t in times.items()},
+                    "speedup": {n: base / t for n, t in times.items()},
                     "first_call_s": {"ours": ours_first, "flex_compile_and_first_call": flex_first},
                     "max_abs_diff_ours_vs_flex": flex_diff}
             results["cases"].append(case)
             for n, t in times.items():
                 first = {f"ours ({backend})": f"{ours_first:.2f}",
-                         "flex_attention (compiled)": f"{flex_first:.1f}" if flex_first is not None else ""}.get(n, "")
+                         "flex_attention (compiled)": (f"{flex_first:.1f}" if flex_first is not None
+                                                       else "")}.get(n, "")
                 rows.append([block, "yes" if causal else "no", f"{case['density']:.3f}", n, f"{t * 1e3:.1f}",
                              f"{base / t:.2f}", first])
             print(rows[-len(times):], flush=True)
     md = "\n".join([
         machine_line(results["machine"]),
-        f"One attention call: batch 1, {H} heads, head dim {E}, seq {L}, {dtype}, {device}; per-head static block "
-        f"layouts (diagonal, previous, sink, per-head vertical columns) at {args.sparsity:.0%} target sparsity "
-        f"(density = listed blocks / dense blocks, causal: / lower-triangular blocks). Median of {args.repeats} "
-        f"interleaved rounds after {args.warmup} warm-up; speed-up vs dense SDPA in the same run. First call: "
-        "seconds of the very first call (FlexAttention: torch.compile + first call). "
+        f"One attention call: batch 1, {H} heads, head dim {E}, seq {L}, {dtype}, {device}; per-head static "
+        f"block layouts (diagonal, previous, sink, per-head vertical columns) at {args.sparsity:.0%} target "
+        "sparsity (density = listed blocks / dense blocks, causal: / lower-triangular blocks). Median of "
+        f"{args.repeats} interleaved rounds after {args.warmup} warm-up; speed-up vs dense SDPA in the same "
+        "run. First call: seconds of the very first call (FlexAttention: torch.compile + first call). "
         f"Compiled CPU kernel: {results['cpu_kernels']}.", "",
-        *table(["block", "causal", "density", "candidate", "ms", "speed-up vs dense SDPA", "first call (s)"], rows),
+        *table(["block", "causal", "density", "candidate", "ms", "speed-up vs dense SDPA", "first call (s)"],
+               rows),
         "", "Max |ours − flex_attention| per case: " + ", ".join(
             f"block {c['block']} {'causal' if c['causal'] else 'non-causal'}: "
-            + (f"{c['max_abs_diff_ours_vs_flex']:.1e}" if c["max_abs_diff_ours_vs_flex"] is not None else "n/a")
+            + (f"{c['max_abs_diff_ours_vs_flex']:.1e}" if c["max_abs_diff_ours_vs_flex"] is not None
+               else "n/a")
             for c in results["cases"]), ""])
     write(args.out, args.name or f"attention-{device}", results, md)
     return 0
@@ -243,15 +249,16 @@ def minilm(args) -> int:
             for s, d in density.items()]
     md = "\n".join([
         machine_line(results["machine"]),
-        f"MiniLM-L6 (real weights), sequence {seq}, batch 2, fp32; head_patterns block 64, recall {args.recall} "
-        f"on 16 calibration texts; evaluated on {len(heldout)} held-out texts. Mean cosine of the sentence "
-        f"embeddings to dense: {results['cosine_mean']:.4f}. Sites rewritten: {stats['rewritten']} of "
-        f"{stats['matched']}. Speed (median of {args.repeats} interleaved rounds): dense eager "
-        f"{times['dense eager'] * 1e3:.1f} ms, sparse {times['sparse (eager)'] * 1e3:.1f} ms, "
+        f"MiniLM-L6 (real weights), sequence {seq}, batch 2, fp32; head_patterns block 64, recall "
+        f"{args.recall} on 16 calibration texts; evaluated on {len(heldout)} held-out texts. Mean cosine of "
+        f"the sentence embeddings to dense: {results['cosine_mean']:.4f}. Sites rewritten: "
+        f"{stats['rewritten']} of {stats['matched']}. Speed (median of {args.repeats} interleaved rounds): "
+        f"dense eager {times['dense eager'] * 1e3:.1f} ms, sparse {times['sparse (eager)'] * 1e3:.1f} ms, "
         f"{results['speedup']:.2f}x (with the torch fallback instead of the compiled CPU kernel: "
         f"{times['sparse, torch fallback (eager)'] * 1e3:.1f} ms, "
         f"{times['dense eager'] / times['sparse, torch fallback (eager)']:.2f}x). "
         f"Compiled CPU kernel: {results['cpu_kernels']}.", "",
         *table(["layer", "mean head density", "patterns"], rows), ""])
-    write(args.out, args.name or f"attention-minilm-{'cuda' if torch.cuda.is_available() else 'cpu'}", results, md)
+    write(args.out, args.name or f"attention-minilm-{'cuda' if torch.cuda.is_available() else 'cpu'}",
+          results, md)
     return 0

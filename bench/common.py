@@ -22,7 +22,8 @@ def machine(threads: int) -> dict:
 
     return {"cpu": cpu, "logical_cores": torch.multiprocessing.cpu_count(), "threads": threads,
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
+            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+            "python": platform.python_version()}
 
 
 def machine_line(m: dict) -> str:

@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         model = SwiGLU(args.d, args.ffn).eval()
         calibration = [(torch.randn(8, 16, args.d),) for _ in range(4)]
         x = torch.randn(1, 1, args.d)
-    cm = sg.compile(model, "llm-activation-sparsity", example_inputs=(x,), calibration=calibration, quiet=True)
+    cm = sg.compile(model, "llm-activation-sparsity", example_inputs=(x,), calibration=calibration,
+                    quiet=True)
     traced = sg.compile(model, "dense", example_inputs=(x,), quiet=True)
     with torch.no_grad():
         cos = torch.nn.functional.cosine_similarity(cm(x).flatten(), model(x).flatten(), dim=0).item()
@@ -73,14 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     times = compare({"dense eager": run(lambda: model(x)), "traced dense": run(lambda: traced(x)),
                      f"sparse ({backend})": run(sparse)}, warmup=args.warmup, repeats=args.repeats)
     base = times["dense eager"]
-    results = {"machine": machine(args.threads), "settings": vars(args), "device": device, "dtype": str(dtype),
-               "ms": {k: v * 1e3 for k, v in times.items()}, "speedup": {k: base / v for k, v in times.items()},
-               "cosine_to_dense": cos}
+    results = {"machine": machine(args.threads), "settings": vars(args), "device": device,
+               "dtype": str(dtype), "ms": {k: v * 1e3 for k, v in times.items()},
+               "speedup": {k: base / v for k, v in times.items()}, "cosine_to_dense": cos}
     rows = [[k, f"{v * 1e3:.2f}", f"{base / v:.2f}"] for k, v in times.items()]
     md = "\n".join([machine_line(results["machine"]),
-                    f"SwiGLU d={args.d}, ffn={args.ffn}, batch 1, one token, {dtype}, {device}; 50% of the inputs "
-                    f"of gate, up and down skipped; median of {args.repeats} interleaved rounds after "
-                    f"{args.warmup} warm-up. Cosine of the sparse output to dense: {cos:.4f}.", "",
+                    f"SwiGLU d={args.d}, ffn={args.ffn}, batch 1, one token, {dtype}, {device}; 50% of the "
+                    f"inputs of gate, up and down skipped; median of {args.repeats} interleaved rounds "
+                    f"after {args.warmup} warm-up. Cosine of the sparse output to dense: {cos:.4f}.", "",
                     *table(["candidate", "ms", "speed-up vs dense eager"], rows), ""])
     write(args.out, args.name or f"decode-{device}", results, md)
     return 0

@@ -1,4 +1,5 @@
-"""``python -m bench foundation``: dense eager vs torch.compile vs ONNX Runtime vs sparsegraph, as same-run ratios.
+"""``python -m bench foundation``: dense eager vs torch.compile vs ONNX Runtime vs sparsegraph, as
+same-run ratios.
 
 For each workload (model, batch, sequence) every candidate runs on the same inputs with the same
 thread count (torch intra-op threads = onnxruntime intra-op threads = ``--threads``), after warm-up,
@@ -35,7 +36,7 @@ WORKLOADS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench foundation", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m bench foundation", description=__doc__.split("\n\n")[0])
     ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     ap.add_argument("--pipelines", nargs="*", default=[], help="sparsegraph pipelines to add as candidates")
     ap.add_argument("--threads", type=int, default=2)
@@ -68,11 +69,13 @@ def run_workload(workload: str, args) -> dict:
         candidates["torch.compile"] = lambda: compiled(*example)
     tmp = tempfile.TemporaryDirectory(prefix="sg-bench-")
     dense = sg.compile(model, "dense", example_inputs=example, quiet=True)
-    ort = OnnxModel(dense.export_onnx(Path(tmp.name) / "dense.onnx"), dense.graph_module, threads=args.threads)
+    ort = OnnxModel(dense.export_onnx(Path(tmp.name) / "dense.onnx"), dense.graph_module,
+                    threads=args.threads)
     candidates["onnxruntime"] = lambda: ort(*example)
     for pipeline in args.pipelines:
         cm = sg.compile(model, pipeline, example_inputs=example, quiet=True)
-        cm_ort = OnnxModel(cm.export_onnx(Path(tmp.name) / f"{pipeline}.onnx"), cm.graph_module, threads=args.threads)
+        cm_ort = OnnxModel(cm.export_onnx(Path(tmp.name) / f"{pipeline}.onnx"), cm.graph_module,
+                           threads=args.threads)
         candidates[f"sg:{pipeline}"] = lambda cm=cm: cm(*example)
         candidates[f"sg:{pipeline}+ort"] = lambda o=cm_ort: o(*example)
     times = compare(candidates, warmup=args.warmup, repeats=args.repeats)
@@ -84,10 +87,12 @@ def run_workload(workload: str, args) -> dict:
 
 def markdown(results: dict) -> str:
     lines = [machine_line(results["machine"]),
-             f"Median of {results['settings']['repeats']} interleaved rounds after {results['settings']['warmup']} "
-             "warm-up rounds; speed-up = eager time / candidate time, same run.", ""]
+             f"Median of {results['settings']['repeats']} interleaved rounds after "
+             f"{results['settings']['warmup']} warm-up rounds; speed-up = eager time / candidate time, "
+             "same run.", ""]
     for workload, r in results["workloads"].items():
-        lines += [f"### {workload} (inputs {r['inputs']})", "", "| candidate | ms | speed-up vs eager |", "|---|---|---|"]
+        lines += [f"### {workload} (inputs {r['inputs']})", "", "| candidate | ms | speed-up vs eager |",
+                  "|---|---|---|"]
         lines += [f"| {k} | {v:.1f} | {r['speedup_vs_eager'][k]:.2f} |" for k, v in r["ms"].items()]
         lines += [f"\n{k}: {v:.1f}" for k, v in r["notes"].items()] + [""]
     return "\n".join(lines)

@@ -68,13 +68,15 @@ def minilm(args) -> tuple[dict, str]:
     rows, results = [], {"sentences": len(heldout), "grid": []}
     for start, keep in GRID:
         ours, naive, core = (fidelity(start, keep, score) for score in ("cls", "received", "core"))
-        results["grid"].append({"start": start, "keep": keep, "cls": round(ours, 4), "received": round(naive, 4),
-                                "core": round(core, 4), "findings_naive": NAIVE.get((start, keep))})
+        results["grid"].append({"start": start, "keep": keep, "cls": round(ours, 4),
+                                "received": round(naive, 4), "core": round(core, 4),
+                                "findings_naive": NAIVE.get((start, keep))})
         rows.append([start, keep, f"{ours:.4f}", f"{naive:.4f}", f"{core:.4f}", NAIVE.get((start, keep), "")])
-    md = [f"# Token pruning on MiniLM-L6 (real weights), {len(heldout)} held-out sentences of ≥ 32 tokens", "",
-          "Mean cosine of sentence embeddings to dense. `cls`: our default score, the [CLS] row of the previous "
-          "layer's attention; `received`: mean attention received (the naive ranking); `core`: the tokens that "
-          "most drive the previous MLP's hot neurons; last column: the naive figure in ../shared/FINDINGS.md.", "",
+    md = [f"# Token pruning on MiniLM-L6 (real weights), {len(heldout)} held-out sentences of ≥ 32 tokens",
+          "", "Mean cosine of sentence embeddings to dense. `cls`: our default score, the [CLS] row of the "
+          "previous layer's attention; `received`: mean attention received (the naive ranking); `core`: the "
+          "tokens that most drive the previous MLP's hot neurons; last column: the naive figure in "
+          "../shared/FINDINGS.md.", "",
           *table(["start layer", "keep", "cls (ours)", "received", "core", "FINDINGS naive"], rows)]
     return results, "\n".join(md) + "\n"
 
@@ -87,8 +89,8 @@ def vit(args) -> tuple[dict, str]:
     with tempfile.TemporaryDirectory() as tmp:
         ort_pruned = OnnxModel(pruned.export_onnx(os.path.join(tmp, "pruned.onnx")), pruned.graph_module,
                                threads=args.threads)
-        ort_dense = OnnxModel(dense_graph.export_onnx(os.path.join(tmp, "dense.onnx")), dense_graph.graph_module,
-                              threads=args.threads)
+        ort_dense = OnnxModel(dense_graph.export_onnx(os.path.join(tmp, "dense.onnx")),
+                              dense_graph.graph_module, threads=args.threads)
         x = example[0]
         with torch.inference_mode():
             parity = (torch.as_tensor(ort_pruned(x)) - pruned(x)).abs().max().item()
@@ -97,15 +99,18 @@ def vit(args) -> tuple[dict, str]:
                         warmup=2, repeats=args.repeats)
     results = {"schedule": schedule, "times_ms": {k: round(v * 1e3, 2) for k, v in times.items()},
                "speedup_eager": round(times["dense eager"] / times["pruned (ours)"], 3),
-               "speedup_ort": round(times["dense ORT"] / times["pruned ORT"], 3), "ort_parity_max_abs": parity}
+               "speedup_ort": round(times["dense ORT"] / times["pruned ORT"], 3),
+               "ort_parity_max_abs": parity}
     md = ["# Token pruning, ViT-B/16 batch 1 CPU, keep 0.7 before blocks 3, 6, 9", "",
-          f"Tokens: 197 → {' → '.join(str(v) for v in schedule.values())}. Median of {args.repeats} interleaved "
-          f"repeats, {args.threads} threads. ONNX parity (pruned ORT vs pruned PyTorch): max |Δ| {parity:.1e} "
-          "(torchvision zero-initialises the classification head of a random-init ViT, so this is a smoke check; "
-          "parity on non-zero outputs is tested on ViT-S/16 and the explicit model).", "",
+          f"Tokens: 197 → {' → '.join(str(v) for v in schedule.values())}. Median of {args.repeats} "
+          f"interleaved repeats, {args.threads} threads. ONNX parity (pruned ORT vs pruned PyTorch): "
+          f"max |Δ| {parity:.1e} (torchvision zero-initialises the classification head of a random-init ViT, "
+          "so this is a smoke check; parity on non-zero outputs is tested on ViT-S/16 and the explicit "
+          "model).", "",
           *table(["candidate", "ms", "speed-up"],
                  [["dense eager", f"{times['dense eager'] * 1e3:.1f}", "1.00x"],
-                  ["pruned (ours, eager)", f"{times['pruned (ours)'] * 1e3:.1f}", f"{results['speedup_eager']:.2f}x"],
+                  ["pruned (ours, eager)", f"{times['pruned (ours)'] * 1e3:.1f}",
+                   f"{results['speedup_eager']:.2f}x"],
                   ["dense ORT", f"{times['dense ORT'] * 1e3:.1f}", "1.00x"],
                   ["pruned ORT", f"{times['pruned ORT'] * 1e3:.1f}", f"{results['speedup_ort']:.2f}x"]])]
     return results, "\n".join(md) + "\n"
@@ -121,7 +126,8 @@ def digits(args) -> tuple[dict, str]:
 
     def accuracy(fn, batch=100):
         with torch.inference_mode():
-            pred = torch.cat([fn(test.images[i:i + batch]).argmax(-1) for i in range(0, len(test.labels), batch)])
+            pred = torch.cat([fn(test.images[i:i + batch]).argmax(-1)
+                              for i in range(0, len(test.labels), batch)])
         return (pred == test.labels).float().mean().item()
 
     dense = accuracy(model)
@@ -135,11 +141,13 @@ def digits(args) -> tuple[dict, str]:
             patches.append(sum((b.x1 - b.x0) * (b.y1 - b.y0) for b in boxes) / settings["patch"] ** 2)
     roi_only = sg.compile(model, {"passes": ["roi", {"token_pruning": {"layers": [4], "select": "roi"}}]},
                           example_inputs=example, calibration=batches, quiet=True)
-    results = {"test_images": len(test.labels), "accuracy_dense": dense, "accuracy_keep_0.5_from_2": accuracy(pruned),
+    results = {"test_images": len(test.labels), "accuracy_dense": dense,
+               "accuracy_keep_0.5_from_2": accuracy(pruned),
                "roi_mean_iou": sum(ious) / len(ious), "roi_patches_mean": sum(patches) / len(patches),
                "accuracy_roi_tokens_only": accuracy(roi_only, batch=1)}
     md = ["# digits_vit: token pruning and RoIs (test split)", "",
-          *table(["figure", "value"], [[k, f"{v:.4f}" if isinstance(v, float) else v] for k, v in results.items()])]
+          *table(["figure", "value"],
+                 [[k, f"{v:.4f}" if isinstance(v, float) else v] for k, v in results.items()])]
     return results, "\n".join(md) + "\n"
 
 
@@ -157,5 +165,6 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     results, markdown = PARTS[args.part](args)
     info = machine(args.threads)
-    write(args.out, f"tokens-{args.part}-cpu", {"machine": info, **results}, markdown + "\n" + machine_line(info) + "\n")
+    write(args.out, f"tokens-{args.part}-cpu", {"machine": info, **results},
+          markdown + "\n" + machine_line(info) + "\n")
     return 0

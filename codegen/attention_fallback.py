@@ -22,13 +22,15 @@ import torch.nn.functional as F
 from sparsegraph.codegen import attention_tiles
 
 
-def attention(q, k, v, layout, mask, block: int, causal: bool, scale: float, tile: bool = True) -> torch.Tensor:
+def attention(q, k, v, layout, mask, block: int, causal: bool, scale: float,
+              tile: bool = True) -> torch.Tensor:
     """The op on index lists `layout` [H, nq, nsel] with `mask` None or a `_full_mask` view."""
     B, H, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     nq, nk = math.ceil(L / block), math.ceil(S / block)
-    tiles = (attention_tiles.tiling if tile else attention_tiles.untiled)(layout, L, S, block, causal, H // Hkv)
+    tiles = (attention_tiles.tiling if tile else attention_tiles.untiled)(layout, L, S, block, causal,
+                                                                          H // Hkv)
     wide = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype  # merge precision
     acc = attention_tiles.Accumulator((B, H, nq * block, Ev), wide, q.device, block)
     attention_tiles.run(tiles, q, k, v, mask, block, causal, scale, acc, whole=True)
@@ -98,8 +100,10 @@ def _listed(layout, mask, causal, parts):
             if qs.shape[0] != B:
                 attn_mask = attn_mask.reshape(H, R // H, *attn_mask.shape[2:])
         else:
-            attn_mask = _shared_mask(c, block, diagonal, S - (nk - 1) * block if tail else block, qb.dtype, dev)
-        o, ls = attention_tiles.attend(qs, kg, vg, attn_mask, scale, dead=attention_tiles.dead_rows(attn_mask))
+            attn_mask = _shared_mask(c, block, diagonal, S - (nk - 1) * block if tail else block,
+                                     qb.dtype, dev)
+        o, ls = attention_tiles.attend(qs, kg, vg, attn_mask, scale,
+                                       dead=attention_tiles.dead_rows(attn_mask))
         yield rows, o.reshape(B, R, block, Ev), ls.reshape(B, R, block)
 
 

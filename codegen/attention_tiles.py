@@ -130,7 +130,8 @@ def tiling(layout: torch.Tensor, L: int, S: int, block: int, causal: bool, group
 def untiled(layout: torch.Tensor, L: int, S: int, block: int, causal: bool, group: int) -> Tiling:
     """Every block left to the gathered path (causal: the blocks after the diagonal dropped)."""
     if causal:
-        layout = torch.where(layout > torch.arange(layout.shape[1], device=layout.device)[None, :, None], -1, layout)
+        layout = torch.where(layout > torch.arange(layout.shape[1], device=layout.device)[None, :, None],
+                             -1, layout)
     return Tiling((), (), layout)
 
 
@@ -158,7 +159,8 @@ def _tile(layout, L, S, block, causal, group) -> Tiling:
             bands.setdefault((rows, offsets), {})[h] = excluded
     return Tiling(
         tuple(Columns(heads, first_row, tuple(per_head[h] for h in heads.all), whole)
-              for (first_row, _, whole), per_head in columns.items() for heads in _strided(list(per_head), group)),
+              for (first_row, _, whole), per_head in columns.items()
+              for heads in _strided(list(per_head), group)),
         tuple(Band(heads, rows, offsets, np.stack([per_head[h] for h in heads.all]))
               for (rows, offsets), per_head in bands.items() for heads in _strided(list(per_head), group)),
         layout_from_block_mask(torch.from_numpy(left)))
@@ -293,7 +295,8 @@ class Accumulator:
         """Query blocks `rows` (indices into H·nq): o [B, R, block, Ev], ls [B, R, block]."""
         self._alloc()
         B, H, Lp, Ev = self.shape
-        out5, lse4 = self.out.view(B, H, Lp // self.block, self.block, Ev), self.lse.view(B, H, -1, self.block)
+        out5, lse4 = (self.out.view(B, H, Lp // self.block, self.block, Ev),
+                      self.lse.view(B, H, -1, self.block))
         h, i = rows // self.ready.shape[1], rows % self.ready.shape[1]
         done = self.ready[h, i]
         if not bool(done.any()):
@@ -348,7 +351,8 @@ def run(t: Tiling, q, k, v, mask, block: int, causal: bool, scale: float, acc: A
         excluded = None
         if band.excluded.any():
             taken = torch.from_numpy(band.excluded).to(q.device).repeat_interleave(block, -1)[:, :, None, :]
-            excluded = torch.zeros(taken.shape, dtype=q.dtype, device=q.device).masked_fill(taken, float("-inf"))
+            excluded = torch.zeros(taken.shape, dtype=q.dtype, device=q.device).masked_fill(
+                taken, float("-inf"))
         for g, h in enumerate(band.heads.all):  # one call per head: measured faster than one over all
             # heads (each call's output is a fresh buffer, and small ones reuse freed memory, big ones fault)
             m = None if excluded is None else excluded[g:g + 1]
@@ -360,8 +364,8 @@ def run(t: Tiling, q, k, v, mask, block: int, causal: bool, scale: float, acc: A
             dead = dead_rows(m)
             if causal and d1 == 0:  # the last block of each window is the diagonal one: one shared triangle
                 tri = torch.ones(block, width, dtype=torch.bool, device=q.device).triu(width - block + 1)
-                m = (torch.zeros(block, width, dtype=q.dtype, device=q.device) if m is None else m).masked_fill(
-                    tri, float("-inf"))
+                m = (torch.zeros(block, width, dtype=q.dtype, device=q.device) if m is None
+                     else m).masked_fill(tri, float("-inf"))
             o, ls = attend(qs, ks, vs, m, scale, dead=dead)
             acc.put(h, i0, o.reshape(B, n * block, -1), ls.reshape(B, n * block))
 
@@ -373,8 +377,8 @@ def attend(q, k, v, mask, scale: float, causal: bool = False, dead=None):
     returns 0 there). Off the CPU (the eager path on CUDA) the same is computed with plain matmuls.
     """
     if q.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=mask,
-                                                                             scale=scale)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal,
+                                                                             attn_mask=mask, scale=scale)
     else:
         out, lse = attend_matmul(q, k, v, mask, scale, causal)
     if dead is not None:
@@ -414,7 +418,8 @@ def _key_positions(c: Columns, block: int, S: int, group: int, device):
         return slice(first[0] * block, min((first[-1] + 1) * block, S))
     blocks = torch.tensor(c.cols, device=device)  # [G, c]
     pos = (blocks[..., None] * block + torch.arange(block, device=device)).flatten(1)
-    pos = pos[:, :int((pos[0] < S).sum())] if S % block else pos  # a partial last block is the last one listed
+    # a partial last block is the last one listed
+    pos = pos[:, :int((pos[0] < S).sum())] if S % block else pos
     return torch.tensor([h // group for h in c.heads.all], device=device), pos
 
 
@@ -426,7 +431,8 @@ def _heads(x, heads: Heads):
 
 
 def _windows(x, head: int, first: int, count: int, width: int, hop: int):
-    """Overlapping windows x[:, head, first + r·hop : … + width] for r < count: a [B, count, width, E] view."""
+    """Overlapping windows x[:, head, first + r·hop : … + width] for r < count: a [B, count, width, E]
+    view."""
     sB, sH, sT, sE = x.stride()
     return x.as_strided((x.shape[0], count, width, x.shape[3]), (sB, hop * sT, sT, sE),
                         x.storage_offset() + head * sH + first * sT)

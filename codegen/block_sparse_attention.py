@@ -58,10 +58,11 @@ def lists(q, k, v, layout, block, causal) -> torch.Tensor:
     H = q.shape[1]
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape[2] != v.shape[2] or k.shape[1] != v.shape[1] \
             or k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
-        raise ValueError(f"block_sparse_attention: q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} "
-                         "must be [B, H, L, E], [B, Hkv, S, E] and [B, Hkv, S, Ev]")
+        raise ValueError(f"block_sparse_attention: q {tuple(q.shape)}, k {tuple(k.shape)} and v "
+                         f"{tuple(v.shape)} must be [B, H, L, E], [B, Hkv, S, E] and [B, Hkv, S, Ev]")
     if H % k.shape[1]:
-        raise ValueError(f"block_sparse_attention: {H} query heads are not a multiple of {k.shape[1]} kv heads")
+        raise ValueError(f"block_sparse_attention: {H} query heads are not a multiple of {k.shape[1]} "
+                         "kv heads")
     layouts.check_table(layout, H)
     return layouts.layout(layout, *block_counts(q.shape[2], k.shape[2], block), causal, q.device)
 
@@ -95,8 +96,8 @@ def onnx_repeat_kv(x, q):
 # ----------------------------------------------------------------------------------------- kernels
 
 
-def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: torch.Tensor, mask: torch.Tensor | None,
-              block: int, causal: bool, scale: float) -> torch.Tensor:
+def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: torch.Tensor,
+              mask: torch.Tensor | None, block: int, causal: bool, scale: float) -> torch.Tensor:
     return reference_lists(q, k, v, lists(q, k, v, layout, block, causal), mask, block, causal, scale)
 
 
@@ -164,7 +165,8 @@ def onnx_sizes(q, k, block: int):
     """(L, S, nq, nk, 0, 1, block) as onnxscript scalars, read from q and k at run time."""
     L, S = op.Squeeze(op.Shape(q, start=2, end=3)), op.Squeeze(op.Shape(k, start=2, end=3))
     zero, one, size = op.Constant(value_int=0), op.Constant(value_int=1), op.Constant(value_int=block)
-    return L, S, op.Div(op.Sub(op.Add(L, size), one), size), op.Div(op.Sub(op.Add(S, size), one), size), zero, one, size
+    return (L, S, op.Div(op.Sub(op.Add(L, size), one), size), op.Div(op.Sub(op.Add(S, size), one), size),
+            zero, one, size)
 
 
 def onnx_block_attention(q, k, v, block_mask, mask, block: int, causal: bool, scale: float):
@@ -188,7 +190,8 @@ def onnx_block_attention(q, k, v, block_mask, mask, block: int, causal: bool, sc
 
 
 def onnx_block_mask(lists, nk):
-    """Index lists [..., nsel] (−1 = none) → float block mask [..., nk] (`Equal` against `Range` + `ReduceMax`)."""
+    """Index lists [..., nsel] (−1 = none) → float block mask [..., nk] (`Equal` against `Range` +
+    `ReduceMax`)."""
     hit = op.Equal(op.Unsqueeze(lists, op.Constant(value_ints=[-1])),
                    op.Range(op.Constant(value_int=0), nk, op.Constant(value_int=1)))
     return op.ReduceMax(op.Cast(hit, to=1), op.Constant(value_ints=[-2]), keepdims=0)
@@ -215,9 +218,11 @@ def onnx_table_mask(table, nq, nk, causal: bool):
     zero, one = op.Constant(value_int=0), op.Constant(value_int=1)
     rows, cols = op.Range(zero, nq, one), op.Range(zero, nk, one)
     rel = op.Sub(op.Add(op.Unsqueeze(rows, ints(1)), op.Sub(nk, nq)), op.Unsqueeze(cols, ints(0)))  # [nq, nk]
-    on_diagonal = op.ReduceMax(op.Cast(op.Equal(op.Unsqueeze(rel, ints(0, 3)), op.Unsqueeze(diagonals, ints(1, 2))),
+    on_diagonal = op.ReduceMax(op.Cast(op.Equal(op.Unsqueeze(rel, ints(0, 3)),
+                                                op.Unsqueeze(diagonals, ints(1, 2))),
                                        to=1), ints(3), keepdims=0)  # [H, nq, nk]
-    on_column = op.ReduceMax(op.Cast(op.Equal(op.Unsqueeze(cols, ints(0, 2)), op.Unsqueeze(columns, ints(1))), to=1),
+    on_column = op.ReduceMax(op.Cast(op.Equal(op.Unsqueeze(cols, ints(0, 2)),
+                                              op.Unsqueeze(columns, ints(1))), to=1),
                              ints(2), keepdims=1)  # [H, nk, 1]
     kind = op.Unsqueeze(column(0), ints(2))  # [H, 1, 1]
     dense = op.Cast(op.Equal(kind, op.Constant(value_int=layouts.DENSE)), to=1)

@@ -21,10 +21,12 @@ from sparsegraph.codegen.op import SparseOp
 from sparsegraph.codegen.token_scores import _finish, _key_mask, onnx_key_padding
 
 
-def reference(a: torch.Tensor, hot: torch.Tensor, centre: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def reference(a: torch.Tensor, hot: torch.Tensor, centre: torch.Tensor,
+              mask: torch.Tensor | None) -> torch.Tensor:
     chosen = torch.zeros(a.shape[-1], dtype=torch.bool, device=a.device)
     chosen[hot] = True
-    s = torch.where(chosen, (a.float() - centre.float()).abs(), torch.zeros_like(a, dtype=torch.float32)).sum(-1)
+    s = torch.where(chosen, (a.float() - centre.float()).abs(),
+                    torch.zeros_like(a, dtype=torch.float32)).sum(-1)
     return _finish(s, _key_mask(mask, a.shape[0], a.shape[1]))
 
 
@@ -38,7 +40,8 @@ def fake(a, hot, centre, mask):
 
 
 def onnx(a, hot, centre, mask):
-    s = op.ReduceSum(op.Abs(op.Sub(op.Cast(op.Gather(a, hot, axis=-1), to=1), op.Cast(op.Gather(centre, hot), to=1))),
+    s = op.ReduceSum(op.Abs(op.Sub(op.Cast(op.Gather(a, hot, axis=-1), to=1),
+                                   op.Cast(op.Gather(centre, hot), to=1))),
                      op.Constant(value_ints=[-1]), keepdims=0)  # [B, N]
     if mask is None:
         return s

@@ -83,7 +83,8 @@ def layouts(q, k, layout, topk, mask, block, causal, scale) -> torch.Tensor:
 
 
 def _folded(kernel, q, k, v, layout, topk, mask, block, causal, scale, **kw):
-    """Run a static-layout kernel (on index lists) on the per-input layouts, the batch folded into the heads."""
+    """Run a static-layout kernel (on index lists) on the per-input layouts, the batch folded into the
+    heads."""
     layout = bsa.lists(q, k, v, layout, block, causal)
     B, H, L, _ = q.shape
     per_input = attention_layouts.layout_from_block_mask(attention_layouts.block_mask_from_layout(
@@ -95,8 +96,8 @@ def _folded(kernel, q, k, v, layout, topk, mask, block, causal, scale, **kw):
     if mask is not None:  # a mask constant over queries stays one row per (input, head) once folded
         m = bsa._full_mask(mask, B, H, L, k.shape[2])
         mask = fold((m[:, :, :1] if m.stride(2) == 0 else m).expand(B, H, -1, -1))
-    out = kernel(fold(q), fold(k), fold(v), per_input.reshape(B * H, *per_input.shape[2:]), mask, block, causal,
-                 scale, **kw)
+    out = kernel(fold(q), fold(k), fold(v), per_input.reshape(B * H, *per_input.shape[2:]), mask, block,
+                 causal, scale, **kw)
     return out.reshape(B, H, L, -1)
 
 
@@ -150,9 +151,10 @@ def onnx(q, k, v, layout, topk, mask, block: int, causal: bool, scale: float):
         m = op.Expand(m, op.Concat(op.Shape(m, start=0, end=2), rows, op.Unsqueeze(S, ints(0)), axis=0))
         pad = op.Concat(ints(0, 0, 0, 0, 0, 0), op.Sub(qrows, rows),
                         op.Unsqueeze(op.Sub(op.Mul(nk, size), S), ints(0)), axis=0)
-        shape = op.Concat(op.Shape(m, start=0, end=2), blocks_q, ints(-1), op.Unsqueeze(nk, ints(0)), ints(block),
-                          axis=0)
-        est = op.Add(est, op.ReduceMax(op.Reshape(op.Pad(m, pad, op.Neg(inf)), shape), ints(3, 5), keepdims=0))
+        shape = op.Concat(op.Shape(m, start=0, end=2), blocks_q, ints(-1), op.Unsqueeze(nk, ints(0)),
+                          ints(block), axis=0)
+        est = op.Add(est, op.ReduceMax(op.Reshape(op.Pad(m, pad, op.Neg(inf)), shape), ints(3, 5),
+                                       keepdims=0))
     qi, kj = op.Unsqueeze(op.Range(zero, nq, one), ints(1)), op.Unsqueeze(op.Range(zero, nk, one), ints(0))
     est = op.Where(op.And(op.Equal(qi, kj), op.Greater(est, op.Neg(inf))), inf, est)
     if causal:
@@ -186,5 +188,5 @@ def cost(node: torch.fx.Node) -> tuple[int, int]:
     return int(macs), moved
 
 
-OP = SparseOp("dynamic_block_sparse_attention", reference, fake=fake, cpu=cpu, onnx=onnx, cost=cost, dense=dense,
-              triton="sparsegraph.codegen.dynamic_block_sparse_attention:triton")
+OP = SparseOp("dynamic_block_sparse_attention", reference, fake=fake, cpu=cpu, onnx=onnx, cost=cost,
+              dense=dense, triton="sparsegraph.codegen.dynamic_block_sparse_attention:triton")

@@ -73,7 +73,8 @@ class SparseOp:
 
         @functools.wraps(reference)
         def dispatch(*args, **kwargs):
-            device = next(a.device for a in torch.utils._pytree.tree_leaves(args) if isinstance(a, torch.Tensor))
+            device = next(a.device for a in torch.utils._pytree.tree_leaves(args)
+                          if isinstance(a, torch.Tensor))
             return self.kernel(device)(*args, **kwargs)
 
         self.custom_op = torch.library.custom_op(f"sparsegraph::{name}", dispatch, mutates_args=())
@@ -97,9 +98,10 @@ class SparseOp:
         if wants_triton and self._triton is not None and triton_available():
             return self.triton
         if backend == "triton":
-            raise RuntimeError(f"sparsegraph::{self.name}: Triton backend asked for but "
-                               f"{'this op has no Triton kernel' if self._triton is None else 'triton cannot run here'}"
-                               "; use backend 'eager' or set TRITON_INTERPRET=1 to run Triton on the CPU")
+            raise RuntimeError(
+                f"sparsegraph::{self.name}: Triton backend asked for but "
+                f"{'this op has no Triton kernel' if self._triton is None else 'triton cannot run here'}"
+                "; use backend 'eager' or set TRITON_INTERPRET=1 to run Triton on the CPU")
         return self.cpu or self.reference
 
     @functools.cached_property

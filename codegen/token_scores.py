@@ -144,7 +144,8 @@ def cost(node: torch.fx.Node) -> tuple[int, int]:
     q, k, mode = ir.val(node.args[0]), ir.val(node.args[1]), node.args[4]
     B, H, L, E = q.shape
     rows = L if mode == "received" else 1
-    return B * H * rows * k.shape[2] * E, (q.numel() // (L // rows)) * q.element_size() + k.numel() * k.element_size()
+    return (B * H * rows * k.shape[2] * E,
+            (q.numel() // (L // rows)) * q.element_size() + k.numel() * k.element_size())
 
 
 OP = SparseOp("token_scores", reference, fake=fake, cpu=cpu, onnx=onnx, cost=cost)

@@ -13,10 +13,11 @@ dropped tokens are folded into one extra token. With n = N − protect,
 ``k`` is computed from the *runtime* length N, so one compiled graph (and its ONNX file) serves every
 sequence length. ``keep = 0`` instead keeps every token whose score is finite (k = the largest such
 count in the batch, so a row with fewer is topped up with its best others): with `roi_scores` that is
-"the RoI tokens only", a data-dependent length, for eager PyTorch (no ONNX translation for it). Kept tokens stay in their original order (a class token stays at position 0;
-relative order matters to anything positional downstream). The second output ``index`` [B, k'] holds
-the kept positions, so tensors aligned with the old tokens (attention masks, pooling weights) follow
-with `token_gather`; with ``fuse`` the fused token's index is the best dropped token's.
+"the RoI tokens only", a data-dependent length, for eager PyTorch (no ONNX translation for it). Kept
+tokens stay in their original order (a class token stays at position 0; relative order matters to
+anything positional downstream). The second output ``index`` [B, k'] holds the kept positions, so
+tensors aligned with the old tokens (attention masks, pooling weights) follow with `token_gather`;
+with ``fuse`` the fused token's index is the best dropped token's.
 
 Backends: reference (a full stable ranking by ``argsort``, membership mask, ``nonzero``: a different
 algorithm from the fast path); CPU (``topk`` of the n scores, sort of k indices, one ``gather``);
@@ -42,8 +43,8 @@ def kept_count(n: int | torch.SymInt, keep: float, protect: int) -> int | torch.
 
 def _check(x, scores, keep, protect):
     if x.dim() != 3 or scores.shape != x.shape[:2]:
-        raise ValueError(f"token_select: x {tuple(x.shape)} must be [B, N, D] and scores {tuple(scores.shape)} "
-                         "[B, N]")
+        raise ValueError(f"token_select: x {tuple(x.shape)} must be [B, N, D] and scores "
+                         f"{tuple(scores.shape)} [B, N]")
     if not 0.0 <= keep <= 1.0:
         raise ValueError(f"token_select: keep={keep} must be in [0, 1] (0: every finite score)")
     if protect >= x.shape[1]:

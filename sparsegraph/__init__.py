@@ -35,7 +35,7 @@ from sparsegraph.registry import available_passes, register_pass
 from sparsegraph.trace import trace
 from sparsegraph.version import __version__
 
-__all__ = ["AnalysisPass", "CalibrationError", "CompiledModel", "Config", "ConfigError", "ExportError", "InputError", "ModelSpecError", "PassError",
-           "PassResult", "PassStats", "PlanError", "Refused", "RewritePass", "SiteDecision", "SparsegraphError",
-           "SparsityPlan", "TraceError", "__version__", "available_passes", "compile", "load_plan", "option",
-           "refusals", "register_pass", "trace"]
+__all__ = ["AnalysisPass", "CalibrationError", "CompiledModel", "Config", "ConfigError", "ExportError",
+           "InputError", "ModelSpecError", "PassError", "PassResult", "PassStats", "PlanError", "Refused",
+           "RewritePass", "SiteDecision", "SparsegraphError", "SparsityPlan", "TraceError", "__version__",
+           "available_passes", "compile", "load_plan", "option", "refusals", "register_pass", "trace"]

@@ -25,9 +25,10 @@ length, in PyTorch and in ONNX alike (the ONNX translation reads the same table)
 
 ``kind`` is ``BANDS``, ``DENSE`` or ``FIXED``; every row holds the site's fixed grid nq0 × nk0 (1 × 1
 when no head is fixed: no slice of the table is ever empty) and the slot counts; unused diagonal slots
-hold ``NO_DIAGONAL`` (matches no offset), unused column slots −1. A ``FIXED`` head (``block_topk``, or a layout given as a block mask)
-is sparse at its own grid only: at any other grid it computes every block (dense, exact) and
-`LayoutWarning` says so once per length. Nothing else needs refitting at another length.
+hold ``NO_DIAGONAL`` (matches no offset), unused column slots −1. A ``FIXED`` head (``block_topk``, or
+a layout given as a block mask) is sparse at its own grid only: at any other grid it computes every
+block (dense, exact) and `LayoutWarning` says so once per length. Nothing else needs refitting at
+another length.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ import weakref
 
 import torch
 
-FAMILIES = ("dense", "local", "sink_local", "multi_diagonal", "vertical_slash", "block_topk", "dynamic_topk", "skip")
+FAMILIES = ("dense", "local", "sink_local", "multi_diagonal", "vertical_slash", "block_topk", "dynamic_topk",
+            "skip")
 BANDS, DENSE, FIXED = 0, 1, 2
 NO_DIAGONAL = -(2**40)
 HEADER = 5  # kind, nq0, nk0, n_diag, n_col
@@ -124,7 +126,8 @@ def _pack(rows: list[tuple[list[int], list[int], int]], fixed: list[torch.Tensor
     out = torch.zeros(len(rows), HEADER + n_diag + n_col + nq0 * nk0, dtype=torch.int64)
     for h, ((diagonals, columns, kind), bits) in enumerate(zip(rows, fixed)):
         out[h, :HEADER] = torch.tensor([kind, nq0, nk0, n_diag, n_col])
-        out[h, HEADER:HEADER + n_diag] = torch.tensor(sorted(set(diagonals)) + [NO_DIAGONAL] * (n_diag - len(set(diagonals))))
+        out[h, HEADER:HEADER + n_diag] = torch.tensor(sorted(set(diagonals))
+                                                      + [NO_DIAGONAL] * (n_diag - len(set(diagonals))))
         out[h, HEADER + n_diag:HEADER + n_diag + n_col] = torch.tensor(sorted(set(columns))
                                                                        + [-1] * (n_col - len(set(columns))))
         if bits is not None:
@@ -135,8 +138,9 @@ def _pack(rows: list[tuple[list[int], list[int], int]], fixed: list[torch.Tensor
 def check_table(t: torch.Tensor, heads: int) -> None:
     """Raise ValueError naming the problem when `t` is not a layout table for `heads` heads."""
     if t.dim() != 2 or t.dtype != torch.int64 or t.shape[0] != heads or t.shape[1] < HEADER + 2:
-        raise ValueError(f"layout table {tuple(t.shape)} {t.dtype} is not an int64 [heads={heads}, ≥ {HEADER + 2}] "
-                         "table (sparsegraph.attention_layouts.table / fixed_table build one)")
+        raise ValueError(f"layout table {tuple(t.shape)} {t.dtype} is not an int64 [heads={heads}, ≥ "
+                         f"{HEADER + 2}] table (sparsegraph.attention_layouts.table / fixed_table "
+                         "build one)")
     n_diag, n_col, nq0, nk0 = (int(t[0, i]) for i in (3, 4, 1, 2))
     if t.shape[1] != HEADER + n_diag + n_col + nq0 * nk0 or min(n_diag, n_col, nq0, nk0) < 1:
         raise ValueError(f"layout table of width {t.shape[1]} does not match its header "
@@ -173,9 +177,9 @@ def _laid_out(t: torch.Tensor, nq: int, nk: int, causal: bool) -> tuple[torch.Te
             mask[fixed] = bits.view(len(fixed), nq, nk).bool()
         else:
             mask[fixed] = True
-            note = (f"{len(fixed)} attention head(s) have block_topk layouts fitted at {nq0}×{nk0} blocks; at "
-                    f"{nq}×{nk} blocks they run dense (exact, not sparse). Calibrate at this length, or leave "
-                    "block_topk out of head_patterns' patterns for length-independent layouts")
+            note = (f"{len(fixed)} attention head(s) have block_topk layouts fitted at {nq0}×{nk0} blocks; "
+                    f"at {nq}×{nk} blocks they run dense (exact, not sparse). Calibrate at this length, or "
+                    "leave block_topk out of head_patterns' patterns for length-independent layouts")
     return mask & allowed_blocks(nq, nk, causal), note
 
 
@@ -202,7 +206,8 @@ _lock = threading.RLock()  # re-entrant: a freed table's eviction may run inside
 _cache: dict[int, tuple[weakref.ref, int, dict]] = {}
 
 
-def layout(t: torch.Tensor, nq: int, nk: int, causal: bool, device: torch.device | None = None) -> torch.Tensor:
+def layout(t: torch.Tensor, nq: int, nk: int, causal: bool,
+           device: torch.device | None = None) -> torch.Tensor:
     """Index lists int64 [H, nq, nsel] of table `t` at a grid of nq × nk blocks, cached per table and length.
 
     The cache is keyed by the table object (a graph buffer: the same tensor at every call) and its
@@ -214,7 +219,8 @@ def layout(t: torch.Tensor, nq: int, nk: int, causal: bool, device: torch.device
     key = (nq, nk, bool(causal), str(device))
     with _lock:
         entry = _cache.get(id(t))
-        found = entry[2].get(key) if entry is not None and entry[0]() is t and entry[1] == t._version else None
+        found = (entry[2].get(key) if entry is not None and entry[0]() is t and entry[1] == t._version
+                 else None)
     if found is None:
         mask, note = _laid_out(t, nq, nk, causal)
         found = (layout_from_block_mask(mask).to(device), note)

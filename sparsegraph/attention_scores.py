@@ -44,9 +44,11 @@ class Operands:
         """fp32 [B, H, rows, S] attention probabilities of query rows `rows` (all by default)."""
         L, S = self.q.shape[2], self.k.shape[2]
         start, stop, _ = (rows or slice(None)).indices(L)
-        s = (self.q[:, :, start:stop].float() * self.scale) @ repeat_kv(self.k, self.q.shape[1]).float().transpose(-1, -2)
+        s = ((self.q[:, :, start:stop].float() * self.scale)
+             @ repeat_kv(self.k, self.q.shape[1]).float().transpose(-1, -2))
         if self.mask is not None:
-            m = self.mask if self.mask.dim() < 2 or self.mask.shape[-2] == 1 else self.mask[..., start:stop, :]
+            m = (self.mask if self.mask.dim() < 2 or self.mask.shape[-2] == 1
+                 else self.mask[..., start:stop, :])
             s = s + m.float()
         if self.is_causal:
             s = s.masked_fill(torch.arange(S)[None, :] > torch.arange(start, stop)[:, None], float("-inf"))
@@ -106,7 +108,8 @@ def site_scores(site: ir.AttentionSite, value: Callable[[torch.fx.Node], torch.T
             mask = mask.reshape(*([1] * (4 - mask.dim())), *mask.shape)
         if site.causal and mask is None:
             L, S = ops.q.shape[2], ops.k.shape[2]
-            mask = torch.zeros(L, S).masked_fill(torch.ones(L, S, dtype=torch.bool).triu(1), float("-inf"))[None, None]
+            mask = torch.zeros(L, S).masked_fill(torch.ones(L, S, dtype=torch.bool).triu(1),
+                                                 float("-inf"))[None, None]
         return token_scores.cpu(ops.q, ops.k, mask, ops.scale, mode, chunk)
     p = value(next(c for c in site.core if ir.kind(c) == "softmax")).float()  # [B, H, L, S]
     if mode == "received":

@@ -78,9 +78,11 @@ def _parser() -> argparse.ArgumentParser:
                        parents=[common, writes])
     p.add_argument("model")
     p.add_argument("--config", help="an analysis-only pipeline (default: activation_profile, cost)")
-    p.add_argument("--calibration", type=int, default=128, metavar="N", help="calibration sentences (text models)")
+    p.add_argument("--calibration", type=int, default=128, metavar="N",
+                   help="calibration sentences (text models)")
     p.add_argument("--data", help=DATA_HELP)
-    p.add_argument("--nproc", type=int, default=1, help="calibration processes (torch.distributed, gloo/NCCL)")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="calibration processes (torch.distributed, gloo/NCCL)")
     p.add_argument("-o", "--out", required=True, help="the plan.json to write")
     p.set_defaults(run=cmd_profile)
 
@@ -96,22 +98,26 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=helptext, parents=[common] if name == "bench" else [common, writes])
         p.add_argument("model")
         p.add_argument("--config", help=f"YAML/JSON path or pipeline name {pipelines.names()}")
-        p.add_argument("--plan", help="a saved plan.json: alone, replayed; with --config, its profile is reused")
+        p.add_argument("--plan",
+                       help="a saved plan.json: alone, replayed; with --config, its profile is reused")
         if name == "bench":
             p.add_argument("--repeats", type=int, default=7, help="timed rounds (median reported)")
             p.add_argument("--no-onnx", action="store_true", help="time PyTorch only")
         else:
-            p.add_argument("-o", "--out", required=True, help="output directory (compile) or .onnx path (export)")
+            p.add_argument("-o", "--out", required=True,
+                           help="output directory (compile) or .onnx path (export)")
         p.add_argument("--data", help=DATA_HELP)
         p.add_argument("--calibration", type=int, default=128, metavar="N",
                        help="calibration sentences for text models with a tokenizer (stdlib docstrings); "
                             "other models calibrate on their example inputs")
         p.set_defaults(run=fn)
 
-    p = sub.add_parser("passes", help="list passes (built-in and plugins) and named pipelines", parents=[common])
+    p = sub.add_parser("passes", help="list passes (built-in and plugins) and named pipelines",
+                       parents=[common])
     p.set_defaults(run=cmd_passes)
 
-    p = sub.add_parser("demo", help="MiniLM end to end: trace, inspect, compile, export, compare", parents=[writes])
+    p = sub.add_parser("demo", help="MiniLM end to end: trace, inspect, compile, export, compare",
+                       parents=[writes])
     p.add_argument("--out", default="sparsegraph-demo", help="where the plan, report and ONNX go")
     p.set_defaults(run=cmd_demo)
     return parser
@@ -155,7 +161,8 @@ def cmd_compile(args) -> None:
 def cmd_export(args) -> None:
     out = Path(args.out)
     if out.suffix.lower() != ".onnx":
-        raise UsageError(f"--out {out}: an ONNX file's name ends in .onnx; try --out {out.with_suffix('.onnx')}")
+        raise UsageError(f"--out {out}: an ONNX file's name ends in .onnx; try --out "
+                         f"{out.with_suffix('.onnx')}")
     check_outputs(args, [out])
     cm = _compile(args)
     with _writing(out):
@@ -172,13 +179,15 @@ def cmd_bench(args) -> None:
     model, example = models.resolve(args.model)
     cm = _compile(args, model, example)
     args_, kwargs = cm.example.args, cm.example.kwargs
-    candidates = {"dense eager": lambda: model(*args_, **kwargs), "compiled eager": lambda: cm(*args_, **kwargs)}
+    candidates = {"dense eager": lambda: model(*args_, **kwargs),
+                  "compiled eager": lambda: cm(*args_, **kwargs)}
     if not args.no_onnx:
         threads = torch.get_num_threads()
         dense_ort = sg.compile(model, "dense", example_inputs=args_, example_kwargs=kwargs,
                                quiet=True).onnx_model(threads)
         ort = cm.onnx_model(threads)
-        candidates.update({"dense ORT": lambda: dense_ort(*args_, **kwargs), "compiled ORT": lambda: ort(*args_, **kwargs)})
+        candidates.update({"dense ORT": lambda: dense_ort(*args_, **kwargs),
+                           "compiled ORT": lambda: ort(*args_, **kwargs)})
     def fidelity_of(out, reference):  # token-level outputs of a token-pruned model are shorter: no figure
         out = torch.as_tensor(out)
         return cosine(out, reference) if out.shape == reference.shape else None
@@ -193,9 +202,11 @@ def cmd_bench(args) -> None:
             for name, t in times.items()]
     lines = [f"{args.model}, config {args.config or '(plan)'}, {torch.get_num_threads()} threads, median of "
              f"{args.repeats}:", "| candidate | ms | vs its dense | cosine to dense |", "|---|---|---|---|"]
-    lines += [f"| {r['candidate']} | {r['ms']:.2f} | {r['speedup']:.2f}x | "
-              f"{'n/a (fewer tokens out)' if r['cosine_to_dense'] is None else format(r['cosine_to_dense'], '.4f')} |"
-              for r in rows]
+    lines += [
+        f"| {r['candidate']} | {r['ms']:.2f} | {r['speedup']:.2f}x | "
+        f"{'n/a (fewer tokens out)' if r['cosine_to_dense'] is None else format(r['cosine_to_dense'], '.4f')}"
+        " |"
+        for r in rows]
     _emit(args, {"model": args.model, "threads": torch.get_num_threads(), "results": rows}, "\n".join(lines))
 
 
@@ -211,7 +222,8 @@ def cmd_profile(args) -> int:
     config = sg.Config.load(args.config or {"passes": ["activation_profile", "cost"]})
     rewrites = [p.name for p in config.passes if not isinstance(p, sg.AnalysisPass)]
     if rewrites:
-        raise sg.ConfigError(f"profile runs analysis passes only; {rewrites} rewrite the graph: use `compile`")
+        raise sg.ConfigError(f"profile runs analysis passes only; {rewrites} rewrite the graph: use "
+                             "`compile`")
     if distributed.in_worker():
         distributed.init()
     rank, world = distributed.rank_and_world()
@@ -255,8 +267,8 @@ def cmd_demo(args) -> None:
     out = Path(args.out)
     _check_folder(out)
     if out.is_dir() and any(out.iterdir()) and not args.force:
-        raise UsageError(f"--out {out} is a folder that already holds files, which the demo's plans and reports "
-                         "may overwrite: pass --force to let them, or choose another --out")
+        raise UsageError(f"--out {out} is a folder that already holds files, which the demo's plans and "
+                         "reports may overwrite: pass --force to let them, or choose another --out")
     run(out)
 
 
@@ -281,10 +293,11 @@ def check_inputs(args) -> None:
     config = getattr(args, "config", None)
     if config is not None and config not in pipelines.names() and not Path(config).is_file():
         if Path(config).suffix.lower() in (".yaml", ".yml", ".json") or os.sep in config:
-            raise UsageError(f"--config {config}: no such file; give a YAML/JSON config file or a pipeline name "
-                             "(`sparsegraph passes` lists them)")
+            raise UsageError(f"--config {config}: no such file; give a YAML/JSON config file or a pipeline "
+                             "name (`sparsegraph passes` lists them)")
         raise UsageError(f"--config {config}: no such file and no pipeline of that name"
-                         f"{did_you_mean(config, pipelines.names())}; give a pipeline name or a YAML/JSON file")
+                         f"{did_you_mean(config, pipelines.names())}; "
+                         "give a pipeline name or a YAML/JSON file")
     data = getattr(args, "data", None)
     if data is not None:
         _check_data(Path(data))
@@ -293,7 +306,8 @@ def check_inputs(args) -> None:
 def _check_data(path: Path) -> None:
     """--data exists, is a .txt or .npy file, and holds at least one text or input."""
     if not path.is_file():
-        raise UsageError(f"--data {path}: no such file; give a .txt (one text per line) or a .npy array of inputs")
+        raise UsageError(f"--data {path}: no such file; give a .txt (one text per line) or a .npy array "
+                         "of inputs")
     if path.suffix not in (".txt", ".npy"):
         raise UsageError(f"--data {path}: expected a .txt (texts) or .npy (input array) file")
     try:
@@ -325,8 +339,8 @@ def check_outputs(args, paths: list[Path]) -> None:
         _check_writable(path)
     existing = [str(p) for p in paths if p.exists()]
     if existing and not args.force:
-        raise UsageError(f"{', '.join(existing)} already exist{'s' if len(existing) == 1 else ''}: pass --force to "
-                         "overwrite, or choose another --out")
+        raise UsageError(f"{', '.join(existing)} already exist{'s' if len(existing) == 1 else ''}: pass "
+                         "--force to overwrite, or choose another --out")
 
 
 def _check_writable(path: Path) -> None:
@@ -343,7 +357,8 @@ def _check_folder(folder: Path) -> None:
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise UsageError(f"cannot write in {folder}: {existing} is a file, not a folder; choose another --out")
+        raise UsageError(f"cannot write in {folder}: {existing} is a file, not a folder; choose another "
+                         "--out")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"cannot write in {folder}: {existing} is not writable (permission denied); "
                          "choose another --out")
@@ -355,7 +370,8 @@ def _writing(target):
     try:
         yield
     except OSError as e:
-        raise UsageError(f"cannot write {e.filename or target}: {e.strerror or e}; choose another --out") from e
+        raise UsageError(f"cannot write {e.filename or target}: {e.strerror or e}; choose another "
+                         "--out") from e
 
 
 # -- helpers ----------------------------------------------------------------------------------------------
@@ -389,7 +405,8 @@ def _compile(args, model=None, example=None) -> sg.CompiledModel:
     config = sg.Config.load(args.config or pipelines.DEFAULT)
     needs = any(getattr(p, "needs_calibration", False) for p in config.passes)
     return sg.compile(model, config, example_inputs=example, quiet=quiet, plan=args.plan,
-                      calibration=calibration_for(model, example, args.calibration, args.data) if needs else None)
+                      calibration=(calibration_for(model, example, args.calibration, args.data)
+                                   if needs else None))
 
 
 if __name__ == "__main__":

@@ -126,7 +126,8 @@ def _reusable_facts(plan: SparsityPlan, cfg: Config) -> frozenset[str]:
         theirs = plan.passes[p.name].get("options")
         if theirs != p.options():
             raise ConfigError(f"the plan's {p.name!r} ran with options {theirs}, the config asks for "
-                              f"{p.options()}: use the plan's options, or profile again with calibration data")
+                              f"{p.options()}: use the plan's options, or profile again with "
+                              "calibration data")
         reuse.add(p.name)
     return frozenset(reuse)
 
@@ -159,12 +160,14 @@ class CompiledModel(torch.nn.Module):
         try:
             if self.config.backend == "onnx":
                 return self.onnx_model()(*args, **kwargs)
-            with use_backend(self.config.backend):  # auto, eager, triton: the kernel backends of the same names
+            # auto, eager, triton: the kernel backends of the same names
+            with use_backend(self.config.backend):
                 return self.graph_module(*args, **kwargs)
         except Exception as e:
             if inputs.empty(args, kwargs):
-                raise InputError(f"the graph cannot run on an empty input (a dimension of size 0): {type(e).__name__}: "
-                                 f"{str(e)[:200]}. Skip the call for an empty batch") from e
+                raise InputError("the graph cannot run on an empty input (a dimension of size 0): "
+                                 f"{type(e).__name__}: {str(e)[:200]}. Skip the call for an empty "
+                                 "batch") from e
             raise
 
     @property

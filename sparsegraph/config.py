@@ -45,10 +45,11 @@ class Config:
         if not isinstance(self.backend, str):
             raise ConfigError(f"config 'backend' must be one of {BACKENDS} (a string), got {self.backend!r}")
         if self.backend not in BACKENDS:
-            raise ConfigError(f"backend {self.backend!r} is not one of {BACKENDS}{did_you_mean(self.backend, BACKENDS)}")
+            raise ConfigError(f"backend {self.backend!r} is not one of "
+                              f"{BACKENDS}{did_you_mean(self.backend, BACKENDS)}")
         if not isinstance(self.passes, tuple) or not all(isinstance(p, Pass) for p in self.passes):
-            raise ConfigError(f"Config(passes=...) takes a tuple of passes, got {self.passes!r}; build configs "
-                              "with Config.from_dict or Config.load")
+            raise ConfigError(f"Config(passes=...) takes a tuple of passes, got {self.passes!r}; build "
+                              "configs with Config.from_dict or Config.load")
         if not isinstance(self.overrides, dict):
             raise ConfigError(f"config 'overrides' must map globs to {{pass: {{option: value}}}}, got "
                               f"{self.overrides!r}")
@@ -62,8 +63,8 @@ class Config:
                 if not isinstance(pass_name, str):
                     raise ConfigError(f"overrides[{glob!r}] key {pass_name!r} must be a pass name (a string)")
                 if pass_name not in names:
-                    raise ConfigError(f"overrides[{glob!r}] names pass {pass_name!r}, which is not in the pipeline"
-                                      f"{did_you_mean(pass_name, names)}")
+                    raise ConfigError(f"overrides[{glob!r}] names pass {pass_name!r}, which is not in the "
+                                      f"pipeline{did_you_mean(pass_name, names)}")
                 base = self.passes[names.index(pass_name)]
                 _with_options(base, opts, f"overrides[{glob!r}][{pass_name!r}]")
 
@@ -109,7 +110,8 @@ class Config:
         overrides = data.get("overrides")
         overrides = {} if overrides is None else overrides
         if not isinstance(overrides, dict):
-            raise ConfigError(f"config 'overrides' must map globs to {{pass: {{option: value}}}}, got {overrides!r}")
+            raise ConfigError(f"config 'overrides' must map globs to {{pass: {{option: value}}}}, got "
+                              f"{overrides!r}")
         passes = tuple(_pass_from_item(item, i) for i, item in enumerate(items))
         seen = set()
         for p in passes:
@@ -150,8 +152,8 @@ def check_overrides(config: Config, sites) -> None:
         listed = ", ".join(f"{s.id} ({s.module_path or 'no module path'})" for s in sites[:12])
         more = f" and {len(sites) - 12} more" if len(sites) > 12 else ""
         raise ConfigError(f"overrides {unmatched} match no site of this model, so they would change nothing. "
-                          f"Globs match a site's id or module path (`path.*` includes `path`); the sites are: "
-                          f"{listed or 'none'}{more}")
+                          f"Globs match a site's id or module path (`path.*` includes `path`); the sites "
+                          f"are: {listed or 'none'}{more}")
 
 
 def _pass_from_item(item, index: int) -> Pass:
@@ -199,9 +201,11 @@ def _read(path: Path) -> dict:
     except FileNotFoundError as e:
         raise ConfigError(f"config file {path} does not exist") from e
     except UnicodeDecodeError as e:
-        raise ConfigError(f"config file {path} is not a text file (configs are UTF-8 YAML or JSON): {e}") from e
+        raise ConfigError(f"config file {path} is not a text file (configs are UTF-8 YAML or JSON): "
+                          f"{e}") from e
     except (OSError, ValueError) as e:  # a folder, no permission; a name the OS cannot take (a NUL byte)
-        raise ConfigError(f"cannot read the config file {str(path)!r}: {getattr(e, 'strerror', None) or e}") from e
+        raise ConfigError(f"cannot read the config file {str(path)!r}: "
+                          f"{getattr(e, 'strerror', None) or e}") from e
     if path.suffix.lower() == ".json":
         try:
             return json.loads(text)

@@ -38,7 +38,8 @@ class Batch:
             return cls((), dict(item))
         if isinstance(item, (tuple, list)):
             return cls(tuple(item))
-        raise TypeError(f"a calibration batch is a tensor, a tuple of inputs or a dict, got {type(item).__name__}")
+        raise TypeError(f"a calibration batch is a tensor, a tuple of inputs or a dict, got "
+                        f"{type(item).__name__}")
 
 
 @dataclass

@@ -47,7 +47,8 @@ def run(out: Path) -> dict[str, list[dict]]:
 def text(out: Path) -> list[dict]:
     print(f"1. MiniLM-L6 (real weights), batch 1, sequence {SEQ}, {torch.get_num_threads()} threads")
     model, _ = models.load("minilm", seq_len=SEQ, batch=1)
-    heldout = model.tokenize(_filled(model, sentences("heldout"), SEQ, EVAL_TEXTS), max_length=SEQ, pad_to=SEQ)
+    heldout = model.tokenize(_filled(model, sentences("heldout"), SEQ, EVAL_TEXTS), max_length=SEQ,
+                             pad_to=SEQ)
     example = (heldout[0][:1], heldout[1][:1])
     print(sites_table(sg.trace(model, example)))
 
@@ -72,7 +73,8 @@ def text(out: Path) -> list[dict]:
             fidelity[f"{name} (ONNX Runtime)"] = cosine(ort(*heldout), dense_eval)
         candidates[f"{name} (eager)"] = lambda cm=cm: cm(*example)
         candidates[f"{name} (ONNX Runtime)"] = lambda ort=ort: ort(*example)
-    print(f"\n4. {EVAL_TEXTS} held-out texts of {SEQ} tokens for fidelity; time per call of 1×{SEQ} tokens, same run")
+    print(f"\n4. {EVAL_TEXTS} held-out texts of {SEQ} tokens for fidelity; time per call of 1×{SEQ} "
+          "tokens, same run")
     rows = _table(compare(candidates, warmup=2, repeats=7), fidelity, "cosine to dense")
     for name, cm in compiled.items():
         _save(cm, out, name, rows)
@@ -88,25 +90,31 @@ def vision(out: Path) -> list[dict]:
 
     def accuracy(fn, size: int = 120) -> float:
         with torch.inference_mode():
-            pred = torch.cat([fn(test.images[i:i + size]).argmax(-1) for i in range(0, len(test.labels), size)])
+            pred = torch.cat([fn(test.images[i:i + size]).argmax(-1)
+                              for i in range(0, len(test.labels), size)])
         return (pred == test.labels).float().mean().item()
 
     roi_model = sg.compile(model, {"passes": ["roi", {"token_pruning": {"layers": [4], "select": "roi"}}]},
                            example_inputs=batch, calibration=calibration, quiet=True)
-    half = sg.compile(model, {"passes": ["token_importance", {"token_pruning": {"layers": [2], "keep": 0.5}}]},
+    half = sg.compile(model, {"passes": ["token_importance",
+                                         {"token_pruning": {"layers": [2], "keep": 0.5}}]},
                       example_inputs=batch, calibration=calibration, quiet=True)
     boxes = [b for i in range(0, len(test.labels), 120) for b in rois(roi_model, test.images[i:i + 120])]
     iou = sum(b[0].iou(tuple(t)) if b else 0.0 for b, t in zip(boxes, test.boxes.tolist())) / len(boxes)
     print(f"   RoI boxes (class-token attention of blocks 0-3): mean IoU {iou:.3f} with the true digit boxes")
-    dense_ort = sg.compile(model, "dense", example_inputs=batch, quiet=True).onnx_model(torch.get_num_threads())
+    dense_ort = sg.compile(model, "dense", example_inputs=batch, quiet=True).onnx_model(
+        torch.get_num_threads())
     half_ort = half.onnx_model(torch.get_num_threads())
     one = (test.images[:1],)
-    candidates = {"dense (PyTorch eager)": lambda: model(*batch), "dense (ONNX Runtime)": lambda: dense_ort(*batch),
+    candidates = {"dense (PyTorch eager)": lambda: model(*batch),
+                  "dense (ONNX Runtime)": lambda: dense_ort(*batch),
                   "keep 0.5 from block 2 (eager)": lambda: half(*batch),
                   "keep 0.5 from block 2 (ONNX Runtime)": lambda: half_ort(*batch),
-                  "RoI tokens from block 4 (eager, per image ×64)": lambda: [roi_model(one[0]) for _ in range(VISION_BATCH)]}
+                  "RoI tokens from block 4 (eager, per image ×64)":
+                      lambda: [roi_model(one[0]) for _ in range(VISION_BATCH)]}
     acc = {"dense (PyTorch eager)": accuracy(model), "dense (ONNX Runtime)": accuracy(dense_ort),
-           "keep 0.5 from block 2 (eager)": accuracy(half), "keep 0.5 from block 2 (ONNX Runtime)": accuracy(half_ort),
+           "keep 0.5 from block 2 (eager)": accuracy(half),
+           "keep 0.5 from block 2 (ONNX Runtime)": accuracy(half_ort),
            "RoI tokens from block 4 (eager, per image ×64)": accuracy(roi_model, 1)}
     print(f"   time per batch of {VISION_BATCH} images, same run; test accuracy on {len(test.labels)} images")
     rows = _table(compare(candidates, warmup=1, repeats=5), acc, "test accuracy")
@@ -137,11 +145,12 @@ def _save(cm, out: Path, name: str, rows: list[dict], facts: dict | None = None)
     metric = next(k for k in rows[0] if k not in ("model", "ms", "speedup", "speedup_vs_ort"))
     doc.tables.insert(0, Table("Measured in this run (same inputs and threads, interleaved, median)",
                                ["model", "ms", "vs dense eager", "vs dense ORT", metric.replace("_", " ")],
-                               [[r["model"], f"{r['ms']:.1f}", f"{r['speedup']:.2f}", f"{r['speedup_vs_ort']:.2f}",
-                                 f"{r[metric]:.4f}"] for r in rows]))
+                               [[r["model"], f"{r['ms']:.1f}", f"{r['speedup']:.2f}",
+                                 f"{r['speedup_vs_ort']:.2f}", f"{r[metric]:.4f}"] for r in rows]))
     doc.to_html(report)
     stats = {p: (e["stats"]["matched"], e["stats"]["rewritten"]) for p, e in cm.plan.passes.items()}
-    print(f"   passes (matched, rewritten): {stats}\n   plan → {out / f'plan-{name}.json'}, report → {report}")
+    print(f"   passes (matched, rewritten): {stats}\n   plan → {out / f'plan-{name}.json'}, report → "
+          f"{report}")
 
 
 def _table(times: dict[str, float], fidelity: dict[str, float], metric: str) -> list[dict]:
@@ -149,8 +158,8 @@ def _table(times: dict[str, float], fidelity: dict[str, float], metric: str) -> 
     print(f"| {'model':<46} | ms | vs dense eager | vs dense ORT | {metric} |\n|---|---|---|---|---|")
     rows = []
     for name, secs in times.items():
-        rows.append({"model": name, "ms": secs * 1e3, "speedup": base / secs, "speedup_vs_ort": base_ort / secs,
-                     metric.replace(" ", "_"): fidelity[name]})
+        rows.append({"model": name, "ms": secs * 1e3, "speedup": base / secs,
+                     "speedup_vs_ort": base_ort / secs, metric.replace(" ", "_"): fidelity[name]})
         print(f"| {name:<46} | {secs * 1e3:7.1f} | {base / secs:14.2f} | {base_ort / secs:12.2f} | "
               f"{fidelity[name]:.4f} |")
     return rows

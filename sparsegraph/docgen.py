@@ -23,12 +23,14 @@ from sparsegraph.registry import get_pass
 
 def render() -> str:
     lines = ["# Config reference", "",
-             "Generated from the pass option dataclasses by `python -m sparsegraph.docgen`; do not edit by hand.",
+             "Generated from the pass option dataclasses by `python -m sparsegraph.docgen`; do not edit "
+             "by hand.",
              "", "A config has three keys:", "",
              "- `passes`: the pipeline, in order; each item a pass name or `{name: {option: value}}`;",
-             "- `overrides`: `{glob: {pass: {option: value}}}`, applied to sites whose module path or id matches",
-             "  (`path.*` matches the module `path` itself too); a glob that matches no site is an error listing "
-             "the sites;",
+             "- `overrides`: `{glob: {pass: {option: value}}}`, applied to sites whose module path or id "
+             "matches",
+             "  (`path.*` matches the module `path` itself too); a glob that matches no site is an error "
+             "listing the sites;",
              f"- `backend`: one of {', '.join(f'`{b}`' for b in BACKENDS)}.", "",
              "## Named pipelines", ""]
     lines += [f"- `{name}`: {doc}" for name, doc in pipelines.describe().items()]

@@ -26,7 +26,8 @@ def read(plan, pass_name: str, site: str, kind, **context):
     none there."""
     if plan.evidence(pass_name, site) is None:
         return None
-    return kind.from_json(Entry.in_plan(plan.sites, (site, pass_name, "evidence"), FIX, pass_name, site), **context)
+    return kind.from_json(Entry.in_plan(plan.sites, (site, pass_name, "evidence"), FIX, pass_name, site),
+                          **context)
 
 
 def _fraction_key(entry: Entry, key: str, what: str, low_open: bool = False) -> float:
@@ -77,7 +78,8 @@ class ActivationStats:
     def to_json(self) -> dict:
         return {"tokens": self.tokens, "sampled": self.sampled, "zero_fraction": self.zero_fraction,
                 "constant": self.constant, "quantiles": self.quantiles, "thresholds": self.thresholds,
-                "centre": self.centre, "mean": self.mean, "rms": self.rms, "mass": self.mass, "firing": self.firing,
+                "centre": self.centre, "mean": self.mean, "rms": self.rms,
+                "mass": self.mass, "firing": self.firing,
                 "hot": self.hot, "histogram": {"log10_range": list(self.histogram_range),
                                                "counts": self.histogram_counts}}
 
@@ -87,8 +89,8 @@ class ActivationStats:
         not at hand: a saved plan's report)."""
         if width is None:
             width = len(e["centre"].elements())
-        e.mapping(required=("tokens", "constant", "zero_fraction", "thresholds", "centre", "mean", "rms", "mass",
-                            "hot", "histogram"), extra=True)
+        e.mapping(required=("tokens", "constant", "zero_fraction", "thresholds", "centre", "mean", "rms",
+                            "mass", "hot", "histogram"), extra=True)
         thresholds = {}
         for method, table in e["thresholds"].mapping(required=("magnitude", "centred")).items():
             thresholds[method] = {}
@@ -129,7 +131,8 @@ class SiteActivations:
         """The tensors of `widths` (name → neurons) the site's facts hold, each checked for its width
         (a reader names the ones it uses; ``check_evidence`` names every one the site can observe)."""
         e.mapping(extra=True)
-        return cls({what: ActivationStats.from_json(e[what], width) for what, width in widths.items() if what in e})
+        return cls({what: ActivationStats.from_json(e[what], width) for what, width in widths.items()
+                    if what in e})
 
 
 # ------------------------------------------------------------------------------------------ head_patterns
@@ -194,8 +197,8 @@ def check_head(head: Entry, width: int | None) -> None:
             params["blocks"].fail("lists no block: the head would output zeros (use 'skip' to replace a head "
                                   "by its mean)")
     if pattern in ("multi_diagonal", "vertical_slash") and not any(params[k].value for k in PARAMS[pattern]):
-        params.fail("lists no diagonal or column: the head would output zeros (use 'skip' to replace a head by "
-                    "its mean)")
+        params.fail("lists no diagonal or column: the head would output zeros (use 'skip' to replace a head "
+                    "by its mean)")
 
 
 @dataclass(frozen=True)
@@ -253,7 +256,8 @@ class SitePatterns:
         e.mapping(required=("block", "seq_len", "causal", "heads", "density"), extra=True)
         return cls(block=e["block"].integer(1), seq_len=e["seq_len"].integer(1), causal=e["causal"].flag(),
                    recall_target=e["recall_target"].number(0.0, 1.0) if "recall_target" in e else 0.0,
-                   heads=[HeadChoice.from_json(h) for h in e["heads"].elements(heads, what="one per query head of the site")],
+                   heads=[HeadChoice.from_json(h)
+                          for h in e["heads"].elements(heads, what="one per query head of the site")],
                    groups=[g.mapping(extra=True) for g in e["groups"].elements()] if "groups" in e else [],
                    density=e["density"].number(0.0, 1.0))
 
@@ -317,20 +321,21 @@ class RoiSettings:
     mean_box_area: float = 0.0
 
     def to_json(self) -> dict:
-        return {"site": self.site, "layers": self.layers, "layer": self.layer, "grid": self.grid, "image": self.image,
-                "patch": self.patch, "threshold": self.threshold, "max_boxes": self.max_boxes,
-                "protect": self.protect, "samples": self.samples, "mean_box_area": self.mean_box_area}
+        return {"site": self.site, "layers": self.layers, "layer": self.layer, "grid": self.grid,
+                "image": self.image, "patch": self.patch, "threshold": self.threshold,
+                "max_boxes": self.max_boxes, "protect": self.protect, "samples": self.samples,
+                "mean_box_area": self.mean_box_area}
 
     @classmethod
     def from_json(cls, e: Entry) -> RoiSettings:
-        e.mapping(required=("site", "layers", "layer", "grid", "image", "patch", "threshold", "max_boxes", "protect"),
-                  extra=True)
+        e.mapping(required=("site", "layers", "layer", "grid", "image", "patch", "threshold", "max_boxes",
+                            "protect"), extra=True)
         patch = e["patch"].number(0.0)
         if patch == 0.0:
             e["patch"].fail("is 0: a grid cell covers some pixels")
         return cls(site=e["site"].text(), layers=[x.text() for x in e["layers"].elements(min_length=1)],
-                   layer=e["layer"].integer(0), grid=e["grid"].integer(1), image=e["image"].integer(1), patch=patch,
-                   threshold=e["threshold"].number(0.0, 1.0), max_boxes=e["max_boxes"].integer(1),
-                   protect=e["protect"].integer(0),
+                   layer=e["layer"].integer(0), grid=e["grid"].integer(1), image=e["image"].integer(1),
+                   patch=patch, threshold=e["threshold"].number(0.0, 1.0),
+                   max_boxes=e["max_boxes"].integer(1), protect=e["protect"].integer(0),
                    samples=[s.value for s in e["samples"].elements()] if "samples" in e else [],
                    mean_box_area=e["mean_box_area"].number(0.0) if "mean_box_area" in e else 0.0)

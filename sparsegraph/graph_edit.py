@@ -14,8 +14,10 @@ import torch.fx
 from sparsegraph import ir, meta
 
 
-def add_tensor(gm: torch.fx.GraphModule, name: str, tensor: torch.Tensor, before: torch.fx.Node) -> torch.fx.Node:
-    """Register `tensor` as a buffer of `gm` under a unique name derived from `name`; return its get_attr node."""
+def add_tensor(gm: torch.fx.GraphModule, name: str, tensor: torch.Tensor,
+               before: torch.fx.Node) -> torch.fx.Node:
+    """Register `tensor` as a buffer of `gm` under a unique name derived from `name`; return its get_attr
+    node."""
     base = "sg_" + re.sub(r"\W", "_", name)
     unique, i = base, 1
     while hasattr(gm, unique):
@@ -53,7 +55,8 @@ def replace_linear(gm: torch.fx.GraphModule, node: torch.fx.Node, weight: torch.
     """Replace a linear node by ``aten.linear(x, weight, bias)`` with new (copied) weight tensors."""
     parts = ir.linear_parts(node)
     w = add_tensor(gm, f"{parts.module_path}.weight", weight.detach().contiguous().clone(), node)
-    b = add_tensor(gm, f"{parts.module_path}.bias", bias.detach().contiguous().clone(), node) if bias is not None else None
+    b = (add_tensor(gm, f"{parts.module_path}.bias", bias.detach().contiguous().clone(), node)
+         if bias is not None else None)
     return replace_with_call(node, torch.ops.aten.linear.default, (parts.x, w, b))
 
 

@@ -69,8 +69,8 @@ def check(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> None:
     for spec, value in zip(specs, flat):
         if spec.dtype is None or not isinstance(value, torch.Tensor):
             if (spec.dtype is None) != (not isinstance(value, torch.Tensor)):
-                raise InputError(f"input {spec.name!r} was {'a tensor' if spec.dtype else 'not a tensor'} when "
-                                 f"compiled, got {type(value).__name__}")
+                raise InputError(f"input {spec.name!r} was {'a tensor' if spec.dtype else 'not a tensor'} "
+                                 f"when compiled, got {type(value).__name__}")
             continue
         _check_tensor(spec, value)
 
@@ -93,9 +93,9 @@ def _check_tensor(spec: InputSpec, value: torch.Tensor) -> None:
              if want is not None and want != got]
     if fixed:
         d, want, got = fixed[0]
-        raise InputError(f"input {spec.name!r} has size {got} in dimension {d}, the graph was traced with {want} "
-                         f"there and only the sizes marked · may vary ({spec.describe()}); compile with an "
-                         "example of this shape")
+        raise InputError(f"input {spec.name!r} has size {got} in dimension {d}, the graph was traced with "
+                         f"{want} there and only the sizes marked · may vary ({spec.describe()}); compile "
+                         "with an example of this shape")
 
 
 def _kind(dtype: torch.dtype) -> str:

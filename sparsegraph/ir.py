@@ -91,7 +91,8 @@ _aten("masked_fill", "masked_fill.Scalar", "masked_fill.Tensor", "where.self", "
 _targets("masked_fill", torch.where)
 _aten("compare", "le.Tensor", "lt.Tensor", "ge.Tensor", "gt.Tensor", "le.Scalar", "lt.Scalar", "ge.Scalar",
       "gt.Scalar")
-_targets("compare", operator.le, operator.lt, operator.ge, operator.gt, torch.le, torch.lt, torch.ge, torch.gt)
+_targets("compare", operator.le, operator.lt, operator.ge, operator.gt, torch.le, torch.lt, torch.ge,
+         torch.gt)
 _aten("triangle", "tril.default", "triu.default")
 _targets("triangle", torch.tril, torch.triu)
 _aten("arange", "arange.default", "arange.start", "arange.start_step")
@@ -110,13 +111,14 @@ _aten("shape", "view.default", "reshape.default", "_unsafe_view.default", "trans
       "split_with_sizes.default", "chunk.default", "unbind.int", "t.default", "to.dtype", "to.dtype_layout",
       "to.device", "_to_copy.default", "alias.default", "detach.default", "type_as.default",
       "_assert_tensor_metadata.default", "lift_fresh_copy.default", "repeat_interleave.self_int")
-_targets("shape", operator.getitem, torch.reshape, torch.transpose, torch.permute, torch.flatten, torch.unflatten,
-         torch.unbind, torch.chunk, torch.split, torch.squeeze, torch.unsqueeze, torch.t, torch.repeat_interleave)
+_targets("shape", operator.getitem, torch.reshape, torch.transpose, torch.permute, torch.flatten,
+         torch.unflatten, torch.unbind, torch.chunk, torch.split, torch.squeeze, torch.unsqueeze, torch.t,
+         torch.repeat_interleave)
 
 _METHODS.update({
     "matmul": "matmul", "bmm": "matmul", "softmax": "softmax", "relu": "relu", "mul": "mul", "add": "add",
-    "div": "div", "sub": "sub", "neg": "neg", "masked_fill": "masked_fill", "tril": "triangle", "triu": "triangle",
-    "le": "compare", "lt": "compare", "ge": "compare", "gt": "compare",
+    "div": "div", "sub": "sub", "neg": "neg", "masked_fill": "masked_fill", "tril": "triangle",
+    "triu": "triangle", "le": "compare", "lt": "compare", "ge": "compare", "gt": "compare",
     **{m: "shape" for m in ("view", "reshape", "transpose", "permute", "contiguous", "clone", "expand",
                             "unsqueeze", "squeeze", "flatten", "unflatten", "unbind", "chunk", "split",
                             "to", "type_as", "float", "half", "bfloat16", "detach", "t", "size",
@@ -125,7 +127,8 @@ _METHODS.update({
 _MODULES.update({
     torch.nn.Linear: "linear", torch.nn.Conv1d: "conv", torch.nn.Conv2d: "conv", torch.nn.Conv3d: "conv",
     torch.nn.GELU: "gelu", torch.nn.ReLU: "relu", torch.nn.SiLU: "silu", torch.nn.Softmax: "softmax",
-    torch.nn.Dropout: "dropout", torch.nn.Embedding: "embedding", torch.nn.Identity: "shape", torch.nn.LayerNorm: "layer_norm",
+    torch.nn.Dropout: "dropout", torch.nn.Embedding: "embedding", torch.nn.Identity: "shape",
+    torch.nn.LayerNorm: "layer_norm",
 })
 
 ACTIVATIONS = frozenset({"gelu", "relu", "silu"})
@@ -513,8 +516,9 @@ def _attention(*, form, q, k, v, core, out, mask, causal, kv_from_k) -> Attentio
     outs = [u for u in users_through(out, _PASS_THROUGH) if _is_linear(u)]
     o_proj = outs[0] if len(outs) == 1 else None
     return AttentionSite(id="", layer=-1, module_path="", form=form, heads=heads, kv_heads=kv_heads,
-                         head_dim=head_dim, causal=causal, has_mask=mask is not None and _depends_on_input(mask),
-                         q=q, k=k, v=v, core=core, out=out, mask=mask if isinstance(mask, torch.fx.Node) else None,
+                         head_dim=head_dim, causal=causal,
+                         has_mask=mask is not None and _depends_on_input(mask), q=q, k=k, v=v, core=core,
+                         out=out, mask=mask if isinstance(mask, torch.fx.Node) else None,
                          q_proj=q_proj, k_proj=k_proj, v_proj=v_proj, o_proj=o_proj)
 
 
@@ -705,9 +709,11 @@ def pretty(gm: torch.fx.GraphModule) -> str:
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             value = get_attr(gm, node.target)
-            gm_attr[node] = f"%{node.target}" + (f"{list(value.shape)}" if isinstance(value, torch.Tensor) else "")
+            gm_attr[node] = f"%{node.target}" + (f"{list(value.shape)}" if isinstance(value, torch.Tensor)
+                                                 else "")
     for node in gm.graph.nodes:
-        if node.op in ("placeholder", "get_attr") or kind(node) == "sym_size" or node.name.startswith("_guards"):
+        if (node.op in ("placeholder", "get_attr") or kind(node) == "sym_size"
+                or node.name.startswith("_guards")):
             continue
         if node.op == "output":
             lines.append(f"return {_pretty_args(node.args[0], gm_attr)}")
@@ -727,7 +733,8 @@ def _pretty_target(node: torch.fx.Node) -> str:
     if isinstance(node.target, torch._ops.OpOverload):
         namespace, name = node.target.namespace, node.target._schema.name.split("::")[-1]
         return name if namespace == "aten" else f"{namespace}.{name}"
-    module, name = getattr(node.target, "__module__", "") or "", getattr(node.target, "__name__", str(node.target))
+    module, name = (getattr(node.target, "__module__", "") or "",
+                    getattr(node.target, "__name__", str(node.target)))
     return f"{module.rsplit('.', 1)[-1]}.{name}" if module.startswith("sparsegraph") else name
 
 

@@ -3,9 +3,10 @@
 Before running, every pass's ``requires`` must be met by an earlier pass of the pipeline. After each
 pass the graph is verified: FX lint, our meta keys well-formed, shapes re-propagated at the example
 inputs when the pass changed the graph's code (which also checks that every new op has a fake
-implementation), and, for analysis passes, that the graph's code did not change. Any failure is re-raised as `PassError` naming the pass and the site,
-except a `CalibrationError` or `PlanError` (the data's or the plan's fault), which keeps its class and
-gains the pass's name (a `PlanEntryError` names it already).
+implementation), and, for analysis passes, that the graph's code did not change. Any failure is
+re-raised as `PassError` naming the pass and the site, except a `CalibrationError` or `PlanError` (the
+data's or the plan's fault), which keeps its class and gains the pass's name (a `PlanEntryError` names
+it already).
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ class PassManager:
         code_before = gm.code
         ctx.error_site = None
         try:
-            with torch.no_grad():  # passes compute on weights; nothing they make should carry autograd history
+            # passes compute on weights; nothing they make should carry autograd history
+            with torch.no_grad():
                 result = p.run(gm, ctx)
         except (PassError, PlanEntryError):  # they name the pass already
             raise

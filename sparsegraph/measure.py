@@ -19,7 +19,8 @@ def median_seconds(fn: Callable[[], object], warmup: int = 2, repeats: int = 7) 
     return compare({"fn": fn}, warmup, repeats)["fn"]
 
 
-def compare(candidates: dict[str, Callable[[], object]], warmup: int = 2, repeats: int = 7) -> dict[str, float]:
+def compare(candidates: dict[str, Callable[[], object]], warmup: int = 2,
+            repeats: int = 7) -> dict[str, float]:
     """Median seconds of each candidate; one call of each per round, rounds interleaved."""
     times: dict[str, list[float]] = {name: [] for name in candidates}
     with torch.inference_mode():

@@ -31,21 +31,22 @@ def token_mask(gm: torch.fx.GraphModule, flat: list) -> tuple[str, torch.Tensor]
 def check_calibration(gm: torch.fx.GraphModule, batches: list) -> None:
     """Refuse calibration data that would make the analysis passes observe nothing or garbage."""
     if not batches:
-        raise CalibrationError("calibration is empty: pass calibration=[batch, ...] with at least one batch of "
-                               "real inputs (like example_inputs)")
+        raise CalibrationError("calibration is empty: pass calibration=[batch, ...] with at least one "
+                               "batch of real inputs (like example_inputs)")
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     for index, batch in enumerate(batches):
         where = f"calibration batch {index}"
         try:
             flat = ir.flatten_inputs(gm, batch.args, batch.kwargs)
         except Exception as e:
-            raise CalibrationError(f"{where} does not fit the model's inputs {placeholders} ({type(e).__name__}: "
-                                   f"{e}); give every batch as example_inputs are given: a tensor, a tuple of "
-                                   "positional inputs or a dict of keyword inputs") from e
+            raise CalibrationError(f"{where} does not fit the model's inputs {placeholders} "
+                                   f"({type(e).__name__}: {e}); give every batch as example_inputs are "
+                                   "given: a tensor, a tuple of positional inputs or a dict of keyword "
+                                   "inputs") from e
         for name, x in zip(placeholders, flat):
             if isinstance(x, torch.Tensor) and x.is_floating_point() and not bool(torch.isfinite(x).all()):
-                raise CalibrationError(f"{where}: input {name!r} holds NaN or infinite values; every statistic "
-                                       "over it would be NaN. Drop or clean that batch")
+                raise CalibrationError(f"{where}: input {name!r} holds NaN or infinite values; every "
+                                       "statistic over it would be NaN. Drop or clean that batch")
         found = token_mask(gm, flat)
         if found is None:
             continue
@@ -53,12 +54,12 @@ def check_calibration(gm: torch.fx.GraphModule, batches: list) -> None:
         values = mask.unique()
         if not bool(((values == 0) | (values == 1)).all()):
             raise CalibrationError(f"{where}: input {name!r} is not a 0/1 attention mask (values "
-                                   f"{values[:6].tolist()}…); did the token ids or token_type_ids go where the "
-                                   "attention mask goes?")
+                                   f"{values[:6].tolist()}…); did the token ids or token_type_ids go where "
+                                   "the attention mask goes?")
         if not bool(mask.any()):
-            raise CalibrationError(f"{where}: input {name!r} masks every token (all zeros), so nothing would be "
-                                   "observed; did token_type_ids (all zeros for one segment) go where the "
-                                   "attention mask goes? The mask is 1 for real tokens")
+            raise CalibrationError(f"{where}: input {name!r} masks every token (all zeros), so nothing would "
+                                   "be observed; did token_type_ids (all zeros for one segment) go where "
+                                   "the attention mask goes? The mask is 1 for real tokens")
 
 
 class Observer(torch.fx.Interpreter):

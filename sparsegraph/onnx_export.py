@@ -31,10 +31,12 @@ def export_onnx(gm: torch.fx.GraphModule, path: str | os.PathLike, args: tuple, 
     """Write `gm` (called as ``gm(*args, **kwargs)``) to `path` as ONNX; return the path."""
     path = Path(path)
     kwargs = dict(kwargs or {})
-    eager_only = sorted({op.name for n in gm.graph.nodes if (op := codegen.op_of(n)) is not None and op.onnx is None})
+    eager_only = sorted({op.name for n in gm.graph.nodes
+                         if (op := codegen.op_of(n)) is not None and op.onnx is None})
     if eager_only:
         raise ExportError(f"ops {eager_only} have no ONNX translation (they run in PyTorch only; roi_scores: "
-                          "RoI-only token selection has a data-dependent length); compile without them to export")
+                          "RoI-only token selection has a data-dependent length); compile without them "
+                          "to export")
     try:
         if dynamic:
             args, kwargs = pytree.tree_map(widen, (args, kwargs))

@@ -257,7 +257,8 @@ class RewritePass(Pass):
               stats: PassStats) -> None:
         raise NotImplementedError
 
-    def check_decisions(self, gm: torch.fx.GraphModule, decisions: dict[str, SiteDecision], note: str) -> None:
+    def check_decisions(self, gm: torch.fx.GraphModule, decisions: dict[str, SiteDecision],
+                        note: str) -> None:
         """`check_decision` on every decision, each read through an `Entry` at its place in the plan."""
         fix = (f"restore the decision {self.name!r} wrote, or make a new plan (compile with a config and "
                "calibration data)")
@@ -332,7 +333,8 @@ class Entry:
 
     # -- shapes ----------------------------------------------------------------------------------------------
 
-    def mapping(self, required: Iterable[str] = (), optional: Iterable[str] = (), *, extra: bool = False) -> dict:
+    def mapping(self, required: Iterable[str] = (), optional: Iterable[str] = (), *,
+                extra: bool = False) -> dict:
         """The value as a mapping with every `required` key and, unless `extra`, no key outside `required`
         and `optional` (an unknown key is a typo or an edit that would be ignored)."""
         if not isinstance(self.value, dict):

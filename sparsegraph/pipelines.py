@@ -33,7 +33,8 @@ def nm_2_4() -> dict:
 
 def activation_sparsity() -> dict:
     """Centred dynamic activation sparsity, 50% of every MLP's activations skipped (needs calibration)."""
-    return {"passes": ["activation_profile", "cost", {"neuron_sparsity": {"target": 0.5, "method": "centred"}}]}
+    return {"passes": ["activation_profile", "cost",
+                       {"neuron_sparsity": {"target": 0.5, "method": "centred"}}]}
 
 
 def neuron_pruning() -> dict:
@@ -42,7 +43,8 @@ def neuron_pruning() -> dict:
 
 
 def llm_activation_sparsity() -> dict:
-    """TEAL-style: 50% of the inputs of up, gate and down projections skipped (decoders; needs calibration)."""
+    """TEAL-style: 50% of the inputs of up, gate and down projections skipped (decoders; needs
+    calibration)."""
     return {"passes": [{"activation_profile": {"inputs": True}}, "cost",
                        {"neuron_sparsity": {"target": 0.5, "method": "magnitude", "inputs": True}}]}
 
@@ -53,7 +55,8 @@ def sparse_attention() -> dict:
 
 
 def vit_token_pruning() -> dict:
-    """EViT-style: keep 70% of the tokens before blocks 3, 6 and 9 of a 12-block ViT, by class-token attention."""
+    """EViT-style: keep 70% of the tokens before blocks 3, 6 and 9 of a 12-block ViT, by class-token
+    attention."""
     return {"passes": ["cost", {"token_pruning": {"layers": [3, 6, 9], "keep": 0.7}}]}
 
 
@@ -63,7 +66,8 @@ def text_token_pruning() -> dict:
 
 
 def combined() -> dict:
-    """Activation sparsity + attention patterns + token pruning in one plan (6-block encoders; needs calibration).
+    """Activation sparsity + attention patterns + token pruning in one plan (6-block encoders; needs
+    calibration).
 
     Analyses run first on the dense graph; then tokens are pruned (before block 4, keep 0.7), attention
     sites become block-sparse where their pattern allows, MLPs skip 50% of their centred activations, and
@@ -103,5 +107,6 @@ def get(name: str) -> dict:
 
 
 def describe() -> dict[str, str]:
-    """Pipeline name → the first line of its docstring."""
-    return {name: (fn.__doc__ or "").strip().splitlines()[0] for name, fn in _PIPELINES.items()}
+    """Pipeline name → the first paragraph of its docstring (its summary), on one line."""
+    return {name: " ".join((fn.__doc__ or "").strip().split("\n\n")[0].split())
+            for name, fn in _PIPELINES.items()}

@@ -103,13 +103,15 @@ class SparsityPlan:
         """The decisions `pass_name` recorded, and the stats of its deciding (for replay)."""
         if pass_name not in self.passes or "decided" not in self.passes[pass_name]:
             raise PlanError(f"the plan holds no decisions of pass {pass_name!r}; it was made by passes "
-                            f"{sorted(self.passes)}. Compile with a config instead, or use the plan's own config")
+                            f"{sorted(self.passes)}. Compile with a config instead, "
+                            "or use the plan's own config")
         decisions = {site: SiteDecision(e[pass_name]["decision"], e[pass_name].get("evidence", {}))
                      for site, e in self.sites.items() if "decision" in e.get(pass_name, {})}
         return decisions, PassStats.from_json(self.passes[pass_name]["decided"])
 
     def adopt_facts(self, other: SparsityPlan, pass_names) -> None:
-        """Copy the entries (summary, stats, per-site evidence) of analysis passes `pass_names` from `other`."""
+        """Copy the entries (summary, stats, per-site evidence) of analysis passes `pass_names` from
+        `other`."""
         for name in pass_names:
             self.passes[name] = jsonable(other.passes[name])
             for site, per_pass in other.sites.items():
@@ -125,9 +127,9 @@ class SparsityPlan:
             return
         planned = {s["id"] for s in self.model["sites"]}
         found = {s["id"] for s in describe_sites(gm)}
-        lines = [f"this plan was made for a different model: plan fingerprint {self.model['fingerprint'][:12]} "
-                 f"({self.model['class']}, {len(planned)} sites), this model {theirs[:12]} "
-                 f"({model_class}, {len(found)} sites)."]
+        lines = [f"this plan was made for a different model: plan fingerprint "
+                 f"{self.model['fingerprint'][:12]} ({self.model['class']}, {len(planned)} sites), this "
+                 f"model {theirs[:12]} ({model_class}, {len(found)} sites)."]
         if planned - found:
             lines.append(f"  sites in the plan but not in the model: {sorted(planned - found)[:5]}")
         if found - planned:
@@ -143,8 +145,9 @@ class SparsityPlan:
         evidence are checked here only as mappings; their passes check their contents against the graph."""
         _check_json(self.to_json())
         if type(self.schema_version) is not int or self.schema_version != SCHEMA_VERSION:
-            raise PlanError(f"plan schema version {self.schema_version!r} is not supported by this sparsegraph "
-                            f"(it reads version {SCHEMA_VERSION}); recompile the plan with this version")
+            raise PlanError(f"plan schema version {self.schema_version!r} is not supported by this "
+                            f"sparsegraph (it reads version {SCHEMA_VERSION}); "
+                            "recompile the plan with this version")
         versions = Entry(self.versions, root="versions", fix=_FIX)
         for _, v in versions.items():
             v.text()
@@ -160,8 +163,8 @@ class SparsityPlan:
         that config with the recorded decisions, so every pass in it must have run with those options and
         every pass the plan records must be in it. Otherwise an edit of one and not the other would replay
         into a model the plan no longer describes."""
-        fix = ("make the plan's config and its 'passes' agree again (restore what sparsegraph wrote), or make "
-               "a new plan (compile with a config)")
+        fix = ("make the plan's config and its 'passes' agree again (restore what sparsegraph wrote), or "
+               "make a new plan (compile with a config)")
         names = [p.name for p in config.passes]
         for p in config.passes:
             entry = Entry(self.passes, root="passes", fix=fix)
@@ -183,7 +186,7 @@ class SparsityPlan:
                 Entry(self.passes, root="passes", fix=fix).child(name).fail(
                     f"records pass {name!r}, which the plan's config {names} does not run")
 
-    # -- JSON -------------------------------------------------------------------------------------------------
+    # -- JSON ------------------------------------------------------------------------------------------------
 
     def to_json(self) -> dict:
         return {"schema_version": self.schema_version, "versions": self.versions, "model": self.model,
@@ -191,7 +194,8 @@ class SparsityPlan:
 
     @classmethod
     def from_json(cls, data: dict) -> SparsityPlan:
-        """The plan in `data` (parsed JSON), checked (`check`): a malformed plan is a `PlanError` naming the key."""
+        """The plan in `data` (parsed JSON), checked (`check`): a malformed plan is a `PlanError` naming the
+        key."""
         if not isinstance(data, dict) or "schema_version" not in data:
             raise PlanError("not a sparsegraph plan: no 'schema_version' key")
         version = data["schema_version"]
@@ -203,8 +207,8 @@ class SparsityPlan:
             raise PlanError(f"plan is missing keys {sorted(missing)}")
         for key in data:
             if key not in TOP_KEYS:
-                raise PlanError(f"unknown plan key {key!r}{did_you_mean(str(key), TOP_KEYS)}; a plan has the keys "
-                                f"{list(TOP_KEYS)}. Fix: {_FIX}")
+                raise PlanError(f"unknown plan key {key!r}{did_you_mean(str(key), TOP_KEYS)}; a plan has the "
+                                f"keys {list(TOP_KEYS)}. Fix: {_FIX}")
         plan = cls(model=data["model"], config=data["config"], passes=data["passes"], sites=data["sites"],
                    versions=data["versions"], schema_version=version)
         plan.check()
@@ -374,8 +378,8 @@ def _check_sites(sites: Entry, passes: dict) -> None:
                            f"{did_you_mean(name, passes)}")
             entry.mapping(optional=("decision", "evidence"))
             if "decision" in entry and "decided" not in passes[name]:
-                entry["decision"].fail(f"is a decision of pass {name!r}, whose entry passes[{name!r}] records no "
-                                       "deciding (no 'decided' key): only rewrite passes decide")
+                entry["decision"].fail(f"is a decision of pass {name!r}, whose entry passes[{name!r}] "
+                                       "records no deciding (no 'decided' key): only rewrite passes decide")
             for key in ("decision", "evidence"):
                 if key in entry:
                     entry[key].mapping(extra=True)
@@ -383,7 +387,8 @@ def _check_sites(sites: Entry, passes: dict) -> None:
 
 def fingerprint(gm: torch.fx.GraphModule) -> str:
     """sha256 of the graph's parameters/buffers (name, shape, dtype) and of its sites."""
-    tensors = [(name, list(t.shape), str(t.dtype)) for name, t in [*gm.named_parameters(), *gm.named_buffers()]]
+    tensors = [(name, list(t.shape), str(t.dtype))
+               for name, t in [*gm.named_parameters(), *gm.named_buffers()]]
     sites = [[s["id"], s["kind"], s["layer"]] for s in describe_sites(gm)]
     blob = json.dumps({"tensors": sorted(tensors), "sites": sites}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -392,11 +397,13 @@ def fingerprint(gm: torch.fx.GraphModule) -> str:
 def describe_sites(gm: torch.fx.GraphModule) -> list[dict]:
     out = []
     for s in ir.attention_sites(gm):
-        out.append({"id": s.id, "kind": "attention", "layer": s.layer, "module_path": s.module_path, "form": s.form,
-                    "heads": s.heads, "kv_heads": s.kv_heads, "head_dim": s.head_dim, "causal": s.causal})
+        out.append({"id": s.id, "kind": "attention", "layer": s.layer, "module_path": s.module_path,
+                    "form": s.form, "heads": s.heads, "kv_heads": s.kv_heads, "head_dim": s.head_dim,
+                    "causal": s.causal})
     for s in ir.mlp_sites(gm):
-        out.append({"id": s.id, "kind": "mlp", "layer": s.layer, "module_path": s.module_path, "gated": s.gated,
-                    "activation": s.activation, "hidden": s.hidden, "intermediate": s.intermediate})
+        out.append({"id": s.id, "kind": "mlp", "layer": s.layer, "module_path": s.module_path,
+                    "gated": s.gated, "activation": s.activation, "hidden": s.hidden,
+                    "intermediate": s.intermediate})
     return out
 
 

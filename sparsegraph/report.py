@@ -41,9 +41,11 @@ class Report:
         report.facts["backend"] = cm.config.backend
         report.facts["CPU kernels"] = cpu_kernels.status()
         dense, ours = cm.dense_cost, cm.cost
-        report.tables.insert(0, Table("Cost at the example shapes", ["", "dense", "compiled", "compiled / dense"], [
+        report.tables.insert(0, Table("Cost at the example shapes",
+                                      ["", "dense", "compiled", "compiled / dense"], [
             ["GMACs", f"{dense.macs / 1e9:.4f}", f"{ours.macs / 1e9:.4f}", _ratio(ours.macs, dense.macs)],
-            ["MB moved", f"{dense.bytes / 1e6:.1f}", f"{ours.bytes / 1e6:.1f}", _ratio(ours.bytes, dense.bytes)],
+            ["MB moved", f"{dense.bytes / 1e6:.1f}", f"{ours.bytes / 1e6:.1f}",
+             _ratio(ours.bytes, dense.bytes)],
         ]))
         after = cm.site_costs()
         labels = list(cm.dense_site_costs)
@@ -71,8 +73,9 @@ class Report:
         refusals = Table("Refused sites", ["pass", "site", "reason"])
         for name, entry in plan.passes.items():
             stats = entry.get("stats", {})
-            passes.rows.append([name, entry.get("kind", ""), stats.get("matched", 0), stats.get("rewritten", 0),
-                                len(stats.get("refused", [])), f"{timings.get(name, 0.0):.2f}",
+            passes.rows.append([name, entry.get("kind", ""), stats.get("matched", 0),
+                                stats.get("rewritten", 0), len(stats.get("refused", [])),
+                                f"{timings.get(name, 0.0):.2f}",
                                 json.dumps(stats.get("counters", {}), sort_keys=True)])
             refusals.rows += [[name, r["site"], r["reason"]] for r in stats.get("refused", [])]
         decisions = Table("Decisions per site", ["site", "pass", "decision"])
@@ -128,7 +131,8 @@ class Report:
         parts += [f"<li><b>{e(k)}</b>: {e(str(v))}</li>" for k, v in self.facts.items()]
         parts.append("</ul>")
         for t in self.tables:
-            parts.append(f"<h2>{e(t.title)}</h2><table><tr>" + "".join(f"<th>{e(h)}</th>" for h in t.header) + "</tr>")
+            parts.append(f"<h2>{e(t.title)}</h2><table><tr>" + "".join(f"<th>{e(h)}</th>" for h in t.header)
+                         + "</tr>")
             parts += ["<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in row) + "</tr>" for row in t.rows]
             parts.append("</table>")
         for title, figure in self.figures:

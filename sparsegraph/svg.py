@@ -25,7 +25,8 @@ def bars(title: str, labels: list[str], series: dict[str, list[float]], unit: st
         for j, (name, values) in enumerate(series.items()):
             w = plot_w * values[i] / top
             parts.append(f'<rect x="{label_w}" y="{y + 3 + 10 * j}" width="{w:.1f}" height="9" '
-                         f'fill="{PALETTE[j % len(PALETTE)]}"><title>{html.escape(name)}: {values[i]:.4g}{unit}</title></rect>')
+                         f'fill="{PALETTE[j % len(PALETTE)]}"><title>{html.escape(name)}: '
+                         f'{values[i]:.4g}{unit}</title></rect>')
             parts.append(_text(label_w + w + 4, y + 11 + 10 * j, f"{values[i]:.3g}{unit}", size=9))
     parts += _legend(list(series), 30 + row * len(labels) + 6)
     return "".join(parts) + "</svg>"
@@ -41,13 +42,14 @@ def histogram(title: str, counts: list[int], lo: float, hi: float, markers: dict
     parts = [_open(width, height), _text(6, 14, title, bold=True, size=11)]
     for i, c in enumerate(counts):
         h = plot_h * c / top
-        parts.append(f'<rect x="{left + i * step:.1f}" y="{22 + plot_h - h:.1f}" width="{max(step - 0.5, 0.5):.1f}" '
-                     f'height="{h:.1f}" fill="{PALETTE[0]}"/>')
+        parts.append(f'<rect x="{left + i * step:.1f}" y="{22 + plot_h - h:.1f}" '
+                     f'width="{max(step - 0.5, 0.5):.1f}" height="{h:.1f}" fill="{PALETTE[0]}"/>')
     for j, (name, value) in enumerate((markers or {}).items()):
         x = left + plot_w * (value - lo) / (hi - lo) if hi > lo else left
         if left <= x <= left + plot_w:
             color = PALETTE[(j + 1) % len(PALETTE)]
-            parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="22" y2="{22 + plot_h}" stroke="{color}" stroke-width="1.5"/>')
+            parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="22" y2="{22 + plot_h}" stroke="{color}" '
+                         'stroke-width="1.5"/>')
             parts.append(_text(x + 2, 30 + 10 * j, name, size=9, color=color))
     parts.append(_text(left, height - 8, f"{lo:g}", size=9))
     parts.append(_text(left + plot_w, height - 8, f"{hi:g}", size=9, anchor="end"))
@@ -90,8 +92,9 @@ def image(title: str, pixels: list[list[float]], boxes: list[tuple[float, float,
                          f'height="{scale:.1f}" fill="rgb({g},{g},{g})"/>')
     for j, (x0, y0, x1, y1, label) in enumerate(boxes):
         colour = PALETTE[(j + 1) % len(PALETTE)]
-        parts.append(f'<rect x="{5 + x0 * scale:.1f}" y="{20 + y0 * scale:.1f}" width="{(x1 - x0) * scale:.1f}" '
-                     f'height="{(y1 - y0) * scale:.1f}" fill="none" stroke="{colour}" stroke-width="2"/>')
+        parts.append(f'<rect x="{5 + x0 * scale:.1f}" y="{20 + y0 * scale:.1f}" '
+                     f'width="{(x1 - x0) * scale:.1f}" height="{(y1 - y0) * scale:.1f}" fill="none" '
+                     f'stroke="{colour}" stroke-width="2"/>')
         parts.append(_text(7 + x0 * scale, 30 + y0 * scale, label, size=9, color=colour))
     return "".join(parts) + "</svg>"
 
@@ -110,6 +113,7 @@ def _text(x, y, text, *, anchor="start", size=12, bold=False, color="#222") -> s
 def _legend(names: list[str], y: float) -> list[str]:
     out = []
     for j, name in enumerate(names):
-        out.append(f'<rect x="{10 + 140 * j}" y="{y}" width="10" height="10" fill="{PALETTE[j % len(PALETTE)]}"/>')
+        out.append(f'<rect x="{10 + 140 * j}" y="{y}" width="10" height="10" '
+                   f'fill="{PALETTE[j % len(PALETTE)]}"/>')
         out.append(_text(24 + 140 * j, y + 9, name, size=10))
     return out

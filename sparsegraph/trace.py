@@ -33,9 +33,10 @@ from sparsegraph.errors import TraceError
 
 __all__ = ["CAPTURE_LOCK", "dynamic_shapes_for", "trace"]
 
-# torch.export is not re-entrant across threads (its pre-dispatch mode stack is one process-wide object: two at
-# once fail with "Trying to pop empty mode stack"), torch.fx.symbolic_trace patches module calls process-wide, and
-# `warnings.catch_warnings` swaps the process-wide filters: one capture (trace or ONNX export) at a time.
+# torch.export is not re-entrant across threads (its pre-dispatch mode stack is one process-wide object:
+# two at once fail with "Trying to pop empty mode stack"), torch.fx.symbolic_trace patches module calls
+# process-wide, and `warnings.catch_warnings` swaps the process-wide filters: one capture (trace or ONNX
+# export) at a time.
 CAPTURE_LOCK = threading.RLock()
 
 
@@ -54,7 +55,8 @@ def trace(
     inputs in ``node.meta["val"]``.
     """
     if not isinstance(model, torch.nn.Module):
-        raise TraceError(f"expected a torch.nn.Module, got {type(model).__name__}; wrap callables in a Module")
+        raise TraceError(f"expected a torch.nn.Module, got {type(model).__name__}; wrap callables in a "
+                         "Module")
     example_inputs = _as_tuple(example_inputs)
     example_kwargs = dict(example_kwargs or {})
     # Checked up front: otherwise export fails on the mismatch, the fx fallback (which never calls the
@@ -164,8 +166,9 @@ def _explain(model, attempts) -> str:
         text += f"{type(err).__name__} {err}\n"
     lines.append("What to try:")
     if "Cache" in text or "pytree" in text.lower():
-        lines.append("  - the model returns a cache object export cannot flatten: call it with use_cache=False "
-                     "(example_kwargs={'use_cache': False}) or wrap it so it returns tensors only")
+        lines.append("  - the model returns a cache object export cannot flatten: call it with "
+                     "use_cache=False (example_kwargs={'use_cache': False}) or wrap it so it returns "
+                     "tensors only")
     if "data-dependent" in text.lower() or "GuardOnDataDependent" in text:
         lines.append("  - the model branches on tensor values: make the branch static, use torch.cond, "
                      "or trace with dynamic=False")

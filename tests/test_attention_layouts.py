@@ -56,7 +56,8 @@ def _head(draw, nq, nk):
     elif family == "multi_diagonal":
         params = {"diagonals": draw(_DIAGONALS)}
     elif family == "vertical_slash":
-        params = {"diagonals": draw(_DIAGONALS), "columns": draw(st.lists(st.integers(0, 12), max_size=4, unique=True))}
+        params = {"diagonals": draw(_DIAGONALS),
+                  "columns": draw(st.lists(st.integers(0, 12), max_size=4, unique=True))}
     elif family == "block_topk":
         rows = st.lists(st.integers(0, nk - 1), max_size=nk, unique=True).map(sorted)
         params = {"shape": [nq, nk], "blocks": [draw(rows) for _ in range(nq)]}
@@ -89,8 +90,8 @@ def test_a_table_lays_out_every_family_as_defined_at_any_grid(data, nq, nk, caus
                 want = _by_definition(head["pattern"], head["params"], grid_q, grid_k, causal)
             assert torch.equal(got[h], want), (head, grid_q, grid_k, causal)
             if head["pattern"] != "block_topk" or not moved:
-                assert torch.equal(layouts.pattern_mask(head["pattern"], head["params"], grid_q, grid_k, causal),
-                                   want)
+                assert torch.equal(layouts.pattern_mask(head["pattern"], head["params"], grid_q, grid_k,
+                                                        causal), want)
         fixed_moved = moved and any(h["pattern"] == "block_topk" for h in heads)
         assert any(issubclass(w.category, layouts.LayoutWarning) for w in caught) == fixed_moved
         lists = layouts.layout(table, grid_q, grid_k, causal)
@@ -107,7 +108,8 @@ def test_layouts_are_cached_per_table_and_length_and_follow_edits():
 
 
 def test_concurrent_layouts_agree():
-    table = layouts.table([{"pattern": "vertical_slash", "params": {"columns": [0, 3], "diagonals": [0, 2]}}] * 3)
+    table = layouts.table([{"pattern": "vertical_slash",
+                            "params": {"columns": [0, 3], "diagonals": [0, 2]}}] * 3)
     want = {n: layouts.layout_from_block_mask(layouts.block_mask(table, n, n, True)) for n in range(1, 40)}
     errors, barrier = [], threading.Barrier(4)
 

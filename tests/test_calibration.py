@@ -34,7 +34,8 @@ def test_an_all_zero_attention_mask_is_refused_naming_the_batch_and_the_mistake(
     heads and cosine 0.30 with no warning."""
     model, example, _ = minilm
     batches = [(ids, torch.zeros_like(mask)) for ids, mask in calibration_for(model, example, 32)]
-    with pytest.raises(sg.CalibrationError, match=r"calibration batch 0: .*masks every token.*token_type_ids"):
+    with pytest.raises(sg.CalibrationError,
+                       match=r"calibration batch 0: .*masks every token.*token_type_ids"):
         sg.compile(model, pipeline, example_inputs=example, calibration=batches, quiet=True)
 
 
@@ -71,8 +72,10 @@ def test_constant_calibration_and_too_few_tokens_are_refused():
     model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 8)).eval()
     x = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
     with pytest.raises(sg.CalibrationError, match="constant"):
-        sg.compile(model, "activation-sparsity", example_inputs=(x,), calibration=[torch.zeros(64, 8)], quiet=True)
-    with pytest.raises(sg.CalibrationError, match=r"activation_profile: saw 4 token\(s\) at site .*fewer than min_tokens=16"):
+        sg.compile(model, "activation-sparsity", example_inputs=(x,), calibration=[torch.zeros(64, 8)],
+                   quiet=True)
+    with pytest.raises(sg.CalibrationError,
+                       match=r"activation_profile: saw 4 token\(s\) at site .*fewer than min_tokens=16"):
         sg.compile(model, "activation-sparsity", example_inputs=(x,), calibration=[x[:4]], quiet=True)
     cm = sg.compile(model, "activation-sparsity", example_inputs=(x,), calibration=[x], quiet=True)
     assert cm.plan.passes["neuron_sparsity"]["stats"]["rewritten"] == 1  # 64 real tokens are enough
@@ -97,7 +100,8 @@ def test_skip_is_never_chosen_with_skip_share_zero(explicit_model):
     model, example = explicit_model
     ids = torch.full((2, 48), 7)  # one token repeated: every head's output is the same at every position
     config = {"passes": [{"head_patterns": {"block": 16}}]}
-    cm = sg.compile(model, config, example_inputs=example, calibration=[(ids, torch.ones_like(ids))], quiet=True)
+    cm = sg.compile(model, config, example_inputs=example, calibration=[(ids, torch.ones_like(ids))],
+                    quiet=True)
     for site in cm.plan.sites:
         assert all(h["pattern"] != "skip" for h in cm.plan.evidence("head_patterns", site)["heads"])
 
@@ -110,7 +114,8 @@ def test_patterns_are_not_fitted_where_calibration_saw_no_queries(explicit_model
     mask = torch.zeros_like(ids)
     mask[:, :20] = 1
     config = {"passes": [{"head_patterns": {"block": 16}}, "sparse_attention"]}
-    with pytest.raises(sg.CalibrationError, match=r"5 of 6 query blocks \(positions 16–95\) saw fewer than one block"):
+    with pytest.raises(sg.CalibrationError,
+                       match=r"5 of 6 query blocks \(positions 16–95\) saw fewer than one block"):
         sg.compile(model, config, example_inputs=(ids, mask), calibration=[(ids, mask)], quiet=True)
     mask[1, :] = 1  # one full row: every block has seen queries
     sg.compile(model, config, example_inputs=(ids, mask), calibration=[(ids, mask)], quiet=True)
@@ -147,7 +152,8 @@ def _yaml_configs(path: Path) -> list[dict]:
 
 
 def test_the_documented_overrides_take_effect(minilm):
-    """README's nm_weights override keeps layer 0's MLP dense; getting-started's override sets layer 5's target."""
+    """README's nm_weights override keeps layer 0's MLP dense; getting-started's override sets layer 5's
+    target."""
     model, example, _ = minilm
     (readme,) = _yaml_configs(ROOT / "README.md")
     cm = sg.compile(model, readme, example_inputs=example, quiet=True)

@@ -24,12 +24,14 @@ def test_compile_writes_plan_and_reports_then_replays(tmp_path, capsys):
     assert plan["passes"]["nm_weights"]["stats"]["rewritten"] == 6
     assert (out / "report.html").read_text().startswith("<!doctype html>")
     assert "**CPU kernels**" in (out / "report.md").read_text()
-    assert main(["compile", "zoo:explicit_attention", "--plan", str(out / "plan.json"), "--out", str(tmp_path / "b")]) == 0
+    assert main(["compile", "zoo:explicit_attention", "--plan", str(out / "plan.json"), "--out",
+                 str(tmp_path / "b")]) == 0
     assert json.loads((tmp_path / "b" / "plan.json").read_text())["sites"] == plan["sites"]
 
 
 def test_export_writes_onnx(tmp_path):
-    assert main(["export", "zoo:explicit_attention", "--config", "dense", "--out", str(tmp_path / "m.onnx")]) == 0
+    assert main(["export", "zoo:explicit_attention", "--config", "dense", "--out",
+                 str(tmp_path / "m.onnx")]) == 0
     assert (tmp_path / "m.onnx").stat().st_size > 1000
 
 
@@ -158,13 +160,16 @@ M = "zoo:explicit_attention"
 REFUSALS = [
     # onto the command's own input: refused, even with --force
     (["report", "o2/plan.json", "--out", "o2/plan.json"], ["o2/plan.json is the plan this command reads"]),
-    (["report", "o2/plan.json", "--out", "o2/plan.json", "--force"], ["never overwritten, even with --force"]),
-    (["compile", M, "--plan", "o2/plan.json", "--out", "o2", "--force"], ["is the --plan file this command reads"]),
+    (["report", "o2/plan.json", "--out", "o2/plan.json", "--force"],
+     ["never overwritten, even with --force"]),
+    (["compile", M, "--plan", "o2/plan.json", "--out", "o2", "--force"],
+     ["is the --plan file this command reads"]),
     (["profile", M, "--config", "profile.json", "-o", "profile.json", "--force"], ["the --config file"]),
     (["profile", M, "--data", "tokens.npy", "-o", "tokens.npy", "--force"], ["the --data file"]),
     # onto anything else the user had: refused without --force
     (["report", "o2/plan.json", "--out", "precious.html"], ["precious.html already exists: pass --force"]),
-    (["export", M, "--config", "dense", "--out", "precious.onnx"], ["precious.onnx already exists: pass --force"]),
+    (["export", M, "--config", "dense", "--out", "precious.onnx"],
+     ["precious.onnx already exists: pass --force"]),
     (["compile", M, "--config", "analyze", "--out", "o2"],
      ["o2/plan.json, o2/report.md, o2/report.html already exist: pass --force"]),
     (["profile", M, "-o", "precious.json"], ["precious.json already exists: pass --force"]),
@@ -173,12 +178,15 @@ REFUSALS = [
     (["export", M, "--config", "dense", "--out", "precious.txt"], ["ends in .onnx; try --out precious.onnx"]),
     (["export", M, "--config", "dense", "--out", "precious.txt", "--force"], ["ends in .onnx"]),
     # where nothing can be written
-    (["report", "o2/plan.json", "--out", "precious.txt/r.html"], ["cannot write in precious.txt", "is a file"]),
+    (["report", "o2/plan.json", "--out", "precious.txt/r.html"],
+     ["cannot write in precious.txt", "is a file"]),
     (["export", M, "--config", "dense", "--out", "precious.txt/m.onnx"], ["cannot write in precious.txt"]),
-    (["compile", M, "--config", "analyze", "--out", "precious.txt/out"], ["cannot write in precious.txt/out"]),
+    (["compile", M, "--config", "analyze", "--out", "precious.txt/out"],
+     ["cannot write in precious.txt/out"]),
     (["profile", M, "-o", "precious.txt/p.json"], ["cannot write in precious.txt"]),
     (["report", "o2/plan.json", "--out", "o2"], ["cannot write o2: it is a folder"]),
-    (["report", "o2/plan.json", "--out", "/proc/sparsegraph-report.html"], ["/proc"]),  # read-only for root too
+    # read-only for root too
+    (["report", "o2/plan.json", "--out", "/proc/sparsegraph-report.html"], ["/proc"]),
     # counts and data
     (["profile", M, "-o", "p.json", "--calibration", "0"], ["--calibration 0: give at least 1"]),
     (["compile", M, "--config", "activation-sparsity", "--out", "c", "--calibration", "-3"],
@@ -190,11 +198,14 @@ REFUSALS = [
      ["--data nope.npy: no such file"]),
     # model names, plans and configs that are not there
     (["compile", "zoo:nope", "--out", "c"], ["no zoo model 'nope'"]),
-    (["export", "nocolon", "--out", "m.onnx"], ["model 'nocolon' is not of the form SOURCE:NAME; try zoo:minilm"]),
+    (["export", "nocolon", "--out", "m.onnx"],
+     ["model 'nocolon' is not of the form SOURCE:NAME; try zoo:minilm"]),
     (["inspect", "torchvision:nope"], ["torchvision has no model 'nope'"]),
-    (["compile", M, "--plan", "nope.json", "--out", "c"], ["--plan nope.json: no such file; give a plan.json"]),
+    (["compile", M, "--plan", "nope.json", "--out", "c"],
+     ["--plan nope.json: no such file; give a plan.json"]),
     (["report", "nope.json", "--out", "r.html"], ["plan nope.json: no such file"]),
-    (["export", M, "--config", "nope.yaml", "--out", "m.onnx"], ["--config nope.yaml: no such file; give a YAML"]),
+    (["export", M, "--config", "nope.yaml", "--out", "m.onnx"],
+     ["--config nope.yaml: no such file; give a YAML"]),
 ]
 
 

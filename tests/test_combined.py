@@ -45,9 +45,10 @@ def _check(cm, model, args, tmp_path, min_cosine, other=None, strict=True):
 @pytest.mark.ci  # ~30 s: compiles combined on MiniLM with speed_check timing
 def test_minilm_combined(tmp_path):
     model, example = models.load("minilm", seq_len=128, batch=1)
-    cm = sg.compile(model, "combined", example_inputs=example, calibration=calibration_for(model, example, 32),
-                    quiet=True)
-    padded = model.tokenize(["A short one.", "A longer sentence about how mean pooling reads every real token."],
+    cm = sg.compile(model, "combined", example_inputs=example,
+                    calibration=calibration_for(model, example, 32), quiet=True)
+    padded = model.tokenize(["A short one.",
+                             "A longer sentence about how mean pooling reads every real token."],
                             max_length=128, pad_to=128)
     _check(cm, model, example, tmp_path, min_cosine=0.95, other=padded)
 

@@ -8,14 +8,17 @@ import torch
 import sparsegraph as sg
 from sparsegraph import models
 
-FAST = [pytest.param("minilm", marks=[pytest.mark.slow, pytest.mark.ci]),  # ~6 s; test_runtime_contract's dense
-        "explicit_attention"]                                              # MiniLM checks the same by default
+FAST = [
+    # ~6 s; test_runtime_contract's dense MiniLM checks the same by default
+    pytest.param("minilm", marks=[pytest.mark.slow, pytest.mark.ci]),
+    "explicit_attention"]
 HEAVY = ["vit_b_16", "resnet50", "vit_small", "llama_tiny"]
 
 
 def _digest(model: torch.nn.Module) -> dict[str, str]:
     state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    return {k: hashlib.sha256(v.detach().contiguous().numpy().tobytes()).hexdigest() for k, v in state.items()}
+    return {k: hashlib.sha256(v.detach().contiguous().numpy().tobytes()).hexdigest()
+            for k, v in state.items()}
 
 
 def _check_dense_and_untouched(name):
@@ -61,7 +64,8 @@ def test_compiled_model_is_a_module_with_plan_report_and_cost():
 def test_onnx_backend_runs_the_exported_file():
     model, example = models.load("explicit_attention")
     eager = sg.compile(model, "nm-2-4", example_inputs=example, quiet=True)
-    onnx_cm = sg.compile(model, {**eager.config.to_dict(), "backend": "onnx"}, example_inputs=example, quiet=True)
+    onnx_cm = sg.compile(model, {**eager.config.to_dict(), "backend": "onnx"}, example_inputs=example,
+                         quiet=True)
     torch.testing.assert_close(onnx_cm(*example), eager(*example), rtol=1e-4, atol=1e-4)
 
 

@@ -69,36 +69,39 @@ def test_named_pipelines():
     pytest.param({"passes": ["cost"], "backend": "trition"}, "(did you mean 'triton'?)", id="backend"),
     pytest.param({"passes": ["nm_weight"]}, "unknown pass 'nm_weight' (did you mean 'nm_weights'?)",
                  id="pass-name"),
-    pytest.param({"passes": [{"cots": {}}]}, "unknown pass 'cots' (did you mean 'cost'?)", id="pass-name-mapping"),
+    pytest.param({"passes": [{"cots": {}}]}, "unknown pass 'cots' (did you mean 'cost'?)",
+                 id="pass-name-mapping"),
     pytest.param({"passes": [{"nm_weights": {"rols": ["mlp.up"]}}]},
                  "pass 'nm_weights' has no option 'rols' (did you mean 'roles'?)", id="option"),
-    pytest.param({"passes": [{"cost": {"topp": 3}}]}, "pass 'cost' has no option 'topp' (did you mean 'top'?)",
-                 id="option-cost"),
-    pytest.param({"passes": [{"nm_weights": {"n": 0}}]}, "option 'n' of pass 'nm_weights' is 0, outside [1, inf]",
-                 id="below-range"),
+    pytest.param({"passes": [{"cost": {"topp": 3}}]},
+                 "pass 'cost' has no option 'topp' (did you mean 'top'?)", id="option-cost"),
+    pytest.param({"passes": [{"nm_weights": {"n": 0}}]},
+                 "option 'n' of pass 'nm_weights' is 0, outside [1, inf]", id="below-range"),
     pytest.param({"passes": [{"cost": {"top": -1}}]}, "option 'top' of pass 'cost' is -1, outside [0, inf]",
                  id="below-range-cost"),
     pytest.param({"passes": [{"nm_weights": {"n": 3, "m": 2}}]}, "n=3 must not exceed m=2", id="n-above-m"),
-    pytest.param({"passes": [{"nm_weights": {"n": "two"}}]}, "option 'n' of pass 'nm_weights' must be int, got 'two'",
-                 id="type-str"),
-    pytest.param({"passes": [{"nm_weights": {"n": 2.0}}]}, "option 'n' of pass 'nm_weights' must be int, got 2.0",
-                 id="type-float"),
+    pytest.param({"passes": [{"nm_weights": {"n": "two"}}]},
+                 "option 'n' of pass 'nm_weights' must be int, got 'two'", id="type-str"),
+    pytest.param({"passes": [{"nm_weights": {"n": 2.0}}]},
+                 "option 'n' of pass 'nm_weights' must be int, got 2.0", id="type-float"),
     pytest.param({"passes": [{"cost": {"top": True}}]}, "option 'top' of pass 'cost' must be int, got True",
                  id="type-bool"),
-    pytest.param({"passes": [{"nm_weights": {"roles": ["mlp.upp"]}}]}, "roles ['mlp.upp'] are not linear roles",
-                 id="bad-role"),
+    pytest.param({"passes": [{"nm_weights": {"roles": ["mlp.upp"]}}]},
+                 "roles ['mlp.upp'] are not linear roles", id="bad-role"),
     pytest.param({"passes": ["cost"], "overrides": {"blocks.*": {"nm_weights": {"n": 1}}}},
-                 "overrides['blocks.*'] names pass 'nm_weights', which is not in the pipeline", id="override-pass"),
+                 "overrides['blocks.*'] names pass 'nm_weights', which is not in the pipeline",
+                 id="override-pass"),
     pytest.param({"passes": ["nm_weights"], "overrides": {"blocks.*": {"nm_weights": {"mm": 8}}}},
-                 "overrides['blocks.*']['nm_weights']: pass 'nm_weights' has no option 'mm' (did you mean 'm'?)",
-                 id="override-option"),
+                 "overrides['blocks.*']['nm_weights']: pass 'nm_weights' has no option 'mm' "
+                 "(did you mean 'm'?)", id="override-option"),
     pytest.param({"passes": ["nm_weights"], "overrides": {"blocks.*": {"nm_weights": {"n": 0}}}},
                  "option 'n' of pass 'nm_weights' is 0", id="override-range"),
     pytest.param({"passes": ["cost", "cost"]}, "pass 'cost' appears twice", id="duplicate"),
     pytest.param({"passes": "cost"}, "config 'passes' must be a list", id="passes-not-list"),
-    pytest.param({"passes": [{"cost": {}, "nm_weights": {}}]}, "passes[0] must be a pass name or a one-key mapping",
-                 id="two-key-item"),
-    pytest.param({"passes": [{"cost": 3}]}, "options of pass 'cost' must be a mapping", id="options-not-mapping"),
+    pytest.param({"passes": [{"cost": {}, "nm_weights": {}}]},
+                 "passes[0] must be a pass name or a one-key mapping", id="two-key-item"),
+    pytest.param({"passes": [{"cost": 3}]}, "options of pass 'cost' must be a mapping",
+                 id="options-not-mapping"),
 ])
 def test_bad_config_is_an_error_naming_the_key(data, message):
     with pytest.raises(sg.ConfigError) as err:
@@ -109,7 +112,8 @@ def test_bad_config_is_an_error_naming_the_key(data, message):
 def test_bad_sources_are_errors(tmp_path):
     with pytest.raises(sg.ConfigError) as err:
         Config.load("analyse")
-    assert str(err.value) == "config 'analyse' is neither a file nor a named pipeline (did you mean 'analyze'?)"
+    assert str(err.value) == ("config 'analyse' is neither a file nor a named pipeline (did you mean "
+                              "'analyze'?)")
     with pytest.raises(sg.ConfigError, match="does not exist"):
         Config.load(tmp_path / "missing.yaml")
     (tmp_path / "bad.json").write_text("{passes: [")
@@ -157,7 +161,8 @@ def nm_options(draw):
 
 
 cost_options = st.fixed_dictionaries({}, optional={"top": st.integers(0, 1000)})
-globs = st.sampled_from(["*", "blocks.*", "blocks.0.*", "encoder.layer.?.attention", "mlp:*", "attn:blocks.[01].attn"])
+globs = st.sampled_from(["*", "blocks.*", "blocks.0.*", "encoder.layer.?.attention", "mlp:*",
+                         "attn:blocks.[01].attn"])
 
 
 @st.composite
@@ -197,15 +202,19 @@ def test_random_valid_configs_round_trip(data):
 
 
 @pytest.mark.parametrize("data,message", [
-    pytest.param({"passes": ["cost"], "backend": float("nan")}, "config 'backend' must be one of", id="backend-nan"),
+    pytest.param({"passes": ["cost"], "backend": float("nan")}, "config 'backend' must be one of",
+                 id="backend-nan"),
     pytest.param({"passes": ["cost"], "backend": None}, "config 'backend' must be one of", id="backend-null"),
-    pytest.param({"passes": ["cost"], "backend": ["eager"]}, "config 'backend' must be one of", id="backend-list"),
+    pytest.param({"passes": ["cost"], "backend": ["eager"]}, "config 'backend' must be one of",
+                 id="backend-list"),
     pytest.param({3: ["cost"]}, "unknown config key 3", id="top-key-int"),
     pytest.param({"passes": 0}, "config 'passes' must be a list", id="passes-zero"),
     pytest.param({"passes": {}}, "config 'passes' must be a list", id="passes-empty-mapping"),
     pytest.param({"passes": [{1: {}}]}, "passes[0]: 1 is not a pass name", id="pass-name-int"),
-    pytest.param({"passes": [{"cost": {1: 2}}]}, "pass 'cost': 1 is not an option name", id="option-name-int"),
-    pytest.param({"passes": ["cost"], "overrides": "blocks.*"}, "config 'overrides' must map globs", id="overrides-str"),
+    pytest.param({"passes": [{"cost": {1: 2}}]}, "pass 'cost': 1 is not an option name",
+                 id="option-name-int"),
+    pytest.param({"passes": ["cost"], "overrides": "blocks.*"}, "config 'overrides' must map globs",
+                 id="overrides-str"),
     pytest.param({"passes": ["cost"], "overrides": [["blocks.*", {}]]}, "config 'overrides' must map globs",
                  id="overrides-pairs"),
     pytest.param({"passes": ["nm_weights"], "overrides": {0: {"nm_weights": {"n": 1}}}},
@@ -226,26 +235,29 @@ def test_wrongly_typed_config_values_are_errors_naming_the_key(data, message):
 
 
 @pytest.mark.parametrize("item,message", [
-    pytest.param({"neuron_sparsity": {"target": float("nan")}}, "option 'target' of pass 'neuron_sparsity' must be a "
-                 "finite number, got nan", id="nan-target"),
-    pytest.param({"speed_check": {"min_speedup": float("inf")}}, "option 'min_speedup' of pass 'speed_check' must be "
-                 "a finite number, got inf", id="inf-speedup"),
+    pytest.param({"neuron_sparsity": {"target": float("nan")}}, "option 'target' of pass 'neuron_sparsity' "
+                 "must be a finite number, got nan", id="nan-target"),
+    pytest.param({"speed_check": {"min_speedup": float("inf")}}, "option 'min_speedup' of pass 'speed_check' "
+                 "must be a finite number, got inf", id="inf-speedup"),
     pytest.param({"activation_profile": {"targets": [0.5, float("nan")]}}, "option 'targets' of pass "
                  "'activation_profile' must be a finite number", id="nan-in-tuple"),
     # values that would silently do nothing, or something else than they say
-    pytest.param({"token_pruning": {"layers": [2], "keep": 0.0}}, "option 'keep' of pass 'token_pruning' is 0.0, "
-                 "outside [0.001, 1.0]", id="keep-zero"),
-    pytest.param({"token_pruning": {"layers": [2], "keep": 0.0004}}, "outside [0.001, 1.0]", id="keep-rounds-to-zero"),
-    pytest.param({"token_pruning": {"layers": []}}, "option 'layers' of pass 'token_pruning' is empty", id="no-layers"),
-    pytest.param({"token_pruning": {}}, "option 'layers' of pass 'token_pruning' is empty", id="layers-default"),
-    pytest.param({"token_pruning": {"layers": [2, -1]}}, "option 'layers' of pass 'token_pruning' holds -1, outside "
-                 "[0, inf]", id="negative-layer"),
-    pytest.param({"activation_profile": {"targets": [0.5, 1.5]}}, "option 'targets' of pass 'activation_profile' "
-                 "holds 1.5, outside [0.0, 1.0]", id="target-above-one"),
-    pytest.param({"token_importance": {"keeps": [0.7, 0.0]}}, "option 'keeps' of pass 'token_importance' holds 0.0",
-                 id="keeps-zero"),
-    pytest.param({"head_patterns": {"recall": 0.0}}, "option 'recall' of pass 'head_patterns' is 0.0, outside "
-                 "[0.001, 1.0]", id="recall-zero"),
+    pytest.param({"token_pruning": {"layers": [2], "keep": 0.0}}, "option 'keep' of pass 'token_pruning' "
+                 "is 0.0, outside [0.001, 1.0]", id="keep-zero"),
+    pytest.param({"token_pruning": {"layers": [2], "keep": 0.0004}}, "outside [0.001, 1.0]",
+                 id="keep-rounds-to-zero"),
+    pytest.param({"token_pruning": {"layers": []}}, "option 'layers' of pass 'token_pruning' is empty",
+                 id="no-layers"),
+    pytest.param({"token_pruning": {}}, "option 'layers' of pass 'token_pruning' is empty",
+                 id="layers-default"),
+    pytest.param({"token_pruning": {"layers": [2, -1]}}, "option 'layers' of pass 'token_pruning' holds -1, "
+                 "outside [0, inf]", id="negative-layer"),
+    pytest.param({"activation_profile": {"targets": [0.5, 1.5]}}, "option 'targets' of pass "
+                 "'activation_profile' holds 1.5, outside [0.0, 1.0]", id="target-above-one"),
+    pytest.param({"token_importance": {"keeps": [0.7, 0.0]}}, "option 'keeps' of pass 'token_importance' "
+                 "holds 0.0", id="keeps-zero"),
+    pytest.param({"head_patterns": {"recall": 0.0}}, "option 'recall' of pass 'head_patterns' is 0.0, "
+                 "outside [0.001, 1.0]", id="recall-zero"),
     pytest.param({"head_patterns": {"patterns": []}}, "option 'patterns' of pass 'head_patterns' is empty",
                  id="no-patterns"),
 ])
@@ -257,8 +269,10 @@ def test_option_values_that_mean_nothing_are_errors(item, message):
 
 @pytest.mark.parametrize("options,message", [
     pytest.param({"neuron_sparsity": {"target": float("nan")}}, "must be a finite number, got nan", id="nan"),
-    pytest.param({"token_pruning": {"keep": 0.0}}, "option 'keep' of pass 'token_pruning' is 0.0", id="keep-zero"),
-    pytest.param({"token_pruning": {"layers": []}}, "option 'layers' of pass 'token_pruning' is empty", id="layers"),
+    pytest.param({"token_pruning": {"keep": 0.0}}, "option 'keep' of pass 'token_pruning' is 0.0",
+                 id="keep-zero"),
+    pytest.param({"token_pruning": {"layers": []}}, "option 'layers' of pass 'token_pruning' is empty",
+                 id="layers"),
 ])
 def test_option_values_that_mean_nothing_are_errors_in_overrides_too(options, message):
     passes = ["activation_profile", "neuron_sparsity", {"token_pruning": {"layers": [1]}}]
@@ -281,5 +295,6 @@ def test_unreadable_config_files_are_errors(tmp_path):
     (tmp_path / "nan.yaml").write_text("passes:\n  - neuron_sparsity: {target: .nan}\n")
     with pytest.raises(sg.ConfigError, match="must be a finite number"):
         Config.load(tmp_path / "nan.yaml")
-    (tmp_path / "empty_passes.yaml").write_text("passes:\nbackend: eager\n")  # `passes:` alone is an empty pipeline
+    # `passes:` alone is an empty pipeline
+    (tmp_path / "empty_passes.yaml").write_text("passes:\nbackend: eager\n")
     assert Config.load(tmp_path / "empty_passes.yaml").passes == ()

@@ -46,8 +46,10 @@ def test_typed_reads(profiled):
 def test_a_broken_entry_names_its_key(profiled):
     plan = sg.SparsityPlan.from_json(profiled.to_json())
     plan.sites["mlp:blocks.0.mlp"]["activation_profile"]["evidence"]["down_input"]["centre"][3] = "x"
-    with pytest.raises(sg.PlanError, match=r"\['down_input'\]\['centre'\]\[3\]: is string 'x', expected a number"):
-        facts.read(plan, "activation_profile", "mlp:blocks.0.mlp", facts.SiteActivations, widths={"down_input": 512})
+    with pytest.raises(sg.PlanError,
+                       match=r"\['down_input'\]\['centre'\]\[3\]: is string 'x', expected a number"):
+        facts.read(plan, "activation_profile", "mlp:blocks.0.mlp", facts.SiteActivations,
+                   widths={"down_input": 512})
     site = next(s for s in plan.sites if plan.evidence("head_patterns", s))
     plan.sites[site]["head_patterns"]["evidence"]["heads"][0]["params"] = {"window": 0}
     with pytest.raises(sg.PlanError, match=r"\['heads'\]\[0\]\['params'\]"):
@@ -57,7 +59,8 @@ def test_a_broken_entry_names_its_key(profiled):
 def test_roi_settings_round_trip():
     model, example = models.load("vit_small")
     batches = [(torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0)),)]
-    plan = sg.compile(model, {"passes": ["roi"]}, example_inputs=example, calibration=batches, quiet=True).plan
+    plan = sg.compile(model, {"passes": ["roi"]}, example_inputs=example, calibration=batches,
+                      quiet=True).plan
     site = plan.summary("roi")["site"]
     settings = facts.read(plan, "roi", site, facts.RoiSettings)
     assert settings.grid == 14 and settings.to_json() == plan.evidence("roi", site)

@@ -56,7 +56,7 @@ SLOW = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCh
                                                                         HealthCheck.data_too_large])
 
 
-# -- models and base plans --------------------------------------------------------------------------------------
+# -- models and base plans -----------------------------------------------------------------------------------
 
 
 class _Block(nn.Module):
@@ -83,7 +83,8 @@ class _MLPs(nn.Module):
 
 SPEED = {"speed_check": {"measure": False, "min_speedup": 0.0}}  # cost model: deterministic, keeps every site
 MLP_CONFIG = {
-    "passes": ["activation_profile", {"neuron_pruning": {"fraction": 0.5}}, {"neuron_sparsity": {"target": 0.5}},
+    "passes": ["activation_profile", {"neuron_pruning": {"fraction": 0.5}},
+               {"neuron_sparsity": {"target": 0.5}},
                {"nm_weights": {"roles": ["mlp.up", "mlp.down"]}}, SPEED],
     "overrides": {"blocks.0.*": {"neuron_sparsity": {"target": 0.0}, "nm_weights": {"roles": []}},
                   "blocks.1.*": {"neuron_pruning": {"fraction": 0.0}, "nm_weights": {"roles": []}},
@@ -94,7 +95,8 @@ ATTENTION_CONFIG = {  # per-block pattern families, so that the plan holds sever
                "token_importance", {"token_pruning": {"layers": [1], "keep": 0.5}},
                {"sparse_attention": {"max_density": 1.0}}, SPEED],
     "overrides": {"blocks.0.*": {"head_patterns": {"patterns": ["multi_diagonal", "vertical_slash", "skip"]}},
-                  "blocks.1.*": {"head_patterns": {"patterns": ["local", "block_topk", "skip"], "recall": 0.6}}},
+                  "blocks.1.*": {"head_patterns": {"patterns": ["local", "block_topk", "skip"],
+                                                   "recall": 0.6}}},
 }
 
 
@@ -179,7 +181,7 @@ def _paths(tree, path=()):
             yield from _paths(value, (*path, i))
 
 
-# -- the oracle -------------------------------------------------------------------------------------------------
+# -- the oracle ----------------------------------------------------------------------------------------------
 
 
 def _names(path: tuple, extra=()) -> set[str]:
@@ -224,7 +226,7 @@ def _replay(base: Base, plan, names: set[str], tmp_path) -> str:
     return "replayed"
 
 
-# -- mutations --------------------------------------------------------------------------------------------------
+# -- mutations -----------------------------------------------------------------------------------------------
 
 NON_FINITE = st.sampled_from([float("nan"), float("inf"), float("-inf")])
 JUNK_TEXT = st.text(max_size=6).map(lambda s: "~" + s)  # never a valid name
@@ -233,8 +235,8 @@ GARBAGE = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3)
                        | st.dictionaries(JUNK_TEXT, inner, max_size=3), max_leaves=8)
 POSITIVE = {"window", "sinks", "block", "chunk", "m", "n", "grid", "max_boxes", "seq_len", "key_len", "k"}
 INDEX_LISTS = {"keep", "removed", "hot", "columns", "diagonals"}
-FIXED_LENGTH = {"keep", "removed", "removed_mean", "centre", "mean", "rms", "mass", "heads", "shape", "blocks",
-                "log10_range"}
+FIXED_LENGTH = {"keep", "removed", "removed_mean", "centre", "mean", "rms", "mass", "heads", "shape",
+                "blocks", "log10_range"}
 FREE_LISTS = {"diagonals", "columns", "hot", "layers"}  # dropping an item is a legitimate edit of the pattern
 
 
@@ -363,7 +365,8 @@ def plan_mutations(draw, base: Base, other_plan: dict):
             plan["schema_version"] = "1"
             names = {"schema"}
     elif kind == "garbage":  # nested junk: of another type, or holding a junk name somewhere
-        _set(plan, path, draw(GARBAGE.filter(lambda v, old=value: _category(v) != _category(old) or _junky(v))))
+        _set(plan, path,
+             draw(GARBAGE.filter(lambda v, old=value: _category(v) != _category(old) or _junky(v))))
     elif kind == "schema":
         plan["schema_version"] = draw(st.sampled_from(["1", 1.0, True, 2, 0, None, [1]]))
         names = {"schema"}
@@ -383,13 +386,15 @@ def plan_mutations(draw, base: Base, other_plan: dict):
     return Mutation(plan, names, f"{kind} at {list(path)} {shown[:80]} via {door}")
 
 
-# -- targeted edits: the findings, as values a person might type ----------------------------------------------
+# -- targeted edits: the findings, as values a person might type ---------------------------------------------
 
 BAD_HEADS = [
     {"pattern": "~x", "params": {}}, {"pattern": "local", "params": {"window": 0}},
     {"pattern": "local", "params": {"window": -2}}, {"pattern": "local", "params": {"window": 2.5}},
-    {"pattern": "local", "params": {"window": "2"}}, {"pattern": "local", "params": {"window": 1, "sinks": 1}},
-    {"pattern": "sink_local", "params": {"window": 1}}, {"pattern": "sink_local", "params": {"sinks": 0, "window": 1}},
+    {"pattern": "local", "params": {"window": "2"}},
+    {"pattern": "local", "params": {"window": 1, "sinks": 1}},
+    {"pattern": "sink_local", "params": {"window": 1}},
+    {"pattern": "sink_local", "params": {"sinks": 0, "window": 1}},
     {"pattern": "multi_diagonal", "params": {"diagonals": []}},
     {"pattern": "multi_diagonal", "params": {"diagonals": [0.5]}},
     {"pattern": "multi_diagonal", "params": {"diagonals": [True]}},
@@ -420,19 +425,23 @@ BAD_DECISIONS = [
     ("neuron_pruning", "a negative kept index", lambda d: (("keep",), [-1, *d["keep"][1:]])),
     ("neuron_pruning", "a removed index past the end",
      lambda d: (("removed",), [*d["removed"][:-1], len(d["keep"]) + len(d["removed"])])),
-    ("neuron_pruning", "a neuron kept and removed", lambda d: (("removed",), [*d["removed"][:-1], d["keep"][0]])),
+    ("neuron_pruning", "a neuron kept and removed",
+     lambda d: (("removed",), [*d["removed"][:-1], d["keep"][0]])),
     ("neuron_pruning", "nothing kept", lambda d: (("keep",), [])),
     ("neuron_pruning", "a mean that is a string", lambda d: (("removed_mean", 0), "0.1")),
     ("neuron_sparsity", "a negative threshold", lambda d: (("down_input", "threshold"), -0.1)),
     ("neuron_sparsity", "a NaN threshold", lambda d: (("down_input", "threshold"), float("nan"))),
-    ("neuron_sparsity", "k above the width", lambda d: (("down_input", "k"), len(d["down_input"]["centre"]) + 1)),
+    ("neuron_sparsity", "k above the width",
+     lambda d: (("down_input", "k"), len(d["down_input"]["centre"]) + 1)),
     ("neuron_sparsity", "a negative k", lambda d: (("down_input", "k"), -1)),
-    ("neuron_sparsity", "a centre one short", lambda d: (("down_input", "centre"), d["down_input"]["centre"][:-1])),
+    ("neuron_sparsity", "a centre one short",
+     lambda d: (("down_input", "centre"), d["down_input"]["centre"][:-1])),
     ("neuron_sparsity", "a NaN in the centre", lambda d: (("down_input", "centre", 3), float("nan"))),
     ("neuron_sparsity", "core without its prefix", lambda d: (("down_input", "core"), True)),
     ("neuron_sparsity", "the up projection with the down projection's centre",
      lambda d: (("mlp_input",), copy.deepcopy(d["down_input"]))),
-    ("neuron_sparsity", "an attention input at an MLP", lambda d: (("attn_input",), copy.deepcopy(d["down_input"]))),
+    ("neuron_sparsity", "an attention input at an MLP",
+     lambda d: (("attn_input",), copy.deepcopy(d["down_input"]))),
     ("neuron_sparsity", "no projection at all", lambda d: (("down_input",), None)),
     ("nm_weights", "n equal to m", lambda d: ((next(iter(d)), "n"), 4)),
     ("nm_weights", "m that does not divide the inputs", lambda d: ((next(iter(d)), "m"), 3)),
@@ -487,7 +496,7 @@ def _targeted(draw, plan, kind):
     return plan, {site}, edit
 
 
-# -- properties: plans ------------------------------------------------------------------------------------------
+# -- properties: plans ---------------------------------------------------------------------------------------
 
 
 def _plan_property(bases, tmp_path_factory, data, which):
@@ -552,7 +561,8 @@ def _only(plan: dict, names: set[str]) -> dict:
     plan = copy.deepcopy(plan)
     config = plan["config"]
     config["passes"] = [item for item in config["passes"] if next(iter(item)) in names]
-    config["overrides"] = {g: {n: o for n, o in per.items() if n in names} for g, per in config["overrides"].items()}
+    config["overrides"] = {g: {n: o for n, o in per.items() if n in names}
+                           for g, per in config["overrides"].items()}
     config["overrides"] = {g: per for g, per in config["overrides"].items() if per}
     plan["passes"] = {n: e for n, e in plan["passes"].items() if n in names}
     plan["sites"] = {s: {n: e for n, e in per.items() if n in names} for s, per in plan["sites"].items()}
@@ -564,8 +574,8 @@ def test_every_bad_attention_head_is_refused(bases, tmp_path, head):
     base = bases["attention"]
     plan = _only(base.plan, {"head_patterns", "sparse_attention"})
     plan["sites"]["attn:blocks.0.attn"]["sparse_attention"]["decision"]["heads"][1] = copy.deepcopy(head)
-    with pytest.raises(sg.PlanError, match=r"sites\['attn:blocks.0.attn'\]\['sparse_attention'\]\['decision'\]"
-                                           r"\['heads'\]"):
+    with pytest.raises(sg.PlanError, match=r"sites\['attn:blocks.0.attn'\]\['sparse_attention'\]"
+                                           r"\['decision'\]\['heads'\]"):
         _from_file(base, plan, tmp_path)
 
 
@@ -578,7 +588,7 @@ def test_every_bad_token_pruning_edit_is_refused(bases, tmp_path, key, value):
         _from_file(base, plan, tmp_path)
 
 
-# -- properties: configs ----------------------------------------------------------------------------------------
+# -- properties: configs -------------------------------------------------------------------------------------
 
 
 @st.composite
@@ -586,7 +596,8 @@ def config_mutations(draw):
     """(a `Mutation` of the MLP config, whether it is still the same config)."""
     config = copy.deepcopy(MLP_CONFIG)
     paths = list(_paths(config))
-    kind = draw(st.sampled_from(["retype", "nonfinite", "delete", "add_key", "rename_key", "garbage", "same"]))
+    kind = draw(st.sampled_from(["retype", "nonfinite", "delete", "add_key", "rename_key", "garbage",
+                                 "same"]))
     path = draw(st.sampled_from(paths))
     # a refusal names a key on the path or the top-level key whose entry it found wrong (deleting 'passes'
     # makes the overrides name passes that are not in the pipeline: the error is about 'overrides')
@@ -665,5 +676,6 @@ def test_non_finite_numbers_are_refused_wherever_they_are(bases, tmp_path):
             (tmp_path / "plan.json").write_text(json.dumps(plan, allow_nan=True))
             with pytest.raises(sg.PlanError) as err:
                 sg.load_plan(tmp_path / "plan.json")
-            where = f"{path[0]}{''.join(f'[{k!r}]' for k in path[1:])}" if path[0] != "schema_version" else "schema"
+            where = (f"{path[0]}{''.join(f'[{k!r}]' for k in path[1:])}" if path[0] != "schema_version"
+                     else "schema")
             assert where in str(err.value) and ("NaN" in str(err.value) or "Infinity" in str(err.value))

@@ -42,11 +42,12 @@ def _after(config) -> str:
 
 def test_neuron_sparsity_turns_the_down_projection_into_sparse_linear():
     """Its weight stored input-major ([in, out]), the centre folded into the bias, k = 50% of 64 inputs."""
-    assert _after({"passes": ["activation_profile", {"neuron_sparsity": {"method": "topk", "target": 0.5}}]}) == """\
+    assert _after({"passes": ["activation_profile",
+                              {"neuron_sparsity": {"method": "topk", "target": 0.5}}]}) == """\
 %linear = linear(%x, %up.weight[64, 16], %up.bias[64])  mlp.up @ mlp:0
 %gelu = gelu(%linear)  mlp.act @ mlp:0
-%sparse_linear_default = sparsegraph.sparse_linear(%gelu, %sg_down_weight_t[64, 16], %sg_down_sparse_bias[16], \
-%sg_down_centre[64], 0, 32)  mlp.down @ mlp:0
+%sparse_linear_default = sparsegraph.sparse_linear(%gelu, %sg_down_weight_t[64, 16], \
+%sg_down_sparse_bias[16], %sg_down_centre[64], 0, 32)  mlp.down @ mlp:0
 return [%sparse_linear_default]"""
 
 
@@ -62,8 +63,8 @@ return [%linear_default_1]"""
 def test_nm_weights_packs_every_linear_two_of_four():
     """Values and their offsets, n/m of the input width each; the original bias is shared, not copied."""
     assert _after({"passes": [{"nm_weights": {"n": 2, "m": 4}}]}) == """\
-%nm_linear_default = sparsegraph.nm_linear(%x, %sg_up_nm_values[64, 8], %sg_up_nm_offsets[64, 8], %up.bias[64], \
-2, 4)  mlp.up @ mlp:0
+%nm_linear_default = sparsegraph.nm_linear(%x, %sg_up_nm_values[64, 8], %sg_up_nm_offsets[64, 8], \
+%up.bias[64], 2, 4)  mlp.up @ mlp:0
 %gelu = gelu(%nm_linear_default)  mlp.act @ mlp:0
 %nm_linear_default_1 = sparsegraph.nm_linear(%gelu, %sg_down_nm_values[16, 32], %sg_down_nm_offsets[16, 32], \
 %down.bias[16], 2, 4)  mlp.down @ mlp:0
@@ -76,8 +77,8 @@ def test_speed_check_puts_the_dense_form_back():
                              {"speed_check": {"min_speedup": 1e9, "repeats": 1, "warmup": 0}}]}) == """\
 %linear = linear(%x, %up.weight[64, 16], %up.bias[64])  mlp.up @ mlp:0
 %gelu = gelu(%linear)  mlp.act @ mlp:0
-%dense = sparse_linear.dense(%gelu, %sg_down_weight_t[64, 16], %sg_down_sparse_bias[16], %sg_down_centre[64], \
-0, 32)  mlp.down @ mlp:0
+%dense = sparse_linear.dense(%gelu, %sg_down_weight_t[64, 16], %sg_down_sparse_bias[16], \
+%sg_down_centre[64], 0, 32)  mlp.down @ mlp:0
 return [%dense]"""
 
 
@@ -98,11 +99,11 @@ def test_sparse_attention_replaces_sdpa_with_a_layout_table():
     assert ir.pretty(sg.trace(model, (q, k, v))) == """\
 %scaled_dot_product_attention = scaled_dot_product_attention(%q, %k, %v)  attn.core @ attn:0
 return [%scaled_dot_product_attention]"""
-    cm = sg.compile(model, {"passes": [{"head_patterns": {"block": 16}}, "sparse_attention"]}, example_inputs=(q, k, v),
-                    calibration=[(q, k, v)], quiet=True)
+    cm = sg.compile(model, {"passes": [{"head_patterns": {"block": 16}}, "sparse_attention"]},
+                    example_inputs=(q, k, v), calibration=[(q, k, v)], quiet=True)
     assert ir.pretty(cm.graph_module) == """\
-%block_sparse_attention_default = sparsegraph.block_sparse_attention(%q, %k, %v, %sg_attn_0_attention_layout[2, 8], \
-None, 16, False, 0.1768)  attn.core @ attn:0
+%block_sparse_attention_default = sparsegraph.block_sparse_attention(%q, %k, %v, \
+%sg_attn_0_attention_layout[2, 8], None, 16, False, 0.1768)  attn.core @ attn:0
 return [%block_sparse_attention_default]"""
 
 
@@ -145,14 +146,18 @@ def test_token_pruning_selects_tokens_before_a_block_and_respecialises_what_foll
     before = ir.pretty(sg.trace(model, (x,)))
     cm = sg.compile(model, {"passes": [{"token_pruning": {"layers": [1], "keep": 0.5}}]}, example_inputs=(x,),
                     quiet=True)
-    diff = [line for line in difflib.unified_diff(before.splitlines(), ir.pretty(cm.graph_module).splitlines(),
-                                                  lineterm="", n=0) if line[:1] in "+-" and line[:3] not in "+++---"]
+    diff = [line for line in difflib.unified_diff(before.splitlines(),
+                                                  ir.pretty(cm.graph_module).splitlines(), lineterm="", n=0)
+            if line[:1] in "+-" and line[:3] not in "+++---"]
     assert "\n".join(diff) == """\
-+%token_scores_default = sparsegraph.token_scores(%getitem, %getitem_1, None, 0.25, 'cls', 256)  attn.qkv @ attn:blocks.1
++%token_scores_default = sparsegraph.token_scores(%getitem, %getitem_1, None, 0.25, 'cls', \
+256)  attn.qkv @ attn:blocks.1
 -%layer_norm_2 = layer_norm(%add_1, [32], %blocks.1.norm1.weight[32], %blocks.1.norm1.bias[32], 1e-05, False)
-+%token_select_default = sparsegraph.token_select(%add_1, %token_scores_default, 0.5, 1, False)  attn.qkv @ attn:blocks.1
++%token_select_default = sparsegraph.token_select(%add_1, %token_scores_default, 0.5, 1, \
+False)  attn.qkv @ attn:blocks.1
 +%getitem_6 = getitem(%token_select_default, 0)  attn.qkv @ attn:blocks.1
-+%layer_norm_2 = layer_norm(%getitem_6, [32], %blocks.1.norm1.weight[32], %blocks.1.norm1.bias[32], 1e-05, False)
++%layer_norm_2 = layer_norm(%getitem_6, [32], %blocks.1.norm1.weight[32], %blocks.1.norm1.bias[32], \
+1e-05, False)
 -%view_1 = view(%linear_4, [%sym_size_int_2, %sym_size_int_3, 3, 2, 16])
 +%view_1 = view(%linear_4, [%sym_size_int_2, %sym_size_int, 3, 2, 16])
 -%reshape_1 = reshape(%transpose_1, [%sym_size_int_2, %sym_size_int_3, 32])

@@ -85,7 +85,8 @@ def test_attention_site_facts(zoo, name):
     assert len({s.id for s in sites}) == len(sites)
     nodes = _nodes(gm)
     for s in sites:
-        assert (s.form, s.heads, s.kv_heads, s.head_dim) == (want.form, want.heads, want.kv_heads, want.head_dim)
+        assert ((s.form, s.heads, s.kv_heads, s.head_dim)
+                == (want.form, want.heads, want.kv_heads, want.head_dim))
         assert (s.causal, s.has_mask, s.gqa) == (want.causal, want.has_mask, want.kv_heads != want.heads)
         assert s.module_path and s.id == f"attn:{s.module_path}"
         projections = (s.q_proj, s.k_proj, s.v_proj, s.o_proj)
@@ -100,7 +101,8 @@ def test_attention_site_facts(zoo, name):
             assert meta.get(s.q_proj).role == "attn.qkv"
         else:
             assert sum(ir.linear_parts(n).out_features for n in (s.q_proj, s.k_proj, s.v_proj)) == qkv_width
-            assert [meta.get(n).role for n in (s.q_proj, s.k_proj, s.v_proj)] == ["attn.q", "attn.k", "attn.v"]
+            assert ([meta.get(n).role for n in (s.q_proj, s.k_proj, s.v_proj)]
+                    == ["attn.q", "attn.k", "attn.v"])
         assert meta.get(s.o_proj).role == "attn.out"
         assert s.out is s.core[-1]
 
@@ -236,7 +238,8 @@ def _trace(inner, refuse_export):
         torch.manual_seed(0)
         model = Wrapped(inner(), refuse_export).eval()
     gm = sg.trace(model, (torch.randn(2, 5, 16 if inner is SwiGLU else 32),))
-    dialect = "fx" if any(n.op == "call_module" and n.target != "_guards_fn" for n in gm.graph.nodes) else "aten"
+    dialect = ("fx" if any(n.op == "call_module" and n.target != "_guards_fn" for n in gm.graph.nodes)
+               else "aten")
     assert dialect == ("fx" if refuse_export else "aten")
     return gm
 
@@ -248,7 +251,8 @@ def test_gated_mlp_found_in_both_dialects(refuse_export):
     (s,) = ir.mlp_sites(gm)
     assert (s.id, s.module_path, s.gated, s.activation, s.hidden, s.intermediate) == (
         "mlp:block", "block", True, "silu", 16, 48)
-    assert [_path(n) for n in (s.gate, s.up, s.down)] == ["block.gate_proj", "block.up_proj", "block.down_proj"]
+    assert ([_path(n) for n in (s.gate, s.up, s.down)]
+            == ["block.gate_proj", "block.up_proj", "block.down_proj"])
     assert ir.kind(s.mul) == "mul"
 
 
@@ -265,7 +269,8 @@ def test_causal_gqa_attention_found_in_both_dialects(refuse_export):
 
 class _ScoredSDPA(torch.nn.Module):
     def forward(self, q, k, v, mask):
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.1, scale=0.3)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.1,
+                                                                scale=0.3)
 
 
 class _ScoredChain(torch.nn.Module):

@@ -25,9 +25,10 @@ LAYERS = [
                 "sparsegraph.sections"]),
     ("codegen", ["sparsegraph.codegen"]),
     ("measures", ["sparsegraph.attention_scores"]),  # reads the token_scores op's kernel: above codegen
-    ("contract", ["sparsegraph.pass_contract", "sparsegraph.facts", "sparsegraph.registry", "sparsegraph.pipelines",
-                  "sparsegraph.config", "sparsegraph.plan", "sparsegraph.context", "sparsegraph.instruments",
-                  "sparsegraph.manager", "sparsegraph.trace", "sparsegraph.onnx_export"]),
+    ("contract", ["sparsegraph.pass_contract", "sparsegraph.facts", "sparsegraph.registry",
+                  "sparsegraph.pipelines", "sparsegraph.config", "sparsegraph.plan", "sparsegraph.context",
+                  "sparsegraph.instruments", "sparsegraph.manager", "sparsegraph.trace",
+                  "sparsegraph.onnx_export"]),
     ("passes", ["sparsegraph.passes"]),
     ("api", ["sparsegraph.compile", "sparsegraph.report", "sparsegraph.models", "sparsegraph"]),
     ("tools", ["sparsegraph.cli", "sparsegraph.demo", "sparsegraph.docgen", "sparsegraph.__main__"]),
@@ -58,7 +59,8 @@ def _imports(path: Path, name: str, known: set[str]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1]
+                                + ([base] if base else []))
             # `from P import m` depends on the module P.m; `from P import name` on P itself
             targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
         else:

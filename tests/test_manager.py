@@ -138,7 +138,8 @@ class TwoMLPs(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.blocks = torch.nn.ModuleList(
-            torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16)) for _ in range(2))
+            torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16))
+            for _ in range(2))
 
     def forward(self, x):
         for block in self.blocks:
@@ -264,7 +265,8 @@ def test_dump_writes_the_captured_graph_and_one_file_per_pass(tiny, tmp_path, mo
     monkeypatch.setenv("SPARSEGRAPH_DUMP", str(dump))
     cm = _compile(tiny, ["cost", {"nm_weights": {"roles": ["mlp.up"]}}])
     assert sorted(p.name for p in dump.iterdir()) == [
-        "00_captured.py", "00_captured.txt", "01_cost.py", "01_cost.txt", "02_nm_weights.py", "02_nm_weights.txt"]
+        "00_captured.py", "00_captured.txt", "01_cost.py", "01_cost.txt", "02_nm_weights.py",
+        "02_nm_weights.txt"]
     captured, after_cost, after_nm = ((dump / f"{stem}.py").read_text()
                                       for stem in ("00_captured", "01_cost", "02_nm_weights"))
     assert captured == after_cost  # an analysis pass leaves the code as it was
@@ -338,7 +340,8 @@ def test_builtin_passes_load_by_name():
 
 
 def test_register_pass_refuses_a_taken_name_and_non_passes():
-    with pytest.raises(ValueError, match=r"pass name 'cost' is taken by sparsegraph\.passes\.analysis\.cost\.Cost"):
+    with pytest.raises(ValueError,
+                       match=r"pass name 'cost' is taken by sparsegraph\.passes\.analysis\.cost\.Cost"):
         @sg.register_pass("cost")
         @dataclass(frozen=True)
         class Impostor(sg.AnalysisPass):
@@ -380,7 +383,8 @@ class _SiteLoop(sg.RewritePass):
 
 
 def test_the_site_loop_counts_matches_and_refusals(explicit):
-    cm = sg.compile(explicit.model, {"passes": ["test_mgr_site_loop"]}, example_inputs=explicit.example, quiet=True)
+    cm = sg.compile(explicit.model, {"passes": ["test_mgr_site_loop"]}, example_inputs=explicit.example,
+                    quiet=True)
     stats = cm.plan.passes["test_mgr_site_loop"]["stats"]
     assert stats["matched"] == 3  # the three MLP sites; attention sites are not this pass's (None)
     assert stats["refused"] == [{"site": "mlp:blocks.1.mlp", "reason": "layer 1 is not for us"}]

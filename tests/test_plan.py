@@ -43,7 +43,8 @@ def test_plan_holds_versions_model_config_and_per_site_entries(nm_compiled):
                                                                              "nm_weights": "rewrite"}
     for i in range(3):
         entry = data["sites"][f"mlp:blocks.{i}.mlp"]["nm_weights"]
-        assert entry["decision"] == {f"blocks.{i}.mlp.0": {"n": 2, "m": 4}, f"blocks.{i}.mlp.2": {"n": 2, "m": 4}}
+        assert entry["decision"] == {f"blocks.{i}.mlp.0": {"n": 2, "m": 4},
+                                     f"blocks.{i}.mlp.2": {"n": 2, "m": 4}}
         assert set(entry["evidence"][f"blocks.{i}.mlp.0"]) == {"kept_magnitude", "positions_sha256"}
         assert "nm_weights" not in data["sites"][f"attn:blocks.{i}.attn"]  # the pipeline's roles are MLP only
 
@@ -90,12 +91,13 @@ def test_non_json_values_are_refused_when_written(bad):
         plan.set_evidence("p", "site", {"value": [1, bad]})
 
 
-# -- refusal ---------------------------------------------------------------------------------------------------
+# -- refusal -------------------------------------------------------------------------------------------------
 
 
 def test_plan_for_another_model_is_refused_naming_the_difference(minilm, explicit, tmp_path):
     model, example, _ = minilm
-    path = sg.compile(model, "analyze", example_inputs=example, quiet=True).plan.save(tmp_path / "minilm.json")
+    path = sg.compile(model, "analyze", example_inputs=example, quiet=True).plan.save(
+        tmp_path / "minilm.json")
     other, other_example, _ = explicit
     with pytest.raises(sg.PlanError) as err:
         sg.compile(other, plan=path, example_inputs=other_example, quiet=True)
@@ -148,7 +150,7 @@ def test_config_with_a_plan_decides_afresh(explicit, nm_compiled):
     assert {d["n"] for d in decision.values()} == {1}  # the config's rewrite, not the plan's 2:4
 
 
-# -- replay ----------------------------------------------------------------------------------------------------
+# -- replay --------------------------------------------------------------------------------------------------
 
 
 def test_replay_reproduces_outputs_exactly_without_deciding(explicit, nm_compiled, tmp_path, monkeypatch):
@@ -201,24 +203,25 @@ def _first_site(data):
 
 MALFORMED = [
     ("model-null", lambda d: d.update(model=None), "plan entry model: is null, expected a mapping"),
-    ("model-no-fingerprint", lambda d: d["model"].pop("fingerprint"), "plan entry model: misses key 'fingerprint'"),
-    ("model-sites-mapping", lambda d: d["model"].update(sites={}), "plan entry model['sites']: is mapping {}, "
-     "expected a list"),
-    ("model-site-id-int", lambda d: d["model"]["sites"][0].update(id=3), "plan entry model['sites'][0]['id']: is 3, "
-     "expected a string"),
+    ("model-no-fingerprint", lambda d: d["model"].pop("fingerprint"),
+     "plan entry model: misses key 'fingerprint'"),
+    ("model-sites-mapping", lambda d: d["model"].update(sites={}), "plan entry model['sites']: "
+     "is mapping {}, expected a list"),
+    ("model-site-id-int", lambda d: d["model"]["sites"][0].update(id=3),
+     "plan entry model['sites'][0]['id']: is 3, expected a string"),
     ("model-site-twice", lambda d: d["model"]["sites"].append(d["model"]["sites"][0]),
      "plan entry model['sites'][6]['id']: repeats the id of model['sites'][0]"),
-    ("versions-list", lambda d: d.update(versions=["0.1.0"]), "plan entry versions: is list ['0.1.0'], expected a "
-     "mapping"),
+    ("versions-list", lambda d: d.update(versions=["0.1.0"]), "plan entry versions: is list ['0.1.0'], "
+     "expected a mapping"),
     ("schema-bool", lambda d: d.update(schema_version=True), "plan schema version True is not supported"),
     ("schema-float", lambda d: d.update(schema_version=1.0), "plan schema version 1.0 is not supported"),
     ("unknown-top-key", lambda d: d.update(sitse={}), "unknown plan key 'sitse' (did you mean 'sites'?)"),
-    ("pass-entry-list", lambda d: d["passes"].update(cost=[]), "plan entry passes['cost']: is list [], expected a "
-     "mapping"),
-    ("pass-kind", lambda d: d["passes"]["cost"].update(kind="analyse"), "plan entry passes['cost']['kind']: is "
-     "'analyse', not one of 'analysis', 'rewrite' (did you mean 'analysis'?)"),
-    ("pass-unknown-key", lambda d: d["passes"]["cost"].update(option={}), "plan entry passes['cost']: has unknown "
-     "key 'option' (did you mean 'options'?)"),
+    ("pass-entry-list", lambda d: d["passes"].update(cost=[]), "plan entry passes['cost']: is list [], "
+     "expected a mapping"),
+    ("pass-kind", lambda d: d["passes"]["cost"].update(kind="analyse"), "plan entry passes['cost']['kind']: "
+     "is 'analyse', not one of 'analysis', 'rewrite' (did you mean 'analysis'?)"),
+    ("pass-unknown-key", lambda d: d["passes"]["cost"].update(option={}), "plan entry passes['cost']: "
+     "has unknown key 'option' (did you mean 'options'?)"),
     ("stats-matched-str", lambda d: d["passes"]["cost"]["stats"].update(matched="6"),
      "plan entry passes['cost']['stats']['matched']: is string '6', expected an integer"),
     ("stats-negative", lambda d: d["passes"]["nm_weights"]["decided"].update(rewritten=-1),
@@ -231,16 +234,19 @@ MALFORMED = [
     ("site-entry-unknown-key", lambda d: d["sites"]["mlp:blocks.0.mlp"]["nm_weights"].update(decison={}),
      "has unknown key 'decison' (did you mean 'decision'?)"),
     ("pass-not-recorded", lambda d: d["sites"]["mlp:blocks.0.mlp"].update(nm_weight={"decision": {}}),
-     "is filed under pass 'nm_weight', which the plan's 'passes' does not record (did you mean 'nm_weights'?)"),
+     "is filed under pass 'nm_weight', which the plan's 'passes' does not record (did you mean "
+     "'nm_weights'?)"),
     ("decision-of-an-analysis", lambda d: d["sites"]["mlp:blocks.0.mlp"]["cost"].update(decision={}),
      "is a decision of pass 'cost', whose entry passes['cost'] records no deciding"),
     ("config-backend-int", lambda d: d["config"].update(backend=3),
      "plan entry config: config 'backend' must be one of"),
     ("config-option", lambda d: d["config"]["passes"][1]["nm_weights"].update(n="2"),
      "plan entry config: passes[1]: option 'n' of pass 'nm_weights' must be int, got '2'"),
-    ("evidence-nan", lambda d: d["sites"]["mlp:blocks.0.mlp"]["nm_weights"]["evidence"]["blocks.0.mlp.0"].update(
-        kept_magnitude=float("nan")),
-     "plan entry sites['mlp:blocks.0.mlp']['nm_weights']['evidence']['blocks.0.mlp.0']['kept_magnitude']: is nan"),
+    ("evidence-nan",
+     lambda d: d["sites"]["mlp:blocks.0.mlp"]["nm_weights"]["evidence"]["blocks.0.mlp.0"].update(
+         kept_magnitude=float("nan")),
+     "plan entry sites['mlp:blocks.0.mlp']['nm_weights']['evidence']['blocks.0.mlp.0']['kept_magnitude']: "
+     "is nan"),
     ("non-string-key", lambda d: d["passes"]["cost"]["stats"]["counters"].update({3: 1}),
      "plan entry passes['cost']['stats']['counters']: has the key 3, not a string"),
 ]
@@ -263,8 +269,8 @@ def test_non_finite_numbers_in_plan_files_are_refused_naming_the_key(nm_compiled
     (tmp_path / "plan.json").write_text(json.dumps(data).replace('"@"', constant))
     with pytest.raises(sg.PlanError) as err:
         load_plan(tmp_path / "plan.json")
-    assert (f"plan entry sites['mlp:blocks.1.mlp']['nm_weights']['evidence']['blocks.1.mlp.2']['kept_magnitude']: "
-            f"is {constant}: a plan holds finite numbers only") in str(err.value)
+    assert (f"plan entry sites['mlp:blocks.1.mlp']['nm_weights']['evidence']['blocks.1.mlp.2']"
+            f"['kept_magnitude']: is {constant}: a plan holds finite numbers only") in str(err.value)
 
 
 def test_plan_files_that_cannot_be_read_are_refused(nm_compiled, tmp_path):
@@ -278,15 +284,16 @@ def test_plan_files_that_cannot_be_read_are_refused(nm_compiled, tmp_path):
     with pytest.raises(sg.PlanError, match="nests JSON values too deeply"):
         load_plan(tmp_path / "deep.json")
     text = json.dumps(nm_compiled.plan.to_json())
-    (tmp_path / "twice.json").write_text(text.replace('"schema_version": 1', '"schema_version": 1, "schema_version": 1'))
+    (tmp_path / "twice.json").write_text(text.replace('"schema_version": 1',
+                                                      '"schema_version": 1, "schema_version": 1'))
     with pytest.raises(sg.PlanError, match="gives key 'schema_version' twice in one object"):
         load_plan(tmp_path / "twice.json")
 
 
 def test_a_plan_that_is_neither_a_plan_nor_a_path_is_refused(explicit):
     model, example, _ = explicit
-    with pytest.raises(sg.PlanError, match="plan must be a SparsityPlan, its JSON dict or the path of a saved plan, "
-                                           "got int"):
+    with pytest.raises(sg.PlanError, match="plan must be a SparsityPlan, its JSON dict or the path of a "
+                                           "saved plan, got int"):
         sg.compile(model, plan=3, example_inputs=example, quiet=True)
 
 
@@ -297,24 +304,28 @@ def test_a_plan_edited_in_memory_is_checked_before_use(explicit, nm_compiled):
     with pytest.raises(sg.PlanError, match="plan entry model: is null"):
         sg.compile(model, plan=edited, example_inputs=example, quiet=True)
     edited = SparsityPlan.from_json(_edited(nm_compiled.plan.to_json(), lambda d: None))
-    edited.sites["mlp:blocks.0.mlp"]["nm_weights"]["evidence"]["blocks.0.mlp.0"]["kept_magnitude"] = float("inf")
+    edited.sites["mlp:blocks.0.mlp"]["nm_weights"]["evidence"]["blocks.0.mlp.0"]["kept_magnitude"] = (
+        float("inf"))
     with pytest.raises(sg.PlanError, match="is inf: a plan holds finite numbers only"):  # the reuse path too
         sg.compile(model, "nm-2-4", plan=edited, example_inputs=example, quiet=True)
 
 
 @pytest.mark.parametrize("edit,message", [
     pytest.param(lambda d: d["config"]["passes"][1]["nm_weights"].update(n=1),
-                 "plan entry passes['nm_weights']['options']: differs from the plan's config at ['n']", id="option"),
+                 "plan entry passes['nm_weights']['options']: differs from the plan's config at ['n']",
+                 id="option"),
     pytest.param(lambda d: d["config"]["passes"].pop(1),
-                 "plan entry passes['nm_weights']: records pass 'nm_weights', which the plan's config ['cost'] does "
-                 "not run", id="pass-dropped"),
+                 "plan entry passes['nm_weights']: records pass 'nm_weights', which the plan's config "
+                 "['cost'] does not run", id="pass-dropped"),
     pytest.param(lambda d: d["passes"]["cost"].update(kind="rewrite"),
                  "plan entry passes['cost']: has kind 'rewrite'; pass 'cost' is an analysis pass", id="kind"),
     pytest.param(lambda d: d["passes"].pop("cost") and d["sites"].update(
         {s: {k: v for k, v in e.items() if k != "cost"} for s, e in d["sites"].items()}),
-                 "plan entry passes: has no entry for pass 'cost', which the plan's config runs", id="pass-missing"),
+                 "plan entry passes: has no entry for pass 'cost', which the plan's config runs",
+                 id="pass-missing"),
 ])
-def test_replay_refuses_a_plan_whose_passes_disagree_with_its_config(explicit, nm_compiled, tmp_path, edit, message):
+def test_replay_refuses_a_plan_whose_passes_disagree_with_its_config(explicit, nm_compiled, tmp_path, edit,
+                                                                     message):
     """Replay runs the plan's config with the recorded decisions: an edit of one and not the other would
     replay into a model the plan does not describe (n=1 in the config, 2:4 weights in the graph)."""
     model, example, _ = explicit
@@ -324,7 +335,7 @@ def test_replay_refuses_a_plan_whose_passes_disagree_with_its_config(explicit, n
     assert message in str(err.value)
 
 
-# -- facts a plan supplies to a config are checked as strictly -------------------------------------------------
+# -- facts a plan supplies to a config are checked as strictly -----------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -332,7 +343,8 @@ def profiled(explicit):
     """explicit_attention's activation profile (a plan of facts only)."""
     model, example, _ = explicit
     g = torch.Generator().manual_seed(2)
-    batches = [(ids, torch.ones_like(ids)) for ids in (torch.randint(0, 1000, (2, 32), generator=g) for _ in range(2))]
+    batches = [(ids, torch.ones_like(ids))
+               for ids in (torch.randint(0, 1000, (2, 32), generator=g) for _ in range(2))]
     return sg.compile(model, {"passes": ["activation_profile"]}, example_inputs=example, calibration=batches,
                       quiet=True).plan.to_json()
 
@@ -340,7 +352,8 @@ def profiled(explicit):
 @pytest.mark.parametrize("config,edit,message", [
     pytest.param({"neuron_sparsity": {"target": 0.5}},
                  lambda e: e.update(centre=e["centre"][:-1]),
-                 "['activation_profile']['evidence']['down_input']['centre']: has 511 items, 512 expected", id="centre"),
+                 "['activation_profile']['evidence']['down_input']['centre']: has 511 items, 512 expected",
+                 id="centre"),
     pytest.param({"neuron_sparsity": {"target": 0.5}},
                  lambda e: e["thresholds"]["centred"].update({"0.5": -1.0}),
                  "['thresholds']['centred']['0.5']: is -1.0, outside [0.0, inf]", id="threshold"),
@@ -382,8 +395,8 @@ def roi_plan():
 
     model, example = sg.models.load("digits_vit")
     config = {"passes": ["roi", {"token_pruning": {"layers": [4], "select": "roi"}}]}
-    cm = sg.compile(model, config, example_inputs=example, calibration=[(digits_vit.dataset("train").images[:64],)],
-                    quiet=True)
+    cm = sg.compile(model, config, example_inputs=example,
+                    calibration=[(digits_vit.dataset("train").images[:64],)], quiet=True)
     return model, example, cm.plan.to_json()
 
 
@@ -392,14 +405,16 @@ def roi_plan():
                  "['roi']['evidence']['grid']: 1 protected + 5² patches are not the 65 tokens", id="grid"),
     pytest.param(lambda d: d["sites"]["attn:blocks.3.attn"]["roi"]["evidence"].update(patch=0),
                  "['roi']['evidence']['patch']: is 0", id="patch"),
-    pytest.param(lambda d: d["sites"]["attn:blocks.3.attn"]["roi"]["evidence"].update(layers=["attn:blocks.5.attn"]),
-                 "['roi']['evidence']['layers'][0]: must be an attention site at or before", id="later-layer"),
+    pytest.param(
+        lambda d: d["sites"]["attn:blocks.3.attn"]["roi"]["evidence"].update(layers=["attn:blocks.5.attn"]),
+        "['roi']['evidence']['layers'][0]: must be an attention site at or before", id="later-layer"),
     pytest.param(lambda d: d["passes"]["roi"]["summary"].update(site="attn:blocks.0.attn"),
-                 "passes['roi']['summary']['site']: names 'attn:blocks.0.attn', for which the plan holds no roi "
-                 "evidence", id="summary-site"),
-    pytest.param(lambda d: d["sites"]["attn:blocks.4.attn"]["token_pruning"]["decision"]["roi"].update(grid=7),
-                 "['token_pruning']['decision']['roi']['grid']: 1 protected + 7² patches are not the 65 tokens",
-                 id="decision-grid"),
+                 "passes['roi']['summary']['site']: names 'attn:blocks.0.attn', for which the plan holds no "
+                 "roi evidence", id="summary-site"),
+    pytest.param(
+        lambda d: d["sites"]["attn:blocks.4.attn"]["token_pruning"]["decision"]["roi"].update(grid=7),
+        "['token_pruning']['decision']['roi']['grid']: 1 protected + 7² patches are not the 65 tokens",
+        id="decision-grid"),
 ])
 def test_roi_settings_from_a_plan_are_checked(roi_plan, tmp_path, edit, message):
     """What `CompiledModel.roi` and the RoI token selection replay: refused when it cannot fit the graph

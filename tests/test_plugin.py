@@ -149,9 +149,11 @@ def test_plugin_leaves_the_model_alone(installed, net):
 def test_plugin_options_are_validated_like_builtins(installed):
     with pytest.raises(sg.ConfigError, match=r"has no option 'fractoin' \(did you mean 'fraction'\?\)"):
         sg.Config.from_dict({"passes": [{PLUGIN: {"fractoin": 0.4}}]})
-    with pytest.raises(sg.ConfigError, match=r"option 'fraction' of pass 'near_zero_rows' is 1.5, outside \[0.0, 1.0\]"):
+    with pytest.raises(sg.ConfigError,
+                       match=r"option 'fraction' of pass 'near_zero_rows' is 1.5, outside \[0.0, 1.0\]"):
         sg.Config.from_dict({"passes": [{PLUGIN: {"fraction": 1.5}}]})
     with pytest.raises(sg.ConfigError, match="option 'atol' of pass 'near_zero_rows' must be float"):
         sg.Config.from_dict({"passes": [{PLUGIN: {"atol": "tiny"}}]})
-    with pytest.raises(sg.ConfigError, match=r"unknown pass 'near_zero_row' \(did you mean 'near_zero_rows'\?\)"):
+    with pytest.raises(sg.ConfigError,
+                       match=r"unknown pass 'near_zero_row' \(did you mean 'near_zero_rows'\?\)"):
         sg.Config.from_dict({"passes": ["near_zero_row"]})

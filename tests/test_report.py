@@ -14,7 +14,8 @@ def test_report_markdown_html_json_agree(tmp_path):
     report = cm.report()
     md = report.to_markdown()
     assert f"{cm.dense_cost.macs / 1e9:.4f}" in md
-    assert "## Refused sites" in md and "not a multiple of m=3" in md  # every refusal is shown with its reason
+    # every refusal is shown with its reason
+    assert "## Refused sites" in md and "not a multiple of m=3" in md
     html = report.to_html(tmp_path / "r.html")
     assert (tmp_path / "r.html").read_text() == html
     assert not re.search(r"<script|<link|src=|url\(", html)  # nothing loaded from anywhere
@@ -58,7 +59,8 @@ def test_report_draws_head_grid_token_schedule_and_rois():
     titles = [t for t, _ in report.figures]
     assert "Attention pattern per layer and head (block density in the cell)" in titles
     assert "Token keep schedule" in titles and "Token importance kept per layer" in titles
-    roi = dict(report.figures)["Regions of interest on the example images (box: share of class-token attention)"]
+    roi = dict(report.figures)["Regions of interest on the example images (box: share of class-token "
+                               "attention)"]
     assert roi.count("<svg") == 2 and 'stroke-width="2"' in roi  # two images, boxes drawn
     grid = dict(report.figures)["Attention pattern per layer and head (block density in the cell)"]
     assert grid.count("<title>") == 12 * 6  # one cell per layer and head

@@ -21,7 +21,8 @@ def screenshot(html_path, png_path, width=1200, height=1600) -> str:
     return result.stderr
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian chromium (`apt-get install chromium`; .ci/run installs it)")
+@pytest.mark.skipif(CHROMIUM is None,
+                    reason="needs Debian chromium (`apt-get install chromium`; .ci/run installs it)")
 def test_report_renders_in_chromium(tmp_path):
     from PIL import Image
 
@@ -32,7 +33,8 @@ def test_report_renders_in_chromium(tmp_path):
     cm.report().to_html(html)
     log = screenshot(html, tmp_path / "report.png")
     assert "CONSOLE" not in log and "Uncaught" not in log, log
-    pixels = torch.tensor(list(Image.open(tmp_path / "report.png").convert("L").getdata()), dtype=torch.float32)
+    pixels = torch.tensor(list(Image.open(tmp_path / "report.png").convert("L").getdata()),
+                          dtype=torch.float32)
     assert pixels.numel() > 0
     dark = (pixels < 128).float().mean().item()
     assert 0.005 < dark < 0.5, dark  # text and bars drawn on a white page: neither blank nor black

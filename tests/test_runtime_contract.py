@@ -89,7 +89,8 @@ def test_compiling_never_changes_the_model(minilm_compiled, name):
 @pytest.mark.parametrize("name", PIPELINES)
 def test_other_batches_lengths_and_padding_follow_the_reference_semantics(minilm_compiled, name):
     model, _, cm, _ = minilm_compiled(name)
-    for batch, length, padded in ((2, SEQ, True), (1, 8, False), (3, 37, True), (2, 100, True), (1, 129, False)):
+    for batch, length, padded in ((2, SEQ, True), (1, 8, False), (3, 37, True), (2, 100, True),
+                                  (1, 129, False)):
         ids, mask = _text(model, batch, length, padded)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -185,7 +186,8 @@ def test_a_pass_failing_half_way_leaves_the_model_as_it_was():
     model.blocks[0].eval()
     before = _state(model)
     with pytest.raises(sg.PassError, match="failed half-way"):
-        sg.compile(model, {"passes": ["cost", "test_contract_fails_half_way"]}, example_inputs=example, quiet=True)
+        sg.compile(model, {"passes": ["cost", "test_contract_fails_half_way"]}, example_inputs=example,
+                   quiet=True)
     _assert_unchanged(model, before)
 
 

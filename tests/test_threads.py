@@ -67,7 +67,8 @@ def sparse_plan():
 def test_first_calls_from_threads_match_sequential(backend, sparse_plan):
     model, example, plan = sparse_plan
     config = {**pipelines.get("activation-sparsity"), "backend": backend}
-    cm = sg.compile(model, config, example_inputs=example, plan=plan, quiet=True)  # the plan's profile, reused
+    # the plan's profile, reused
+    cm = sg.compile(model, config, example_inputs=example, plan=plan, quiet=True)
     assert cm._onnx is None  # nothing exported yet: the threads race for the first call
     exports, export = [], cm.export_onnx
     cm.export_onnx = lambda *a, **k: exports.append(a) or export(*a, **k)  # counts the exports
@@ -79,7 +80,8 @@ def test_first_calls_from_threads_match_sequential(backend, sparse_plan):
     assert len(outputs) == THREADS * CALLS
     for (i, _), out in outputs.items():
         torch.testing.assert_close(out, expected[i], rtol=RTOL, atol=ATOL)
-    assert len(exports) == (1 if backend == "onnx" else 0)  # one thread exported, the others waited for its session
+    # one thread exported, the others waited for its session
+    assert len(exports) == (1 if backend == "onnx" else 0)
 
 
 def test_exports_from_threads_leave_stdout_alone(tmp_path, capsys):

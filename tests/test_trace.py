@@ -45,8 +45,10 @@ def test_traced_graph_records_example_shapes(explicit):
     (result,) = pytree.tree_leaves(output.args[0])
     with torch.no_grad():
         assert ir.shape(result) == tuple(model(*example).shape)
-    computing = [n for n in gm.graph.nodes if ir.kind(n) in ("linear", "matmul", "softmax", "gelu", "layer_norm")]
-    assert len(computing) == 3 * (6 + 2 + 1 + 1 + 2) + 1  # per block: 6 linears, 2 matmuls, softmax, gelu, 2 norms
+    computing = [n for n in gm.graph.nodes
+                 if ir.kind(n) in ("linear", "matmul", "softmax", "gelu", "layer_norm")]
+    # per block: 6 linears, 2 matmuls, softmax, gelu, 2 norms
+    assert len(computing) == 3 * (6 + 2 + 1 + 1 + 2) + 1
     assert all(isinstance(ir.val(n), torch.Tensor) for n in computing)
 
 

@@ -39,7 +39,8 @@ import torch
 
 SOURCES = (Path(__file__).with_name("block_sparse_attention.cpp"),)
 _STAMP = re.compile(r'(#define SG_SOURCE_HASH ")([0-9a-f]*)(")')
-_C_TYPES = {"int": ctypes.c_int, "int64_t": ctypes.c_int64, "float": ctypes.c_float, "const char*": ctypes.c_char_p}
+_C_TYPES = {"int": ctypes.c_int, "int64_t": ctypes.c_int64, "float": ctypes.c_float,
+            "const char*": ctypes.c_char_p}
 _DEFINITION = re.compile(r"^(int|int64_t|float|const char\*)\s+(sg_\w+)\(([^)]*)\)\s*\{", re.M)
 _Strides = ctypes.c_int64 * 4
 
@@ -73,12 +74,13 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         return None, "not built (no C++ compiler when the package was installed); torch fallback in use"
     lib = ctypes.CDLL(spec.origin)
     if not hasattr(lib, "sg_source_hash"):  # built before the stamp existed
-        return None, f"{spec.origin} is a stale build (no source stamp): reinstall the package; torch fallback in use"
+        return None, (f"{spec.origin} is a stale build (no source stamp): reinstall the package; torch "
+                      "fallback in use")
     lib.sg_source_hash.restype = ctypes.c_char_p
     built, current = lib.sg_source_hash().decode(), source_hash()
     if built != current:
-        return None, (f"{spec.origin} was built from other sources (stamp {built[:12]}, sources {current[:12]}): "
-                      "reinstall the package to rebuild it; torch fallback in use")
+        return None, (f"{spec.origin} was built from other sources (stamp {built[:12]}, sources "
+                      f"{current[:12]}): reinstall the package to rebuild it; torch fallback in use")
     if not lib.sg_cpu_supported():
         return None, (f"{spec.origin} was built for another CPU (-march=native where it was installed): "
                       "reinstall the package on this machine to rebuild it; torch fallback in use")
@@ -108,7 +110,8 @@ def _strides(t: torch.Tensor) -> ctypes.Array:
     return _Strides(*(s if n > 1 else 0 for n, s in zip(t.shape, t.stride())))
 
 
-def block_sparse_attention(q, k, v, layout, mask, block: int, causal: bool, scale: float) -> torch.Tensor | None:
+def block_sparse_attention(q, k, v, layout, mask, block: int, causal: bool,
+                           scale: float) -> torch.Tensor | None:
     """The op's CPU result from the compiled kernel (fp32 inside; other dtypes are converted), or None
     when the library is not available. q [B, H, L, E], k [B, Hkv, S, E], v [B, Hkv, S, Ev] on the CPU;
     layout int64 index lists [H, nq, nsel]; mask None or an additive mask as a [Mb, Mh, L, S] view
@@ -122,7 +125,8 @@ def block_sparse_attention(q, k, v, layout, mask, block: int, causal: bool, scal
     out = torch.empty(B, H, L, Ev, dtype=torch.float32)
     layout = layout.to("cpu", torch.int64).contiguous()
     if mask is not None:  # varying over queries: stored query-fastest, so the kernel loads a vector per key
-        mask = mask.float() if mask.stride(2) in (0, 1) else mask.float().transpose(2, 3).contiguous().transpose(2, 3)
+        mask = (mask.float() if mask.stride(2) in (0, 1)
+                else mask.float().transpose(2, 3).contiguous().transpose(2, 3))
     failed = lib.sg_block_sparse_attention_f32(
         q.data_ptr(), _strides(q), k.data_ptr(), _strides(k), v.data_ptr(), _strides(v), out.data_ptr(),
         layout.data_ptr(), layout.shape[2], None if mask is None else mask.data_ptr(),

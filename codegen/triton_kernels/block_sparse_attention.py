@@ -71,7 +71,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
                            mask: torch.Tensor | None, block: int, causal: bool, scale: float) -> torch.Tensor:
     """The kernel on index lists layout [H, nq, nsel] (the op's table already laid out at these lengths)."""
     if block < 16 or block & (block - 1):
-        raise ValueError(f"block_sparse_attention (Triton): block {block} must be a power of two ≥ 16 (tl.dot)")
+        raise ValueError(f"block_sparse_attention (Triton): block {block} must be a power of two ≥ 16 "
+                         "(tl.dot)")
     B, H, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -85,8 +86,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
     grid = (triton.cdiv(L, block), B * H)
     _kernel[grid](q, k, v, lay, m, out, H, H // Hkv, L, S, lay.shape[-1], float(scale),
                   q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                  v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), *mstrides,
-                  E, Ev, HAS_MASK=mask is not None, CAUSAL=bool(causal),
+                  v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+                  *mstrides, E, Ev, HAS_MASK=mask is not None, CAUSAL=bool(causal),
                   BLOCK=block, BLOCK_E=max(16, triton.next_power_of_2(E)),
                   BLOCK_EV=max(16, triton.next_power_of_2(Ev)))
     return out

@@ -4,7 +4,8 @@ Runs every calibration batch through the traced graph and observes, at each MLP 
 intermediate activation that feeds the down projection (``act(up(x))``, or ``act(gate(x)) * up(x)``
 for gated MLPs) and, with ``inputs=True``, the site's input ``x`` (what TEAL sparsifies before the up
 and gate projections); with ``attention=True``, at each attention site, the input of the q/k/v
-projections (``attn_input``) and of the output projection (``attn_out_input``). Padding tokens are left out when the model takes an ``attention_mask``.
+projections (``attn_input``) and of the output projection (``attn_out_input``). Padding tokens are
+left out when the model takes an ``attention_mask``.
 
 Statistics stream, in bounded memory, per site and per observed tensor (``I`` neurons):
 
@@ -65,7 +66,8 @@ class ActivationProfile(AnalysisPass):
     targets: tuple[float, ...] = option((0.3, 0.5, 0.6, 0.7, 0.9),
                                         "sparsities whose per-layer thresholds are recorded (each in [0, 1])",
                                         range=(0.0, 1.0))
-    hot_mass: float = option(0.8, "share of activation mass the hot (core) neuron set covers", range=(0.0, 1.0))
+    hot_mass: float = option(0.8, "share of activation mass the hot (core) neuron set covers",
+                             range=(0.0, 1.0))
     reservoir: int = option(4096, "tokens kept per site for quantiles and medians (bounded memory)",
                             range=(16, None))
     inputs: bool = option(False, "also profile each MLP's input (for input sparsity on up/gate)")
@@ -116,9 +118,9 @@ class ActivationProfile(AnalysisPass):
                                        "thresholds need more calibration data (more or longer batches, fewer "
                                        "padding tokens)")
         if streams and all(s.constant() for s in streams.values()):
-            raise CalibrationError("every profiled activation was the same for every calibration token: is the "
-                                   "calibration data constant (all zeros, one repeated input)? Calibrate on "
-                                   "real inputs")
+            raise CalibrationError("every profiled activation was the same for every calibration token: is "
+                                   "the calibration data constant (all zeros, one repeated input)? Calibrate "
+                                   "on real inputs")
 
 
     def check_evidence(self, site, evidence, gm):
@@ -220,8 +222,9 @@ class Stream:
         return facts.ActivationStats(
             tokens=self.tokens, sampled=len(self.sample), zero_fraction=self.zeros / (n * len(mean)),
             constant=self.constant(), quantiles={str(q): _quantile(magnitude, q) for q in QUANTILES},
-            thresholds=thresholds, centre=_floats(centre), mean=_floats(mean), rms=_floats(rms), mass=_floats(mass),
-            firing=_floats(firing), hot=sorted(order[:min(hot_count, len(order))].tolist()),
+            thresholds=thresholds, centre=_floats(centre), mean=_floats(mean), rms=_floats(rms),
+            mass=_floats(mass), firing=_floats(firing),
+            hot=sorted(order[:min(hot_count, len(order))].tolist()),
             histogram_range=(lo, hi), histogram_counts=self.hist.tolist())
 
 
@@ -240,9 +243,9 @@ class _Observer(Observer):
         if n in self.watched and isinstance(out, torch.Tensor):
             if not bool(torch.isfinite(out).all()):
                 site, what = self.watched[n][0]
-                raise CalibrationError(f"calibration batch {self.batch}: the activations at site {site} ({what}) "
-                                       "are NaN or infinite; the model overflows on this data (check the inputs, "
-                                       "or calibrate in float32)")
+                raise CalibrationError(f"calibration batch {self.batch}: the activations at site {site} "
+                                       f"({what}) are NaN or infinite; the model overflows on this data "
+                                       "(check the inputs, or calibrate in float32)")
             rows = out
             if self.token_mask is not None and tuple(out.shape[:2]) == tuple(self.token_mask.shape):
                 rows = out[self.token_mask]
@@ -276,12 +279,15 @@ def _histograms(plan) -> list[tuple[str, str]]:
     """One histogram of log10|a| per MLP site from the activation profile, thresholds marked."""
     charts = []
     for site in plan.sites:
-        profile = facts.read(plan, "activation_profile", site, facts.SiteActivations, widths={"down_input": None})
+        profile = facts.read(plan, "activation_profile", site, facts.SiteActivations,
+                             widths={"down_input": None})
         stats = profile.observed.get("down_input") if profile is not None else None
         if stats is None:
             continue
         lo, hi = stats.histogram_range
-        markers = {f"t{round(float(t) * 100)}%": math.log10(v) for t, v in stats.thresholds["magnitude"].items() if v > 0}
-        charts.append(svg.histogram(f"{site}: log10|a|", stats.histogram_counts[1:-1], lo, hi, markers,  # no under/overflow
-                                    f"zero fraction {stats.zero_fraction:.3f}"))
-    return [("Activation magnitudes per MLP (thresholds for each target sparsity)", "".join(charts))] if charts else []
+        markers = {f"t{round(float(t) * 100)}%": math.log10(v)
+                   for t, v in stats.thresholds["magnitude"].items() if v > 0}
+        charts.append(svg.histogram(f"{site}: log10|a|", stats.histogram_counts[1:-1],  # no under/overflow
+                                    lo, hi, markers, f"zero fraction {stats.zero_fraction:.3f}"))
+    return ([("Activation magnitudes per MLP (thresholds for each target sparsity)", "".join(charts))]
+            if charts else [])

@@ -33,6 +33,7 @@ class Cost(AnalysisPass):
         in_sites = sum(costs[n].macs for n in costs if meta.get(n) is not None)
         ctx.plan.set_summary(self.name, {
             "macs": total.macs, "bytes": total.bytes, "macs_in_sites": in_sites, "macs_by_kind": by_kind,
-            "heaviest": [{"node": n.name, "kind": ir.kind(n), "macs": c.macs, "bytes": c.bytes} for n, c in heavy],
+            "heaviest": [{"node": n.name, "kind": ir.kind(n), "macs": c.macs, "bytes": c.bytes}
+                         for n, c in heavy],
         })
         stats.counters.update(nodes=len(costs), gmacs=round(total.macs / 1e9, 4))

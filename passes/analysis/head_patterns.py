@@ -84,7 +84,8 @@ class HeadPatterns(AnalysisPass):
     needs_calibration = True
 
     recall: float = option(0.95, "attention mass each head's pattern must keep (at least 1/1000: at 0 every "
-                           "head would take a pattern that lists no block and outputs zeros)", range=(0.001, 1.0))
+                           "head would take a pattern that lists no block and outputs zeros)",
+                           range=(0.001, 1.0))
     block: int = option(64, "block size of the kernel the layouts are for", range=(1, None))
     patterns: tuple[str, ...] = option(FAMILIES, "candidate pattern families", choices=None)
     topk_overhead: float = option(0.25, "relative cost added to block_topk (fitted to calibration)",
@@ -102,8 +103,8 @@ class HeadPatterns(AnalysisPass):
         if unknown:
             raise ConfigError(f"head_patterns: unknown pattern families {unknown}; known: {list(FAMILIES)}")
         if not self.patterns:
-            raise ConfigError(f"option 'patterns' of pass 'head_patterns' is empty, so every head would stay dense; "
-                              f"list candidate families from {list(FAMILIES)}")
+            raise ConfigError("option 'patterns' of pass 'head_patterns' is empty, so every head would stay "
+                              f"dense; list candidate families from {list(FAMILIES)}")
 
     def check_evidence(self, site, evidence, gm):
         found = next((s for s in ir.attention_sites(gm) if s.id == site), None)
@@ -134,11 +135,11 @@ class HeadPatterns(AnalysisPass):
                 continue
             length, mass = observed
             if not bool(torch.isfinite(mass).all()):
-                raise CalibrationError(f"the attention at site {site.id} was not finite on the calibration data "
-                                       "(NaN or inf scores): check the model and the data")
+                raise CalibrationError(f"the attention at site {site.id} was not finite on the calibration "
+                                       "data (NaN or inf scores): check the model and the data")
             if float(mass.sum()) <= 0:
-                raise CalibrationError(f"no attention was observed at site {site.id}: every query row of every "
-                                       "calibration batch was padding; give batches with real tokens")
+                raise CalibrationError(f"no attention was observed at site {site.id}: every query row of "
+                                       "every calibration batch was padding; give batches with real tokens")
             _check_coverage(site, length, mass[0].sum(-1), self.block)
             shares, means = observer.output_shares(site)
             captured = observer.captured.get(site.id, {}).get(length)
@@ -160,7 +161,8 @@ class HeadPatterns(AnalysisPass):
             per_layer[site.id] = sum(h["density"] for h in heads) / len(heads)
         ctx.plan.set_summary(self.name, {"batches": len(ctx.calibration), "density_per_site": per_layer,
                                          "block": self.block})
-        stats.counters.update(batches=len(ctx.calibration), heads=sum(len(next(iter(m.values()))) for m in observer.masses.values()))
+        stats.counters.update(batches=len(ctx.calibration),
+                              heads=sum(len(next(iter(m.values()))) for m in observer.masses.values()))
 
 
 def _check_coverage(site, length: int, rows: torch.Tensor, block: int) -> None:
@@ -174,8 +176,8 @@ def _check_coverage(site, length: int, rows: torch.Tensor, block: int) -> None:
         positions = f"{thin[0] * block}–{min(length, (thin[-1] + 1) * block) - 1}"
         raise CalibrationError(
             f"calibration at length {length} saw {int(rows.sum())} real query rows at site {site.id}, and "
-            f"{len(thin)} of {len(rows)} query blocks (positions {positions}) saw fewer than one block of them: "
-            f"patterns there would be fitted to nothing. Calibrate on sequences that fill the length "
+            f"{len(thin)} of {len(rows)} query blocks (positions {positions}) saw fewer than one block of "
+            f"them: patterns there would be fitted to nothing. Calibrate on sequences that fill the length "
             f"({length} tokens: longer texts, less padding)")
 
 
@@ -281,7 +283,8 @@ def _fit_greedy(mass, allowed, need, columns: bool) -> dict | None:
     nq, nk = mass.shape
     rel = torch.arange(nq)[:, None] + (nk - nq) - torch.arange(nk)[None, :]
     offsets = sorted(set(rel[allowed].tolist()))
-    items = [("column", c, (torch.arange(nk)[None, :] == c).expand(nq, nk)) for c in range(nk)] if columns else []
+    items = ([("column", c, (torch.arange(nk)[None, :] == c).expand(nq, nk)) for c in range(nk)]
+             if columns else [])
     items += [("diagonal", d, rel == d) for d in offsets if d != 0 or not columns]
     stacked = torch.stack([m & allowed for _, _, m in items])  # [items, nq, nk]
     chosen = {"columns": [], "diagonals": [0]} if columns else {"diagonals": []}
@@ -359,7 +362,8 @@ class _Observer(Observer):
     def _sdpa(self, site, node):
         ops = attention_scores.operands(site, self.env.__getitem__)
         B, H, L, S = ops.q.shape[0], ops.q.shape[1], ops.q.shape[2], ops.k.shape[2]
-        per_input = torch.zeros(B, H, math.ceil(L / self.block), math.ceil(S / self.block), dtype=torch.float64)
+        per_input = torch.zeros(B, H, math.ceil(L / self.block), math.ceil(S / self.block),
+                                dtype=torch.float64)
         for c0 in range(0, L, self.chunk):
             per_input += self._add(site, ops.probabilities(slice(c0, c0 + self.chunk)), c0, L)
         self._capture(site, ops, per_input, L)
@@ -370,7 +374,8 @@ class _Observer(Observer):
         if not site.readable:
             return
         ops = attention_scores.operands(site, self.kept.__getitem__)
-        self.kept[site.q] = self.kept[site.k] = self.kept[site.v] = None  # masks may be shared with later sites
+        # masks may be shared with later sites
+        self.kept[site.q] = self.kept[site.k] = self.kept[site.v] = None
         self._capture(site, ops, per_input, ops.q.shape[2])
 
     def _capture(self, site, ops, per_input, L):
@@ -390,7 +395,8 @@ class _Observer(Observer):
         if tm is not None and tm.shape[0] == B and tm.shape[1] == L:
             p = p * tm[:, None, row0:row0 + rows, None]
         nq, nk = math.ceil(L / self.block), math.ceil(S / self.block)
-        per_key = F.pad(p, (0, nk * self.block - S)).view(B, H, rows, nk, self.block).sum(-1)  # [B, H, rows, nk]
+        per_key = (F.pad(p, (0, nk * self.block - S))
+                   .view(B, H, rows, nk, self.block).sum(-1))  # [B, H, rows, nk]
         chunk = torch.zeros(B, H, nq, nk, dtype=torch.float64)
         chunk.index_add_(2, torch.arange(row0, row0 + rows) // self.block, per_key.double())
         by_length = self.masses.setdefault(site.id, {})
@@ -412,9 +418,9 @@ class _Observer(Observer):
 # --------------------------------------------------------------------------------------- report
 
 
-PATTERN_COLOURS = {"dense": "#bbbbbb", "local": "#4878d0", "sink_local": "#6acc64", "vertical_slash": "#ee854a",
-                   "block_topk": "#956cb4", "multi_diagonal": "#d65f5f", "dynamic_topk": "#8c613c",
-                   "skip": "#ffffff"}
+PATTERN_COLOURS = {"dense": "#bbbbbb", "local": "#4878d0", "sink_local": "#6acc64",
+                   "vertical_slash": "#ee854a", "block_topk": "#956cb4", "multi_diagonal": "#d65f5f",
+                   "dynamic_topk": "#8c613c", "skip": "#ffffff"}
 OTHER_COLOUR = "#888888"  # a pattern family without a colour of its own (a plugin's)
 
 
@@ -424,7 +430,8 @@ def _head_grid(plan) -> list[tuple[str, str]]:
     for site, heads in _chosen_heads(plan):
         rows.append(site.split(".")[-2] if "." in site else site)
         cells.append([(PATTERN_COLOURS.get(h.pattern, OTHER_COLOUR), f"{h.density:.2f}",
-                       f"{site} head {i}: {h.pattern} {h.params}, density {h.density:.3f}, recall {h.recall:.3f}")
+                       f"{site} head {i}: {h.pattern} {h.params}, density {h.density:.3f}, "
+                       f"recall {h.recall:.3f}")
                       for i, h in enumerate(heads)])
     if not rows:
         return []
@@ -438,11 +445,13 @@ def _head_grid(plan) -> list[tuple[str, str]]:
 def _head_grid_png(plan) -> bytes | None:
     """The pattern grid as a PNG: a row per attention site, a cell per head in its pattern's colour,
     filled from the bottom to its block density (colours as in the HTML grid's legend)."""
-    rows = [[(PATTERN_COLOURS.get(h.pattern, OTHER_COLOUR), h.density) for h in heads] for _, heads in _chosen_heads(plan)]
+    rows = [[(PATTERN_COLOURS.get(h.pattern, OTHER_COLOUR), h.density) for h in heads]
+            for _, heads in _chosen_heads(plan)]
     return png.grid(rows) if rows else None
 
 
 def _chosen_heads(plan) -> list[tuple[str, list[facts.HeadChoice]]]:
     """(site, per-head choices) of every site head_patterns measured, in plan order."""
     return [(site, found.heads) for site in plan.sites
-            if (found := facts.read(plan, "head_patterns", site, facts.SitePatterns)) is not None and found.heads]
+            if (found := facts.read(plan, "head_patterns", site, facts.SitePatterns)) is not None
+            and found.heads]

@@ -18,8 +18,9 @@ the patch grid.
 
 On calibration images the pass records the settings (what `rois` replays on a compiled model's new
 inputs), the boxes of the first ``samples`` images, and the mean box area; the report draws the boxes
-`rois` finds on the example images. `detect` is the same computation for any input batch of a graph. Settings a plan supplies instead of calibration are checked
-against the graph (sites at or before the read layer, a grid that is the token count there).
+`rois` finds on the example images. `detect` is the same computation for any input batch of a graph.
+Settings a plan supplies instead of calibration are checked against the graph (sites at or before the
+read layer, a grid that is the token count there).
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ class RegionsOfInterest(AnalysisPass):
                 if len(samples) < self.samples:
                     samples.append([b.to_json() for b in boxes])
                 areas.extend((b.x1 - b.x0) * (b.y1 - b.y0) / settings.image ** 2 for b in boxes)
-        settings = dataclasses.replace(settings, samples=samples, mean_box_area=sum(areas) / max(len(areas), 1))
+        settings = dataclasses.replace(settings, samples=samples,
+                                       mean_box_area=sum(areas) / max(len(areas), 1))
         ctx.plan.set_evidence(self.name, settings.site, settings.to_json())
         ctx.plan.set_summary(self.name, {"site": settings.site, "boxes": len(areas)})
         stats.counters.update(boxes=len(areas))
@@ -91,12 +93,12 @@ class RegionsOfInterest(AnalysisPass):
         tokens = ir.shape(site.q)[2]
         side = math.isqrt(tokens - self.protect)
         if side * side != tokens - self.protect or image.shape[-1] != image.shape[-2]:
-            raise Refused(f"{tokens} tokens minus {self.protect} protected are not a square patch grid of a square "
-                          "image")
+            raise Refused(f"{tokens} tokens minus {self.protect} protected are not a square patch grid of a "
+                          "square image")
         layers = [s.id for s in sites if s.layer <= layer] if self.accumulate else [site.id]
-        return facts.RoiSettings(site=site.id, layers=layers, layer=layer, grid=side, image=int(image.shape[-1]),
-                                 patch=image.shape[-1] / side, threshold=self.threshold, max_boxes=self.max_boxes,
-                                 protect=self.protect)
+        return facts.RoiSettings(site=site.id, layers=layers, layer=layer, grid=side,
+                                 image=int(image.shape[-1]), patch=image.shape[-1] / side,
+                                 threshold=self.threshold, max_boxes=self.max_boxes, protect=self.protect)
 
 
     def check_facts(self, gm, plan):
@@ -104,8 +106,10 @@ class RegionsOfInterest(AnalysisPass):
         summary = plan.summary(self.name)
         if summary is not None and plan.evidence(self.name, summary["site"]) is None:
             Entry.in_plan(plan.passes, (self.name, "summary", "site"), "restore the facts 'roi' wrote, or "
-                          "profile again (compile with calibration data)", self.name, None, root="passes").fail(
-                f"names {summary['site']!r}, for which the plan holds no roi evidence (the settings to replay)")
+                          "profile again (compile with calibration data)", self.name, None,
+                          root="passes").fail(
+                f"names {summary['site']!r}, for which the plan holds no roi evidence (the settings to "
+                "replay)")
 
     def check_summary(self, summary, gm):
         summary.mapping(required=("site", "boxes"), extra=True)
@@ -126,8 +130,8 @@ class RegionsOfInterest(AnalysisPass):
                 e.fail(f"must be an attention site at or before {site!r}")
         tokens = ir.shape(sites[site].q)[2]
         if settings.protect + settings.grid ** 2 != tokens:
-            evidence["grid"].fail(f"{settings.protect} protected + {settings.grid}² patches are not the {tokens} "
-                                  f"tokens at {site!r}")
+            evidence["grid"].fail(f"{settings.protect} protected + {settings.grid}² patches are not the "
+                                  f"{tokens} tokens at {site!r}")
 
 
 def rois(cm, *args, **kwargs) -> list[list[Box]]:
@@ -137,7 +141,8 @@ def rois(cm, *args, **kwargs) -> list[list[Box]]:
     if summary is None:
         raise ValueError("this model was compiled without the 'roi' pass (or it found no RoI layer); "
                          "add {'roi': {}} to the config")
-    return detect(cm.graph_module, args, kwargs, facts.read(cm.plan, "roi", summary["site"], facts.RoiSettings))
+    return detect(cm.graph_module, args, kwargs,
+                  facts.read(cm.plan, "roi", summary["site"], facts.RoiSettings))
 
 
 def detect(gm, args: tuple, kwargs: dict, settings: facts.RoiSettings) -> list[list[Box]]:
@@ -158,8 +163,9 @@ def importance_maps(gm, args: tuple, kwargs: dict, settings: facts.RoiSettings) 
     maps = []
     for scores in observer.scores.values():
         if scores.shape[1] != p + side * side:
-            raise ValueError(f"roi: {scores.shape[1]} tokens where {p + side * side} were expected: tokens were "
-                             "pruned before the RoI layers; read RoIs at or before the first pruned block")
+            raise ValueError(f"roi: {scores.shape[1]} tokens where {p + side * side} were expected: tokens "
+                             "were pruned before the RoI layers; read RoIs at or before the first pruned "
+                             "block")
         maps.append(normalised(scores, p))
     return (sum(maps) / len(maps)).reshape(-1, side, side)
 
@@ -173,8 +179,8 @@ class _Capture(Observer):
     def run_node(self, n):
         result = super().run_node(n)
         if n in self.sites:
-            self.scores[self.sites[n].id] = attention_scores.site_scores(self.sites[n], self.env.__getitem__, "cls",
-                                                                         chunk=256)
+            self.scores[self.sites[n].id] = attention_scores.site_scores(self.sites[n], self.env.__getitem__,
+                                                                         "cls", chunk=256)
         return result
 
 
@@ -192,6 +198,8 @@ def _figures(cm, limit: int = 4) -> list[tuple[str, str]]:
                                                        - gray.amin((1, 2), keepdim=True)).clamp_min(1e-12)
     scale = 160 / gray.shape[-1]
     charts = [svg.image(f"image {i}", gray[i].tolist(),
-                        [(b.x0 / factor, b.y0 / factor, b.x1 / factor, b.y1 / factor, f"{b.score:.2f}") for b in bs],
+                        [(b.x0 / factor, b.y0 / factor, b.x1 / factor, b.y1 / factor, f"{b.score:.2f}")
+                         for b in bs],
                         scale) for i, bs in enumerate(boxes)]
-    return [("Regions of interest on the example images (box: share of class-token attention)", "".join(charts))]
+    return [("Regions of interest on the example images (box: share of class-token attention)",
+             "".join(charts))]

@@ -41,7 +41,8 @@ class TokenImportance(AnalysisPass):
 
     score: str = option("auto", "cls, received, last, or auto (last if causal, cls if protect ≥ 1, else "
                         "received)", choices=MODES)
-    protect: int = option(1, "leading tokens left out of the mass statistics (the class token)", range=(0, None))
+    protect: int = option(1, "leading tokens left out of the mass statistics (the class token)",
+                          range=(0, None))
     keeps: tuple[float, ...] = option((0.9, 0.7, 0.5, 0.3), "keep ratios to report the mass kept at (each in "
                                       "[1/1000, 1], as token_pruning's keep)", range=(0.001, 1.0))
     chunk: int = option(256, "query rows per step for score 'received'", range=(1, None))
@@ -100,8 +101,10 @@ class _Observer(Observer):
     def _add(self, site, mode, scores):
         if self.token_mask is not None and self.token_mask.shape == scores.shape:
             scores = scores.masked_fill(~self.token_mask, float("-inf"))
-        acc = self.acc.setdefault(site.id, {"mode": mode, "count": 0, "mass": {r: 0.0 for r in self.opts.keeps},
-                                            "positions": torch.zeros(scores.shape[1]), "length": scores.shape[1]})
+        acc = self.acc.setdefault(site.id, {"mode": mode, "count": 0,
+                                            "mass": {r: 0.0 for r in self.opts.keeps},
+                                            "positions": torch.zeros(scores.shape[1]),
+                                            "length": scores.shape[1]})
         protect = min(self.opts.protect, scores.shape[1] - 1)
         for r in self.opts.keeps:
             acc["mass"][r] += float(mass_kept(scores, r, protect).sum())

@@ -83,12 +83,12 @@ class NeuronPruning(RewritePass):
         if both:
             d["removed"].fail(f"neuron {min(both)} is also in 'keep'")
         if len(keep) + len(removed) != width:
-            d["removed"].fail(f"'keep' ({len(keep)}) and 'removed' ({len(removed)}) must split the site's {width} "
-                              f"neurons; {width - len(keep) - len(removed)} are in neither")
+            d["removed"].fail(f"'keep' ({len(keep)}) and 'removed' ({len(removed)}) must split the site's "
+                              f"{width} neurons; {width - len(keep) - len(removed)} are in neither")
         means = d["removed_mean"].elements()
         if means and len(means) != len(removed):
-            d["removed_mean"].fail(f"has {len(means)} values for {len(removed)} removed neurons: one mean per "
-                                   "removed neuron (or none: no compensation)")
+            d["removed_mean"].fail(f"has {len(means)} values for {len(removed)} removed neurons: one mean "
+                                   "per removed neuron (or none: no compensation)")
         for m in means:
             m.number()
 

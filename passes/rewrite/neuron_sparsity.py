@@ -56,7 +56,8 @@ class NeuronSparsity(RewritePass):
     core_prefix: int = option(0, "core mode: tokens of each sequence that choose its core (0: all)",
                               range=(0, None))
     inputs: bool = option(False, "also sparsify the MLP input feeding up/gate (TEAL)")
-    attention: bool = option(False, "also sparsify the inputs of the attention projections q/k/v and out (TEAL)")
+    attention: bool = option(False, "also sparsify the inputs of the attention projections q/k/v and out "
+                             "(TEAL)")
 
     def sites(self, gm):
         return [*ir.mlp_sites(gm), *ir.attention_sites(gm)]
@@ -87,7 +88,8 @@ class NeuronSparsity(RewritePass):
         if found is None:
             entry.fail(f"names {site!r}, which is not an MLP or attention site of this graph")
         d = entry["decision"]
-        names = ("down_input", "mlp_input") if isinstance(found, ir.MLPSite) else ("attn_input", "attn_out_input")
+        names = (("down_input", "mlp_input") if isinstance(found, ir.MLPSite)
+                 else ("attn_input", "attn_out_input"))
         d.mapping(optional=names)
         groups = {what: (nodes, width) for what, nodes, width in _groups(found, d.value)}
         if not groups:
@@ -155,8 +157,8 @@ def _choose(opts: NeuronSparsity, stats: facts.ActivationStats, width: int) -> t
     method = "centred" if centred else "magnitude"
     threshold = stats.threshold(method, opts.target)
     if threshold is None:
-        raise Refused(f"activation_profile recorded targets {stats.targets(method)}, not {opts.target}; add it "
-                      "to activation_profile's targets")
+        raise Refused(f"activation_profile recorded targets {stats.targets(method)}, not {opts.target}; add "
+                      "it to activation_profile's targets")
     return {"threshold": threshold, "k": 0, "centre": centre}, {"measured_sparsity": opts.target}
 
 
@@ -183,7 +185,8 @@ def _replace(gm, nodes: list[torch.fx.Node], d: dict, density: float) -> None:
     """
     parts = [ir.linear_parts(n) for n in nodes]
     weight = torch.cat([p.weight.detach() for p in parts])
-    bias = torch.cat([p.bias.detach() if p.bias is not None else torch.zeros(p.out_features, dtype=weight.dtype)
+    bias = torch.cat([p.bias.detach() if p.bias is not None
+                      else torch.zeros(p.out_features, dtype=weight.dtype)
                       for p in parts])
     centre = torch.tensor(d["centre"], dtype=weight.dtype) if d["centre"] is not None else None
     if centre is not None:
@@ -202,14 +205,16 @@ def _replace(gm, nodes: list[torch.fx.Node], d: dict, density: float) -> None:
     meta.copy_provenance(first, fused)
     info = meta.get(first)
     if info is not None:
-        meta.set_info(fused, meta.NodeInfo(info.site, info.role, info.layer, info.module_path, density=density))
+        meta.set_info(fused, meta.NodeInfo(info.site, info.role, info.layer, info.module_path,
+                                           density=density))
     outs, start = [], 0
     for node, p in zip(nodes, parts):  # every slice is placed before anything is erased
         if len(nodes) == 1:
             outs.append(fused)
             continue
         with gm.graph.inserting_before(first):
-            out = gm.graph.call_function(torch.ops.aten.slice.Tensor, (fused, -1, start, start + p.out_features))
+            out = gm.graph.call_function(torch.ops.aten.slice.Tensor,
+                                         (fused, -1, start, start + p.out_features))
         meta.copy_provenance(node, out)
         outs.append(out)
         start += p.out_features

@@ -47,7 +47,8 @@ class NMWeights(RewritePass):
             raise ConfigError(f"pass 'nm_weights': n={self.n} must not exceed m={self.m}")
         unknown = set(self.roles) - set(LINEAR_ROLES)
         if unknown:
-            raise ConfigError(f"pass 'nm_weights': roles {sorted(unknown)} are not linear roles {LINEAR_ROLES}")
+            raise ConfigError(f"pass 'nm_weights': roles {sorted(unknown)} are not linear roles "
+                              f"{LINEAR_ROLES}")
 
     def decide(self, gm, ctx, stats):
         decisions: dict[str, dict] = {}
@@ -74,7 +75,8 @@ class NMWeights(RewritePass):
     def check_decision(self, site, entry, gm):
         layers = {ir.linear_parts(node).module_path: node for node, info in _linears(gm) if info.site == site}
         if not layers:
-            entry.fail(f"names {site!r}, which has no linear layer with a role in {LINEAR_ROLES} in this graph")
+            entry.fail(f"names {site!r}, which has no linear layer with a role in {LINEAR_ROLES} in this "
+                       "graph")
         d = entry["decision"]
         d.mapping(optional=layers)
         if not d.value:

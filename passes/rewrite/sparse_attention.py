@@ -58,7 +58,8 @@ class SparseAttention(RewritePass):
 
     requires = ("head_patterns",)
 
-    max_density: float = option(0.9, "sites whose mean head density is above this stay dense", range=(0.0, 1.0))
+    max_density: float = option(0.9, "sites whose mean head density is above this stay dense",
+                                range=(0.0, 1.0))
 
     def sites(self, gm):
         return ir.attention_sites(gm)
@@ -106,7 +107,8 @@ class SparseAttention(RewritePass):
             facts.check_head(head, width)
         grids = {tuple(h["params"]["shape"].value) for h in heads if h["pattern"].value == "block_topk"}
         if len(grids) > 1:
-            d["heads"].fail(f"block_topk heads are fitted at different grids {sorted(grids)}; one site has one grid")
+            d["heads"].fail(f"block_topk heads are fitted at different grids {sorted(grids)}; one site has "
+                            "one grid")
         try:
             attention_layouts.table(d["heads"].value)
         except ValueError as e:

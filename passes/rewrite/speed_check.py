@@ -66,7 +66,8 @@ class SpeedCheck(RewritePass):
                 stats.refuse(site, f"kept sparse: {speedup:.2f}x faster than dense")
             decisions[site] = SiteDecision({"revert": not keep}, {
                 "unit": unit, "sparse": e["sparse"], "dense": e["dense"],
-                "speedup": round(speedup, 4) if speedup != float("inf") else None})  # no cost left: JSON has no ∞
+                # no cost left: JSON has no ∞
+                "speedup": round(speedup, 4) if speedup != float("inf") else None})
         return decisions
 
     def check_decision(self, site, entry, gm):

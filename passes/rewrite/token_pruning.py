@@ -65,13 +65,13 @@ KEEP_MIN = 0.001  # token_select counts in permille: a smaller keep rounds to 0,
 class TokenPruning(RewritePass):
     """Keep the top tokens by attention received before chosen blocks (see the module docstring)."""
 
-    layers: tuple[int, ...] = option((), "blocks (by attention-site layer index) before which tokens are pruned; "
-                                     "at least one", range=(0, None))
+    layers: tuple[int, ...] = option((), "blocks (by attention-site layer index) before which tokens are "
+                                     "pruned; at least one", range=(0, None))
     keep: float = option(0.7, "fraction of the non-protected tokens kept at each pruned block (at least "
                          "1/1000: the op counts in permille)", range=(KEEP_MIN, 1.0))
     score: str = option("auto", "token importance: cls, received, last (auto: last for causal attention, "
-                        "cls when a leading token is protected, else received), or core (the previous MLP's hot "
-                        "neurons; needs activation_profile)", choices=(*MODES, "core"))
+                        "cls when a leading token is protected, else received), or core (the previous MLP's "
+                        "hot neurons; needs activation_profile)", choices=(*MODES, "core"))
     protect: int = option(1, "leading tokens always kept (the class token)", range=(0, None))
     fuse: bool = option(False, "fold the dropped tokens into one score-weighted token (EViT)")
     chunk: int = option(256, "query rows per step for score 'received'", range=(1, None))
@@ -81,8 +81,8 @@ class TokenPruning(RewritePass):
     def __post_init__(self):
         super().__post_init__()
         if not self.layers:
-            raise ConfigError("option 'layers' of pass 'token_pruning' is empty, so no block would be pruned; list "
-                              "the blocks before which tokens are dropped (e.g. layers: [4])")
+            raise ConfigError("option 'layers' of pass 'token_pruning' is empty, so no block would be "
+                              "pruned; list the blocks before which tokens are dropped (e.g. layers: [4])")
 
     @classmethod
     def report_section(cls, plan, model=None):
@@ -101,8 +101,9 @@ class TokenPruning(RewritePass):
                 if opts.keep >= 1.0 and opts.select == "topk":
                     raise Refused("keep is 1: nothing to drop")
                 N = current or ir.shape(_stream(site, previous, opts.protect))[1]
-                decision = {"layer": site.layer, "keep": opts.keep, "score": score_mode(site, opts.score, opts.protect),
-                            "protect": opts.protect, "fuse": opts.fuse, "chunk": opts.chunk, "score_site": previous.id}
+                decision = {"layer": site.layer, "keep": opts.keep,
+                            "score": score_mode(site, opts.score, opts.protect), "protect": opts.protect,
+                            "fuse": opts.fuse, "chunk": opts.chunk, "score_site": previous.id}
                 if decision["score"] == "core":
                     decision["core"] = _core_neurons(ctx, gm, site.layer - 1)
                 if opts.select == "roi":
@@ -113,8 +114,9 @@ class TokenPruning(RewritePass):
                 importance = facts.read(ctx.plan, "token_importance", previous.id, facts.TokenImportance,
                                         modes=token_scores.MODES)
                 mass = importance.mass_kept.get(f"{opts.keep:g}") if importance is not None else None
-                decisions[site.id] = SiteDecision(decision, {"tokens_before": N, "tokens_after": kept or "RoI",
-                                                             **({"importance_mass_kept": mass} if mass else {})})
+                decisions[site.id] = SiteDecision(decision, {
+                    "tokens_before": N, "tokens_after": kept or "RoI",
+                    **({"importance_mass_kept": mass} if mass else {})})
         missing = sorted(set(self.layers) - set(by_layer))
         if missing:
             stats.counters["layers_not_found"] = missing
@@ -132,8 +134,9 @@ class TokenPruning(RewritePass):
         previous = sites.get(d["score_site"].text())
         if previous is None or previous.layer != found.layer - 1:
             before = [s.id for s in sites.values() if s.layer == found.layer - 1]
-            d["score_site"].fail(f"must be the attention site of block {found.layer - 1}, the block before the "
-                                 f"pruned one ({before[0] if before else 'none: block 0 cannot be pruned'!r})")
+            d["score_site"].fail(
+                f"must be the attention site of block {found.layer - 1}, the block before the pruned one "
+                f"({before[0] if before else 'none: block 0 cannot be pruned'!r})")
         score = _check_mode(d)
         protect = d["protect"].integer(0)
         d["fuse"].flag()
@@ -157,7 +160,8 @@ class TokenPruning(RewritePass):
                 sites = {s.id: s for s in ir.attention_sites(gm)}
                 site, previous = sites.get(site_id), sites.get(d["score_site"])
                 if site is None or previous is None:
-                    raise RuntimeError(f"token_pruning: site {site_id} or {d['score_site']} is not in the graph")
+                    raise RuntimeError(f"token_pruning: site {site_id} or {d['score_site']} is not in the "
+                                       "graph")
                 _prune(gm, site, previous, d)
                 ir.propagate_shapes(gm, ctx.example.args, ctx.example.kwargs)
                 stats.rewritten += 1
@@ -244,7 +248,8 @@ def _stream(site, previous, protect: int) -> torch.fx.Node:
     stream = ir.stream_input(site)
     shape = ir.shape(stream) if stream is not None else None
     if shape is None or len(shape) != 3:
-        raise Refused("the residual stream entering this block was not found as a [batch, tokens, dim] tensor")
+        raise Refused("the residual stream entering this block was not found as a [batch, tokens, dim] "
+                      "tensor")
     N = shape[1]
     if protect >= N:
         raise Refused(f"protect={protect} covers all {N} tokens")
@@ -252,7 +257,8 @@ def _stream(site, previous, protect: int) -> torch.fx.Node:
         raise Refused(f"the token count {N} equals another axis size here (batch / dim / heads), so sizes "
                       "cannot be told apart; trace with an example of another length")
     if not previous.readable:
-        raise Refused("the previous attention has ops between its scores and softmax; its scores cannot be read")
+        raise Refused("the previous attention has ops between its scores and softmax; its scores cannot be "
+                      "read")
     return stream
 
 
@@ -294,7 +300,8 @@ def _scores(gm, previous, d: dict, before: torch.fx.Node) -> torch.fx.Node:
         c = d["core"]
         mlp = next(m for m in ir.mlp_sites(gm) if m.id == c["mlp_site"])
         hot = graph_edit.add_tensor(gm, f"{mlp.module_path}.core_neurons", torch.tensor(c["hot"]), before)
-        centre = graph_edit.add_tensor(gm, f"{mlp.module_path}.core_centre", torch.tensor(c["centre"]), before)
+        centre = graph_edit.add_tensor(gm, f"{mlp.module_path}.core_centre", torch.tensor(c["centre"]),
+                                       before)
         with g.inserting_before(before):
             scores = g.call_function(core_scores.OP.overload, (mlp.intermediate_node, hot, centre, mask))
     else:
@@ -327,7 +334,8 @@ class _Respecialise:
         select = kept.args[0]
         self.before = _ancestors(select) | {select, kept, index, length}
         self.after = _descendants(stream) - self.before
-        # nodes feeding what runs after the selection (pooling weights, their count, ...) but not the selection
+        # nodes feeding what runs after the selection (pooling weights, their count, ...) but not the
+        # selection
         self.feeding = _ancestors_of(self.after) - self.before
         self.gathered: dict[torch.fx.Node, torch.fx.Node] = {}
         self.sym: dict[torch.fx.Node, object] = {}

@@ -31,7 +31,8 @@ def calibration_for(model, example, n: int, data: str | None = None) -> list:
     if hasattr(model, "tokenize"):
         return _tokenized(model, pack(model.tokenizer, sentences("calibration", limit=n), _length(example)),
                           _length(example))
-    print("note: calibrating on the example inputs only (no tokenizer to read real text with)", file=sys.stderr)
+    print("note: calibrating on the example inputs only (no tokenizer to read real text with)",
+          file=sys.stderr)
     return [example]
 
 
@@ -51,7 +52,8 @@ def _length(example) -> int:
 
 
 def _tokenized(model, texts: list[str], length: int) -> list:
-    return [model.tokenize(texts[i:i + BATCH], max_length=length, pad_to=length) for i in range(0, len(texts), BATCH)]
+    return [model.tokenize(texts[i:i + BATCH], max_length=length, pad_to=length)
+            for i in range(0, len(texts), BATCH)]
 
 
 def _from_file(path: Path, model, example) -> list:

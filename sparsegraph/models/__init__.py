@@ -63,7 +63,8 @@ def resolve(spec: str) -> ModelAndInputs:
     source, sep, rest = spec.partition(":")
     if not sep or not rest:
         raise ModelSpecError(f"model {spec!r} is not of the form SOURCE:NAME; try zoo:minilm, "
-                             "torchvision:resnet50, timm:vit_small_patch16_224, hf:PATH or pkg.module:factory")
+                             "torchvision:resnet50, timm:vit_small_patch16_224, hf:PATH or "
+                             "pkg.module:factory")
     resolvers: dict[str, Callable[[str], ModelAndInputs]] = {
         "zoo": load, "torchvision": _torchvision, "timm": _timm, "hf": _hf,
     }

@@ -205,7 +205,8 @@ def train(seed: int = 0, epochs: int = EPOCHS, threads: int = 2) -> DigitsViT:
             model = DigitsViT()
             opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
             n = len(small) * TRAIN_COPIES
-            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=epochs * math.ceil(n / BATCH),
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR,
+                                                        total_steps=epochs * math.ceil(n / BATCH),
                                                         pct_start=0.1)
             shuffle, placement = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
             model.train()

@@ -44,7 +44,8 @@ class Block(nn.Module):
 class ExplicitTransformer(nn.Module):
     """Token ids [batch, seq] (and an optional 0/1 padding mask) → hidden states [batch, seq, dim]."""
 
-    def __init__(self, vocab: int = 1000, dim: int = 128, heads: int = 4, layers: int = 3, max_len: int = 1024):
+    def __init__(self, vocab: int = 1000, dim: int = 128, heads: int = 4, layers: int = 3,
+                 max_len: int = 1024):
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
         self.pos = nn.Parameter(torch.randn(max_len, dim) * 0.02)

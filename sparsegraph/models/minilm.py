@@ -39,8 +39,8 @@ class SentenceEncoder(torch.nn.Module):
     def tokenize(self, texts: Sequence[str], max_length: int = 128, pad_to: int | None = None):
         """``(input_ids, attention_mask)`` for `texts`, truncated to `max_length`; padded to the longest
         text, or to `pad_to` tokens when given (fixed shapes for benchmarks)."""
-        enc = self.tokenizer(list(texts), truncation=True, max_length=pad_to or max_length, return_tensors="pt",
-                             padding="max_length" if pad_to else True)
+        enc = self.tokenizer(list(texts), truncation=True, max_length=pad_to or max_length,
+                             return_tensors="pt", padding="max_length" if pad_to else True)
         return enc["input_ids"], enc["attention_mask"]
 
 
@@ -86,6 +86,7 @@ class HFEncoder(torch.nn.Module):
             enc = tokenizer(list(EXAMPLE_SENTENCES), padding=True, return_tensors="pt")
             example = (enc["input_ids"], enc["attention_mask"])
         except (OSError, ValueError):
-            ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+            ids = torch.randint(0, model.config.vocab_size, (2, 16),
+                                generator=torch.Generator().manual_seed(0))
             example = (ids, torch.ones_like(ids))
         return cls(model).eval(), example

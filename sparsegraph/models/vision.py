@@ -20,4 +20,5 @@ def resnet50(batch: int = 1):
 def vit_small(batch: int = 1):
     import timm
 
-    return seeded(lambda: timm.create_model("vit_small_patch16_224", pretrained=False)), image_input(224, batch)
+    return (seeded(lambda: timm.create_model("vit_small_patch16_224", pretrained=False)),
+            image_input(224, batch))

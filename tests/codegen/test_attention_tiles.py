@@ -67,7 +67,8 @@ def test_tiles_cover_every_listed_block_exactly_once(small_tiles, causal, L, blo
 
 
 def test_shared_structure_runs_as_one_call_per_kind(small_tiles):
-    """Heads with the same sink, columns and local band: one columns call and one band call for all of them."""
+    """Heads with the same sink, columns and local band: one columns call and one band call for all of
+    them."""
     H, nq, block = 6, 8, 16
     bm = torch.zeros(H, nq, nq, dtype=torch.bool)
     bm[:, :, [0, 5]] = True
@@ -79,7 +80,8 @@ def test_shared_structure_runs_as_one_call_per_kind(small_tiles):
     assert [(b.heads, b.rows, b.offsets) for b in t.bands] == [(tiles.Heads(0, 1, H), (1, nq), (-1, 0))]
     assert not (t.rest >= 0).any()
     # the band masks the blocks the columns tile took: (1, 0), (5, 5), (6, 5)
-    assert {(i0 + 1, w) for i0, w in zip(*np.nonzero(t.bands[0].excluded[0]), strict=True)} == {(1, 0), (5, 1), (6, 0)}
+    assert ({(i0 + 1, w) for i0, w in zip(*np.nonzero(t.bands[0].excluded[0]), strict=True)}
+            == {(1, 0), (5, 1), (6, 0)})
 
 
 def test_dense_causal_head_is_one_is_causal_call():

@@ -87,7 +87,8 @@ def test_full_layout_is_sdpa():
     full = fixed_table(torch.ones(4, 5, 5, dtype=torch.bool))
     for causal in (False, True):
         want = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
-        torch.testing.assert_close(bsa.reference(q, k, v, full, None, 16, causal, 0.25), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(bsa.reference(q, k, v, full, None, 16, causal, 0.25), want,
+                                   rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -113,8 +114,8 @@ def test_cpu_dense_heads_match_the_oracle(cpu_path, causal):
     layout = fixed_table(bm)
     for name, mask in _masks(B, H, L, L).items():
         ref = bsa.reference(q, k, v, layout, mask, block, causal, 0.25)
-        torch.testing.assert_close(bsa.cpu(q, k, v, layout, mask, block, causal, 0.25), ref, rtol=1e-5, atol=1e-5,
-                                   msg=f"mask {name}")
+        torch.testing.assert_close(bsa.cpu(q, k, v, layout, mask, block, causal, 0.25), ref, rtol=1e-5,
+                                   atol=1e-5, msg=f"mask {name}")
 
 
 def test_cpu_never_builds_the_dense_score_matrix(torch_path, monkeypatch):
@@ -148,7 +149,8 @@ def test_row_with_no_allowed_key_is_zero(cpu_path):
 
 
 def test_a_fixed_layout_at_another_length_runs_dense_and_warns(cpu_path):
-    """A block mask given for one grid (block_topk's kind) is exact at any other length: dense, with a warning."""
+    """A block mask given for one grid (block_topk's kind) is exact at any other length: dense, with a
+    warning."""
     q, k, v, layout, _ = _case(1, 2, 2, 64, 64, 8, 16)
     q, k, v = q[:, :, :40], k[:, :, :40], v[:, :, :40]
     for backend in ("reference", "eager"):
@@ -180,7 +182,8 @@ def test_structured_layouts_run_at_any_length(cpu_path, length, causal, tmp_path
     q, k, v = (torch.randn(1, 4, length, 8, generator=g) for _ in range(3))
     table = attention_layouts.table(HEADS)
     nq = math.ceil(length / 16)
-    bm = torch.stack([attention_layouts.pattern_mask(h["pattern"], h["params"], nq, nq, causal) for h in HEADS])
+    bm = torch.stack([attention_layouts.pattern_mask(h["pattern"], h["params"], nq, nq, causal)
+                      for h in HEADS])
     want = _dense_oracle(q, k, v, bm, None, 16, causal, 0.3)
     for backend in ("reference", "eager"):
         with use_backend(backend):
@@ -307,7 +310,8 @@ def test_cost_counts_only_listed_blocks():
 
 
 def test_cpu_runs_in_and_out_of_inference_mode_in_any_order(torch_path):
-    """The torch path's gather workspace is reused across calls: one made under inference_mode must still be writable."""
+    """The torch path's gather workspace is reused across calls: one made under inference_mode must
+    still be writable."""
     attention_fallback._workspaces.__dict__.clear()
     q, k, v, layout, _ = _case(1, 2, 2, 64, 64, 8, 16)
     with torch.inference_mode():

@@ -13,7 +13,8 @@ from sparsegraph.attention_layouts import layout_from_block_mask
 from sparsegraph.codegen import block_sparse_attention as bsa
 from sparsegraph.codegen import cpu_kernels
 
-native = pytest.mark.skipif(cpu_kernels.library() is None, reason=f"compiled CPU kernels: {cpu_kernels.status()}")
+native = pytest.mark.skipif(cpu_kernels.library() is None,
+                            reason=f"compiled CPU kernels: {cpu_kernels.status()}")
 
 
 @pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")) or platform.system() != "Linux",
@@ -25,7 +26,8 @@ def test_the_kernels_are_built_where_a_compiler_exists():
 def test_turned_off_says_so(monkeypatch):
     monkeypatch.setenv("SPARSEGRAPH_NATIVE", "0")
     assert cpu_kernels.library() is None and "SPARSEGRAPH_NATIVE=0" in cpu_kernels.status()
-    assert cpu_kernels.block_sparse_attention(*[torch.zeros(1, 1, 4, 4)] * 3, torch.zeros(1, 1, 1, dtype=torch.long),
+    assert cpu_kernels.block_sparse_attention(*[torch.zeros(1, 1, 4, 4)] * 3,
+                                              torch.zeros(1, 1, 1, dtype=torch.long),
                                               None, 4, False, 1.0) is None
 
 
@@ -50,7 +52,8 @@ def test_the_source_stamp_is_current():
     for path in cpu_kernels.SOURCES:
         stamp = cpu_kernels._STAMP.search(path.read_text()).group(2)
         assert stamp == cpu_kernels.source_hash(), (
-            f"{path.name}: stale SG_SOURCE_HASH; run `python -m sparsegraph.codegen.cpu_kernels`, then reinstall")
+            f"{path.name}: stale SG_SOURCE_HASH; run `python -m sparsegraph.codegen.cpu_kernels`, then "
+            "reinstall")
 
 
 def test_the_c_prototypes_are_the_binding():
@@ -101,8 +104,9 @@ def _masks(B, H, L, S, g):
 @native
 @settings(max_examples=25, deadline=None)
 @given(B=st.integers(1, 2), kv=st.integers(1, 3), group=st.integers(1, 2), L=st.integers(1, 90),
-       extra_keys=st.integers(0, 20), E=st.integers(1, 40), Ev=st.integers(1, 40), block=st.sampled_from([4, 16, 24, 64]),
-       causal=st.booleans(), density=st.floats(0.0, 1.0), seed=st.integers(0, 2**16))
+       extra_keys=st.integers(0, 20), E=st.integers(1, 40), Ev=st.integers(1, 40),
+       block=st.sampled_from([4, 16, 24, 64]), causal=st.booleans(), density=st.floats(0.0, 1.0),
+       seed=st.integers(0, 2**16))
 def test_kernel_matches_the_reference(B, kv, group, L, extra_keys, E, Ev, block, causal, density, seed):
     """Any shape (partial blocks, odd head dims, GQA, more keys than queries), any mask, any layout."""
     g = torch.Generator().manual_seed(seed)
@@ -125,7 +129,8 @@ def test_strided_inputs_are_read_in_place():
     q, k, v = (torch.randn(2, 50, 4, 16, generator=g).transpose(1, 2) for _ in range(3))
     layout = layout_from_block_mask(torch.rand(4, 4, 4, generator=g) < 0.5)
     got = cpu_kernels.block_sparse_attention(q, k, v, layout, None, 16, True, 0.25)
-    want = cpu_kernels.block_sparse_attention(*(t.contiguous() for t in (q, k, v)), layout, None, 16, True, 0.25)
+    want = cpu_kernels.block_sparse_attention(*(t.contiguous() for t in (q, k, v)), layout, None,
+                                              16, True, 0.25)
     assert torch.equal(got, want)
     torch.testing.assert_close(got, bsa.reference_lists(q, k, v, layout, None, 16, True, 0.25), rtol=1e-5,
                                atol=1e-5)

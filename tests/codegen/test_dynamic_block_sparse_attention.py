@@ -48,15 +48,16 @@ def _oracle(q, k, v, layout, topk, mask, block, causal, scale):
                         continue
                     qm = q[b, h, i * block:(i + 1) * block].sum(0) / block
                     km = k[b, h // group, j * block:(j + 1) * block].sum(0) / block
-                    bias = 0.0 if full is None else float(full[b, h, i * block:(i + 1) * block, j * block:(j + 1) * block].max())
+                    bias = 0.0 if full is None else float(full[b, h, i * block:(i + 1) * block,
+                                                               j * block:(j + 1) * block].max())
                     if bias == float("-inf"):
                         continue
                     scores.append((float("inf") if i == j else float(qm @ km) * scale + bias, j))
                 for _, j in sorted(scores, reverse=True)[:int(topk[h])]:
                     bm[h, i, j] = True
         m = None if mask is None else mask[b:b + 1] if mask.shape[0] > 1 else mask
-        outs.append(bsa.reference_lists(q[b:b + 1], k[b:b + 1], v[b:b + 1], layout_from_block_mask(bm), m, block,
-                                        causal, scale))
+        outs.append(bsa.reference_lists(q[b:b + 1], k[b:b + 1], v[b:b + 1], layout_from_block_mask(bm), m,
+                                        block, causal, scale))
     return torch.cat(outs)
 
 
@@ -65,8 +66,8 @@ def test_reference_is_the_loop_oracle(causal):
     q, k, v, layout, topk, masks = _case()
     for name, mask in masks.items():
         torch.testing.assert_close(dyn.reference(q, k, v, layout, topk, mask, 16, causal, 0.25),
-                                   _oracle(q, k, v, layout, topk, mask, 16, causal, 0.25), rtol=1e-5, atol=1e-5,
-                                   msg=f"mask {name}")
+                                   _oracle(q, k, v, layout, topk, mask, 16, causal, 0.25), rtol=1e-5,
+                                   atol=1e-5, msg=f"mask {name}")
 
 
 def test_estimate_keeps_the_diagonal_and_never_picks_what_no_query_sees():
@@ -103,7 +104,8 @@ def test_triton_matches_reference(causal):
     q, k, v, layout, topk, masks = _case()
     for name in ("none", "padding"):
         mask = None if masks[name] is None else masks[name].to(device)
-        args = (q.to(device), k.to(device), v.to(device), layout.to(device), topk.to(device), mask, 16, causal, 0.25)
+        args = (q.to(device), k.to(device), v.to(device), layout.to(device), topk.to(device), mask, 16,
+                causal, 0.25)
         ref = dyn.reference(*args)
         with use_backend("triton"):
             got = dyn.OP(*args)
@@ -130,7 +132,8 @@ def test_onnx_translation_matches_in_onnxruntime(causal, tmp_path):
     for batch in (2, 3):  # the batch axis is dynamic
         g = torch.Generator().manual_seed(batch)
         args = (torch.randn(batch, 4, 72, 16, generator=g), torch.randn(batch, 2, 72, 16, generator=g),
-                torch.randn(batch, 2, 72, 16, generator=g), masks["padding"][:1].expand(batch, -1, -1, -1).contiguous())
+                torch.randn(batch, 2, 72, 16, generator=g),
+                masks["padding"][:1].expand(batch, -1, -1, -1).contiguous())
         ref = dyn.reference(*args[:3], layout, topk, args[3], 16, causal, 0.25)
         torch.testing.assert_close(OnnxModel(path, gm)(*args), ref, rtol=1e-4, atol=1e-4)
 

@@ -20,8 +20,9 @@ def _padding(B, N, pad):
     return mask
 
 
-@pytest.mark.parametrize("N, keep, protect, expected", [(197, 0.7, 1, 138), (138, 0.7, 1, 97), (97, 0.7, 1, 68),
-                                                        (65, 0.5, 1, 33), (10, 0.01, 1, 2), (8, 1.0, 0, 8)])
+@pytest.mark.parametrize("N, keep, protect, expected", [(197, 0.7, 1, 138), (138, 0.7, 1, 97),
+                                                        (97, 0.7, 1, 68), (65, 0.5, 1, 33), (10, 0.01, 1, 2),
+                                                        (8, 1.0, 0, 8)])
 def test_kept_count_matches_the_vit_schedule(N, keep, protect, expected):
     assert token_select.kept_count(N, keep, protect) == expected
 

@@ -1,4 +1,5 @@
-"""Activation sparsity on the zoo models: sparsity 0 is dense; llama_tiny (gated, GQA) compiles and exports."""
+"""Activation sparsity on the zoo models: sparsity 0 is dense; llama_tiny (gated, GQA) compiles and
+exports."""
 
 import pytest
 import torch

@@ -44,7 +44,8 @@ def test_statistics_match_a_direct_computation(explicit_calibrated):
         assert abs(reached - float(target)) < 1e-3
     hot = ev["hot"]
     mass = a.abs().mean(0)
-    assert mass[hot].sum() / mass.sum() >= 0.8 > mass.sort(descending=True).values[: len(hot) - 1].sum() / mass.sum()
+    assert (mass[hot].sum() / mass.sum() >= 0.8
+            > mass.sort(descending=True).values[: len(hot) - 1].sum() / mass.sum())
 
 
 def test_counts_and_summary(explicit_calibrated):

@@ -1,4 +1,5 @@
-"""head_patterns: planted per-head patterns are recovered; evidence shape, recall, streaming, explicit sites."""
+"""head_patterns: planted per-head patterns are recovered; evidence shape, recall, streaming, explicit
+sites."""
 
 import pytest
 import torch
@@ -93,7 +94,8 @@ def test_causal_planted_local_heads():
     assert ev["causal"] is True
     assert [h["pattern"] for h in ev["heads"]] == kinds
     nq = 128 // BLOCK
-    assert ev["heads"][0]["density"] == pytest.approx(nq / (nq * (nq + 1) / 2))  # the diagonal of the triangle
+    # the diagonal of the triangle
+    assert ev["heads"][0]["density"] == pytest.approx(nq / (nq * (nq + 1) / 2))
 
 
 def test_streaming_over_query_chunks_gives_the_same_mass():
@@ -116,7 +118,8 @@ def test_choose_takes_the_cheapest_pattern_meeting_the_recall():
     # every family's mask is within the allowed (causal) blocks
     for p, params in [("local", {"window": 2}), ("sink_local", {"sinks": 1, "window": 1}),
                       ("vertical_slash", {"columns": [3], "diagonals": [0, 1]})]:
-        assert not (pattern_mask(p, params, nq, nq, True) & ~torch.ones(nq, nq, dtype=torch.bool).tril()).any()
+        assert not (pattern_mask(p, params, nq, nq, True)
+                    & ~torch.ones(nq, nq, dtype=torch.bool).tril()).any()
 
 
 def test_recall_override_per_site_and_plan_round_trip(tmp_path):
@@ -183,7 +186,8 @@ def test_a_head_with_constant_output_is_skipped_and_replaced_by_its_mean():
 def test_skipping_is_off_by_default():
     cm = _compile(_SDPA(), _planted(KINDS[:3]), [_planted(KINDS[:3], seed=1)])
     (site,) = [s for s in cm.plan.sites if "head_patterns" in cm.plan.sites[s]]
-    assert all(h["pattern"] != "skip" and "output_share" in h for h in cm.plan.evidence("head_patterns", site)["heads"])
+    assert all(h["pattern"] != "skip" and "output_share" in h
+               for h in cm.plan.evidence("head_patterns", site)["heads"])
 
 
 @pytest.mark.parametrize("form", ["sdpa", "explicit"])

@@ -34,7 +34,8 @@ def test_numeric_equals_the_masked_dense_computation(explicit_calibrated):
     def masked(c, t):  # the dense MLP fed masked(a − c) + c: what sparse_linear computes, W c folded in
         return lambda module, args: (torch.where((args[0] - c).abs() > t, args[0] - c, 0) + c,)
 
-    hooks = [block.mlp[2].register_forward_pre_hook(masked(*_ct(cm, i))) for i, block in enumerate(model.blocks)]
+    hooks = [block.mlp[2].register_forward_pre_hook(masked(*_ct(cm, i)))
+             for i, block in enumerate(model.blocks)]
     try:
         with torch.no_grad():
             expected = model(*example)
@@ -68,7 +69,8 @@ def test_counts_overrides_and_unrecorded_target(explicit_calibrated):
     stats = cm.plan.passes["neuron_sparsity"]["stats"]
     assert (stats["matched"], stats["rewritten"], len(stats["refused"])) == (3, 1, 2)
     reasons = {r["site"]: r["reason"] for r in stats["refused"]}
-    assert "not 0.55" in reasons["mlp:blocks.2.mlp"] and "add it to activation_profile" in reasons["mlp:blocks.2.mlp"]
+    assert ("not 0.55" in reasons["mlp:blocks.2.mlp"]
+            and "add it to activation_profile" in reasons["mlp:blocks.2.mlp"])
 
 
 @pytest.mark.parametrize("method", ["magnitude", "topk"])
@@ -119,8 +121,8 @@ def test_config_with_a_saved_profile_does_not_profile_again(explicit_calibrated,
 
     model, example, batches = explicit_calibrated
     direct = _compile(model, example, batches, target=0.7)
-    profile = sg.compile(model, {"passes": ["activation_profile"]}, example_inputs=example, calibration=batches,
-                         quiet=True)
+    profile = sg.compile(model, {"passes": ["activation_profile"]}, example_inputs=example,
+                         calibration=batches, quiet=True)
     path = profile.plan.save(tmp_path / "profile.json")
     monkeypatch.setattr(ActivationProfile, "analyze", lambda *a: pytest.fail("profiled again"))
     tuned = {}
@@ -131,8 +133,8 @@ def test_config_with_a_saved_profile_does_not_profile_again(explicit_calibrated,
     assert torch.equal(tuned[0.7](*example), direct(*example))  # the same as profiling in this compile
     assert tuned[0.7].plan.passes["activation_profile"]["stats"]["matched"] == 3
     with pytest.raises(sg.ConfigError, match="ran with options"):
-        sg.compile(model, {"passes": [{"activation_profile": {"reservoir": 64}}, "neuron_sparsity"]}, plan=path,
-                   example_inputs=example, quiet=True)
+        sg.compile(model, {"passes": [{"activation_profile": {"reservoir": 64}}, "neuron_sparsity"]},
+                   plan=path, example_inputs=example, quiet=True)
 
 
 @pytest.mark.slow

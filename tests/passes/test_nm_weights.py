@@ -77,7 +77,8 @@ def test_replay_refuses_changed_weights(explicit, tmp_path):
     changed = copy.deepcopy(model)
     with torch.no_grad():
         changed.blocks[0].mlp[0].weight.mul_(-1).add_(torch.randn_like(changed.blocks[0].mlp[0].weight))
-    with pytest.raises(sg.PlanError, match=r"^nm_weights: the weights of blocks\.0\.mlp\.0 differ"):  # the plan's fault
+    # the plan's fault
+    with pytest.raises(sg.PlanError, match=r"^nm_weights: the weights of blocks\.0\.mlp\.0 differ"):
         sg.compile(changed, plan=tmp_path / "plan.json", example_inputs=example, quiet=True)
 
 

@@ -47,8 +47,8 @@ def test_vit_boxes_at_run_time():
     model, example = models.load("vit_small")
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(2, 3, 224, 224, generator=g),)]
-    cm = sg.compile(model, {"passes": [{"roi": {"max_boxes": 2}}]}, example_inputs=example, calibration=batches,
-                    quiet=True)
+    cm = sg.compile(model, {"passes": [{"roi": {"max_boxes": 2}}]}, example_inputs=example,
+                    calibration=batches, quiet=True)
     settings = cm.plan.evidence("roi", cm.plan.summary("roi")["site"])
     assert settings["grid"] == 14 and settings["patch"] == 16 and settings["layer"] == 6
     assert len(settings["samples"]) == 2

@@ -1,4 +1,5 @@
-"""sparse_attention: structure, numerics (CPU vs reference op), counts and refusals, plan replay, ORT parity."""
+"""sparse_attention: structure, numerics (CPU vs reference op), counts and refusals, plan replay, ORT
+parity."""
 
 import pytest
 import torch
@@ -108,7 +109,8 @@ def test_one_compiled_model_runs_at_every_length_in_pytorch_and_onnx(explicit_sp
         mask = torch.ones_like(ids)
         mask[1, L // 2:] = 0
         eager = _run(cm, "eager", ids, mask)
-        torch.testing.assert_close(eager, _run(cm, "reference", ids, mask), rtol=1e-5, atol=1e-5, msg=f"L={L}")
+        torch.testing.assert_close(eager, _run(cm, "reference", ids, mask), rtol=1e-5, atol=1e-5,
+                                   msg=f"L={L}")
         torch.testing.assert_close(onnx_model(ids, mask), eager, rtol=1e-4, atol=1e-4, msg=f"L={L}")
         with torch.no_grad():
             dense = model(ids, mask)
@@ -123,7 +125,8 @@ def test_a_plan_replays_at_another_traced_length(explicit_sparse, tmp_path):
     model, _, _, cm = explicit_sparse
     cm.plan.save(tmp_path / "plan.json")
     ids = torch.randint(0, 1000, (2, 40), generator=torch.Generator().manual_seed(3))
-    again = sg.compile(model, plan=tmp_path / "plan.json", example_inputs=(ids, torch.ones_like(ids)), quiet=True)
+    again = sg.compile(model, plan=tmp_path / "plan.json", example_inputs=(ids, torch.ones_like(ids)),
+                       quiet=True)
     assert len(_ops(again)) == 3
     torch.testing.assert_close(_run(again, "eager", ids, torch.ones_like(ids)),
                                _run(cm, "eager", ids, torch.ones_like(ids)), rtol=0, atol=0)
@@ -172,11 +175,13 @@ def test_llama_gqa_causal_sites_become_the_op(llama_sparse):
     model, example, cm = llama_sparse
     ops = _ops(cm)
     stats = cm.plan.passes["sparse_attention"]["stats"]
-    assert len(ops) == stats["rewritten"] == stats["matched"] == len(ir.attention_sites(sg.trace(model, example)))
+    assert (len(ops) == stats["rewritten"] == stats["matched"]
+            == len(ir.attention_sites(sg.trace(model, example))))
     assert all(n.args[6] is True for n in ops)  # causal
     site = next(iter(s for s in cm.plan.sites if cm.plan.evidence("head_patterns", s)))
     assert cm.plan.evidence("head_patterns", site)["causal"] is True
-    torch.testing.assert_close(_run(cm, "eager", *example), _run(cm, "reference", *example), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_run(cm, "eager", *example), _run(cm, "reference", *example), rtol=1e-5,
+                               atol=1e-5)
 
 
 @pytest.mark.slow
@@ -196,7 +201,8 @@ class _SDPA(torch.nn.Module):
 
 
 @pytest.mark.parametrize("form", ["sdpa", "explicit"])
-def test_dynamic_heads_become_the_dynamic_op_and_follow_each_input(moving_heads, explicit_chain, form, tmp_path):
+def test_dynamic_heads_become_the_dynamic_op_and_follow_each_input(moving_heads, explicit_chain, form,
+                                                                   tmp_path):
     from sparsegraph.codegen import dynamic_block_sparse_attention as dyn
 
     batches = [moving_heads(2, seed) for seed in range(4)]

@@ -8,7 +8,8 @@ from sparsegraph.codegen import op_of
 
 
 def _compile(model, example, batches, **options):
-    config = {"passes": ["activation_profile", {"neuron_sparsity": {"target": 0.5}}, {"speed_check": options}]}
+    config = {"passes": ["activation_profile", {"neuron_sparsity": {"target": 0.5}},
+                         {"speed_check": options}]}
     return sg.compile(model, config, example_inputs=example, calibration=batches, quiet=True)
 
 
@@ -21,7 +22,8 @@ def test_revert_everything_gives_the_dense_result(explicit_calibrated, tmp_path)
     stats = cm.plan.passes["speed_check"]["stats"]
     assert (stats["matched"], stats["rewritten"]) == (3, 3) and len(stats["counters"]["reverted"]) == 3
     with torch.no_grad():
-        torch.testing.assert_close(cm(*example), model(*example), rtol=1e-5, atol=1e-5)  # dense form = original
+        # dense form = original
+        torch.testing.assert_close(cm(*example), model(*example), rtol=1e-5, atol=1e-5)
     evidence = cm.plan.sites["mlp:blocks.0.mlp"]["speed_check"]["evidence"]
     assert evidence["unit"] == "seconds" and evidence["sparse"] > 0 and evidence["dense"] > 0
     assert cm.cost.macs == cm.dense_cost.macs  # the put-back dense forms are costed like the original layers
@@ -52,7 +54,8 @@ def test_cost_model_mode_and_replay(explicit_calibrated, tmp_path):
 
 def test_reverted_attention_is_dense_attention(explicit_calibrated):
     model, example, batches = explicit_calibrated
-    config = {"passes": [{"head_patterns": {"block": 16, "recall": 0.5, "min_saving": 0.0}}, "sparse_attention",
+    config = {"passes": [{"head_patterns": {"block": 16, "recall": 0.5, "min_saving": 0.0}},
+                         "sparse_attention",
                          {"speed_check": {"min_speedup": 1e9, "repeats": 1, "warmup": 0}}]}
     cm = sg.compile(model, config, example_inputs=example, calibration=batches, quiet=True)
     stats = cm.plan.passes["speed_check"]["stats"]

@@ -34,7 +34,8 @@ def test_every_layer_gets_a_mass_curve(explicit_calibrated, score):
     assert sorted(table) == ["0", "1", "2"]
     for curve in table.values():
         values = [curve[k] for k in ("0.3", "0.5", "0.7", "0.9")]
-        assert values == sorted(values) and values[0] >= 0.3 and values[-1] <= 1.0  # top r hold ≥ r of the mass
+        # top r hold ≥ r of the mass
+        assert values == sorted(values) and values[0] >= 0.3 and values[-1] <= 1.0
     evidence = cm.plan.evidence("token_importance", ir.attention_sites(cm.graph_module)[0].id)
     assert evidence["score"] == score and evidence["sequences"] == 8
     assert len(evidence["position_mean"]) == 48  # every calibration batch has 48 tokens

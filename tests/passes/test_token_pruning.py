@@ -51,7 +51,8 @@ def _reference(model, ids, mask, layers, keep, protect=1):
         h = block.norm1(x)
         att = block.attn
         b, s, _ = h.shape
-        q, kk, v = (t.view(b, s, att.heads, att.head_dim).transpose(1, 2) for t in (att.q(h), att.k(h), att.v(h)))
+        q, kk, v = (t.view(b, s, att.heads, att.head_dim).transpose(1, 2)
+                    for t in (att.q(h), att.k(h), att.v(h)))
         probs = ((q @ kk.transpose(-1, -2)) / math.sqrt(att.head_dim) + additive).softmax(-1)
         x = x + att.out((probs @ v).transpose(1, 2).reshape(b, s, -1))
         x = x + block.mlp(block.norm2(x))
@@ -64,7 +65,8 @@ def test_structure_scores_select_and_the_mask_follows(explicit_pruned):
     assert targets.count(token_scores.OP.overload) == 2
     assert targets.count(token_select.OP.overload) == 2
     gathers = [n for n in cm.graph_module.graph.nodes if n.target is token_gather.OP.overload]
-    assert gathers and all(n.args[2] == [3] for n in gathers), "the [B, 1, 1, N] key mask follows the kept tokens"
+    assert gathers and all(n.args[2] == [3] for n in gathers), (
+        "the [B, 1, 1, N] key mask follows the kept tokens")
     stats = cm.plan.passes["token_pruning"]["stats"]
     assert stats["counters"]["schedule"] == {"1": 33, "2": 17}  # 64 → 1 + round(63/2) → 1 + 16
 
@@ -167,8 +169,8 @@ def test_minilm_mask_and_mean_pooling_follow_the_kept_tokens(minilm):
                     example_inputs=example, quiet=True)
     gathered = [n.args[0].name for n in cm.graph_module.graph.nodes if n.target is token_gather.OP.overload]
     assert any("attention_mask" in name for name in gathered), gathered  # pooling weights and their count
-    texts = ["A short sentence.", "This sentence is noticeably longer than the first one, and so it is padded "
-             "less than the other one in the batch."]
+    texts = ["A short sentence.", "This sentence is noticeably longer than the first one, and so it is "
+             "padded less than the other one in the batch."]
     ids, mask = model.tokenize(texts)
     with torch.no_grad():
         emb = cm(ids, mask)
@@ -208,8 +210,8 @@ def _accuracy(fn, data, batch=120):
 
 def test_digits_keep_half_from_block_2_costs_at_most_one_point(digits):
     model, example, test, _ = digits
-    cm = sg.compile(model, {"passes": [{"token_pruning": {"layers": [2], "keep": 0.5}}]}, example_inputs=example,
-                    quiet=True)
+    cm = sg.compile(model, {"passes": [{"token_pruning": {"layers": [2], "keep": 0.5}}]},
+                    example_inputs=example, quiet=True)
     assert cm.plan.passes["token_pruning"]["stats"]["counters"]["schedule"] == {"2": 33}
     assert _accuracy(model, test) - _accuracy(cm, test) <= 0.01
 
@@ -240,9 +242,11 @@ def test_roi_selection_without_the_roi_pass_is_refused(digits):
 
 def test_core_token_scores_read_the_previous_mlp(explicit_calibrated):
     model, example, batches = explicit_calibrated
-    config = {"passes": ["activation_profile", {"token_pruning": {"layers": [2], "keep": 0.5, "score": "core"}}]}
+    config = {"passes": ["activation_profile",
+                         {"token_pruning": {"layers": [2], "keep": 0.5, "score": "core"}}]}
     cm = sg.compile(model, config, example_inputs=example, calibration=batches, quiet=True)
-    (core,) = [n for n in cm.graph_module.graph.nodes if n.target is torch.ops.sparsegraph.core_scores.default]
+    (core,) = [n for n in cm.graph_module.graph.nodes
+               if n.target is torch.ops.sparsegraph.core_scores.default]
     assert core.args[0].target is torch.ops.aten.gelu.default  # block 1's MLP activations
     decision = cm.plan.sites["attn:blocks.2.attn"]["token_pruning"]["decision"]
     hot = cm.plan.evidence("activation_profile", "mlp:blocks.1.mlp")["down_input"]["hot"]

@@ -7,8 +7,9 @@ signs of a broken checkpoint.
 
 An analysis pass: it reads the graph and writes evidence (per layer: rows, near-zero rows, share) into
 the plan, keyed by the layer's site when it has one and by its module path otherwise, and a table of
-them to the report (`report_section`). It never changes the graph. Counts: matched = linear layers with a stored weight examined; ``flagged`` lists
-the flagged layers; layers whose weight is computed in the graph are refused with that reason.
+them to the report (`report_section`). It never changes the graph. Counts: matched = linear layers
+with a stored weight examined; ``flagged`` lists the flagged layers; layers whose weight is computed
+in the graph are refused with that reason.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ class NearZeroRows(AnalysisPass):
     """Flag linear layers with more than `fraction` near-zero weight rows."""
 
     fraction: float = option(0.5, "share of near-zero rows above which a layer is flagged", range=(0.0, 1.0))
-    atol: float = option(1e-6, "a row is near zero when its largest |weight| is at most this", range=(0.0, None))
+    atol: float = option(1e-6, "a row is near zero when its largest |weight| is at most this",
+                         range=(0.0, None))
 
     @classmethod
     def report_section(cls, plan, model=None):
