@@ -30,6 +30,12 @@ def read(plan, pass_name: str, site: str, kind, **context):
                           **context)
 
 
+def _constant(mean: list[float], rms: list[float]) -> bool:
+    """`constant` of a profile written before it was recorded: the profile's own test (every neuron's
+    variance at rounding level) on the recorded moments, variance = rms² − mean²."""
+    return all(r * r - m * m <= 1e-12 * max(r * r, 1e-30) for m, r in zip(mean, rms))
+
+
 def _fraction_key(entry: Entry, key: str, what: str, low_open: bool = False) -> float:
     """A mapping key that names a fraction (a target sparsity, a keep ratio), as the passes write them."""
     try:
@@ -89,7 +95,7 @@ class ActivationStats:
         not at hand: a saved plan's report)."""
         if width is None:
             width = len(e["centre"].elements())
-        e.mapping(required=("tokens", "constant", "zero_fraction", "thresholds", "centre", "mean", "rms",
+        e.mapping(required=("tokens", "zero_fraction", "thresholds", "centre", "mean", "rms",
                             "mass", "hot", "histogram"), extra=True)
         thresholds = {}
         for method, table in e["thresholds"].mapping(required=("magnitude", "centred")).items():
@@ -100,15 +106,17 @@ class ActivationStats:
                 thresholds[method][target] = threshold.number(0.0)
         histogram = e["histogram"]
         histogram.mapping(required=("log10_range", "counts"))
+        mean, rms = (e["mean"].numbers(width, what="one per neuron"),
+                     e["rms"].numbers(width, lo=0.0, what="one per neuron"))
         return cls(tokens=e["tokens"].integer(0),
                    sampled=e["sampled"].integer(0) if "sampled" in e else 0,
-                   zero_fraction=e["zero_fraction"].number(0.0, 1.0), constant=e["constant"].flag(),
+                   zero_fraction=e["zero_fraction"].number(0.0, 1.0),
+                   constant=e["constant"].flag() if "constant" in e else _constant(mean, rms),
                    quantiles={q: e["quantiles"][q].number(0.0) for q in e["quantiles"].mapping(extra=True)}
                    if "quantiles" in e else {},
                    thresholds=thresholds,
                    centre=e["centre"].numbers(width, what="one per neuron"),
-                   mean=e["mean"].numbers(width, what="one per neuron"),
-                   rms=e["rms"].numbers(width, lo=0.0, what="one per neuron"),
+                   mean=mean, rms=rms,
                    mass=e["mass"].numbers(width, lo=0.0, what="one per neuron"),
                    firing=e["firing"].numbers(width, lo=0.0, what="one per neuron") if "firing" in e else [],
                    hot=e["hot"].indices(width, what="neuron"),

@@ -144,6 +144,13 @@ class Pass:
     def options(self) -> dict:
         return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
+    @classmethod
+    def default_options(cls) -> dict:
+        """Every option at its default, as `options` writes them."""
+        return {f.name: _jsonable(f.default_factory() if f.default_factory is not dataclasses.MISSING
+                                  else f.default)
+                for f in dataclasses.fields(cls) if f.init}
+
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         raise NotImplementedError
 

@@ -175,7 +175,11 @@ class SparsityPlan:
             if entry.get("kind") is None or entry["kind"].value != kind:
                 entry.fail(f"has kind {entry.value.get('kind')!r}; pass {p.name!r} is "
                            f"{'an analysis' if kind == 'analysis' else 'a rewrite'} pass")
-            options = entry["options"].value
+            # An option the plan does not record was added to the pass after the plan was written: the
+            # pass ran as that option's default behaves (options are added so that the default keeps
+            # what the pass did before).
+            recorded = entry["options"].value
+            options = {**{k: v for k, v in p.default_options().items() if k not in recorded}, **recorded}
             if options != p.options():
                 differ = sorted(k for k in {*options, *p.options()} if options.get(k) != p.options().get(k))
                 entry["options"].fail(f"differs from the plan's config at {differ}: the config says "
