@@ -30,22 +30,22 @@ def _token_batches(n: int, seed: int, seq: int = 32) -> list[tuple[torch.Tensor,
     return batches
 
 
-def _in_threads(fn, inputs: list) -> tuple[dict, list]:
-    """Call ``fn(*inputs[i])`` CALLS times from each of THREADS threads, all released at once by a
-    barrier; return {(thread, call): output} and the exceptions raised."""
-    barrier = threading.Barrier(THREADS)
+def _in_threads(fn, inputs: list, calls: int = CALLS) -> tuple[dict, list]:
+    """Call ``fn(*inputs[i])`` `calls` times from each of ``len(inputs)`` threads, all released at once
+    by a barrier; return {(thread, call): output} and the exceptions raised."""
+    barrier = threading.Barrier(len(inputs))
     outputs: dict[tuple[int, int], torch.Tensor] = {}
     errors: list[BaseException] = []
 
     def work(i: int) -> None:
         barrier.wait()
-        for j in range(CALLS):
+        for j in range(calls):
             try:
                 outputs[i, j] = fn(*inputs[i])
             except Exception as e:  # collected, and reported below with their count
                 errors.append(e)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(THREADS)]
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
     for t in threads:
         t.start()
     for t in threads:
@@ -134,24 +134,14 @@ def test_compiles_and_exports_from_threads_at_once(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 16)).eval()
     x = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(0))
     cm = sg.compile(model, "dense", example_inputs=(x,), quiet=True)
-    barrier, errors, results = threading.Barrier(THREADS), [], {}
 
-    def work(i: int) -> None:
-        barrier.wait()
-        try:
-            if i % 2:
-                results[i] = OnnxModel(cm.export_onnx(tmp_path / f"m{i}.onnx"), cm.graph_module)(x)
-            else:
-                with torch.no_grad():
-                    results[i] = sg.compile(model, "dense", example_inputs=(x,), quiet=True)(x)
-        except Exception as e:  # collected, and reported below
-            errors.append(e)
+    def work(i: int) -> torch.Tensor:
+        if i % 2:
+            return OnnxModel(cm.export_onnx(tmp_path / f"m{i}.onnx"), cm.graph_module)(x)
+        with torch.no_grad():
+            return sg.compile(model, "dense", example_inputs=(x,), quiet=True)(x)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(THREADS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results, errors = _in_threads(work, [(i,) for i in range(THREADS)], calls=1)
     assert not errors, f"{len(errors)} of {THREADS} failed, the first: {errors[0]!r}"
     with torch.no_grad():
         expected = model(x)
