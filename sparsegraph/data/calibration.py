@@ -41,7 +41,8 @@ def pack(tokenizer, texts: list[str], length: int) -> list[str]:
     packed, current = [], ""
     for text in texts:
         current = f"{current} {text}".strip()
-        if len(tokenizer(current)["input_ids"]) >= length:
+        # verbose=False: counting a text past the model's maximum length is the point here, not a mistake
+        if len(tokenizer(current, verbose=False)["input_ids"]) >= length:
             packed.append(current)
             current = ""
     return packed + ([current] if current else [])

@@ -40,7 +40,7 @@ def documents(tokenizer, split: str, count: int, length: int) -> list[str]:
     while len(texts) < count:
         current = (current + " " + pool[i % len(pool)]).strip()
         i += 1
-        if len(tokenizer(current)["input_ids"]) >= length:
+        if len(tokenizer(current, verbose=False)["input_ids"]) >= length:
             texts.append(current)
             current = ""
     return texts
