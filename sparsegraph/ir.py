@@ -87,6 +87,8 @@ _aten("neg", "neg.default")
 _targets("neg", operator.neg, torch.neg)
 _aten("cat", "cat.default")
 _targets("cat", torch.cat)
+_aten("tanh", "tanh.default")
+_targets("tanh", torch.tanh, F.tanh)
 _aten("masked_fill", "masked_fill.Scalar", "masked_fill.Tensor", "where.self", "where.ScalarOther")
 _targets("masked_fill", torch.where)
 _aten("compare", "le.Tensor", "lt.Tensor", "ge.Tensor", "gt.Tensor", "le.Scalar", "lt.Scalar", "ge.Scalar",
@@ -117,8 +119,9 @@ _targets("shape", operator.getitem, torch.reshape, torch.transpose, torch.permut
 
 _METHODS.update({
     "matmul": "matmul", "bmm": "matmul", "softmax": "softmax", "relu": "relu", "mul": "mul", "add": "add",
-    "div": "div", "sub": "sub", "neg": "neg", "masked_fill": "masked_fill", "tril": "triangle",
-    "triu": "triangle", "le": "compare", "lt": "compare", "ge": "compare", "gt": "compare",
+    "div": "div", "sub": "sub", "neg": "neg", "tanh": "tanh", "masked_fill": "masked_fill",
+    "tril": "triangle", "triu": "triangle",
+    "le": "compare", "lt": "compare", "ge": "compare", "gt": "compare",
     **{m: "shape" for m in ("view", "reshape", "transpose", "permute", "contiguous", "clone", "expand",
                             "unsqueeze", "squeeze", "flatten", "unflatten", "unbind", "chunk", "split",
                             "to", "type_as", "float", "half", "bfloat16", "detach", "t", "size",
@@ -132,7 +135,8 @@ _MODULES.update({
 })
 
 ACTIVATIONS = frozenset({"gelu", "relu", "silu"})
-_SCORE_OPS = frozenset({"mul", "div", "add", "sub", "masked_fill", "shape"})  # between QKᵀ and softmax
+# Between QKᵀ and the softmax: scale, masks and soft-capping (Gemma-2's ``cap · tanh(s / cap)``)
+_SCORE_OPS = frozenset({"mul", "div", "add", "sub", "masked_fill", "tanh", "shape"})
 _ROPE_OPS = frozenset({"shape", "mul", "add", "sub", "neg", "cat"})  # between a projection and attention
 _PASS_THROUGH = frozenset({"shape", "dropout"})
 
@@ -560,7 +564,8 @@ def _number(found: list, prefix: str, linears: Callable) -> list:
     numbered, used = [], set()
     for layer, site in enumerate(found):
         paths = [linear_parts(n).module_path for n in linears(site) if n is not None]
-        path = _common_prefix(paths)
+        # No projection found as a linear (GPT-2's fused Conv1D q/k/v): the module the core ran in
+        path = _common_prefix(paths) or module_path(site.core[0] if prefix == "attn" else site.act)
         anchor = meta.get(site.core[0] if prefix == "attn" else site.up)
         if anchor is not None:  # keep the id given at capture time, whatever was rewritten since
             site_id, layer, path = anchor.site, anchor.layer, anchor.module_path

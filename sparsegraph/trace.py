@@ -11,8 +11,9 @@ If all fail, `TraceError` lists what each attempt hit and what to try. The expor
 unlifted (``ExportedProgram.module()``): parameters are ``get_attr`` nodes under the model's own module
 paths, and the GraphModule takes the same arguments as the model's ``forward``.
 
-Tracing runs the model in eval mode (sparsity is an inference optimisation): the ``training`` flags are
-switched off for the capture and restored afterwards, so the user's model leaves exactly as it came.
+Tracing runs the model in eval mode (sparsity is an inference optimisation) and, for Hugging Face
+models, with ``config.use_cache`` off (the graph returns outputs, not a cache object): both are switched
+for the capture and restored afterwards, so the user's model leaves exactly as it came.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def trace(
 def _capture(model, example_inputs: tuple, example_kwargs: dict, dynamic: bool) -> torch.fx.GraphModule:
     attempts: list[tuple[str, BaseException]] = []
     gm = None
-    with _eval_mode(model):
+    with _eval_mode(model), _without_kv_cache(model):
         if dynamic:
             gm = _try(attempts, "torch.export (dynamic batch/sequence)",
                       lambda: _export(model, example_inputs, example_kwargs, dynamic=True))
@@ -190,6 +191,23 @@ def _as_tuple(x) -> tuple:
     if isinstance(x, list):
         return tuple(x)
     return (x,)
+
+
+@contextlib.contextmanager
+def _without_kv_cache(model: torch.nn.Module) -> Iterator[None]:
+    """Hugging Face models return a cache object when their config says ``use_cache`` (the default of
+    every causal LM): the captured graph is a function of its inputs, so it is traced with the flag off
+    (logits only; generation keeps its cache in the decoder's own static buffers). The flag is put back
+    afterwards, on every config object of the model."""
+    configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None
+               and getattr(c, "use_cache", None) is True}
+    try:
+        for c in configs.values():
+            c.use_cache = False
+        yield
+    finally:
+        for c in configs.values():
+            c.use_cache = True
 
 
 @contextlib.contextmanager
