@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from sparsegraph.data.stdlib_text import sentences
+from sparsegraph.data.stdlib_text import pack, sentences
 from sparsegraph.errors import UsageError
 
 BATCH = 32
@@ -29,23 +29,11 @@ def calibration_for(model, example, n: int, data: str | None = None) -> list:
     if data is not None:
         return _from_file(Path(data), model, example)
     if hasattr(model, "tokenize"):
-        return _tokenized(model, pack(model.tokenizer, sentences("calibration", limit=n), _length(example)),
-                          _length(example))
+        texts = list(pack(model.tokenizer, sentences("calibration", limit=n), _length(example)))
+        return _tokenized(model, texts, _length(example))
     print("note: calibrating on the example inputs only (no tokenizer to read real text with)",
           file=sys.stderr)
     return [example]
-
-
-def pack(tokenizer, texts: list[str], length: int) -> list[str]:
-    """`texts` joined in order into texts of at least `length` tokens (the last one may be shorter)."""
-    packed, current = [], ""
-    for text in texts:
-        current = f"{current} {text}".strip()
-        # verbose=False: counting a text past the model's maximum length is the point here, not a mistake
-        if len(tokenizer(current, verbose=False)["input_ids"]) >= length:
-            packed.append(current)
-            current = ""
-    return packed + ([current] if current else [])
 
 
 def _length(example) -> int:

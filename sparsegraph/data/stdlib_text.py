@@ -15,8 +15,10 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+import itertools
 import re
 import sysconfig
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 _SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
@@ -35,15 +37,23 @@ def sentences(split: str = "calibration", limit: int | None = None, min_words: i
 
 def documents(tokenizer, split: str, count: int, length: int) -> list[str]:
     """`count` texts of at least `length` tokens (by `tokenizer`), each made of consecutive sentences of
-    `split`: long inputs for statistics bound to a sequence length (attention layouts)."""
-    pool, texts, current, i = sentences(split), [], "", 0
-    while len(texts) < count:
-        current = (current + " " + pool[i % len(pool)]).strip()
-        i += 1
+    `split` (cycling through them): long inputs for statistics bound to a sequence length (attention
+    layouts)."""
+    return list(itertools.islice(pack(tokenizer, itertools.cycle(sentences(split)), length), count))
+
+
+def pack(tokenizer, texts: Iterable[str], length: int) -> Iterator[str]:
+    """`texts` joined in order into texts of at least `length` tokens (by `tokenizer`); what is left at
+    the end comes last, shorter."""
+    current = ""
+    for text in texts:
+        current = f"{current} {text}".strip()
+        # verbose=False: counting a text past the model's maximum length is the point here, not a mistake
         if len(tokenizer(current, verbose=False)["input_ids"]) >= length:
-            texts.append(current)
+            yield current
             current = ""
-    return texts
+    if current:
+        yield current
 
 
 @functools.lru_cache(maxsize=1)
