@@ -146,10 +146,15 @@ class Pass:
 
     @classmethod
     def default_options(cls) -> dict:
-        """Every option at its default, as `options` writes them."""
-        return {f.name: _jsonable(f.default_factory() if f.default_factory is not dataclasses.MISSING
-                                  else f.default)
-                for f in dataclasses.fields(cls) if f.init}
+        """Every option that has a default, at it, as `options` writes them (a required option of a
+        plugin pass has none and is left out)."""
+        defaults = {}
+        for f in dataclasses.fields(cls):
+            if f.default_factory is not dataclasses.MISSING:
+                defaults[f.name] = _jsonable(f.default_factory())
+            elif f.default is not dataclasses.MISSING:
+                defaults[f.name] = _jsonable(f.default)
+        return defaults
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         raise NotImplementedError

@@ -178,12 +178,12 @@ class SparsityPlan:
             # An option the plan does not record was added to the pass after the plan was written: the
             # pass ran as that option's default behaves (options are added so that the default keeps
             # what the pass did before).
-            recorded = entry["options"].value
+            recorded, config_says = entry["options"].value, p.options()
             options = {**{k: v for k, v in p.default_options().items() if k not in recorded}, **recorded}
-            if options != p.options():
-                differ = sorted(k for k in {*options, *p.options()} if options.get(k) != p.options().get(k))
+            if options != config_says:
+                differ = sorted(k for k in {*options, *config_says} if options.get(k) != config_says.get(k))
                 entry["options"].fail(f"differs from the plan's config at {differ}: the config says "
-                                      f"{ {k: p.options().get(k) for k in differ} }, the pass ran with "
+                                      f"{ {k: config_says.get(k) for k in differ} }, the pass ran with "
                                       f"{ {k: options.get(k) for k in differ} }")
         for name in self.passes:
             if name not in names:

@@ -197,8 +197,8 @@ def _as_tuple(x) -> tuple:
 def _without_kv_cache(model: torch.nn.Module) -> Iterator[None]:
     """Hugging Face models return a cache object when their config says ``use_cache`` (the default of
     every causal LM): the captured graph is a function of its inputs, so it is traced with the flag off
-    (logits only; generation keeps its cache in the decoder's own static buffers). The flag is put back
-    afterwards, on every config object of the model."""
+    (it returns the logits and no cache). The flag is put back afterwards, on every config object of the
+    model."""
     configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None
                and getattr(c, "use_cache", None) is True}
     try:
