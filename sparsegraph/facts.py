@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from sparsegraph.pass_contract import Entry
 
 FIX = "restore the facts the pass wrote, or profile again (compile with a config and calibration data)"
@@ -30,10 +32,14 @@ def read(plan, pass_name: str, site: str, kind, **context):
                           **context)
 
 
-def _constant(mean: list[float], rms: list[float]) -> bool:
-    """`constant` of a profile written before it was recorded: the profile's own test (every neuron's
-    variance at rounding level) on the recorded moments, variance = rms² − mean²."""
-    return all(r * r - m * m <= 1e-12 * max(r * r, 1e-30) for m, r in zip(mean, rms))
+def constant(mean, mean_square) -> bool:
+    """Whether every neuron took one value over the tokens: its variance, mean_square − mean², at
+    rounding level. `activation_profile` records this as ``constant``; for a profile written before it
+    did, the same test runs on the recorded moments (mean, and rms² as the mean square)."""
+    mean = torch.as_tensor(mean, dtype=torch.float64)
+    mean_square = torch.as_tensor(mean_square, dtype=torch.float64)
+    variance = mean_square - mean.square()
+    return bool((variance <= 1e-12 * mean_square.clamp(min=1e-30)).all())
 
 
 def _fraction_key(entry: Entry, key: str, what: str, low_open: bool = False) -> float:
@@ -111,7 +117,8 @@ class ActivationStats:
         return cls(tokens=e["tokens"].integer(0),
                    sampled=e["sampled"].integer(0) if "sampled" in e else 0,
                    zero_fraction=e["zero_fraction"].number(0.0, 1.0),
-                   constant=e["constant"].flag() if "constant" in e else _constant(mean, rms),
+                   constant=e["constant"].flag() if "constant" in e
+                   else constant(mean, [r * r for r in rms]),
                    quantiles={q: e["quantiles"][q].number(0.0) for q in e["quantiles"].mapping(extra=True)}
                    if "quantiles" in e else {},
                    thresholds=thresholds,

@@ -191,8 +191,7 @@ class Stream:
     def constant(self) -> bool:
         """Whether every neuron took one value over all tokens (variance at rounding level)."""
         n = max(self.tokens, 1)
-        variance = self.sum_sq / n - (self.sum / n).square()
-        return bool((variance <= 1e-12 * (self.sum_sq / n).clamp(min=1e-30)).all())
+        return facts.constant(self.sum / n, self.sum_sq / n)
 
     def merge(self, rows: torch.Tensor, keys: torch.Tensor) -> None:
         """Add sampled rows with their keys, keeping the `capacity` smallest keys."""
