@@ -30,6 +30,7 @@ from sparsegraph.config import Config, check_overrides
 from sparsegraph.context import Batch, PassContext
 from sparsegraph.cost_model import NodeCost, site_costs, total_cost
 from sparsegraph.errors import CalibrationError, ConfigError, InputError
+from sparsegraph.generation import Decoder
 from sparsegraph.instruments import default_instruments
 from sparsegraph.manager import PassManager
 from sparsegraph.observe import check_calibration
@@ -42,6 +43,7 @@ from sparsegraph.trace import trace
 # Guards the lazy ONNX session of every CompiledModel (a module-level lock, not one per model, so that a
 # CompiledModel stays deep-copyable; exports are one at a time in a process anyway).
 _ONNX_LOCK = threading.Lock()
+_DECODER_LOCK = threading.Lock()
 
 
 def compile(
@@ -99,7 +101,9 @@ def compile(
                       replay=replay, reuse=reuse, quiet=quiet,
                       instruments=default_instruments(len(cfg.passes), quiet))
     gm = PassManager(cfg.passes, ctx.instruments).run(gm, ctx)
-    return CompiledModel(gm, plan, cfg, example, model_class, dense_cost, dense_sites, dict(ctx.timings))
+    cm = CompiledModel(gm, plan, cfg, example, model_class, dense_cost, dense_sites, dict(ctx.timings))
+    cm._source = model  # a causal LM's cache graphs are traced from it on first `generate` (same weights)
+    return cm
 
 
 def _batches(calibration) -> list[Batch]:
@@ -154,6 +158,13 @@ class CompiledModel(torch.nn.Module):
         self.timings = timings
         self._onnx: OnnxModel | None = None
         self._onnx_dir: tempfile.TemporaryDirectory | None = None
+        self._decoder: Decoder | None = None
+
+    def __setattr__(self, name, value):
+        if name == "_source":  # the compiled model, held but not a submodule: its weights are the graph's
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     def forward(self, *args, **kwargs):
         inputs.check(self.graph_module, args, kwargs)  # a wrong call is an InputError naming the input
@@ -187,6 +198,29 @@ class CompiledModel(torch.nn.Module):
         """Write the compiled model as ONNX (dynamic batch and sequence axes); checked with onnx.checker."""
         return export_onnx(self.graph_module, path, self.example.args, self.example.kwargs,
                            dynamic=dynamic, opset=opset)
+
+    def decoder(self) -> Decoder:
+        """The prefill and decode-step graphs over a static KV cache (`sparsegraph.generation`), traced
+        from the compiled causal LM and rewritten by replaying this plan, on the first call (cached; safe
+        to call from many threads)."""
+        found = self._decoder
+        if found is None:
+            with _DECODER_LOCK:
+                found = self._decoder
+                if found is None:
+                    source = getattr(self, "_source", None)
+                    if source is None:
+                        raise InputError("generate needs the model this was compiled from: compile it with "
+                                         "sparsegraph.compile")
+                    found = self._decoder = Decoder(source, self.config, self.plan, self.model_class)
+        return found
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **options):
+        """Generate tokens after `input_ids` (a causal LM only): ``[batch, prompt + new]`` ids, greedy by
+        default. Options as `Decoder.generate` takes them (``max_new_tokens``, ``do_sample``,
+        ``temperature``, ``top_k``, ``eos_token_id``, ``pad_token_id``, ``max_len``, ``generator``);
+        ``decoder().last`` holds the call's timings."""
+        return self.decoder().generate(input_ids, attention_mask, **options)
 
     def onnx_model(self, threads: int | None = None) -> OnnxModel:
         """This model exported to a temporary ONNX file and loaded in onnxruntime (cached; `threads` counts

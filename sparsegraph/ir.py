@@ -106,6 +106,9 @@ _aten("dropout", "dropout.default", "native_dropout.default")
 _targets("dropout", F.dropout)
 _aten("layer_norm", "layer_norm.default", "native_layer_norm.default")
 _targets("layer_norm", F.layer_norm)
+# A write of new keys/values into a KV cache (`sparsegraph.kv_cache`): attention reads the cache it
+# returns, so walks from attention to its k/v projections pass through it.
+_aten("cache_write", "index_copy_.default", "index_copy.default")
 # Ops that only move or reinterpret data: walks through the graph pass across them.
 _aten("shape", "view.default", "reshape.default", "_unsafe_view.default", "transpose.int", "permute.default",
       "contiguous.default", "clone.default", "expand.default", "unsqueeze.default", "squeeze.dim",
@@ -137,7 +140,8 @@ _MODULES.update({
 ACTIVATIONS = frozenset({"gelu", "relu", "silu"})
 # Between QKᵀ and the softmax: scale, masks and soft-capping (Gemma-2's ``cap · tanh(s / cap)``)
 _SCORE_OPS = frozenset({"mul", "div", "add", "sub", "masked_fill", "tanh", "shape"})
-_ROPE_OPS = frozenset({"shape", "mul", "add", "sub", "neg", "cat"})  # between a projection and attention
+# between a projection and attention
+_ROPE_OPS = frozenset({"shape", "mul", "add", "sub", "neg", "cat", "cache_write"})
 _PASS_THROUGH = frozenset({"shape", "dropout"})
 
 

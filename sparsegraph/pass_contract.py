@@ -123,6 +123,12 @@ class Pass:
 
     name: ClassVar[str] = ""
     requires: ClassVar[tuple[str, ...]] = ()
+    # Whether the pass applies, replayed from the plan, to the graphs that decode a few tokens against a
+    # KV cache (`sparsegraph.generation`): true for analyses (they never change a graph) and for
+    # rewrites that act per token (weights, activations); false for rewrites over a whole sequence
+    # (token selection, attention layouts), whose sites then run dense in generation. A rewrite pass
+    # says True only when its decisions are right for one token at a time.
+    decode: ClassVar[bool] = False
 
     def __post_init__(self):
         hints = typing.get_type_hints(type(self))
@@ -175,6 +181,7 @@ class AnalysisPass(Pass):
     """
 
     needs_calibration: ClassVar[bool] = False
+    decode: ClassVar[bool] = True
 
     def run(self, gm, ctx):
         stats = PassStats()

@@ -43,10 +43,11 @@ def neuron_pruning() -> dict:
 
 
 def llm_activation_sparsity() -> dict:
-    """TEAL-style: 50% of the inputs of up, gate and down projections skipped (decoders; needs
-    calibration)."""
-    return {"passes": [{"activation_profile": {"inputs": True}}, "cost",
-                       {"neuron_sparsity": {"target": 0.5, "method": "magnitude", "inputs": True}}]}
+    """TEAL-style: 50% of the inputs of every projection skipped (q/k/v, o, gate/up, down; decoders,
+    where each decode step is a GEMV that reads only the kept weight rows; needs calibration)."""
+    return {"passes": [{"activation_profile": {"inputs": True, "attention": True}}, "cost",
+                       {"neuron_sparsity": {"target": 0.5, "method": "magnitude", "inputs": True,
+                                            "attention": True}}]}
 
 
 def sparse_attention() -> dict:

@@ -47,11 +47,18 @@ def trace(
     example_kwargs: dict | None = None,
     *,
     dynamic: bool = True,
+    dynamic_shapes: dict | None = None,
+    root: str | None = None,
 ) -> torch.fx.GraphModule:
     """Capture `model` called as ``model(*example_inputs, **example_kwargs)`` into a GraphModule.
 
     With ``dynamic=True`` the batch dimension of every tensor input, and the sequence dimension of
-    token-like inputs (integer or boolean 2-D tensors, float 3-D tensors), may vary at run time.
+    token-like inputs (integer or boolean 2-D tensors, float 3-D tensors), may vary at run time;
+    ``dynamic_shapes`` (torch.export's spec, keyed by ``forward``'s parameter names) says exactly which
+    instead, and the example must then be at least 2 along every dimension it makes dynamic.
+    ``root`` names a submodule of `model` that the graph is *of*: `model` wraps it (as
+    `sparsegraph.kv_cache.CacheStep` wraps a causal LM), and the graph's parameter and module paths drop
+    the ``root.`` prefix, so site ids and the plan's fingerprint are those of the wrapped model.
     The returned graph carries our site annotations (`ir.annotate`) and concrete shapes at the example
     inputs in ``node.meta["val"]``.
     """
@@ -64,14 +71,18 @@ def trace(
     # model) succeeds, and the mismatch surfaces later as a bare TypeError from shape propagation.
     _bind(model.forward, example_inputs, example_kwargs)
     with CAPTURE_LOCK:
-        return _capture(model, example_inputs, example_kwargs, dynamic)
+        return _capture(model, example_inputs, example_kwargs, dynamic, dynamic_shapes, root)
 
 
-def _capture(model, example_inputs: tuple, example_kwargs: dict, dynamic: bool) -> torch.fx.GraphModule:
+def _capture(model, example_inputs: tuple, example_kwargs: dict, dynamic: bool, dynamic_shapes: dict | None,
+             root: str | None) -> torch.fx.GraphModule:
     attempts: list[tuple[str, BaseException]] = []
     gm = None
     with _eval_mode(model), _without_kv_cache(model):
-        if dynamic:
+        if dynamic_shapes is not None:
+            gm = _try(attempts, "torch.export (the given dynamic shapes)",
+                      lambda: _export_with(model, example_inputs, example_kwargs, dynamic_shapes))
+        elif dynamic:
             gm = _try(attempts, "torch.export (dynamic batch/sequence)",
                       lambda: _export(model, example_inputs, example_kwargs, dynamic=True))
         if gm is None:
@@ -85,6 +96,8 @@ def _capture(model, example_inputs: tuple, example_kwargs: dict, dynamic: bool) 
             gm = _try(attempts, "torch.fx.symbolic_trace", lambda: _symbolic_trace(model, example_kwargs))
     if gm is None:
         raise TraceError(_explain(model, attempts))
+    if root is not None:
+        _reroot(gm, root)
     inputs.record(gm, ir.flatten_inputs(gm, example_inputs, example_kwargs))
     ir.propagate_shapes(gm, example_inputs, example_kwargs)
     ir.annotate(gm)
@@ -122,8 +135,35 @@ def _export(model, args, kwargs, *, dynamic: bool) -> torch.fx.GraphModule:
         # A size-1 dimension would be specialised to 1 by export's 0/1 rule: trace at size 2 instead.
         args, kwargs = pytree.tree_map(widen, (args, kwargs))
         shapes = dynamic_shapes_for(model.forward, args, kwargs)
-    ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=shapes)
+    return _export_with(model, args, kwargs, shapes)
+
+
+def _export_with(model, args, kwargs, shapes) -> torch.fx.GraphModule:
+    # Under no_grad: a graph that writes into an input (a KV cache) would otherwise fail autograd's
+    # check on in-place writes; the captured ops are the same.
+    with torch.no_grad():
+        ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=shapes)
     return ep.module()
+
+
+def _reroot(gm: torch.fx.GraphModule, root: str) -> None:
+    """Make submodule `root` of `gm` its top: its children become `gm`'s, and every parameter path and
+    module path recorded in the graph drops the ``root.`` prefix."""
+    inner, prefix = gm.get_submodule(root), root + "."
+    for name, child in inner.named_children():
+        setattr(gm, name, child)
+    for name, tensor in [*inner.named_parameters(recurse=False), *inner.named_buffers(recurse=False)]:
+        setattr(gm, name, tensor)
+    delattr(gm, root)
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.target.startswith(prefix):
+            node.target = node.target.removeprefix(prefix)
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            node.meta["nn_module_stack"] = {
+                key: (path.removeprefix(prefix) if isinstance(path, str) else path, kind)
+                for key, (path, kind) in stack.items()}
+    gm.recompile()
 
 
 def _symbolic_trace(model, kwargs) -> torch.fx.GraphModule:

@@ -37,6 +37,7 @@ class NeuronPruning(RewritePass):
     """Remove the coldest MLP neurons (static; see the module docstring)."""
 
     requires = ("activation_profile",)
+    decode = True  # weights: the same for every token
 
     fraction: float = option(0.5, "fraction of each MLP's intermediate neurons removed", range=(0.0, 0.95))
     score: str = option("energy", "how neurons are ranked", choices=("energy", "mass"))

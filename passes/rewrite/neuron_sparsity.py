@@ -49,6 +49,7 @@ class NeuronSparsity(RewritePass):
     """Dynamic activation sparsity on MLP down projections (and optionally their inputs)."""
 
     requires = ("activation_profile",)
+    decode = True  # thresholds per activation: right for one token as for many
 
     target: float = option(0.5, "fraction of activations skipped", range=(0.0, 0.99))
     method: str = option("centred", "how active neurons are chosen", choices=METHODS)

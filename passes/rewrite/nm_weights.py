@@ -37,6 +37,8 @@ LINEAR_ROLES = ("attn.q", "attn.k", "attn.v", "attn.qkv", "attn.out", "mlp.up", 
 class NMWeights(RewritePass):
     """N:M structured weights (2:4 by default) on the linear layers of attention and MLP sites."""
 
+    decode = True  # weights: the same for every token
+
     n: int = option(2, "weights kept in every group of m inputs", range=(1, None))
     m: int = option(4, "group size along the input dimension", range=(1, None))
     roles: tuple[str, ...] = option(LINEAR_ROLES, "roles of the linear layers to sparsify")

@@ -34,6 +34,8 @@ from sparsegraph.registry import register_pass
 class SpeedCheck(RewritePass):
     """Revert the sparse rewrites that do not pay on this machine (see the module docstring)."""
 
+    decode = True  # reverts per op, as timed at the compile's example shapes
+
     min_speedup: float = option(1.0, "keep a site only if dense time / sparse time is at least this",
                                 range=(0.0, None))
     measure: bool = option(True, "time the ops (else compare cost-model MACs and bytes)")

@@ -55,9 +55,9 @@ def test_llama_tiny_teal_sparsity_compiles_and_exports(tmp_path):
     cm = sg.compile(model, "llm-activation-sparsity", example_inputs=example,
                     calibration=_calibration("llama_tiny", model, example), quiet=True)
     stats = cm.plan.passes["neuron_sparsity"]["stats"]
-    assert (stats["matched"], stats["rewritten"], stats["refused"]) == (4, 4, [])
+    assert (stats["matched"], stats["rewritten"], stats["refused"]) == (8, 8, [])  # 4 MLPs, 4 attentions
     nodes = [n for n in cm.graph_module.graph.nodes if n.target is OP.overload]
-    assert len(nodes) == 8  # per gated MLP: gate+up fused (one shared input), and down
+    assert len(nodes) == 16  # per layer: q/k/v fused (one shared input), o, gate+up fused, down
     ort = OnnxModel(cm.export_onnx(tmp_path / "llama.onnx"), cm.graph_module)
     _, other = models.load("llama_tiny", seq_len=20, batch=2)
     for inputs in (example, other):
