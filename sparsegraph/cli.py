@@ -8,6 +8,7 @@
     sparsegraph compile zoo:minilm --config cfg.yaml --plan profile.json --out out3/   # reuse its profile
     sparsegraph export zoo:minilm --config nm-2-4 --out model.onnx
     sparsegraph bench zoo:vit_b_16 --config vit-token-pruning   # compiled vs dense, eager and ORT, one run
+    sparsegraph generate zoo:stdlib_lm --config llm-activation-sparsity --prompt "Return the"  # tokens/s
     sparsegraph profile zoo:minilm --nproc 2 --out profile.json   # calibration sharded over 2 processes
     sparsegraph report out/plan.json --out report.html   # a plan's report (HTML + markdown)
     sparsegraph passes                                # built-in and plugin passes, named pipelines
@@ -111,6 +112,25 @@ def _parser() -> argparse.ArgumentParser:
                        help="calibration sentences for text models with a tokenizer (stdlib docstrings); "
                             "other models calibrate on their example inputs")
         p.set_defaults(run=fn)
+
+    p = sub.add_parser("generate", help="compile a causal LM and generate from a prompt (KV-cache decoding); "
+                                        "prints the text and tokens/s", parents=[common])
+    p.add_argument("model")
+    p.add_argument("--config", help=f"YAML/JSON path or pipeline name {pipelines.names()}")
+    p.add_argument("--plan", help="a saved plan.json: alone, replayed; with --config, its profile is reused")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the prompt text (the model's tokenizer reads it)")
+    prompt.add_argument("--prompt-ids", help="the prompt as token ids, e.g. '1 15 27' (no tokenizer needed)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate at most")
+    p.add_argument("--sample", action="store_true", help="sample (with --temperature, --top-k) instead of "
+                                                         "greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0, help="seed for --sample")
+    p.add_argument("--data", help=DATA_HELP)
+    p.add_argument("--calibration", type=int, default=128, metavar="N",
+                   help="calibration sentences for models with a tokenizer (stdlib docstrings)")
+    p.set_defaults(run=cmd_generate)
 
     p = sub.add_parser("passes", help="list passes (built-in and plugins) and named pipelines",
                        parents=[common])
@@ -275,7 +295,7 @@ def cmd_demo(args) -> None:
 # -- checks: before any work, so that a mistake costs no model load or compile -----------------------------
 
 _COUNTS = {"calibration": "calibration sentences, default 128", "nproc": "calibration processes, default 1",
-           "repeats": "timed rounds, default 7"}
+           "repeats": "timed rounds, default 7", "max_new_tokens": "tokens to generate, default 32"}
 
 
 def check_inputs(args) -> None:
@@ -375,6 +395,42 @@ def _writing(target):
 
 
 # -- helpers ----------------------------------------------------------------------------------------------
+
+
+def cmd_generate(args) -> None:
+    """Compile, then generate from one prompt; the timing line separates the prompt (prefill) from the
+    decode steps, whose rate is the tokens/s figure."""
+    import torch
+
+    model, example = models.resolve(args.model)
+    tokenizer = getattr(model, "tokenizer", None)
+    if args.prompt_ids is not None:
+        try:
+            ids = [int(t) for t in args.prompt_ids.replace(",", " ").split()]
+        except ValueError as e:
+            raise UsageError(f"--prompt-ids {args.prompt_ids!r}: give integers separated by spaces") from e
+    elif tokenizer is None:
+        raise UsageError(f"{args.model} comes without a tokenizer, so --prompt cannot be read: give "
+                         "--prompt-ids '1 15 27'")
+    else:
+        encoded = tokenizer.encode(args.prompt)
+        ids = list(getattr(encoded, "ids", encoded))
+    if len(ids) < 2:
+        raise UsageError("the prompt must hold at least 2 tokens; give a longer prompt")
+    cm = _compile(args, model, example)
+    generator = torch.Generator().manual_seed(args.seed)
+    out = cm.generate(torch.tensor([ids]), max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                      temperature=args.temperature, top_k=args.top_k, generator=generator)
+    new = out[0, len(ids):].tolist()
+    stats = cm.decoder().last
+    text = tokenizer.decode(new) if tokenizer is not None else " ".join(map(str, new))
+    timing = (f"{stats.new_tokens} tokens; prompt {stats.prompt_tokens} tokens in "
+              f"{stats.prefill_s * 1e3:.0f} ms; decode {stats.tokens_per_s:.2f} tokens/s "
+              f"({stats.ms_per_token:.1f} ms/token), {torch.get_num_threads()} threads")
+    _emit(args, {"model": args.model, "prompt_ids": ids, "new_ids": new, "text": text,
+                 "prompt_tokens": stats.prompt_tokens, "new_tokens": stats.new_tokens,
+                 "prefill_s": stats.prefill_s, "decode_s": stats.decode_s,
+                 "tokens_per_s": stats.tokens_per_s}, f"{text}\n{timing}")
 
 
 def _silence_model_loading() -> None:

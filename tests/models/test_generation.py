@@ -185,3 +185,25 @@ def test_sequence_level_rewrites_run_dense_in_generation_with_a_warning():
         got = cm.generate(ids, mask, max_new_tokens=NEW, pad_token_id=0)
     expected = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
     assert torch.equal(got, expected)
+
+
+def tiny_llama():
+    """A CLI model factory (``test_generation:tiny_llama``): the small Llama without a tokenizer."""
+    return _lm("llama"), (_prompt()[0][:1],)
+
+
+def test_cli_generate_prints_the_tokens_and_the_rate(capsys):
+    from sparsegraph import cli
+
+    model, _ = tiny_llama()
+    prompt = [5, 6, 7, 8]
+    expected = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert cli.main(["generate", "test_generation:tiny_llama", "--config", "dense", "--prompt-ids", "5 6 7 8",
+                     "--max-new-tokens", "6"]) == 0
+    text, timing = capsys.readouterr().out.strip().splitlines()
+    assert text.split() == [str(t) for t in expected[0, 4:].tolist()]
+    assert "6 tokens; prompt 4 tokens in" in timing and "tokens/s" in timing and "ms/token" in timing
+
+    assert cli.main(["generate", "test_generation:tiny_llama", "--prompt", "hello"]) == 2
+    err = capsys.readouterr().err
+    assert "comes without a tokenizer, so --prompt cannot be read: give --prompt-ids" in err
