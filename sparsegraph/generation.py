@@ -23,9 +23,12 @@ position ids ``cumsum(mask) − 1``; greedy, or sampling with temperature then t
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -35,6 +38,7 @@ from sparsegraph.context import Batch, PassContext
 from sparsegraph.errors import InputError
 from sparsegraph.kv_cache import ROOT, CacheShape, CacheStep
 from sparsegraph.manager import PassManager
+from sparsegraph.onnx_export import export_onnx
 from sparsegraph.pass_contract import AnalysisPass
 from sparsegraph.plan import SparsityPlan
 from sparsegraph.trace import trace
@@ -79,8 +83,10 @@ class Decoder:
         _share_buffers(self.prefill, self.step)
         self.last: GenerationStats | None = None
         self._warned = False
+        self._onnx: _OnnxDecoding | None = None
 
-    def _graph(self, step: CacheStep, plan: SparsityPlan, model_class: str, queries: int):
+    def _example(self, queries: int) -> tuple[tuple, dict]:
+        """Example inputs of a graph taking `queries` tokens, and which of their sizes may vary."""
         batch, slots, auto = _EXAMPLE_BATCH, _EXAMPLE_SLOTS, torch.export.Dim.AUTO
         ids = torch.zeros(batch, queries, dtype=torch.long)
         args = (ids, ids.clone(), torch.ones(batch, slots, dtype=torch.long), torch.tensor(0),
@@ -88,6 +94,10 @@ class Decoder:
         tokens = {0: auto, 1: auto} if queries > 1 else {0: auto}
         shapes = {"input_ids": tokens, "position_ids": tokens, "mask": {0: auto, 1: auto}, "start": None,
                   "cache": {1: auto, 3: auto}}
+        return args, shapes
+
+    def _graph(self, step: CacheStep, plan: SparsityPlan, model_class: str, queries: int):
+        args, shapes = self._example(queries)
         gm = trace(step, args, dynamic_shapes=shapes, root=ROOT)
         plan.check_model(gm, model_class)  # the same model as the compile's, seen through the wrapper
         replayed = _decode_plan(plan, self.config)
@@ -95,9 +105,39 @@ class Decoder:
         ctx = PassContext(plan=replayed, config=self.config, example=Batch(args), replay=True, quiet=True)
         return PassManager(passes).run(gm, ctx)
 
-    def __call__(self, graph, ids, positions, mask, start: int, cache) -> torch.Tensor:
-        with use_backend(self.config.backend if self.config.backend != "onnx" else "auto"):
-            return graph(ids, positions, mask, torch.tensor(start), cache)
+    def export_onnx(self, directory: str | os.PathLike, opset: int = 18) -> dict[str, Path]:
+        """Write ``prefill.onnx`` and ``step.onnx`` into `directory`: each takes ``input_ids``,
+        ``position_ids``, ``mask``, ``start`` and ``cache`` and returns ``logits`` and the updated cache,
+        ``cache_out`` (ONNX has no in-place writes: the cache is an input and an output, so a runtime that
+        binds both to one buffer updates it in place). Dynamic batch, prompt length and cache length."""
+        directory = Path(directory)
+        paths = {}
+        for name, queries in (("prefill", _EXAMPLE_PROMPT), ("step", 1)):
+            args, shapes = self._example(queries)
+            paths[name] = export_onnx(_CacheOut(getattr(self, name)), directory / f"{name}.onnx", args,
+                                      dynamic_shapes=shapes, opset=opset,
+                                      output_names=["logits", "cache_out"])
+        return paths
+
+    def _runner(self):
+        """``run(which, ids, positions, mask, start, cache) → (logits, cache)`` for the config's backend:
+        the graphs in PyTorch (the cache updated in place), or their ONNX files in onnxruntime."""
+        if self.config.backend != "onnx":
+            return self._run_torch
+        if self._onnx is None:
+            directory = tempfile.TemporaryDirectory(prefix="sparsegraph-decode-")
+            paths = self.export_onnx(directory.name)
+            self._onnx = _OnnxDecoding(paths, directory)
+        return self._onnx
+
+    def run(self, which: str, ids, positions, mask, start: int, cache) -> tuple[torch.Tensor, torch.Tensor]:
+        """One call of the ``"prefill"`` or ``"step"`` graph on the config's backend: ``(logits, cache)``
+        (the argument itself, written in place, in PyTorch; a new one from onnxruntime)."""
+        return self._runner()(which, ids, positions, mask, start, cache)
+
+    def _run_torch(self, which: str, ids, positions, mask, start: int, cache):
+        with use_backend(self.config.backend):
+            return getattr(self, which)(ids, positions, mask, torch.tensor(start), cache), cache
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
@@ -129,12 +169,14 @@ class Decoder:
                            dtype=torch.long)
         pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
 
+        run = self._runner()
         cache = self.shape.allocate(batch, slots, ids.device)
         slot_mask = torch.zeros(batch, slots, dtype=torch.long, device=ids.device)
         slot_mask[:, :prompt] = mask
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
         started = time.perf_counter()
-        logits = self(self.prefill, ids, positions, slot_mask, 0, cache)[:, -1]
+        logits, cache = run("prefill", ids, positions, slot_mask, 0, cache)
+        logits = logits[:, -1]
         prefilled = time.perf_counter()
         finished = torch.zeros(batch, dtype=torch.bool, device=ids.device)
         position = mask.sum(-1, keepdim=True) - 1
@@ -148,7 +190,8 @@ class Decoder:
                 break
             slot_mask[:, prompt + t] = 1
             position = position + 1
-            logits = self(self.step, token[:, None], position, slot_mask, prompt + t, cache)[:, -1]
+            logits, cache = run("step", token[:, None], position, slot_mask, prompt + t, cache)
+            logits = logits[:, -1]
         done = time.perf_counter()
         self.last = GenerationStats(batch, prompt, len(out) - 1, prefilled - started, done - prefilled)
         return torch.cat(out, dim=1)
@@ -158,6 +201,39 @@ class Decoder:
             self._warned = True
             warnings.warn(f"passes {self.left_out} rewrite whole sequences, not single tokens: their sites "
                           "run dense in generate (prefill and decode steps)", stacklevel=3)
+
+
+class _CacheOut(torch.nn.Module):
+    """A cache graph as a function: ``(logits, cache')`` from a copy of the cache, for ONNX export."""
+
+    def __init__(self, graph: torch.fx.GraphModule):
+        super().__init__()
+        self.inner = graph
+
+    def forward(self, input_ids, position_ids, mask, start, cache):
+        cache = cache.clone()
+        return self.inner(input_ids, position_ids, mask, start, cache), cache
+
+
+class _OnnxDecoding:
+    """The exported prefill and step files in onnxruntime, called as `Decoder._run_torch` is."""
+
+    def __init__(self, paths: dict[str, Path], directory: tempfile.TemporaryDirectory):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.intra_op_num_threads = torch.get_num_threads()
+        self.sessions = {name: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+                         for name, path in paths.items()}
+        self.directory = directory  # the files live as long as the sessions
+
+    def __call__(self, which: str, ids, positions, mask, start: int, cache):
+        session = self.sessions[which]
+        values = (ids, positions, mask, torch.tensor(start), cache)
+        feeds = {i.name: v.numpy() for i, v in zip(session.get_inputs(), values)}
+        logits, cache = session.run(["logits", "cache_out"], feeds)
+        return torch.from_numpy(logits), torch.from_numpy(cache)
 
 
 def _decode_plan(plan: SparsityPlan, config: Config) -> SparsityPlan:

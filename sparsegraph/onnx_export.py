@@ -26,22 +26,29 @@ _TWO_GB = 2**31
 
 
 
-def export_onnx(gm: torch.fx.GraphModule, path: str | os.PathLike, args: tuple, kwargs: dict | None = None,
-                *, dynamic: bool = True, opset: int = 18) -> Path:
-    """Write `gm` (called as ``gm(*args, **kwargs)``) to `path` as ONNX; return the path."""
+def export_onnx(gm: torch.nn.Module, path: str | os.PathLike, args: tuple, kwargs: dict | None = None,
+                *, dynamic: bool = True, opset: int = 18, dynamic_shapes: dict | None = None,
+                output_names: list[str] | None = None) -> Path:
+    """Write `gm` (called as ``gm(*args, **kwargs)``) to `path` as ONNX; return the path.
+
+    ``dynamic_shapes`` (torch.export's spec) replaces the default dynamic axes (batch, and the sequence of
+    token-like inputs); ``output_names`` names the graph's outputs in order."""
     path = Path(path)
     kwargs = dict(kwargs or {})
-    eager_only = sorted({op.name for n in gm.graph.nodes
+    graphs = [m.graph for m in gm.modules() if isinstance(m, torch.fx.GraphModule)]
+    eager_only = sorted({op.name for g in graphs for n in g.nodes
                          if (op := codegen.op_of(n)) is not None and op.onnx is None})
     if eager_only:
         raise ExportError(f"ops {eager_only} have no ONNX translation (they run in PyTorch only; roi_scores: "
                           "RoI-only token selection has a data-dependent length); compile without them "
                           "to export")
     try:
-        if dynamic:
+        shapes = dynamic_shapes if dynamic else None
+        if dynamic and shapes is None:
             args, kwargs = pytree.tree_map(widen, (args, kwargs))
-        shapes = dynamic_shapes_for(gm.forward, args, kwargs) if dynamic else None
-        with CAPTURE_LOCK, warnings.catch_warnings():
+            shapes = dynamic_shapes_for(gm.forward, args, kwargs)
+        # no_grad: a graph that writes into an input (a KV cache) is refused by autograd otherwise
+        with CAPTURE_LOCK, warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             ep = torch.export.export(gm, args, kwargs, strict=False, dynamic_shapes=shapes)
             program = torch.onnx.export(ep, dynamo=True, opset_version=opset, verbose=False,
@@ -50,6 +57,8 @@ def export_onnx(gm: torch.fx.GraphModule, path: str | os.PathLike, args: tuple, 
         raise ExportError(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0][:400]}. "
                           "If an op has no ONNX translation, add one to its codegen module; "
                           "if the graph is specialised, retry with dynamic=False") from e
+    for value, name in zip(program.model.graph.outputs, output_names or ()):
+        value.name = name
     path.parent.mkdir(parents=True, exist_ok=True)
     size = sum(t.numel() * t.element_size() for t in gm.state_dict().values())
     program.save(str(path), external_data=size >= _TWO_GB)

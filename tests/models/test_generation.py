@@ -164,6 +164,22 @@ def test_sparse_decode_steps_match_the_reference_op_and_target_0_is_dense(teal_l
     assert torch.equal(dense.generate(ids, mask, max_new_tokens=NEW, pad_token_id=0), expected)
 
 
+@pytest.mark.slow
+@pytest.mark.ci
+def test_onnx_decoding_matches_pytorch(teal_llama, tmp_path):
+    """The prefill and step files (cache in, cache out) run in onnxruntime within 1e-4 of PyTorch and a
+    Python loop over them gives the same greedy tokens."""
+    model, cm = teal_llama
+    ids, mask = _prompt()
+    paths = cm.decoder().export_onnx(tmp_path)
+    assert sorted(p.name for p in paths.values()) == ["prefill.onnx", "step.onnx"]
+    onnx_cm = sg.compile(model, {**TEAL, "backend": "onnx"}, plan=cm.plan, example_inputs=(ids,), quiet=True)
+    torch.testing.assert_close(_step_logits(onnx_cm, ids, mask), _step_logits(cm, ids, mask), rtol=0,
+                               atol=1e-4)
+    expected = cm.generate(ids, mask, max_new_tokens=NEW)
+    assert torch.equal(onnx_cm.generate(ids, mask, max_new_tokens=NEW), expected)
+
+
 def _step_logits(cm, ids, mask):
     """The logits of one decode step after the prompt, through the compiled graphs."""
     d = cm.decoder()
@@ -172,9 +188,9 @@ def _step_logits(cm, ids, mask):
     slots[:, :-1] = mask
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
-        d(d.prefill, ids, positions, slots, 0, cache)
+        _, cache = d.run("prefill", ids, positions, slots, 0, cache)
         slots[:, -1] = 1
-        return d(d.step, ids[:, -1:], positions[:, -1:] + 1, slots, ids.shape[1], cache)
+        return d.run("step", ids[:, -1:], positions[:, -1:] + 1, slots, ids.shape[1], cache)[0]
 
 
 def test_sequence_level_rewrites_run_dense_in_generation_with_a_warning():
