@@ -72,6 +72,7 @@ class Decoder:
 
     def __init__(self, model: torch.nn.Module, config: Config, plan: SparsityPlan, model_class: str):
         self.shape = CacheShape.of(model)
+        self.device = next(model.parameters()).device  # meta for a model planned without weights
         self.config = config
         self.left_out = [p.name for p in config.passes if not p.decode]
         defaults = getattr(model, "generation_config", None)  # eos and pad as model.generate reads them
@@ -88,9 +89,9 @@ class Decoder:
     def _example(self, queries: int) -> tuple[tuple, dict]:
         """Example inputs of a graph taking `queries` tokens, and which of their sizes may vary."""
         batch, slots, auto = _EXAMPLE_BATCH, _EXAMPLE_SLOTS, torch.export.Dim.AUTO
-        ids = torch.zeros(batch, queries, dtype=torch.long)
-        args = (ids, ids.clone(), torch.ones(batch, slots, dtype=torch.long), torch.tensor(0),
-                self.shape.allocate(batch, slots))
+        ids = torch.zeros(batch, queries, dtype=torch.long, device=self.device)
+        args = (ids, ids.clone(), torch.ones(batch, slots, dtype=torch.long, device=self.device),
+                torch.tensor(0), self.shape.allocate(batch, slots, self.device))
         tokens = {0: auto, 1: auto} if queries > 1 else {0: auto}
         shapes = {"input_ids": tokens, "position_ids": tokens, "mask": {0: auto, 1: auto}, "start": None,
                   "cache": {1: auto, 3: auto}}
