@@ -10,7 +10,9 @@ Site queries find the places sparsity applies and return frozen dataclasses:
 - `attention_sites`: ``scaled_dot_product_attention`` calls and explicit ``matmul → softmax → matmul``
   chains, with heads, KV heads (GQA is read off the K projection), head dim, causality (from
   ``is_causal`` or from a mask built by comparing aranges / ``tril``), and the Q/K/V/output projections;
-- `mlp_sites`: ``linear → act → linear`` and gated ``act(linear_g(x)) * linear_u(x) → linear`` blocks.
+- `mlp_sites`: ``linear → act → linear`` and gated ``act(linear_g(x)) * linear_u(x) → linear`` blocks, the
+  gated ones also with gate and up as the two halves of one fused linear (Phi-3); the activation is one
+  node or GELU's tanh approximation written out op by op (GPT-2).
 
 `annotate` writes each site's facts onto its nodes (`sparsegraph.meta`), `propagate_shapes` writes
 concrete shapes at the example inputs into ``node.meta["val"]`` (for both dialects), and
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import operator
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -89,6 +92,8 @@ _aten("cat", "cat.default")
 _targets("cat", torch.cat)
 _aten("tanh", "tanh.default")
 _targets("tanh", torch.tanh, F.tanh)
+_aten("pow", "pow.Tensor_Scalar")
+_targets("pow", torch.pow, operator.pow)
 _aten("masked_fill", "masked_fill.Scalar", "masked_fill.Tensor", "where.self", "where.ScalarOther")
 _targets("masked_fill", torch.where)
 _aten("compare", "le.Tensor", "lt.Tensor", "ge.Tensor", "gt.Tensor", "le.Scalar", "lt.Scalar", "ge.Scalar",
@@ -122,7 +127,7 @@ _targets("shape", operator.getitem, torch.reshape, torch.transpose, torch.permut
 
 _METHODS.update({
     "matmul": "matmul", "bmm": "matmul", "softmax": "softmax", "relu": "relu", "mul": "mul", "add": "add",
-    "div": "div", "sub": "sub", "neg": "neg", "tanh": "tanh", "masked_fill": "masked_fill",
+    "div": "div", "sub": "sub", "neg": "neg", "tanh": "tanh", "pow": "pow", "masked_fill": "masked_fill",
     "tril": "triangle", "triu": "triangle",
     "le": "compare", "lt": "compare", "ge": "compare", "gt": "compare",
     **{m: "shape" for m in ("view", "reshape", "transpose", "permute", "contiguous", "clone", "expand",
@@ -393,7 +398,17 @@ class AttentionSite:
 
 @dataclass(frozen=True)
 class MLPSite:
-    """One MLP block: ``down(act(up(x)))``, or gated ``down(act(gate(x)) * up(x))`` (SwiGLU, GeGLU)."""
+    """One MLP block: ``down(act(up(x)))``, or gated ``down(act(gate(x)) * up(x))`` (SwiGLU, GeGLU), with
+    `hidden` inputs and `intermediate` neurons (I). `act` holds the activation's output: one node, or the
+    last multiply of an explicitly written tanh-GELU (GPT-2's ``gelu_new``, found as ``"gelu"``).
+
+    Fused gated (Phi-3's ``gate_up_proj``): one linear of 2I outputs, ``h = x [W₀; W₁]ᵀ + [b₀; b₁]``, is
+    split along its last axis into ``h₀ = h[..., :I]`` and ``h₁ = h[..., I:]`` (the nodes `halves`), and
+    ``down(act(h_g) * h_u)`` with g = `gate_half` and u = 1 − g. Then `up` and `gate` are the same node
+    (the fused linear) and neuron j of the site is row j of W₀ and row j of W₁, i.e. rows j and I + j of
+    the fused weight: slicing neurons slices both halves alike, and a pass sparsifying the input of "up
+    and gate" changes the one linear.
+    """
 
     id: str
     layer: int
@@ -407,6 +422,13 @@ class MLPSite:
     act: torch.fx.Node
     mul: torch.fx.Node | None
     down: torch.fx.Node
+    halves: tuple[torch.fx.Node, torch.fx.Node] | None = None
+    gate_half: int | None = None
+
+    @property
+    def fused(self) -> bool:
+        """Whether one linear computes gate and up (`halves` and `gate_half` say how its output splits)."""
+        return self.halves is not None
 
     @property
     def intermediate_node(self) -> torch.fx.Node:
@@ -430,7 +452,7 @@ def attention_sites(gm: torch.fx.GraphModule) -> list[AttentionSite]:
 
 def mlp_sites(gm: torch.fx.GraphModule) -> list[MLPSite]:
     """Every MLP block in `gm`, in graph order."""
-    found = [s for n in gm.graph.nodes if kind(n) in ACTIVATIONS for s in [_mlp_site(n)] if s is not None]
+    found = [s for n in gm.graph.nodes for s in [_mlp_site(n)] if s is not None]
     return _number(found, "mlp", lambda s: [s.up, s.gate, s.down])
 
 
@@ -531,32 +553,192 @@ def _attention(*, form, q, k, v, core, out, mask, causal, kv_from_k) -> Attentio
 
 
 def _mlp_site(act: torch.fx.Node) -> MLPSite | None:
-    first = _single_linear(act.args[0], through=frozenset({"shape"}))
+    """The MLP site whose activation's output is `act`, or None."""
+    activation = _activation(act)
+    if activation is None:
+        return None
+    name, act_input = activation
+    first = _single_linear(act_input, through=frozenset({"shape"}))
     if first is None:
         return None
     users = users_through(act, _PASS_THROUGH)
     if len(users) != 1:
         return None
     (user,) = users
-    gate = mul = None
     if _is_linear(user):
-        up, down = first, user
-    elif kind(user) == "mul":
-        others = [a for a in user.all_input_nodes
-                  if act not in producers_through(a, _PASS_THROUGH, lambda n: n is act)]
-        up = _single_linear(others[0], through=frozenset({"shape"})) if len(others) == 1 else None
-        downs = [u for u in users_through(user, _PASS_THROUGH) if _is_linear(u)]
-        if up is None or len(downs) != 1 or linear_parts(up).x is not linear_parts(first).x:
-            return None
-        gate, mul, down = first, user, downs[0]
-    else:
+        return _checked_site(name, up=first, gate=None, act=act, mul=None, down=user)
+    if kind(user) != "mul":
         return None
+    others = [a for a in user.all_input_nodes
+              if act not in producers_through(a, _PASS_THROUGH, lambda n: n is act)]
+    up = _single_linear(others[0], through=frozenset({"shape"})) if len(others) == 1 else None
+    downs = [u for u in users_through(user, _PASS_THROUGH) if _is_linear(u)]
+    if up is None or len(downs) != 1 or linear_parts(up).x is not linear_parts(first).x:
+        return None
+    if up is not first:
+        return _checked_site(name, up=up, gate=first, act=act, mul=user, down=downs[0])
+    gate, other = _half(act_input, first), _half(others[0], first)
+    if gate is None or other is None or gate[0] == other[0]:
+        return None
+    halves = (gate[1], other[1]) if gate[0] == 0 else (other[1], gate[1])
+    return _checked_site(name, up=first, gate=first, act=act, mul=user, down=downs[0], halves=halves,
+                         gate_half=gate[0])
+
+
+def _checked_site(activation: str, *, up, gate, act, mul, down, halves=None,
+                  gate_half=None) -> MLPSite | None:
+    """The site, if the down projection reads as many neurons as up makes (half the fused linear's)."""
     up_parts, down_parts = linear_parts(up), linear_parts(down)
-    if down_parts.in_features != up_parts.out_features:
+    intermediate = up_parts.out_features // (2 if halves is not None else 1)
+    if down_parts.in_features != intermediate:
         return None
-    return MLPSite(id="", layer=-1, module_path="", gated=gate is not None, activation=kind(act),
-                   hidden=up_parts.in_features, intermediate=up_parts.out_features,
-                   up=up, gate=gate, act=act, mul=mul, down=down)
+    return MLPSite(id="", layer=-1, module_path="", gated=gate is not None, activation=activation,
+                   hidden=up_parts.in_features, intermediate=intermediate, up=up, gate=gate, act=act, mul=mul,
+                   down=down, halves=halves, gate_half=gate_half)
+
+
+def _activation(node: torch.fx.Node) -> tuple[str, torch.fx.Node] | None:
+    """(activation name, its input) when `node` is an activation's output, else None."""
+    k = kind(node)
+    if k in ACTIVATIONS:
+        return k, node.args[0]
+    x = _tanh_gelu_input(node)
+    return ("gelu", x) if x is not None else None
+
+
+def _tanh_gelu_input(out: torch.fx.Node) -> torch.fx.Node | None:
+    """x when `out` computes ``0.5·x · (1 + tanh(√(2/π)·(x + 0.044715·x³)))`` op by op, else None.
+
+    That is GELU's tanh approximation as Hugging Face's ``NewGELUActivation`` (GPT-2's ``gelu_new``) writes
+    it. It is read here rather than replaced by ``gelu(x, approximate="tanh")``: ATen's fused kernel rounds
+    differently in the last bit, and a dense compile must give the model's own outputs exactly.
+    Multiplications and additions are matched in either operand order.
+    """
+    if kind(out) != "mul" or not all(isinstance(a, torch.fx.Node) for a in out.args[:2]):
+        return None
+    a, b = out.args[:2]
+    for half, bracket in ((a, b), (b, a)):
+        x, t = _scaled(half, 0.5), _shifted(bracket, 1.0)
+        if x is None or t is None or kind(t) != "tanh":
+            continue
+        inner = _scaled(t.args[0], math.sqrt(2 / math.pi))
+        if inner is not None and _is_x_plus_cubic(inner, x):
+            return x
+    return None
+
+
+def _scaled(node, factor: float) -> torch.fx.Node | None:
+    """y when `node` is ``y · factor`` (either order), else None."""
+    return _with_number(node, "mul", factor)
+
+
+def _shifted(node, offset: float) -> torch.fx.Node | None:
+    """y when `node` is ``y + offset`` (either order), else None."""
+    return _with_number(node, "add", offset)
+
+
+def _with_number(node, op: str, number: float) -> torch.fx.Node | None:
+    """y when `node` is the `op` kind of y and a constant equal to `number` (to 1e-6), either order."""
+    if not isinstance(node, torch.fx.Node) or kind(node) != op or node.kwargs or len(node.args) != 2:
+        return None
+    for y, c in (node.args, node.args[::-1]):
+        close = isinstance(c, (int, float)) and math.isclose(c, number, rel_tol=1e-6)
+        if close and isinstance(y, torch.fx.Node):
+            return y
+    return None
+
+
+def _is_x_plus_cubic(node: torch.fx.Node, x: torch.fx.Node) -> bool:
+    """Whether `node` is ``x + 0.044715·x³`` (either order)."""
+    if kind(node) != "add" or node.kwargs or len(node.args) != 2 or x not in node.args:
+        return False
+    cube = _scaled(node.args[1] if node.args[0] is x else node.args[0], 0.044715)
+    return cube is not None and kind(cube) == "pow" and cube.args[0] is x and cube.args[1] == 3
+
+
+def _half(node, fused: torch.fx.Node) -> tuple[int, torch.fx.Node] | None:
+    """(0 or 1, the node cutting it out) when `node` holds, up to layout ops, the first or the second half
+    of `fused`'s output along its last axis, else None."""
+    while isinstance(node, torch.fx.Node):
+        index = _half_index(node, fused)
+        if index is not None:
+            return index, node
+        if kind(node) != "shape" or not node.args:
+            return None
+        node = node.args[0]
+    return None
+
+
+_CHUNKS = (aten.chunk.default, torch.chunk, "chunk")
+_SPLITS = (aten.split.Tensor, aten.split_with_sizes.default, torch.split, "split")
+
+
+def _half_index(node: torch.fx.Node, fused: torch.fx.Node) -> int | None:
+    """Which half of `fused`'s output h [..., 2I] `node` is (0 or 1), or None."""
+    width = linear_parts(fused).out_features
+    if width % 2 or node.op != "call_function" or not node.args:
+        return None
+    if node.target is aten.slice.Tensor:
+        cut = slice(_arg(node, 2, "start"), _arg(node, 3, "end"), _arg(node, 4, "step"))
+        last = node.args[0] is fused and _last_axis(node, _arg(node, 1, "dim", 0))
+        return _slice_half(cut, width) if last else None
+    if node.target is not operator.getitem:
+        return None
+    if node.args[0] is fused:  # torch-level indexing, h[..., a:b]
+        key = _last_axis_key(node.args[1], len(shape(fused) or ()))
+        return _slice_half(key, width) if key is not None else None
+    return _split_half(node, fused, width)
+
+
+def _split_half(item: torch.fx.Node, fused: torch.fx.Node, width: int) -> int | None:
+    """i for ``chunk(h, 2, -1)[i]`` or ``split(h, I, -1)[i]`` (or sizes ``[I, I]``), else None."""
+    split, index = item.args
+    if not isinstance(split, torch.fx.Node) or not split.args or split.args[0] is not fused:
+        return None
+    halves = _split_sizes(split, width) == [width // 2] * 2 and _last_axis(split, _arg(split, 2, "dim", 0))
+    return index if halves and index in (0, 1) else None
+
+
+def _last_axis_key(key, rank: int) -> slice | None:
+    """The slice when the index `key` cuts only the last axis (``[..., a:b]``, ``[:, :, a:b]``), else None."""
+    if not isinstance(key, tuple) or not key or not isinstance(key[-1], slice):
+        return None
+    lead = key[:-1]
+    if lead == (Ellipsis,) or (len(key) == rank and all(k == slice(None) for k in lead)):
+        return key[-1]
+    return None
+
+
+def _slice_half(cut: slice, width: int) -> int | None:
+    """0 for the slice ``[:I]`` of an axis of 2I, 1 for ``[I:]``, else None."""
+    start, end = cut.start or 0, cut.stop
+    if cut.step not in (None, 1):
+        return None
+    if (start, end) == (0, width // 2):
+        return 0
+    return 1 if start == width // 2 and (end is None or end >= width) else None
+
+
+def _split_sizes(split: torch.fx.Node, width: int) -> list[int] | None:
+    """The sizes a ``chunk`` or ``split`` node cuts a `width`-wide axis into; None for other nodes."""
+    if split.op not in ("call_function", "call_method"):
+        return None
+    if split.target in _CHUNKS:
+        chunks = _arg(split, 1, "chunks")
+        return [-(-width // chunks)] * chunks if isinstance(chunks, int) and chunks > 0 else None
+    if split.target in _SPLITS:
+        size = split.args[1] if len(split.args) > 1 else next(
+            (v for k, v in split.kwargs.items() if k.startswith("split_size")), None)
+        if isinstance(size, (list, tuple)):
+            return list(size)
+        return [size] * -(-width // size) if isinstance(size, int) and size > 0 else None
+    return None
+
+
+def _last_axis(node: torch.fx.Node, dim) -> bool:
+    """Whether `dim` names the last axis of `node`'s first argument."""
+    rank = len(shape(node.args[0]) or ())
+    return isinstance(dim, int) and (dim == -1 or (rank > 0 and dim == rank - 1))
 
 
 def _attention_paths(site: AttentionSite):
@@ -677,7 +859,8 @@ def annotate(gm: torch.fx.GraphModule) -> None:
             put(site.out, "attn.pv")
         put(site.o_proj, "attn.out")
     for site in mlp_sites(gm):
-        for node, role in ((site.up, "mlp.up"), (site.gate, "mlp.gate"), (site.act, "mlp.act"),
+        gate = None if site.fused else site.gate  # the fused linear is the site's up projection
+        for node, role in ((site.up, "mlp.up"), (gate, "mlp.gate"), (site.act, "mlp.act"),
                            (site.mul, "mlp.mul"), (site.down, "mlp.down")):
             if node is not None:
                 meta.set_info(node, meta.NodeInfo(site.id, role, site.layer, site.module_path))

@@ -29,7 +29,7 @@ import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
-from sparsegraph import inputs, ir
+from sparsegraph import canonicalize, inputs, ir
 from sparsegraph.errors import TraceError
 
 __all__ = ["CAPTURE_LOCK", "dynamic_shapes_for", "trace"]
@@ -99,6 +99,7 @@ def _capture(model, example_inputs: tuple, example_kwargs: dict, dynamic: bool, 
     if root is not None:
         _reroot(gm, root)
     inputs.record(gm, ir.flatten_inputs(gm, example_inputs, example_kwargs))
+    canonicalize.canonicalize(gm)
     ir.propagate_shapes(gm, example_inputs, example_kwargs)
     ir.annotate(gm)
     return gm

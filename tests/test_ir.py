@@ -1,6 +1,7 @@
 """Site queries (`sparsegraph.ir`): exact attention/MLP counts and facts on every zoo model, node
 annotations, both capture dialects, and the networkx view."""
 
+import math
 from dataclasses import dataclass
 
 import networkx as nx
@@ -254,6 +255,119 @@ def test_gated_mlp_found_in_both_dialects(refuse_export):
     assert ([_path(n) for n in (s.gate, s.up, s.down)]
             == ["block.gate_proj", "block.up_proj", "block.down_proj"])
     assert ir.kind(s.mul) == "mul"
+
+
+class FusedSwiGLU(torch.nn.Module):
+    """Phi-3's MLP: gate and up are the halves of one linear's output, cut by ``chunk``, ``split`` or slices
+    (then with the gate the second half)."""
+
+    def __init__(self, cut, dim=32, hidden=48):
+        super().__init__()
+        self.cut, self.hidden = cut, hidden
+        self.gate_up_proj, self.down_proj = torch.nn.Linear(dim, 2 * hidden), torch.nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        h = self.gate_up_proj(x)
+        if self.cut == "chunk":
+            gate, up = h.chunk(2, dim=-1)
+        elif self.cut == "split":
+            gate, up = h.split(self.hidden, dim=-1)
+        else:
+            up, gate = h[..., :self.hidden], h[..., self.hidden:]
+        return self.down_proj(up * F.silu(gate))
+
+
+@pytest.mark.parametrize("cut", ["chunk", "split", "slice"])
+@pytest.mark.parametrize("refuse_export", [False, True], ids=["export", "fx"])
+def test_fused_gated_mlp_found_in_both_dialects(refuse_export, cut):
+    gm = _trace(lambda: FusedSwiGLU(cut), refuse_export)
+    (s,) = ir.mlp_sites(gm)
+    assert (s.id, s.gated, s.fused, s.activation, s.hidden, s.intermediate, s.gate_half) == (
+        "mlp:block", True, True, "silu", 32, 48, 1 if cut == "slice" else 0)
+    assert s.up is s.gate and _path(s.up) == "block.gate_up_proj" and _path(s.down) == "block.down_proj"
+    assert [ir.shape(h)[-1] for h in s.halves] == [48, 48]
+    assert ir.producers_through(s.act.args[0], frozenset({"shape"}), lambda n: n is s.halves[s.gate_half])
+    roles = [meta.get(n).role for n in (s.up, s.act, s.mul, s.down)]
+    assert roles == ["mlp.up", "mlp.act", "mlp.mul", "mlp.down"]  # the fused linear is the site's up
+
+
+class TanhGELUMLP(torch.nn.Module):
+    """GPT-2's MLP on linear layers: GELU's tanh approximation written out as Hugging Face's
+    ``NewGELUActivation`` does (`kappa` other than 0.044715: some other function)."""
+
+    def __init__(self, kappa=0.044715, dim=32, hidden=64):
+        super().__init__()
+        self.kappa = kappa
+        self.c_fc, self.c_proj = torch.nn.Linear(dim, hidden), torch.nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        h = self.c_fc(x)
+        return self.c_proj(0.5 * h * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (h + self.kappa
+                                                                                      * torch.pow(h, 3.0)))))
+
+
+@pytest.mark.parametrize("refuse_export", [False, True], ids=["export", "fx"])
+def test_written_out_tanh_gelu_is_a_gelu_activation_in_both_dialects(refuse_export):
+    gm = _trace(TanhGELUMLP, refuse_export)
+    (s,) = ir.mlp_sites(gm)
+    assert (s.id, s.gated, s.activation, s.hidden, s.intermediate) == ("mlp:block", False, "gelu", 32, 64)
+    assert ir.kind(s.act) == "mul" and meta.get(s.act).role == "mlp.act"  # the chain's last multiply
+    assert ir.users_through(s.act, frozenset()) == [s.down]
+    assert ir.mlp_sites(_trace(lambda: TanhGELUMLP(kappa=0.05), refuse_export)) == []
+
+
+class _GPT2MLP(torch.nn.Module):
+    """Hugging Face's GPT-2 MLP: Conv1D projections (weight [in, out], ``addmm``) around ``gelu_new``;
+    `strided` feeds it the first 32 features of a wider tensor (a view, not contiguous)."""
+
+    def __init__(self, strided=False):
+        super().__init__()
+        from transformers.activations import NewGELUActivation
+        from transformers.pytorch_utils import Conv1D
+
+        self.strided = strided
+        self.c_fc, self.act, self.c_proj = Conv1D(64, 32), NewGELUActivation(), Conv1D(32, 64)
+        torch.nn.init.normal_(self.c_fc.bias), torch.nn.init.normal_(self.c_proj.bias)
+
+    def forward(self, x):
+        x = x[..., :32] if self.strided else x
+        return self.c_proj(self.act(self.c_fc(x)))
+
+
+def _gpt2_mlp(strided):
+    pytest.importorskip("transformers")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = Wrapped(_GPT2MLP(strided)).eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    gm = sg.trace(model, (torch.randn(2, 5, 40 if strided else 32),))
+    assert model.state_dict().keys() == state.keys()  # the user's model is not changed
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    for shape in ((2, 5), (3, 9)):
+        x = torch.randn(*shape, 40 if strided else 32)
+        with torch.no_grad():
+            torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)  # exactly, bit for bit
+    return model.block, gm
+
+
+def test_conv1d_becomes_a_linear_on_a_view_of_its_weight():
+    block, gm = _gpt2_mlp(strided=False)
+    assert not [n for n in gm.graph.nodes if n.target is torch.ops.aten.addmm.default]
+    (s,) = ir.mlp_sites(gm)
+    assert (s.id, s.activation, s.hidden, s.intermediate) == ("mlp:block", "gelu", 32, 64)
+    for node, conv in ((s.up, block.c_fc), (s.down, block.c_proj)):
+        parts = ir.linear_parts(node)
+        assert len(ir.shape(parts.x)) == 3  # the input itself, not flattened to 2-D
+        assert torch.equal(parts.weight, conv.weight.t()) and parts.bias is conv.bias
+        assert parts.weight.data_ptr() == conv.weight.data_ptr()  # a view: shared, not copied
+    assert [_path(n) for n in (s.up, s.down)] == ["block.c_fc", "block.c_proj"]
+
+
+def test_conv1d_on_a_strided_input_stays_addmm():
+    """``linear`` on a non-contiguous input would not be the same addmm: the Conv1D is left as it is."""
+    _, gm = _gpt2_mlp(strided=True)
+    assert len([n for n in gm.graph.nodes if n.target is torch.ops.aten.addmm.default]) == 1
+    assert ir.mlp_sites(gm) == []  # c_fc is not a linear, so no site
 
 
 @pytest.mark.parametrize("refuse_export", [False, True], ids=["export", "fx"])

@@ -20,9 +20,10 @@ PACKAGES = {"sparsegraph": ROOT / "sparsegraph", "sparsegraph.passes": ROOT / "p
 LAYERS = [
     ("base", ["sparsegraph.version", "sparsegraph.errors", "sparsegraph.meta", "sparsegraph.ir",
               "sparsegraph.svg", "sparsegraph.png", "sparsegraph.data", "sparsegraph.distributed"]),
-    ("domain", ["sparsegraph.graph_edit", "sparsegraph.inputs", "sparsegraph.attention_layouts",
+    ("domain", ["sparsegraph.graph_edit", "sparsegraph.canonicalize", "sparsegraph.inputs",
+                "sparsegraph.attention_layouts",
                 "sparsegraph.boxes", "sparsegraph.cost_model", "sparsegraph.observe", "sparsegraph.measure",
-                "sparsegraph.sections"]),
+                "sparsegraph.sections", "sparsegraph.kv_cache"]),
     ("codegen", ["sparsegraph.codegen"]),
     ("measures", ["sparsegraph.attention_scores"]),  # reads the token_scores op's kernel: above codegen
     ("contract", ["sparsegraph.pass_contract", "sparsegraph.facts", "sparsegraph.registry",
@@ -30,7 +31,7 @@ LAYERS = [
                   "sparsegraph.instruments", "sparsegraph.manager", "sparsegraph.trace",
                   "sparsegraph.onnx_export"]),
     ("passes", ["sparsegraph.passes"]),
-    ("api", ["sparsegraph.compile", "sparsegraph.report", "sparsegraph.models", "sparsegraph"]),
+    ("api", ["sparsegraph.compile", "sparsegraph.generation", "sparsegraph.report", "sparsegraph.models", "sparsegraph"]),
     ("tools", ["sparsegraph.cli", "sparsegraph.demo", "sparsegraph.docgen", "sparsegraph.__main__"]),
 ]
 

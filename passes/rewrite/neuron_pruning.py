@@ -1,9 +1,11 @@
 """``neuron_pruning``: static removal of the coldest MLP neurons, by slicing the weights.
 
 For each MLP site with intermediate size I, the ``round(fraction·I)`` neurons with the lowest score
-are removed: rows of W_up (and W_gate) and their biases, columns of W_down. The kept weights are new
-tensors of the compiled model (the user's model is untouched). Every backend runs the smaller dense
-matmuls, ONNX on CPU included: this is the speed-up that needs no sparse kernel.
+are removed: rows of W_up (and W_gate) and their biases, columns of W_down; at a fused gated site
+(Phi-3's ``gate_up_proj``: gate and up are the two halves of one linear's output) rows j and I + j of the
+fused weight, both halves alike. The kept weights are new tensors of the compiled model (the user's model
+is untouched). Every backend runs the smaller dense matmuls, ONNX on CPU included: this is the speed-up
+that needs no sparse kernel.
 
 Scores come from the ``activation_profile`` evidence of the site (never from the neuron index):
 
@@ -25,8 +27,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.fx
 
-from sparsegraph import facts, graph_edit, ir
+from sparsegraph import facts, graph_edit, ir, meta
 from sparsegraph.pass_contract import Refused, RewritePass, SiteDecision, option
 from sparsegraph.registry import register_pass
 
@@ -100,11 +103,12 @@ class NeuronPruning(RewritePass):
                 continue
             with ctx.at(site.id):
                 keep = torch.tensor(decision.decision["keep"], dtype=torch.long)
-                for node in (site.up, site.gate):
-                    if node is not None:
-                        parts = ir.linear_parts(node)
-                        bias = parts.bias[keep] if parts.bias is not None else None
-                        graph_edit.replace_linear(gm, node, parts.weight[keep], bias)
+                if site.fused:
+                    _slice_fused(gm, site, keep)
+                else:
+                    for node in (site.up, site.gate):
+                        if node is not None:
+                            _slice_rows(gm, node, keep)
                 parts = ir.linear_parts(site.down)
                 bias = parts.bias.clone() if parts.bias is not None else torch.zeros(parts.out_features,
                                                                                      dtype=parts.weight.dtype)
@@ -115,3 +119,28 @@ class NeuronPruning(RewritePass):
                 graph_edit.replace_linear(gm, site.down, parts.weight[:, keep], bias)
                 stats.rewritten += 1
         stats.counters["neurons_removed"] = sum(len(d.decision["removed"]) for d in decisions.values())
+
+
+def _slice_rows(gm, node: torch.fx.Node, rows: torch.Tensor) -> torch.fx.Node:
+    """Replace linear `node` by one computing only its outputs `rows` (new, sliced weight and bias)."""
+    parts = ir.linear_parts(node)
+    bias = parts.bias[rows] if parts.bias is not None else None
+    return graph_edit.replace_linear(gm, node, parts.weight[rows], bias)
+
+
+def _slice_fused(gm, site: ir.MLPSite, keep: torch.Tensor) -> None:
+    """Keep neurons `keep` (k of I) of a fused gated site: rows ``keep`` and ``I + keep`` of the fused
+    weight, so that the new linear's output is [h₀[keep], h₁[keep]]. The nodes that held the halves h₀, h₁
+    become the slices ``[..., :k]`` and ``[..., k:]`` of it (a split written for the old width, ``split(h,
+    I)``, would cut in the wrong place), and the split they came from goes when nothing reads it."""
+    fused = _slice_rows(gm, site.up, torch.cat([keep, keep + site.intermediate]))
+    k = len(keep)
+    for index, half in enumerate(site.halves):
+        split = half.args[0]
+        with gm.graph.inserting_before(half):
+            part = gm.graph.call_function(torch.ops.aten.slice.Tensor, (fused, -1, index * k, index * k + k))
+        meta.copy_provenance(half, part)
+        half.replace_all_uses_with(part)
+        gm.graph.erase_node(half)
+        if split is not fused and not split.users:
+            gm.graph.erase_node(split)

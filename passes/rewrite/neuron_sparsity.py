@@ -14,7 +14,10 @@ Methods, one option away:
   largest Σ|a − c| over its first ``core_prefix`` tokens (its prompt; 0 = all its tokens), and every
   token of the sequence uses those: ``sparsegraph::core_linear``.
 
-With ``inputs=True`` the same happens to the up and gate projections' input, and with
+The down projection's input is the same whatever makes it, so a fused gated MLP (Phi-3's one
+``gate_up_proj``) and GPT-2's (Conv1D projections, canonicalised to linear layers at capture) are handled
+as any other. With ``inputs=True`` the same happens to the up and gate projections' input (a fused
+``gate_up_proj`` is the one linear reading it: it becomes one op whose 2I outputs split as before), and with
 ``attention=True`` to the inputs of the attention's q/k/v projections (one fused op: they read the same
 input) and of its output projection: TEAL's input sparsity on every projection (needs
 ``activation_profile`` with ``inputs``/``attention`` set alike).
@@ -133,8 +136,9 @@ def _groups(site, wants) -> list[tuple[str, list[torch.fx.Node], int]]:
 
     if isinstance(site, ir.MLPSite):
         groups = [("down_input", [site.down], site.intermediate)] if wanted("down_input", None) else []
-        if wanted("mlp_input", "inputs"):  # gate and up read the same input
-            groups.append(("mlp_input", [n for n in (site.gate, site.up) if n is not None], site.hidden))
+        if wanted("mlp_input", "inputs"):  # gate and up read the same input (one linear when fused)
+            groups.append(("mlp_input", list(dict.fromkeys(n for n in (site.gate, site.up) if n is not None)),
+                           site.hidden))
         return groups
     groups = []
     qkv = list(dict.fromkeys(n for n in (site.q_proj, site.k_proj, site.v_proj) if n is not None))

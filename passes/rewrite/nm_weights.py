@@ -6,7 +6,10 @@ no fine-tuning: fidelity drops on dense models, which is why no default pipeline
 ``linear(x, W, b)`` by ``sparsegraph::nm_linear(x, values, offsets, b, n, m)``.
 
 Refuses, with the reason recorded: a weight computed in the graph rather than stored; ``in_features``
-not a multiple of ``m``; ``n == m`` (nothing would be pruned: the layer stays dense, exactly).
+not a multiple of ``m``; ``n == m`` (nothing would be pruned: the layer stays dense, exactly); a fused
+gated MLP's one ``gate_up_proj`` (annotated ``mlp.up``: it computes gate and up) when ``roles`` names only
+one of ``mlp.gate`` and ``mlp.up`` (N:M groups run along each output's inputs, so with both named it is
+packed like any linear).
 
 Counts are in linear layers: matched, rewritten, refused (with the reason); ``counters["sites"]`` is the
 number of sites touched.
@@ -30,6 +33,7 @@ from sparsegraph.pass_contract import Refused, RewritePass, SiteDecision, option
 from sparsegraph.registry import register_pass
 
 LINEAR_ROLES = ("attn.q", "attn.k", "attn.v", "attn.qkv", "attn.out", "mlp.up", "mlp.gate", "mlp.down")
+_FUSED_ROLES = frozenset({"mlp.up", "mlp.gate"})  # what a fused gate_up linear (role mlp.up) computes
 
 
 @register_pass("nm_weights")
@@ -54,12 +58,18 @@ class NMWeights(RewritePass):
 
     def decide(self, gm, ctx, stats):
         decisions: dict[str, dict] = {}
+        fused = {s.up for s in ir.mlp_sites(gm) if s.fused}
         for node, info in _linears(gm):
             opts = ctx.options(self, info.site, info.module_path)
-            if info.role not in opts.roles:
+            computes = _FUSED_ROLES if node in fused else {info.role}
+            named = computes & set(opts.roles)
+            if not named:
                 continue
             parts = ir.linear_parts(node)
             with refusals(stats, f"{info.site} [{parts.module_path}]"):
+                if named != computes:
+                    raise Refused(f"one fused linear computes gate and up (the halves of its output) and "
+                                  f"roles name only {min(named)}: name mlp.gate and mlp.up to sparsify it")
                 if parts.weight is None:
                     raise Refused("weight is computed in the graph, not a stored parameter")
                 if parts.in_features % opts.m:

@@ -1,10 +1,15 @@
 """Hugging Face causal LMs compile as ``from_config`` returns them (``use_cache`` on, its default): the
 graph is captured without the cache, gives HF's logits at other batch sizes and lengths, finds one
 attention and one MLP site per layer with ids from the module paths, and leaves the config as it was.
+Phi-3's fused ``gate_up_proj`` and GPT-2's Conv1D MLP with its written-out tanh-GELU are MLP sites like
+the others: activation sparsity runs on them (dense at target 0) and neuron pruning equals pruning the
+HF modules by hand.
 
 Small random-init configs (2 layers, hidden 64): structure and exactness, not quality."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -46,10 +51,13 @@ def _lm(arch: str) -> torch.nn.Module:
 # Three in the default run (GQA with SDPA, soft-capped explicit attention, GPT-2's Conv1D); all in CI.
 ARCHS = [a if a in ("llama", "gemma2", "gpt2") else pytest.param(a, marks=[pytest.mark.slow, pytest.mark.ci])
          for a in ("llama", "qwen2", "mistral", "phi3", "gemma", "gemma2", "gpt2", "opt")]
-# Where the MLP blocks are not found yet (issue 16): Phi-3's fused gate_up_proj, GPT-2's Conv1D
-# projections around an explicitly written tanh-GELU.
-MLP_NOT_FOUND = {"phi3", "gpt2"}
 ATTENTION_PATH = {"gpt2": "transformer.h.{}.attn", "opt": "model.decoder.layers.{}.self_attn"}
+# OPT's fc1/fc2 sit directly in the decoder layer, so the site is the layer
+MLP_PATH = {"gpt2": "transformer.h.{}.mlp", "opt": "model.decoder.layers.{}"}
+# (activation, gated, fused): Gemma's gelu_pytorch_tanh is one gelu node, GPT-2's gelu_new a written-out
+# chain read as gelu, Phi-3's gate and up the halves of one linear
+MLP_FORM = {"phi3": ("silu", True, True), "gemma": ("gelu", True, False), "gemma2": ("gelu", True, False),
+            "gpt2": ("gelu", False, False), "opt": ("relu", False, False)}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -68,4 +76,86 @@ def test_compiles_with_the_default_cache_flag_and_gives_hf_logits(arch):
     path = ATTENTION_PATH.get(arch, "model.layers.{}.self_attn")
     assert [s.id for s in attention] == [f"attn:{path.format(i)}" for i in range(LAYERS)]
     mlps = ir.mlp_sites(cm.graph_module)
-    assert len(mlps) == (0 if arch in MLP_NOT_FOUND else LAYERS)
+    path = MLP_PATH.get(arch, "model.layers.{}.mlp")
+    assert [s.id for s in mlps] == [f"mlp:{path.format(i)}" for i in range(LAYERS)]
+    assert {(s.activation, s.gated, s.fused) for s in mlps} == {MLP_FORM.get(arch, ("silu", True, False))}
+
+
+# The sparse passes on the two MLP forms that needed their own reading: GPT-2 in the default run
+SPARSE_ARCHS = ["gpt2", pytest.param("phi3", marks=[pytest.mark.slow, pytest.mark.ci])]
+
+
+def _ids(shape, seed):
+    return torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _sparse(model, *passes):
+    calibration = [(_ids((2, 16), 10 + i),) for i in range(3)]
+    return sg.compile(model, {"passes": list(passes)}, example_inputs=(_ids((2, 16), 0),),
+                      calibration=calibration, quiet=True)
+
+
+def _stats(cm, name):
+    stats = cm.plan.passes[name]["stats"]
+    return stats["matched"], stats["rewritten"], [r["reason"] for r in stats["refused"]]
+
+
+@pytest.mark.parametrize("arch", SPARSE_ARCHS)
+def test_activation_sparsity_runs_on_the_mlps_and_is_dense_at_target_0(arch):
+    model = _lm(arch)
+    profile = {"activation_profile": {"inputs": True}}
+    cm = _sparse(model, profile, {"neuron_sparsity": {"target": 0.5, "inputs": True}})
+    assert _stats(cm, "neuron_sparsity") == (LAYERS, LAYERS, [])
+    ops = [n for n in cm.graph_module.graph.nodes if "sparse_linear" in str(n.target)]
+    assert len(ops) == 2 * LAYERS  # down, and up/gate: one op for Phi-3's fused gate_up_proj
+    x = _ids((3, 24), 1)
+    with torch.no_grad():
+        dense, sparse = model(x).logits, cm(x).logits
+    assert torch.isfinite(sparse).all() and not torch.equal(sparse, dense)
+
+    cm = _sparse(model, profile, {"neuron_sparsity": {"target": 0.0, "inputs": True}})
+    assert _stats(cm, "neuron_sparsity") == (LAYERS, 0, ["target 0: the site stays dense"] * LAYERS)
+    with torch.no_grad():
+        torch.testing.assert_close(cm(x).logits, dense, rtol=0, atol=0)
+
+
+def _prune_by_hand(model, arch, plan):
+    """`model` with each MLP's neurons sliced as the plan's neuron_pruning decisions say, on the HF
+    modules themselves: Phi-3's gate_up_proj loses rows j and I + j per removed neuron j, GPT-2's Conv1D
+    (weight [in, out]) columns of c_fc and rows of c_proj; the removed neurons' means go into the down
+    bias."""
+    pruned = copy.deepcopy(model)
+    path = MLP_PATH.get(arch, "model.layers.{}.mlp")
+    for i in range(LAYERS):
+        d = plan.sites[f"mlp:{path.format(i)}"]["neuron_pruning"]["decision"]
+        keep, gone = torch.tensor(d["keep"]), torch.tensor(d["removed"])
+        means = torch.tensor(d["removed_mean"])
+        mlp = pruned.get_submodule(path.format(i))
+        if arch == "phi3":
+            up, down = mlp.gate_up_proj, mlp.down_proj
+            mlp.gate_up_proj = torch.nn.Linear(up.in_features, 2 * len(keep), bias=False)
+            mlp.gate_up_proj.weight.copy_(up.weight[torch.cat([keep, keep + down.in_features])])
+            mlp.down_proj = torch.nn.Linear(len(keep), down.out_features)
+            mlp.down_proj.weight.copy_(down.weight[:, keep])
+            mlp.down_proj.bias.copy_(down.weight[:, gone] @ means)
+        else:
+            fc, proj = mlp.c_fc, mlp.c_proj
+            fc.weight, fc.bias = torch.nn.Parameter(fc.weight[:, keep]), torch.nn.Parameter(fc.bias[keep])
+            fc.nf = len(keep)
+            proj.bias = torch.nn.Parameter(proj.bias + means @ proj.weight[gone])
+            proj.weight = torch.nn.Parameter(proj.weight[keep])
+    return pruned
+
+
+@pytest.mark.parametrize("arch", SPARSE_ARCHS)
+def test_neuron_pruning_equals_pruning_the_hf_modules_by_hand(arch):
+    model = _lm(arch)
+    cm = _sparse(model, "activation_profile", {"neuron_pruning": {"fraction": 0.5}})
+    assert _stats(cm, "neuron_pruning") == (LAYERS, LAYERS, [])
+    intermediate = model.config.intermediate_size if arch == "phi3" else 4 * model.config.n_embd
+    assert [s.intermediate for s in ir.mlp_sites(cm.graph_module)] == [intermediate // 2] * LAYERS
+    with torch.no_grad():
+        pruned = _prune_by_hand(model, arch, cm.plan)
+        for shape in ((2, 16), (3, 24)):
+            x = _ids(shape, 1)
+            torch.testing.assert_close(cm(x).logits, pruned(x).logits, rtol=1e-5, atol=1e-5)

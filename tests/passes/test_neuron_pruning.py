@@ -1,5 +1,7 @@
-"""neuron_pruning: structure (smaller weights), numerics (vs slicing by hand), counts, choice by profile."""
+"""neuron_pruning: structure (smaller weights), numerics (vs slicing by hand), counts, choice by profile,
+fused gate/up (both halves sliced alike)."""
 
+import pytest
 import torch
 
 import sparsegraph as sg
@@ -57,3 +59,40 @@ def test_counts_and_zero_fraction_is_dense(explicit_calibrated):
     cm = _compile(model, example, batches, fraction=0.5)
     stats = cm.plan.passes["neuron_pruning"]["stats"]
     assert stats["rewritten"] == 3 and stats["counters"]["neurons_removed"] == 3 * 256
+
+
+class _FusedGated(torch.nn.Module):
+    """Phi-3's MLP: gate and up are the halves of one linear's output (`cut` by chunk, or by a split at
+    the width, which must be re-cut when neurons go)."""
+
+    def __init__(self, cut):
+        super().__init__()
+        self.cut = cut
+        self.gate_up_proj, self.down_proj = torch.nn.Linear(32, 128), torch.nn.Linear(64, 32)
+
+    def forward(self, x):
+        h = self.gate_up_proj(x)
+        gate, up = h.chunk(2, dim=-1) if self.cut == "chunk" else h.split(h.shape[-1] // 2, dim=-1)
+        return self.down_proj(up * torch.nn.functional.silu(gate))
+
+
+@pytest.mark.parametrize("cut", ["chunk", "split"])
+def test_fused_gate_up_loses_the_same_neurons_in_both_halves(cut):
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = _FusedGated(cut).eval()
+    g = torch.Generator().manual_seed(0)
+    example, batches = (torch.randn(2, 8, 32, generator=g),), [(torch.randn(4, 8, 32, generator=g),)]
+    cm = _compile(model, example, batches, fraction=0.25)
+    (site,) = ir.mlp_sites(cm.graph_module)
+    assert (site.fused, site.intermediate, ir.linear_parts(site.up).out_features) == (True, 48, 96)
+    d = cm.plan.sites[site.id]["neuron_pruning"]["decision"]
+    keep, gone = torch.tensor(d["keep"]), torch.tensor(d["removed"])
+    w, b = model.gate_up_proj.weight, model.gate_up_proj.bias
+    rows = torch.cat([keep, keep + 64])  # neuron j is row j of the gate half and row 64 + j of the up half
+    with torch.no_grad():
+        gate, up = torch.nn.functional.linear(example[0], w[rows], b[rows]).chunk(2, dim=-1)
+        shift = model.down_proj.weight[:, gone] @ torch.tensor(d["removed_mean"])
+        expected = torch.nn.functional.linear(up * torch.nn.functional.silu(gate),
+                                              model.down_proj.weight[:, keep], model.down_proj.bias + shift)
+        torch.testing.assert_close(cm(*example), expected, rtol=1e-5, atol=1e-5)

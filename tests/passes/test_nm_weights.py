@@ -87,3 +87,29 @@ def test_bad_options_are_config_errors():
         sg.Config.from_dict({"passes": [{"nm_weights": {"n": 5, "m": 4}}]})
     with pytest.raises(sg.ConfigError, match="not linear roles"):
         sg.Config.from_dict({"passes": [{"nm_weights": {"roles": ["mlp.upp"]}}]})
+
+
+class _FusedGated(torch.nn.Module):
+    """Phi-3's MLP: gate and up are the halves of one linear's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate_up_proj, self.down_proj = torch.nn.Linear(32, 128), torch.nn.Linear(64, 32)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(up * torch.nn.functional.silu(gate))
+
+
+def test_a_fused_gate_up_needs_both_roles():
+    """The one linear computes gate and up: roles naming one of them refuse it by name; both pack it."""
+    model, example = _FusedGated().eval(), (torch.randn(2, 8, 32),)
+    for roles in (["mlp.gate"], ["mlp.up"]):
+        stats = _compile(model, example, roles=roles).plan.passes["nm_weights"]["stats"]
+        assert (stats["matched"], stats["rewritten"]) == (1, 0)
+        (refusal,) = stats["refused"]
+        assert refusal["site"].endswith("[gate_up_proj]") and "computes gate and up" in refusal["reason"]
+        assert f"roles name only {roles[0]}" in refusal["reason"]
+    cm = _compile(model, example, roles=["mlp.up", "mlp.gate", "mlp.down"])
+    assert [sg.meta.get(n).role for n in cm.graph_module.graph.nodes if n.target is OP.overload] == [
+        "mlp.up", "mlp.down"]
