@@ -22,6 +22,7 @@ OPS: dict[str, str] = {
     "core_linear": "sparsegraph.codegen.core_linear",
     "block_sparse_attention": "sparsegraph.codegen.block_sparse_attention",
     "dynamic_block_sparse_attention": "sparsegraph.codegen.dynamic_block_sparse_attention",
+    "decode_attention": "sparsegraph.codegen.decode_attention",
     "token_scores": "sparsegraph.codegen.token_scores",
     "core_scores": "sparsegraph.codegen.core_scores",
     "token_select": "sparsegraph.codegen.token_select",

@@ -1,0 +1,150 @@
+"""``sparsegraph::decode_attention``: one decode step's attention over a static KV cache, reading only some of
+its blocks.
+
+Inputs: q [B, H, 1, E] (the new token's queries), k, v [B, Hkv, S, E] the whole cache (GQA: query head h
+reads kv head h // (H / Hkv)), ``mask`` the step's *additive* mask broadcastable to [B, 1, 1, S] (0 where
+a slot holds a token the query may read, the dtype's lowest value elsewhere: `sparsegraph.kv_cache`), a
+layout *table* [H, W] (`sparsegraph.attention_layouts`), ``keep`` (the share of blocks chosen per step,
+0: static only), ``block`` and ``scale``.
+
+Only the first n = 1 + (the last slot any row may read) slots hold tokens; they form nk = ⌈n / block⌉
+key blocks, and the query sits in the last one. Head h reads the blocks
+
+    static:   the table's bands laid out at the grid 1 × nk (one query block, aligned at the end: diagonal
+              d is block nk − 1 − d, i.e. the local window counts back from the current token; column c
+              is block c, a sink), plus always block nk − 1 (the query's own);
+    dynamic:  with keep > 0, up to ⌈keep · nk⌉ blocks in all: the static ones, then those of highest
+              estimated score (Quest / NOSA style, from block means, one small product per step), chosen
+              per kv head g for the group G(g) of query heads that shares it (GQA: one gather serves
+              the group):
+                  est[b, g, J] = max_{h ∈ G(g)} q_h · k̄_J · scale + max_{j ∈ J} mask[b, j],
+                  k̄_J = (1/block) Σ_{j ∈ J} k_j
+
+and out[b, h] = Σ_j softmax_j(q·k_j·scale + mask[b, j], j in its blocks) · v_j: exact attention restricted
+to the listed blocks (every listed slot the mask allows), so a head that lists every block is SDPA.
+
+Why a decode op of its own: a decode step is a GEMV over the cache, memory-bound, one query row. The
+CPU path gathers, per kv head, the union of the blocks its query heads list (one copy of the listed
+slots: 10% of the cache at 10% of the blocks) and runs one SDPA with ``enable_gqa`` on them, with the
+other heads' blocks masked; so a step reads the listed blocks (and, for dynamic heads, the keys once
+for their block means) instead of the whole cache, and never materialises the GQA repeat of the cache
+that a dense step does (Hugging Face's ``repeat_kv`` copies all of it every step).
+
+Backends: reference (dense scores over the n slots with the selection expanded to a slot mask, the
+oracle), CPU (the gather above). No ONNX translation yet: export refuses a graph holding this op.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from sparsegraph import attention_layouts, ir
+from sparsegraph.codegen import block_sparse_attention as bsa
+from sparsegraph.codegen.dynamic_block_sparse_attention import _block_means
+from sparsegraph.codegen.op import SparseOp
+
+_INF = float("inf")
+
+
+def valid_length(mask: torch.Tensor, S: int) -> int:
+    """1 + the last slot any row may read (the mask's allowed entries are 0, the rest the lowest value)."""
+    allowed = (mask.reshape(-1, mask.shape[-1]) > torch.finfo(mask.dtype).min / 2).any(0)
+    found = allowed.nonzero()
+    return int(found.max()) + 1 if len(found) else S
+
+
+def selection(q, k, mask, layout, keep: float, block: int, scale: float) -> tuple[int, torch.Tensor]:
+    """``(n, sel)``: the slots holding tokens and which of their blocks each head reads, bool [B, H, nk]."""
+    B, H = q.shape[:2]
+    n = valid_length(mask, k.shape[2])
+    nk = math.ceil(n / block)
+    static = attention_layouts.layout(layout, 1, nk, False, q.device)  # [H, 1, nsel]
+    sel = attention_layouts.block_mask_from_layout(static, nk)[:, 0].expand(B, H, nk).clone()
+    sel[..., nk - 1] = True  # the query's own block
+    want = min(nk, math.ceil(keep * nk)) if keep > 0 else 0
+    extra = want - int(sel.sum(-1).min())
+    if extra > 0:  # chosen per kv head (the group of query heads sharing it reads the same blocks)
+        Hkv = k.shape[1]
+        means = _block_means(k[:, :, :n], block)  # [B, Hkv, nk, E]
+        est = (q.float() @ bsa.repeat_kv(means, H).transpose(-1, -2))[:, :, 0] * scale  # [B, H, nk]
+        est = est.view(B, Hkv, H // Hkv, nk).amax(2)
+        m = F.pad(mask.float().reshape(mask.shape[0], -1)[:, :n], (0, nk * block - n), value=-_INF)
+        est = est + m.reshape(m.shape[0], 1, nk, block).amax(-1)
+        group = sel.view(B, Hkv, H // Hkv, nk).all(2)  # blocks every head of the group reads already
+        values, chosen = est.masked_fill(group, -_INF).topk(min(extra, nk), -1)
+        rank = torch.arange(chosen.shape[-1], device=q.device)
+        take = (rank < want - group.sum(-1, keepdim=True)) & (values > -_INF)  # up to the budget
+        picked = torch.zeros_like(group).scatter_(-1, chosen, take)
+        sel |= picked.repeat_interleave(H // Hkv, 1)
+    return n, sel
+
+
+def _slot_mask(mask, n: int, sel: torch.Tensor, block: int) -> torch.Tensor:
+    """Additive [B, H, 1, n]: the step's mask where the head reads the slot's block, −∞ elsewhere."""
+    blocks = torch.arange(n, device=sel.device) // block
+    m = mask.reshape(mask.shape[0], 1, 1, -1)[..., :n].float()
+    return m.masked_fill(~sel[:, :, None, blocks], -_INF)
+
+
+def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, layout: torch.Tensor,
+              keep: float, block: int, scale: float) -> torch.Tensor:
+    H = q.shape[1]
+    n, sel = selection(q, k, mask, layout, keep, block, scale)
+    s = q.float() @ bsa.repeat_kv(k[:, :, :n], H).float().transpose(-1, -2) * scale + _slot_mask(mask, n, sel,
+                                                                                                  block)
+    return (s.softmax(-1) @ bsa.repeat_kv(v[:, :, :n], H).float()).to(q.dtype)
+
+
+def cpu(q, k, v, mask, layout, keep: float, block: int, scale: float) -> torch.Tensor:
+    B, H = q.shape[:2]
+    Hkv = k.shape[1]
+    n, sel = selection(q, k, mask, layout, keep, block, scale)
+    nk = sel.shape[-1]
+    group = sel.view(B, Hkv, H // Hkv, nk)
+    union = group.any(2)  # [B, Hkv, nk]: blocks some head of the group reads
+    count = union.sum(-1)
+    width = int(count.max())
+    # the listed blocks first (in ascending order: a stable sort), then filler that `listed` masks out
+    blocks = union.float().sort(dim=-1, descending=True, stable=True).indices[..., :width]
+    listed = torch.arange(width, device=q.device) < count[..., None]
+    slots = (blocks[..., None] * block + torch.arange(block, device=q.device)).flatten(-2)  # [B, Hkv, T]
+    real = (slots < n) & listed.repeat_interleave(block, -1)
+    slots = slots.clamp(max=n - 1)
+    kg = k.gather(2, slots[..., None].expand(-1, -1, -1, k.shape[-1]))
+    vg = v.gather(2, slots[..., None].expand(-1, -1, -1, v.shape[-1]))
+    # per query head: the step's mask at the gathered slots where its own blocks are listed
+    step = mask.reshape(mask.shape[0], 1, -1).float().expand(B, Hkv, -1).gather(-1, slots)
+    reads = group.gather(-1, blocks[:, :, None, :].expand(-1, -1, H // Hkv, -1))  # [B, Hkv, G, width]
+    reads = reads.repeat_interleave(block, -1) & real[:, :, None]
+    add = step[:, :, None].masked_fill(~reads, -_INF).reshape(B, H, 1, -1)
+    return F.scaled_dot_product_attention(q, kg, vg, attn_mask=add.to(q.dtype), scale=scale, enable_gqa=True)
+
+
+def dense(q, k, v, mask, layout, keep, block, scale):
+    """Every slot: the dense step's attention (the mask still hides what is not a token)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), scale=scale, enable_gqa=True)
+
+
+def fake(q, k, v, mask, layout, keep, block, scale):
+    return q.new_empty(*q.shape[:-1], v.shape[-1])
+
+
+def cost(node: torch.fx.Node) -> tuple[int, int]:
+    """At the traced cache length: the static blocks (or ⌈keep·nk⌉ of them) of every head."""
+    q, k, v = (ir.val(a) for a in node.args[:3])
+    layout = ir.get_attr(node.graph.owning_module, node.args[4].target)
+    keep, block = node.args[5], node.args[6]
+    B, H, _, E = q.shape
+    nk = math.ceil(k.shape[2] / block)
+    listed = attention_layouts.block_mask_from_layout(attention_layouts.layout(layout, 1, nk, False), nk)
+    density = max(float(listed.float().mean()), min(1.0, keep), 1 / nk)
+    slots = density * k.shape[2]
+    macs = int(B * H * slots * (E + v.shape[-1]))
+    moved = int(B * k.shape[1] * slots * (E + v.shape[-1]) * k.element_size())
+    return macs, moved
+
+
+OP = SparseOp("decode_attention", reference, fake=fake, cpu=cpu, cost=cost, dense=dense)
