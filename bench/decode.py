@@ -13,6 +13,13 @@ Candidates, interleaved, same inputs and threads:
 - **ours, sparse**: the ``llm-activation-sparsity`` pipeline (TEAL-style: ``--sparsity`` of the inputs of
   q/k/v, o, gate/up and down skipped, thresholds calibrated on random-token prompts), same graphs.
 
+A second table times one decode step's attention alone at long caches (``--cache-lengths``, default
+4k and 16k slots, all holding tokens; TinyLlama's 32 query heads and 4 KV heads of 64): dense as the
+traced step does it (Hugging Face's ``repeat_kv`` copy of the cache, then masked SDPA), dense SDPA with
+``enable_gqa`` (no copy: the fastest dense form here), and ``sparsegraph::decode_attention`` reading 10%
+of the 64-slot blocks, static (a sink block and a local window) and dynamic (blocks of highest
+block-mean q·k per kv head, chosen every step).
+
 Time per generated token: the decode steps only (every token after the first), measured as the mean
 interval between consecutive tokens; for HF by a logits processor that stamps the clock when each token
 is chosen, for ours by the decode loop itself (`Decoder.last`). The median over ``--repeats`` rounds is
@@ -30,7 +37,10 @@ import torch
 
 import sparsegraph as sg
 from bench.common import machine, machine_line, table, write
-from sparsegraph import pipelines
+from sparsegraph import attention_layouts, pipelines
+from sparsegraph.codegen import decode_attention
+from sparsegraph.codegen.block_sparse_attention import repeat_kv
+from sparsegraph.measure import compare
 
 
 class _Clock:
@@ -74,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--cache-lengths", default="4096,16384")
+    ap.add_argument("--read", type=float, default=0.1, help="share of cache blocks decode attention reads")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--name", default="decode-cpu")
     args = ap.parse_args(argv)
@@ -132,5 +144,45 @@ def main(argv: list[str] | None = None) -> int:
         "tokens equal to HF's (random weights: not a quality figure).", "",
         *table(["candidate", "ms / token", "tokens / s", "speed-up vs HF generate", "token agreement"], rows),
         ""])
+    attention = attention_table([int(n) for n in args.cache_lengths.split(",")], args.read)
+    results["decode_attention_ms"] = attention
+    md += "\n".join(["", f"One decode step's attention, batch 1, 32 query heads, 4 KV heads, head 64, "
+                          f"blocks of 64 slots, {args.read:.0%} of the blocks read; median of 15 interleaved "
+                          "calls.", "",
+                      *table(["cache slots", *next(iter(attention.values())),
+                              *(f"speed-up of {k} vs HF-style / vs GQA SDPA" for k in ("static", "dynamic"))],
+                             [[n, *(f"{v:.2f}" for v in row.values()),
+                               *(f"{row[_HF] / row[k]:.1f}x / {row[_GQA] / row[k]:.2f}x" for k in _SPARSE)]
+                              for n, row in attention.items()]), ""])
     write(args.out, args.name, results, md)
     return 0
+
+
+_HF, _GQA = "dense (repeat_kv + SDPA) ms", "dense SDPA enable_gqa ms"
+_SPARSE = ("static sink + local ms", "dynamic (block-mean q·k) ms")
+
+
+def attention_table(lengths: list[int], read: float) -> dict[int, dict[str, float]]:
+    """ms per call of one decode step's attention at each cache length, dense and sparse, interleaved."""
+    return {slots: _attention_step(slots, read) for slots in lengths}
+
+
+def _attention_step(slots: int, read: float, heads: int = 32, kv_heads: int = 4, dim: int = 64,
+                    block: int = 64) -> dict[str, float]:
+    g = torch.Generator().manual_seed(slots)
+    q = torch.randn(1, heads, 1, dim, generator=g)
+    k, v = (torch.randn(1, kv_heads, slots, dim, generator=g) for _ in range(2))
+    mask = torch.zeros(1, 1, 1, slots)
+    listed = max(2, round(read * slots / block))
+    static = attention_layouts.table([{"pattern": "sink_local",
+                                       "params": {"sinks": 1, "window": listed - 1}}] * heads)
+    sink = attention_layouts.table([{"pattern": "sink_local", "params": {"sinks": 1, "window": 1}}] * heads)
+    scale = dim ** -0.5
+    times = compare({
+        _HF: lambda: torch.nn.functional.scaled_dot_product_attention(
+            q, repeat_kv(k, heads), repeat_kv(v, heads), attn_mask=mask, scale=scale),
+        _GQA: lambda: decode_attention.dense(q, k, v, mask, static, 0.0, block, scale),
+        _SPARSE[0]: lambda: decode_attention.cpu(q, k, v, mask, static, 0.0, block, scale),
+        _SPARSE[1]: lambda: decode_attention.cpu(q, k, v, mask, sink, read, block, scale),
+    }, warmup=3, repeats=15)
+    return {name: t * 1e3 for name, t in times.items()}
