@@ -31,7 +31,9 @@ for their block means) instead of the whole cache, and never materialises the GQ
 that a dense step does (Hugging Face's ``repeat_kv`` copies all of it every step).
 
 Backends: reference (dense scores over the n slots with the selection expanded to a slot mask, the
-oracle), CPU (the gather above). No ONNX translation yet: export refuses a graph holding this op.
+oracle), CPU (the gather above), ONNX for static heads (keep = 0): the same selection in standard
+ops, then dense masked attention over the n slots (exact, at dense speed); with keep > 0 export
+refuses, naming the op.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from onnxscript import opset18 as op
 
 from sparsegraph import attention_layouts, ir
 from sparsegraph.codegen import block_sparse_attention as bsa
@@ -132,6 +135,35 @@ def fake(q, k, v, mask, layout, keep, block, scale):
     return q.new_empty(*q.shape[:-1], v.shape[-1])
 
 
+def onnx(q, k, v, mask, layout, keep: float, block: int, scale: float):
+    """Static heads in standard ops: n from the mask (``ReduceMax`` of the allowed slots' positions),
+    the cache and mask sliced to n, the table laid out at 1 × ⌈n / block⌉ (`bsa.onnx_table_mask`) with
+    the current block added, then dense masked attention over the listed blocks. Exact, at dense speed."""
+    def ints(*xs):
+        return op.Constant(value_ints=list(xs))
+
+    S = op.Shape(k, start=2, end=3)
+    allowed = op.Greater(op.Reshape(mask, op.Concat(ints(-1), S, axis=0)),
+                         op.CastLike(op.Constant(value_float=torch.finfo(torch.float32).min / 2), mask))
+    one = op.Constant(value_int=1)
+    positions = op.Range(one, op.Add(op.Squeeze(S), one), one)  # 1 … S
+    n = op.ReduceMax(op.Mul(op.Cast(allowed, to=7), positions), keepdims=0)  # int64, scalar
+    end = op.Unsqueeze(n, ints(0))
+    k, v = (op.Slice(x, ints(0), end, ints(2)) for x in (k, v))
+    mask = op.Slice(mask, ints(0), end, ints(3))
+    size = op.Constant(value_int=block)
+    nk = op.Div(op.Sub(op.Add(n, size), one), size)
+    listed = bsa.onnx_table_mask(layout, one, nk, False)  # [H, 1, nk]
+    current = op.Cast(op.Equal(op.Range(op.Constant(value_int=0), nk, one), op.Sub(nk, one)), to=1)
+    return bsa.onnx_block_attention(q, k, v, op.Max(listed, current), mask, block, False, scale)
+
+
+def onnx_refuses(node: torch.fx.Node) -> str | None:
+    if node.args[5] > 0:
+        return "keep > 0 (blocks chosen per step) has no ONNX translation yet; use mode: static to export"
+    return None
+
+
 def cost(node: torch.fx.Node) -> tuple[int, int]:
     """At the traced cache length: the static blocks (or ⌈keep·nk⌉ of them) of every head."""
     q, k, v = (ir.val(a) for a in node.args[:3])
@@ -147,4 +179,5 @@ def cost(node: torch.fx.Node) -> tuple[int, int]:
     return macs, moved
 
 
-OP = SparseOp("decode_attention", reference, fake=fake, cpu=cpu, cost=cost, dense=dense)
+OP = SparseOp("decode_attention", reference, fake=fake, cpu=cpu, onnx=onnx, cost=cost, dense=dense,
+              onnx_refuses=onnx_refuses)

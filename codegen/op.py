@@ -62,8 +62,10 @@ class SparseOp:
     def __init__(self, name: str, reference: Callable, *, fake: Callable, cpu: Callable | None = None,
                  triton: str | None = None, onnx: Callable | None = None,
                  cost: Callable[[torch.fx.Node], tuple[int, int]] | None = None,
-                 dense: Callable | None = None):
+                 dense: Callable | None = None,
+                 onnx_refuses: Callable[[torch.fx.Node], str | None] | None = None):
         self.name = name
+        self.onnx_refuses = onnx_refuses  # why one call (its arguments) has no translation, or None
         self.dense = dense
         self.reference = reference
         self.cpu = cpu

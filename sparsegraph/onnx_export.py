@@ -38,6 +38,11 @@ def export_onnx(gm: torch.nn.Module, path: str | os.PathLike, args: tuple, kwarg
     graphs = [m.graph for m in gm.modules() if isinstance(m, torch.fx.GraphModule)]
     eager_only = sorted({op.name for g in graphs for n in g.nodes
                          if (op := codegen.op_of(n)) is not None and op.onnx is None})
+    refused = sorted({f"{op.name}: {why}" for g in graphs for n in g.nodes
+                      if (op := codegen.op_of(n)) is not None and op.onnx_refuses is not None
+                      and (why := op.onnx_refuses(n))})
+    if refused:
+        raise ExportError(f"no ONNX translation for {refused}; compile without them to export")
     if eager_only:
         raise ExportError(f"ops {eager_only} have no ONNX translation (they run in PyTorch only; roi_scores: "
                           "RoI-only token selection has a data-dependent length); compile without them "

@@ -91,3 +91,22 @@ def test_static_heads_come_from_head_patterns_and_are_refused_without_them(model
     assert len(decisions) == 2 and all(d["block"] == 4 and d["keep"] == 0.0 for d in decisions)
     assert all(h["pattern"] == "sink_local" for d in decisions for h in d["heads"])
     assert _ops(cm.decoder().step) == {"sparsegraph.decode_attention.default": 2}
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_static_decode_attention_exports_and_runs_in_onnxruntime(model, tmp_path):
+    ids, mask = _prompt()
+    profiled = sg.compile(model, {"passes": [{"head_patterns": {"block": 4}}]}, example_inputs=(ids,),
+                          calibration=CALIBRATION, quiet=True).plan
+    for site in profiled.sites.values():
+        evidence = site["head_patterns"]["evidence"]
+        evidence["heads"] = [{"pattern": "sink_local", "params": {"sinks": 1, "window": 2}, "recall": 0.9,
+                              "density": 0.5}] * len(evidence["heads"])
+    config = {"passes": [{"head_patterns": {"block": 4}}, "decode_attention"]}
+    eager = sg.compile(model, config, plan=profiled, example_inputs=(ids,), quiet=True)
+    onnx = sg.compile(model, {**config, "backend": "onnx"}, plan=profiled, example_inputs=(ids,), quiet=True)
+    expected = eager.generate(ids, mask, max_new_tokens=8)
+    assert torch.equal(onnx.generate(ids, mask, max_new_tokens=8), expected)
+    with pytest.raises(sg.errors.ExportError, match=r"keep > 0 .* has no ONNX translation"):
+        sg.compile(model, _dynamic(0.3), example_inputs=(ids,), quiet=True).decoder().export_onnx(tmp_path)
