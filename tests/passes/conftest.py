@@ -5,6 +5,31 @@ import torch.nn.functional as F
 from sparsegraph import models
 
 
+class FusedGated(torch.nn.Module):
+    """Phi-3's MLP: gate and up are the halves of one linear's output (`cut` by chunk, or by a split at
+    the width, which must be re-cut when neurons go)."""
+
+    def __init__(self, cut: str = "chunk"):
+        super().__init__()
+        self.cut = cut
+        self.gate_up_proj, self.down_proj = torch.nn.Linear(32, 128), torch.nn.Linear(64, 32)
+
+    def forward(self, x):
+        h = self.gate_up_proj(x)
+        gate, up = h.chunk(2, dim=-1) if self.cut == "chunk" else h.split(h.shape[-1] // 2, dim=-1)
+        return self.down_proj(up * F.silu(gate))
+
+
+@pytest.fixture
+def fused_gated():
+    """``fused_gated(cut="chunk")``: a seeded `FusedGated` in eval mode."""
+    def make(cut: str = "chunk") -> FusedGated:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            return FusedGated(cut).eval()
+    return make
+
+
 @pytest.fixture(scope="session")
 def explicit_calibrated():
     """explicit_attention with 4 calibration batches of random tokens, the last one padded."""

@@ -61,26 +61,9 @@ def test_counts_and_zero_fraction_is_dense(explicit_calibrated):
     assert stats["rewritten"] == 3 and stats["counters"]["neurons_removed"] == 3 * 256
 
 
-class _FusedGated(torch.nn.Module):
-    """Phi-3's MLP: gate and up are the halves of one linear's output (`cut` by chunk, or by a split at
-    the width, which must be re-cut when neurons go)."""
-
-    def __init__(self, cut):
-        super().__init__()
-        self.cut = cut
-        self.gate_up_proj, self.down_proj = torch.nn.Linear(32, 128), torch.nn.Linear(64, 32)
-
-    def forward(self, x):
-        h = self.gate_up_proj(x)
-        gate, up = h.chunk(2, dim=-1) if self.cut == "chunk" else h.split(h.shape[-1] // 2, dim=-1)
-        return self.down_proj(up * torch.nn.functional.silu(gate))
-
-
 @pytest.mark.parametrize("cut", ["chunk", "split"])
-def test_fused_gate_up_loses_the_same_neurons_in_both_halves(cut):
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = _FusedGated(cut).eval()
+def test_fused_gate_up_loses_the_same_neurons_in_both_halves(cut, fused_gated):
+    model = fused_gated(cut)
     g = torch.Generator().manual_seed(0)
     example, batches = (torch.randn(2, 8, 32, generator=g),), [(torch.randn(4, 8, 32, generator=g),)]
     cm = _compile(model, example, batches, fraction=0.25)

@@ -159,24 +159,10 @@ def test_teal_on_every_projection(explicit_calibrated, tmp_path):
     assert "attention: true" in refused["attn:blocks.0.attn"]
 
 
-class _FusedGated(torch.nn.Module):
-    """Phi-3's MLP: gate and up are the halves of one linear's output."""
-
-    def __init__(self):
-        super().__init__()
-        self.gate_up_proj, self.down_proj = torch.nn.Linear(32, 128), torch.nn.Linear(64, 32)
-
-    def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(up * torch.nn.functional.silu(gate))
-
-
-def test_fused_gate_up_is_one_sparse_op_and_dense_at_target_0():
+def test_fused_gate_up_is_one_sparse_op_and_dense_at_target_0(fused_gated):
     """Down-projection sparsity needs nothing of the fused form; input sparsity makes the one fused linear
     one op of 2I outputs, split as before."""
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = _FusedGated().eval()
+    model = fused_gated()
     g = torch.Generator().manual_seed(0)
     example, batches = (torch.randn(2, 8, 32, generator=g),), [(torch.randn(4, 8, 32, generator=g),)]
     cm = _compile(model, example, batches, profile={"inputs": True}, target=0.5, inputs=True)

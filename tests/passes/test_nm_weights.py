@@ -89,21 +89,9 @@ def test_bad_options_are_config_errors():
         sg.Config.from_dict({"passes": [{"nm_weights": {"roles": ["mlp.upp"]}}]})
 
 
-class _FusedGated(torch.nn.Module):
-    """Phi-3's MLP: gate and up are the halves of one linear's output."""
-
-    def __init__(self):
-        super().__init__()
-        self.gate_up_proj, self.down_proj = torch.nn.Linear(32, 128), torch.nn.Linear(64, 32)
-
-    def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(up * torch.nn.functional.silu(gate))
-
-
-def test_a_fused_gate_up_needs_both_roles():
+def test_a_fused_gate_up_needs_both_roles(fused_gated):
     """The one linear computes gate and up: roles naming one of them refuse it by name; both pack it."""
-    model, example = _FusedGated().eval(), (torch.randn(2, 8, 32),)
+    model, example = fused_gated(), (torch.randn(2, 8, 32),)
     for roles in (["mlp.gate"], ["mlp.up"]):
         stats = _compile(model, example, roles=roles).plan.passes["nm_weights"]["stats"]
         assert (stats["matched"], stats["rewritten"]) == (1, 0)
