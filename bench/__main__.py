@@ -2,15 +2,18 @@
 options).
 
 Suites: ``foundation`` (dense eager vs torch.compile vs onnxruntime), ``activation`` (MiniLM activation
-sparsity: fidelity curves and static-pruning speed), ``decode`` (SwiGLU decode microbenchmark),
+sparsity: fidelity curves and static-pruning speed), ``decode`` (token-by-token generation of a
+TinyLlama-shaped model: HF generate vs our dense and sparse decode), ``lm_quality`` (perplexity and
+token agreement of TEAL sparsity on the trained ``stdlib_lm``),
 ``attention`` (block-sparse attention vs dense SDPA and FlexAttention), ``tokens`` (token pruning
-fidelity on MiniLM, ViT-B/16 speed, digits_vit accuracy and RoIs).
+fidelity on MiniLM, ViT-B/16 speed, digits_vit accuracy and RoIs), ``gemv`` (one-token input-sparse
+GEMV: the compiled kernel vs dense, torch.sparse.mm and embedding_bag).
 """
 
 import importlib
 import sys
 
-SUITES = ("foundation", "activation", "decode", "attention", "tokens")
+SUITES = ("foundation", "activation", "decode", "lm_quality", "attention", "tokens", "gemv")
 
 if len(sys.argv) < 2 or sys.argv[1] not in SUITES:
     print(__doc__)

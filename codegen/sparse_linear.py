@@ -20,11 +20,31 @@ memory as the dense product and is slower than dense; see ``../shared/FINDINGS.m
 Backends:
 
 - reference: mask and dense matmul;
-- CPU: for up to ``GATHER_MAX_ROWS`` rows (decoding), ``embedding_bag`` in ``sum`` mode with
-  ``per_sample_weights``, which is exactly Σ_j a_j · row_j over a list of row indices read in place;
-  each row is one bag, split into as many bags as there are threads when there are fewer rows than
-  threads, so one token uses all cores. For more rows (prefill, encoders) the kept rows of all tokens
-  together cover nearly every weight row, nothing is saved by skipping, and a masked GEMM is faster;
+- CPU, up to 4 rows (decoding), when the compiled library is built (`cpu_kernels.sparse_gemv`,
+  ``cpu_kernels/sparse_gemv.cpp``): one C call does it all: ``a = x − c``, the test (NaN kept; top-k
+  by a radix select of the k-th largest ``|a|``), the list of kept inputs, and ``y = Σ_j a_j · W_t[j, :]
+  + b`` with threads splitting the *output* columns, each streaming its slice of every kept row in
+  place (no copy, no reduction across threads), the next kept rows prefetched; the kept rows of up to
+  4 tokens are read once for all of them. fp32, bf16, fp16 (fp32 accumulation). Why: a decode GEMV is
+  bound by the bytes of weight it reads and, at small sizes, by what a call costs around its
+  arithmetic; the kernel reads each kept row once, contiguously, and its binding passes one packed
+  record through ctypes (one argument: 0.5 µs; sixteen: ~5 µs). Measured (``python -m bench gemv``,
+  ``bench/results/gemv-cpu.md``: 2-core Xeon, 2 threads, one fp32 token, speed-up over the faster
+  dense GEMV in the same run) at 2048→5632, 5632→2048 and 2048→2048 with 30 / 50 / 70 / 90% of the
+  inputs skipped: 1.3–1.4 / 1.7–1.8 / 2.5–2.9 / 5.7–6.9x with the weight in cache, 1.4 / 1.8 /
+  2.7–3.0 / 6.6–8.3x with the weight read from memory (the bound is 1 / (1 − sparsity): the bytes);
+  the embedding_bag path below: 0.6–0.7 / 0.8–0.9 / 1.0–1.4 / 1.7–2.8x and 0.8–0.9 / 1.0–1.1 /
+  1.4–1.8 / 2.6–3.7x; ``torch.sparse.mm`` with a COO or CSR vector (built per call): 0.4–0.8x up to
+  50%, ~1x at 70%. At 256↔688 a call is 15 µs dense and the cost around the arithmetic decides: 0.8–0.95x at
+  30–50%, 1.0x at 70%, 1.3–1.4x at 90% (embedding_bag: 0.15x). Per call at 16→16: 10 µs (dense
+  6.8, embedding_bag 115); through ``torch.ops.sparsegraph.sparse_linear`` 44 µs (was 167), the rest
+  being the custom-op dispatch;
+- CPU otherwise (`cpu_torch`; also when the library is not built or ``SPARSEGRAPH_NATIVE=0``): up to
+  ``GATHER_MAX_ROWS`` rows, ``embedding_bag`` in ``sum`` mode with ``per_sample_weights``, which is
+  exactly Σ_j a_j · row_j over a list of row indices read in place; each row is one bag, split into as
+  many bags as there are threads when there are fewer rows than threads, so one token uses all cores.
+  For more rows (prefill, encoders) the kept rows of all tokens together cover nearly every weight
+  row, nothing is saved by skipping, and a masked GEMM is faster;
 - Triton (`triton_kernels/sparse_linear.py`): masked loads of the active weight rows only; a GEMV-style
   path for decode (≤ 4 rows) and a ``tl.dot`` path for batches;
 - ONNX: ``Where(|a| > t, a, 0)`` then ``MatMul`` (top-k: threshold at the k-th ``TopK`` value), which
@@ -40,6 +60,7 @@ import torch.nn.functional as F
 from onnxscript import opset18 as op
 
 from sparsegraph import ir, meta
+from sparsegraph.codegen import cpu_kernels
 from sparsegraph.codegen.op import SparseOp
 
 
@@ -65,6 +86,15 @@ GATHER_MAX_ROWS = 4  # above this many rows the kept weight rows cover (nearly) 
 
 
 def cpu(x, weight_t, bias, centre, threshold, k):
+    """The CPU path: the compiled sparse GEMV for up to ``cpu_kernels.GEMV_MAX_ROWS`` rows when the
+    library is built and takes the arguments, else `cpu_torch`."""
+    y = cpu_kernels.sparse_gemv(x, weight_t, bias, centre, threshold, k)
+    return y if y is not None else cpu_torch(x, weight_t, bias, centre, threshold, k)
+
+
+def cpu_torch(x, weight_t, bias, centre, threshold, k):
+    """The torch CPU path: ``embedding_bag`` over the kept rows up to `GATHER_MAX_ROWS` rows, a masked
+    GEMM above (module docstring)."""
     in_f, out_f = weight_t.shape
     a, keep = _centred_kept(x.reshape(-1, in_f), centre, threshold, k)
     rows = a.shape[0]

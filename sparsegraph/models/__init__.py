@@ -13,6 +13,9 @@
 ``llama_7b_meta``    a 7B-class Llama config on the meta device (structure and cost only, no weights)
 ``digits_vit``       a small ViT (6 blocks, dim 64, patch 4) trained on sklearn's digits placed on a
                      32x32 canvas; shipped weights, test images as inputs (``sparsegraph.models.digits_vit``)
+``stdlib_lm``        HF ``LlamaForCausalLM`` (11 M parameters, BPE 4096) trained on the stdlib's
+                     docstrings; shipped weights and tokenizer (``model.tokenizer``), held-out token ids as
+                     inputs (``sparsegraph.models.stdlib_lm``)
 ==================== ==========================================================================
 
 `resolve(spec)` turns a CLI model name into the same pair: ``zoo:NAME``, ``torchvision:NAME``,
@@ -44,6 +47,7 @@ _ZOO: dict[str, str] = {
     "explicit_attention": "sparsegraph.models.explicit:load",
     "llama_7b_meta": "sparsegraph.models.llama:load_7b_meta",
     "digits_vit": "sparsegraph.models.digits_vit:load",
+    "stdlib_lm": "sparsegraph.models.stdlib_lm:load",
 }
 
 

@@ -1,7 +1,9 @@
 """The compiled CPU kernels (codegen/cpu_kernels): built, loaded, and equal to the reference."""
 
+import itertools
 import math
 import platform
+import re
 import shutil
 
 import pytest
@@ -166,3 +168,142 @@ def test_every_mask_layout_matches_the_reference(causal):
         full = None if mask is None else bsa._full_mask(mask, B, H, L, L)
         got = cpu_kernels.block_sparse_attention(q, k, v, layout, full, block, causal, 0.25)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"mask {name}")
+
+
+# --- the sparse GEMV (sparse_gemv.cpp): sparsegraph::sparse_linear for up to 4 rows -----------------
+
+def _exact(x, w_t, b, c, threshold, k):
+    """The op in float64 (on the kept set and centred input the op computes in x's dtype) and
+    Σ_j |a_j w_jo| + |b_o|: an fp32 dot product of n terms, summed in any order, is within n·2^-24 times
+    that of the exact value (the classical bound), so the kernel is held to it rather than to another
+    fp32 result that rounds in its own order (the kernel sums in index order with FMAs)."""
+    from sparsegraph.codegen.sparse_linear import _centred_kept
+
+    a, keep = _centred_kept(x, c, threshold, k)
+    a = torch.where(keep, a, torch.zeros_like(a)).double()
+    bias = torch.zeros(w_t.shape[1], dtype=torch.float64) if b is None else b.double()
+    return a @ w_t.double() + bias, a.abs().nan_to_num(0.0) @ w_t.double().abs() + bias.abs()
+
+
+def _assert_exact(got, x, w_t, b, c, threshold, k, relative=0.0):
+    """got within the fp32 summation bound of the exact op (+ `relative` · |y|: a half-precision
+    result's one rounding), NaN exactly where the exact op has NaN."""
+    want, scale = _exact(x, w_t, b, c, threshold, k)
+    assert got.shape == want.shape and got.dtype == x.dtype
+    got = got.double()
+    assert torch.equal(got.isnan(), want.isnan())
+    err = (got - want).abs().nan_to_num(0.0)
+    allowed = (x.shape[-1] + 1) * 2.0 ** -24 * scale + relative * want.abs().nan_to_num(0.0)
+    assert (err <= allowed).all(), f"max error {(err - allowed).max().item():.3g} over the bound"
+
+
+def _gemv_case(rows, in_f, out_f, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x, w_t = torch.randn(rows, in_f, generator=g), torch.randn(in_f, out_f, generator=g)
+    b, c = torch.randn(out_f, generator=g), torch.randn(in_f, generator=g) * 0.1
+    return (t.to(dtype) for t in (x, w_t, b, c))
+
+
+@native
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("in_f,out_f", [(37, 53), (16, 16), (301, 1111), (67, 4111)])
+def test_sparse_gemv_matches_the_reference(rows, in_f, out_f):
+    """Odd sizes (columns past the last whole vector, one and several panels of y; two threads where
+    over 1 MB of weight is kept: 301→1111 and 67→4111 with everything kept), every threshold regime
+    (all kept: threshold 0 and −1; none but NaN: 1e9), top-k, centre and bias or not, a NaN input
+    (kept: its row is NaN, the others exact); one thread and two give the same bits (each column is
+    summed by one thread in one order)."""
+    x, w_t, b, c = _gemv_case(rows, in_f, out_f, seed=rows * in_f)
+    x[-1, in_f // 2] = float("nan")
+    threads = torch.get_num_threads()
+    for threshold, k, centre, bias in itertools.product([0.0, 0.7, 1e9, -1.0], [0, 5], [None, c], [None, b]):
+        got = cpu_kernels.sparse_gemv(x, w_t, bias, centre, threshold, k)
+        _assert_exact(got, x, w_t, bias, centre, threshold, k)
+        try:
+            torch.set_num_threads(1)
+            assert torch.equal(cpu_kernels.sparse_gemv(x, w_t, bias, centre, threshold, k).nan_to_num(7.0),
+                               got.nan_to_num(7.0))
+        finally:
+            torch.set_num_threads(threads)
+
+
+@native
+def test_sparse_gemv_keeps_nothing_but_the_bias_above_every_input():
+    x, w_t, b, c = _gemv_case(3, 37, 53, seed=1)
+    assert torch.equal(cpu_kernels.sparse_gemv(x, w_t, b, c, 1e9, 0), b.expand(3, 53))
+    assert torch.equal(cpu_kernels.sparse_gemv(x, w_t, None, c, 1e9, 0), torch.zeros(3, 53))
+
+
+@native
+def test_sparse_gemv_top_k_keeps_ties():
+    """Top-k keeps every |a| equal to the k-th largest, as `|a| ≥ kth` does (so more than k)."""
+    x = torch.tensor([[3.0, -2.0, 2.0, 1.0, -3.0, 0.5], [1.0, 2.0, 3.0, 9.0, 8.0, 7.0]])
+    got = cpu_kernels.sparse_gemv(x, torch.eye(6), None, None, 0.0, 3)
+    assert torch.equal(got, torch.tensor([[3.0, -2.0, 2.0, 0.0, -3.0, 0.0], [0.0, 0.0, 0.0, 9.0, 8.0, 7.0]]))
+
+
+@native
+def test_sparse_gemv_reads_strided_tensors_in_place():
+    """x as a transposed view, every other column, or 3-d; bias and centre every other element; a
+    weight whose rows are padded: the same values read in the same order, so bit-identical."""
+    x, w_t, b, c = _gemv_case(3, 37, 53, seed=2)
+    want = cpu_kernels.sparse_gemv(x, w_t, b, c, 0.5, 0)
+    wide = torch.zeros(37, 64)
+    wide[:, :53] = w_t
+    views = {"x transposed": (x.t().contiguous().t(), w_t, b, c),
+             "x every other column": (torch.stack([x, x], -1).flatten(1)[:, ::2], w_t, b, c),
+             "x 3-d": (x.t().contiguous().t().reshape(3, 1, 37), w_t, b, c),
+             "padded weight rows": (x, wide[:, :53], b, c),
+             "strided bias and centre": (x, w_t, torch.stack([b, b], -1).flatten()[::2],
+                                         torch.stack([c, c], -1).flatten()[::2])}
+    for name, (xv, wv, bv, cv) in views.items():
+        assert not all(t.is_contiguous() for t in (xv, wv, bv, cv)), name
+        got = cpu_kernels.sparse_gemv(xv, wv, bv, cv, 0.5, 0)
+        assert torch.equal(got.reshape(3, 53), want), name
+    _assert_exact(want, x, w_t, b, c, 0.5, 0)
+
+
+@native
+@pytest.mark.parametrize("dtype,ulp", [(torch.bfloat16, 2.0 ** -8), (torch.float16, 2.0 ** -11)])
+def test_sparse_gemv_half_precision(dtype, ulp):
+    """bf16/fp16: the same kept set as torch (a = x − c and the threshold rounded to the dtype), fp32
+    accumulation, the result rounded once (half an ulp; the bound allows one)."""
+    for rows in (1, 4):
+        x, w_t, b, c = _gemv_case(rows, 301, 133, seed=rows, dtype=dtype)
+        for threshold, k in ((0.6, 0), (0.0, 40)):
+            got = cpu_kernels.sparse_gemv(x, w_t, b, c, threshold, k)
+            _assert_exact(got, x, w_t, b, c, threshold, k, relative=ulp)
+
+
+@native
+def test_sparse_gemv_declines_what_it_does_not_take():
+    """None (the op then runs its torch path) for more than 4 rows, k > in, mixed or other dtypes, a
+    weight whose columns are not adjacent."""
+    x, w_t, b, c = _gemv_case(5, 37, 53, seed=3)
+    assert cpu_kernels.sparse_gemv(x, w_t, b, c, 0.5, 0) is None
+    assert cpu_kernels.sparse_gemv(x[:4], w_t, b, c, 0.5, 0) is not None
+    assert cpu_kernels.sparse_gemv(x[:1], w_t, b, c, 0.0, 38) is None
+    assert cpu_kernels.sparse_gemv(x[:1], w_t, b.double(), c, 0.5, 0) is None
+    assert cpu_kernels.sparse_gemv(x[:1].double(), w_t.double(), None, None, 0.5, 0) is None
+    assert cpu_kernels.sparse_gemv(x[:1], w_t.t().contiguous().t(), b, c, 0.5, 0) is None
+
+
+def test_sparse_gemv_turned_off_says_none(monkeypatch):
+    monkeypatch.setenv("SPARSEGRAPH_NATIVE", "0")
+    x, w_t, b, c = _gemv_case(1, 37, 53, seed=4)
+    assert cpu_kernels.sparse_gemv(x, w_t, b, c, 0.5, 0) is None
+
+
+def test_the_gemv_call_record_is_the_binding():
+    """The binding packs one call's arguments in the order of `struct SgGemvCall` in the C source, all
+    8-byte fields (pointers, int64_t, the double threshold last): the two must agree field by field."""
+    text = cpu_kernels.SOURCES[1].read_text()
+    body = re.search(r"struct SgGemvCall \{(.*?)\n\};", text, re.S).group(1)
+    fields = []
+    for declaration in re.sub(r"//[^\n]*", "", body).split(";"):
+        if declaration.strip():
+            kind, names = re.match(r"\s*((?:const )?\w+\*?)\s+(.*)", declaration, re.S).groups()
+            fields += [(kind, name.strip()) for name in names.split(",")]
+    assert tuple(name for _, name in fields) == cpu_kernels._GEMV_FIELDS
+    assert all(kind in ("int64_t", "const void*", "void*") for kind, _ in fields[:-1])
+    assert fields[-1][0] == "double" and cpu_kernels._GEMV_CALL.size == 8 * len(fields)

@@ -1,4 +1,5 @@
-"""sparsegraph::sparse_linear through every backend: reference, CPU (embedding_bag), Triton, ONNX Runtime."""
+"""sparsegraph::sparse_linear through every backend: reference, CPU (the compiled sparse GEMV and the torch
+path), Triton, ONNX Runtime."""
 
 import onnx
 import pytest
@@ -14,7 +15,7 @@ CASES = [  # rows, threshold, k, centred
     ((2,), 0.0, 7, True),
     ((20,), 0.8, 0, True),
     ((1,), 0.0, 5, False),
-    ((3,), 0.5, 0, False),  # rows ≤ GATHER_MAX_ROWS: embedding_bag; more rows: masked GEMM
+    ((3,), 0.5, 0, False),  # rows ≤ 4: the compiled GEMV (or embedding_bag); more rows: masked GEMM
     ((4,), 0.0, 9, True),
 ]
 
@@ -48,7 +49,7 @@ def test_nothing_dropped_equals_dense_linear():
 
 @pytest.mark.parametrize("rows,threshold,k,centred", CASES)
 @pytest.mark.parametrize("threads", [1, 2])
-def test_cpu_fast_path_matches_reference(rows, threshold, k, centred, threads):
+def test_cpu_fast_path_matches_reference(rows, threshold, k, centred, threads, cpu_path):
     x, w_t, b, c = _case(rows, centred)
     ref = sparse_linear.reference(x, w_t, b, c, threshold, k)
     previous = torch.get_num_threads()
@@ -58,6 +59,20 @@ def test_cpu_fast_path_matches_reference(rows, threshold, k, centred, threads):
             torch.testing.assert_close(OP(x, w_t, b, c, threshold, k), ref, rtol=1e-5, atol=1e-5)
     finally:
         torch.set_num_threads(previous)
+
+
+def test_cpu_path_runs_the_compiled_gemv_up_to_4_rows(cpu_path):
+    """With the library loaded, up to 4 rows (any leading shape) are the compiled kernel's result, more
+    rows and the library turned off the torch path's."""
+    from sparsegraph.codegen import cpu_kernels
+
+    for rows in ((1, 1), (2, 2), (5,)):
+        x, w_t, b, c = _case(rows, True)
+        got = sparse_linear.cpu(x, w_t, b, c, 0.5, 0)
+        native = cpu_kernels.sparse_gemv(x, w_t, b, c, 0.5, 0)
+        assert (native is not None) == (cpu_path == "native" and len(x.flatten(0, -2)) <= 4)
+        torch_path = sparse_linear.cpu_torch(x, w_t, b, c, 0.5, 0)
+        assert torch.equal(got, native if native is not None else torch_path)
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")
@@ -126,7 +141,7 @@ def test_nan_and_inf_reach_the_output_in_every_backend(threshold, k, tmp_path):
     assert dense.tolist() == [True, False, True, True, False, True]
     backends = ["reference", "eager"] + (["triton"] if triton_available() else [])
     for backend in backends:
-        for rows in (x, x[:2]):  # 6 rows: masked GEMM; 2 rows: embedding_bag
+        for rows in (x, x[:2]):  # 6 rows: masked GEMM; 2 rows: the compiled GEMV (or embedding_bag)
             with use_backend(backend):
                 got = OP(rows, w_t, b, c, threshold, k)
             assert torch.equal(torch.isfinite(got).all(-1), dense[:len(rows)]), backend
