@@ -18,7 +18,7 @@ import hashlib
 import itertools
 import re
 import sysconfig
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 _SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
@@ -56,12 +56,17 @@ def pack(tokenizer, texts: Iterable[str], length: int) -> Iterator[str]:
         yield current
 
 
-@functools.lru_cache(maxsize=1)
-def _all() -> tuple[str, ...]:
+SKIP_DIRS = ("test", "tests", "idlelib", "site-packages", "lib2to3")
+
+
+def docstrings(keep: Callable[[str], bool] = lambda module: True) -> Iterator[str]:
+    """Every module, class and function docstring of the stdlib's ``.py`` files (sorted paths, parsed
+    with ``ast``, not imported) whose top-level module name `keep` accepts; test, IDLE and site-packages
+    folders and files that do not parse are skipped."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    found: set[str] = set()
     for path in sorted(root.rglob("*.py")):
-        if any(part in ("test", "tests", "idlelib", "site-packages", "lib2to3") for part in path.parts):
+        if any(part in SKIP_DIRS for part in path.parts) or not keep(
+                path.relative_to(root).parts[0].removesuffix(".py")):
             continue
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))
@@ -71,7 +76,14 @@ def _all() -> tuple[str, ...]:
             if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
                 doc = ast.get_docstring(node)
                 if doc:
-                    found.update(_sentences(doc))
+                    yield doc
+
+
+@functools.lru_cache(maxsize=1)
+def _all() -> tuple[str, ...]:
+    found: set[str] = set()
+    for doc in docstrings():
+        found.update(_sentences(doc))
     return tuple(sorted(found, key=_hash))
 
 

@@ -91,6 +91,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from sparsegraph.data import stdlib_text
+
 _DIR = pathlib.Path(__file__).parent / "weights"
 WEIGHTS = _DIR / "stdlib_lm.safetensors"
 TOKENIZER = _DIR / "stdlib_lm_tokenizer.json"
@@ -99,7 +101,6 @@ ENDOFTEXT = "<|endoftext|>"
 VOCAB = 4096
 CONTEXT = 128
 HELDOUT_BELOW = 32  # a top-level module is held out when sha1(name)[0] < this (1/8 of names)
-_SKIP_DIRS = ("test", "tests", "idlelib", "site-packages", "lib2to3")  # as sparsegraph.data.stdlib_text
 SPLITS = ("train", "heldout")
 
 CONFIG = dict(vocab_size=VOCAB, hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
@@ -121,25 +122,11 @@ def _module_documents(heldout: bool) -> tuple[str, ...]:
     """Every docstring of the held-out (or the training) modules as a document, each text once (its
     first place in the sorted file walk). Only that split's files are parsed: the held-out documents
     take a second, not the ten of the whole walk."""
-    import ast
-    import sysconfig
-
-    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
     found: dict[str, None] = {}  # ordered set
-    for path in sorted(root.rglob("*.py")):
-        if (any(part in _SKIP_DIRS for part in path.parts)
-                or is_heldout_module(path.relative_to(root).parts[0].removesuffix(".py")) != heldout):
-            continue
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, ValueError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                doc = ast.get_docstring(node)
-                text = "\n".join(" ".join(p.split()) for p in doc.split("\n\n") if p.strip()) if doc else ""
-                if text:
-                    found.setdefault(text)
+    for doc in stdlib_text.docstrings(lambda module: is_heldout_module(module) == heldout):
+        text = "\n".join(" ".join(p.split()) for p in doc.split("\n\n") if p.strip())
+        if text:
+            found.setdefault(text)
     return tuple(found)
 
 
@@ -154,7 +141,7 @@ def heldout_modules() -> list[str]:
 
     root = pathlib.Path(sysconfig.get_paths()["stdlib"])
     return sorted({top for path in root.rglob("*.py")
-                   if not any(part in _SKIP_DIRS for part in path.parts)
+                   if not any(part in stdlib_text.SKIP_DIRS for part in path.parts)
                    and is_heldout_module(top := path.relative_to(root).parts[0].removesuffix(".py"))})
 
 
