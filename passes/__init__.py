@@ -13,6 +13,7 @@ BUILTIN: dict[str, str] = {
     "token_importance": "sparsegraph.passes.analysis.token_importance",
     "roi": "sparsegraph.passes.analysis.roi",
     # rewrite
+    "budget": "sparsegraph.passes.rewrite.budget",
     "decode_attention": "sparsegraph.passes.rewrite.decode_attention",
     "neuron_sparsity": "sparsegraph.passes.rewrite.neuron_sparsity",
     "neuron_pruning": "sparsegraph.passes.rewrite.neuron_pruning",

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from sparsegraph import inputs, ir
+from sparsegraph import graph_edit, inputs, ir
 from sparsegraph.codegen import use_backend
 from sparsegraph.config import Config, check_overrides
 from sparsegraph.context import Batch, PassContext
@@ -92,13 +92,20 @@ def compile(
         if needing and calibration is None:
             raise ConfigError(f"passes {needing} profile calibration data: pass calibration=[batch, ...] "
                               "(inputs like example_inputs), or a plan that holds their facts")
-    batches = _batches(calibration)
+    batches, holdout, dense = _batches(calibration), [], None
+    if cfg.fidelity is not None and not replay:  # the floor is checked on batches the analyses never see
+        if not batches:
+            raise ConfigError("the config's fidelity floor is checked on held-out calibration batches: pass "
+                              "calibration=[batch, ...] (at least 2), or compile without 'fidelity'")
+        batches, holdout = cfg.fidelity.split(batches)
+        check_calibration(gm, holdout)
+        dense = graph_edit.sharing_copy(gm)
     if needing:
         check_calibration(gm, batches)
     check_overrides(cfg, ir.sites(gm))
     dense_cost, dense_sites = total_cost(gm), site_costs(gm)
-    ctx = PassContext(plan=plan, config=cfg, example=example, calibration=batches,
-                      replay=replay, reuse=reuse, quiet=quiet,
+    ctx = PassContext(plan=plan, config=cfg, example=example, calibration=batches, holdout=holdout,
+                      dense=dense, replay=replay, reuse=reuse, quiet=quiet,
                       instruments=default_instruments(len(cfg.passes), quiet))
     gm = PassManager(cfg.passes, ctx.instruments).run(gm, ctx)
     cm = CompiledModel(gm, plan, cfg, example, model_class, dense_cost, dense_sites, dict(ctx.timings))

@@ -8,6 +8,11 @@
     overrides:                       # per-site options; glob on the site's module path (or its id)
       "encoder.layer.0.*": {neuron_sparsity: {target: 0.0}}
     backend: auto                    # auto | eager | triton | onnx
+    fidelity: {metric: cosine, min: 0.99, holdout: 0.25}   # optional: the quality floor (`fidelity`)
+
+With a ``fidelity`` section the ``budget`` pass runs last (appended when the pipeline does not list it)
+and keeps only the rewrites whose held-out fidelity meets the floor; ``budget`` without the section is
+refused (it would have no floor to keep).
 
 `Config.load` takes a dict, a YAML or JSON path, a named pipeline (`sparsegraph.pipelines`) or a
 Config. Every key and value is checked when the config is built, types first (a YAML file gives
@@ -28,11 +33,13 @@ from typing import Any
 
 from sparsegraph import pipelines
 from sparsegraph.errors import ConfigError, did_you_mean
+from sparsegraph.fidelity import Fidelity
 from sparsegraph.pass_contract import Pass
 from sparsegraph.registry import get_pass
 
 BACKENDS = ("auto", "eager", "triton", "onnx")
-_TOP_KEYS = ("passes", "overrides", "backend")
+_TOP_KEYS = ("passes", "overrides", "backend", "fidelity")
+BUDGET = "budget"  # the pass that enforces the fidelity section
 
 
 @dataclass(frozen=True)
@@ -40,6 +47,7 @@ class Config:
     passes: tuple[Pass, ...] = ()
     overrides: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     backend: str = "auto"
+    fidelity: Fidelity | None = None
 
     def __post_init__(self):
         if not isinstance(self.backend, str):
@@ -54,6 +62,12 @@ class Config:
             raise ConfigError(f"config 'overrides' must map globs to {{pass: {{option: value}}}}, got "
                               f"{self.overrides!r}")
         names = [p.name for p in self.passes]
+        if self.fidelity is not None and not isinstance(self.fidelity, Fidelity):
+            raise ConfigError(f"Config(fidelity=...) takes a Fidelity, got {self.fidelity!r}; build configs "
+                              "with Config.from_dict or Config.load")
+        if BUDGET in names and self.fidelity is None:
+            raise ConfigError("pass 'budget' keeps the rewrites that meet a fidelity floor, and the config "
+                              "gives none: add e.g. fidelity: {metric: cosine, min: 0.99}")
         for glob, per_pass in self.overrides.items():
             if not isinstance(glob, str):
                 raise ConfigError(f"overrides key {glob!r} must be a glob string (quote it in YAML)")
@@ -119,11 +133,19 @@ class Config:
                 raise ConfigError(f"pass {p.name!r} appears twice in the pipeline; give it once and use "
                                   "overrides for per-site options")
             seen.add(p.name)
-        return cls(passes=passes, overrides=dict(overrides), backend=data.get("backend", "auto"))
+        fidelity = data.get("fidelity")
+        fidelity = None if fidelity is None else Fidelity.from_dict(fidelity)
+        if fidelity is not None and BUDGET not in seen:
+            passes += (get_pass(BUDGET).from_options({}),)
+        return cls(passes=passes, overrides=dict(overrides), backend=data.get("backend", "auto"),
+                   fidelity=fidelity)
 
     def to_dict(self) -> dict:
-        return {"passes": [{p.name: p.options()} for p in self.passes],
+        data = {"passes": [{p.name: p.options()} for p in self.passes],
                 "overrides": json.loads(json.dumps(self.overrides)), "backend": self.backend}
+        if self.fidelity is not None:
+            data["fidelity"] = self.fidelity.to_dict()
+        return data
 
     # -- per-site options -----------------------------------------------------------------------------------
 

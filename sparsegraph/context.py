@@ -48,6 +48,10 @@ class PassContext:
     config: Config
     example: Batch
     calibration: list[Batch] = field(default_factory=list)
+    # the fidelity check's data and baseline (configs with a ``fidelity`` section): calibration batches no
+    # analysis saw, and the graph as traced (sharing the model's weights)
+    holdout: list[Batch] = field(default_factory=list)
+    dense: torch.fx.GraphModule | None = None
     replay: bool = False  # replaying a plan: rewrites take their decisions from it
     reuse: frozenset[str] = frozenset()  # analysis passes whose facts a given plan already holds
     quiet: bool = False

@@ -77,6 +77,12 @@ def dense_form_cost(node: torch.fx.Node, dense: Callable) -> NodeCost:
     return total_cost(dense_gm)
 
 
+def roofline(cost: NodeCost) -> float:
+    """One number for a cost: max(MACs, bytes / 4), a crude roofline at 4 bytes per MAC (compute-bound
+    nodes count their MACs, memory-bound ones their traffic)."""
+    return max(cost.macs, cost.bytes / 4)
+
+
 def graph_costs(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, NodeCost]:
     return {n: node_cost(n) for n in gm.graph.nodes}
 

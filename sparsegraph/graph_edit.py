@@ -6,6 +6,7 @@ new tensors become buffers of the GraphModule: copies owned by the compiled mode
 
 from __future__ import annotations
 
+import copy
 import re
 
 import torch
@@ -110,3 +111,15 @@ def attention_operands(gm: torch.fx.GraphModule, site, before: torch.fx.Node):
                 additive = g.call_function(torch.ops.aten.add.Tensor, (additive, m))
             meta.copy_provenance(out, additive)
     return q, k, v, additive, float(site.scale)
+
+
+def sharing_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A GraphModule with its own copy of `gm`'s graph (nodes, meta dicts, input/output handling) and the
+    same tensors: rewriting one leaves the other's code alone, and neither copies a weight (passes add new
+    tensors, never write into old ones)."""
+    graph = torch.fx.Graph()
+    graph._codegen = copy.deepcopy(gm.graph._codegen)
+    graph.output(graph.graph_copy(gm.graph, {}))
+    copied = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    copied.meta.update(gm.meta)
+    return copied

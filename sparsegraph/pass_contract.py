@@ -173,6 +173,18 @@ class Pass:
         return None
 
 
+def steps_towards(value: float, dense: float, shares: tuple[float, ...] = (0.75, 0.5, 0.25)) -> list[float]:
+    """Milder settings of a level option at `value` whose setting `dense` leaves a site unchanged: the
+    `shares` of the way from `dense` to `value`, strongest first, rounded to 3 decimals (plans stay
+    readable), repeats and `value` itself left out."""
+    out: list[float] = []
+    for share in shares:
+        step = round(dense + share * (value - dense), 3)
+        if step not in out and step != value and step != dense:
+            out.append(step)
+    return out
+
+
 class AnalysisPass(Pass):
     """Reads the graph and calibration data, writes facts into ``ctx.plan``; never changes the graph.
 
@@ -235,6 +247,12 @@ class RewritePass(Pass):
         """The decision for one site with the options that apply there (config overrides included); raise
         `Refused` to leave it alone with a reason; None: not a site of this pass (not counted)."""
         raise NotImplementedError
+
+    def milder(self, site, opts: Pass, ctx: PassContext) -> list[Pass]:
+        """`opts` (this pass's options at `site`) at milder levels, strongest first: what the ``budget`` pass
+        backs off through, calling ``decide_site`` with each, before it reverts a site whose rewrite costs
+        more fidelity than the config allows. The default offers none (all or nothing)."""
+        return []
 
     def decide(self, gm: torch.fx.GraphModule, ctx: PassContext, stats: PassStats) -> dict[str, SiteDecision]:
         decisions = {}

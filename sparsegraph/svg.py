@@ -99,6 +99,28 @@ def image(title: str, pixels: list[list[float]], boxes: list[tuple[float, float,
     return "".join(parts) + "</svg>"
 
 
+def scatter(title: str, points: list[tuple[float, float, str, str]], x_label: str, y_label: str,
+            groups: tuple[str, ...]) -> str:
+    """Points ``(x, y, label, group)`` on linear axes from 0, coloured by group (in `groups` order)."""
+    plot_w, plot_h, left, top = 420, 240, 60, 34
+    x_max = max((p[0] for p in points), default=0) or 1
+    y_max = max((p[1] for p in points), default=0) or 1
+    parts = [_open(left + plot_w + 30, top + plot_h + 60), _text(8, 18, title, bold=True),
+             f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#999"/>',
+             _text(left + plot_w / 2, top + plot_h + 30, x_label, anchor="middle", size=10),
+             _text(left - 4, top + 8, f"{y_max:.3g}", anchor="end", size=9),
+             _text(left + plot_w, top + plot_h + 14, f"{x_max:.3g}", anchor="end", size=9),
+             _text(left - 4, top + plot_h, "0", anchor="end", size=9),
+             _text(8, top + plot_h / 2, y_label, size=10)]
+    for x, y, label, group in points:
+        cx, cy = left + plot_w * x / x_max, top + plot_h * (1 - y / y_max)
+        colour = PALETTE[groups.index(group) % len(PALETTE)] if group in groups else "#222"
+        parts.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="4" fill="{colour}"><title>'
+                     f'{html.escape(label)}: {group}, x {x:.4g}, y {y:.4g}</title></circle>')
+    parts += _legend(list(groups), top + plot_h + 46)
+    return "".join(parts) + "</svg>"
+
+
 def _open(width: float, height: float) -> str:
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
             f'viewBox="0 0 {width:.0f} {height:.0f}" font-family="sans-serif">')

@@ -23,7 +23,7 @@ LAYERS = [
     ("domain", ["sparsegraph.graph_edit", "sparsegraph.canonicalize", "sparsegraph.inputs",
                 "sparsegraph.attention_layouts",
                 "sparsegraph.boxes", "sparsegraph.cost_model", "sparsegraph.observe", "sparsegraph.measure",
-                "sparsegraph.sections", "sparsegraph.kv_cache"]),
+                "sparsegraph.sections", "sparsegraph.kv_cache", "sparsegraph.fidelity"]),
     ("codegen", ["sparsegraph.codegen"]),
     ("measures", ["sparsegraph.attention_scores"]),  # reads the token_scores op's kernel: above codegen
     ("contract", ["sparsegraph.pass_contract", "sparsegraph.facts", "sparsegraph.registry",

@@ -24,13 +24,14 @@ wrap a negative index and count a repeated one twice) with no or one finite mean
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.fx
 
 from sparsegraph import facts, graph_edit, ir, meta
-from sparsegraph.pass_contract import Refused, RewritePass, SiteDecision, option
+from sparsegraph.pass_contract import Refused, RewritePass, SiteDecision, option, steps_towards
 from sparsegraph.registry import register_pass
 
 
@@ -48,6 +49,9 @@ class NeuronPruning(RewritePass):
 
     def sites(self, gm):
         return ir.mlp_sites(gm)
+
+    def milder(self, site, opts, ctx):
+        return [dataclasses.replace(opts, fraction=f) for f in steps_towards(opts.fraction, 0.0)]
 
     def decide_site(self, site, opts, ctx):
         removed = round(opts.fraction * site.intermediate)

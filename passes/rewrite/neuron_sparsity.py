@@ -33,6 +33,7 @@ keeps every input, a NaN centre makes every output NaN, a short centre fails dee
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -40,7 +41,7 @@ import torch
 from sparsegraph import facts, graph_edit, ir, meta
 from sparsegraph.codegen.core_linear import OP as CORE
 from sparsegraph.codegen.sparse_linear import OP
-from sparsegraph.pass_contract import Refused, RewritePass, SiteDecision, option
+from sparsegraph.pass_contract import Refused, RewritePass, SiteDecision, option, steps_towards
 from sparsegraph.registry import register_pass
 
 METHODS = ("magnitude", "centred", "topk", "core")
@@ -65,6 +66,21 @@ class NeuronSparsity(RewritePass):
 
     def sites(self, gm):
         return [*ir.mlp_sites(gm), *ir.attention_sites(gm)]
+
+    def milder(self, site, opts, ctx):
+        """Lower targets: for thresholds, the ones the profile recorded (for every projection the site
+        sparsifies); for topk and core, any (k is computed)."""
+        if opts.method in ("topk", "core"):
+            return [dataclasses.replace(opts, target=t) for t in steps_towards(opts.target, 0.0)]
+        groups = _groups(site, opts)
+        profile = facts.read(ctx.plan, "activation_profile", site.id, facts.SiteActivations,
+                             widths={what: width for what, _, width in groups})
+        if profile is None or any(what not in profile.observed for what, _, _ in groups):
+            return []
+        method = "centred" if opts.method == "centred" else "magnitude"
+        recorded = set.intersection(*(set(profile.observed[what].targets(method)) for what, _, _ in groups))
+        return [dataclasses.replace(opts, target=t) for t in sorted(recorded, reverse=True)
+                if 0 < t < opts.target]
 
     def decide_site(self, site, opts, ctx):
         groups = _groups(site, opts)

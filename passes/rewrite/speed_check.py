@@ -10,8 +10,10 @@ A site whose sparse ops are together slower than ``min_speedup`` × dense is rev
 sparse nodes is replaced by a call to the dense form, which computes the dense result (for activation
 sparsity: the original layer). The decision per site records both timings (or costs), so a replayed
 plan reverts the same sites without measuring again: the decision is part of the reproducible plan,
-the timing is evidence. Ops without a dense form are refused with that reason. A replayed decision must
-name a site that has sparse ops with a dense form when this pass runs (else it would revert nothing).
+the timing is evidence, and the pass's counters say whether time or the cost model decided (two
+compiles that measure may decide differently; two that do not give the same plan). Ops without a dense
+form are refused with that reason. A replayed decision must name a site that has sparse ops with a
+dense form when this pass runs (else it would revert nothing).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 
 from sparsegraph import graph_edit, ir, meta
 from sparsegraph.codegen import op_of, use_backend
-from sparsegraph.cost_model import dense_form_cost
+from sparsegraph.cost_model import NodeCost, dense_form_cost, roofline
 from sparsegraph.pass_contract import RewritePass, SiteDecision, option
 from sparsegraph.registry import register_pass
 
@@ -60,6 +62,9 @@ class SpeedCheck(RewritePass):
             entry["nodes"].append(node.name)
         decisions = {}
         unit = "seconds" if self.measure else "cost"
+        # timings differ from run to run: a plan made by measuring is reproduced by replaying it
+        stats.counters["decided_by"] = ("time measured on this machine (replay the plan to reproduce)"
+                                        if self.measure else "cost model (deterministic)")
         for site, e in per_site.items():
             stats.matched += 1
             speedup = e["dense"] / e["sparse"] if e["sparse"] > 0 else float("inf")
@@ -136,12 +141,10 @@ def _time(op, call, opts: SpeedCheck, ctx) -> tuple[float, float]:
 
 
 def _cost(node: torch.fx.Node) -> tuple[float, float]:
-    """(sparse, dense) cost, each max(MACs, bytes / 4) (a crude roofline at 4 bytes per MAC).
+    """(sparse, dense) cost, each `cost_model.roofline`.
 
     The sparse side is the op's own cost rule; the dense side is our cost model summed over the dense
     form traced at the node's shapes, so any op with a dense form is covered.
     """
     op = op_of(node)
-    macs, moved = op.cost(node)
-    dense = dense_form_cost(node, op.dense)
-    return max(macs, moved / 4), max(dense.macs, dense.bytes / 4)
+    return roofline(NodeCost(*op.cost(node))), roofline(dense_form_cost(node, op.dense))
