@@ -7,13 +7,14 @@ TinyLlama-shaped model: HF generate vs our dense and sparse decode), ``lm_qualit
 token agreement of TEAL sparsity on the trained ``stdlib_lm``),
 ``attention`` (block-sparse attention vs dense SDPA and FlexAttention), ``tokens`` (token pruning
 fidelity on MiniLM, ViT-B/16 speed, digits_vit accuracy and RoIs), ``gemv`` (one-token input-sparse
-GEMV: the compiled kernel vs dense, torch.sparse.mm and embedding_bag).
+GEMV: the compiled kernel vs dense, torch.sparse.mm and embedding_bag), ``fidelity`` (the quality
+budget on MiniLM and digits_vit: held-out fidelity and speed with and without a floor).
 """
 
 import importlib
 import sys
 
-SUITES = ("foundation", "activation", "decode", "lm_quality", "attention", "tokens", "gemv")
+SUITES = ("foundation", "activation", "decode", "lm_quality", "attention", "tokens", "gemv", "fidelity")
 
 if len(sys.argv) < 2 or sys.argv[1] not in SUITES:
     print(__doc__)

@@ -25,13 +25,17 @@ def render() -> str:
     lines = ["# Config reference", "",
              "Generated from the pass option dataclasses by `python -m sparsegraph.docgen`; do not edit "
              "by hand.",
-             "", "A config has three keys:", "",
+             "", "A config has four keys:", "",
              "- `passes`: the pipeline, in order; each item a pass name or `{name: {option: value}}`;",
              "- `overrides`: `{glob: {pass: {option: value}}}`, applied to sites whose module path or id "
              "matches",
              "  (`path.*` matches the module `path` itself too); a glob that matches no site is an error "
              "listing the sites;",
-             f"- `backend`: one of {', '.join(f'`{b}`' for b in BACKENDS)}.", "",
+             f"- `backend`: one of {', '.join(f'`{b}`' for b in BACKENDS)};",
+             "- `fidelity` (optional): the quality floor, `{metric: cosine | top1 | kl | 'pkg.module:function', "
+             "min: … (max: … for kl), holdout: 0.25}`;",
+             "  the `budget` pass enforces it on held-out calibration batches (appended to the pipeline when "
+             "absent).", "",
              "## Named pipelines", ""]
     lines += [f"- `{name}`: {doc}" for name, doc in pipelines.describe().items()]
     for name in sorted(BUILTIN):
