@@ -13,6 +13,10 @@ every row of every held-out batch:
 - ``top1``: 1 where the last dimension's argmax agrees (class, next token), else 0; floor ``min``;
 - ``kl``: KL(softmax(dense) ‖ softmax(sparse)) over the last dimension, in nats; ceiling ``max``
   (0 is exact);
+- ``perplexity`` (causal LMs): the compiled model's perplexity on the held-out text over dense's,
+  exp(mean CE_sparse − mean CE_dense) of the next-token cross-entropy of the batch's ``input_ids``
+  (positions the ``attention_mask`` masks are left out); ceiling ``max`` (1 is exact: 1.05 allows a 5%
+  higher perplexity);
 - a callable ``f(dense, sparse) -> float`` on each held-out batch's outputs, or ``"pkg.module:function"``
   naming one (imported when first scored, so a plan that records it replays without it), higher is
   better; floor ``min``.
@@ -21,13 +25,14 @@ The output compared is the model's first floating-point tensor (an encoder's emb
 classifier's or LM's logits). A row count or width that differs from dense (a token-level output
 after token pruning) is refused with the fix: compare a pooled output, or pick the output position.
 
-`loss` turns a score into distance from exact (1 − score for floors, the score itself for ``kl``), the
-unit the budget trades against speed.
+`loss` turns a score into distance from exact (1 − score for floors, the score itself for ``kl``,
+score − 1 for ``perplexity``), the unit the budget trades against speed.
 """
 
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -37,7 +42,8 @@ import torch.utils._pytree as pytree
 
 from sparsegraph.errors import CalibrationError, ConfigError, did_you_mean
 
-METRICS = ("cosine", "top1", "kl")
+METRICS = ("cosine", "top1", "kl", "perplexity")
+_CEILINGS = ("kl", "perplexity")  # lower is closer to dense
 _KEYS = ("metric", "min", "max", "holdout")
 
 
@@ -59,13 +65,13 @@ class Fidelity:
             if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
                                       or value != value or abs(value) == float("inf")):
                 raise ConfigError(f"fidelity {key!r} must be a finite number, got {value!r}")
-        bound, wrong = ("max", "min") if self.metric == "kl" else ("min", "max")
+        bound, wrong = ("max", "min") if self.metric in _CEILINGS else ("min", "max")
         if getattr(self, wrong) is not None:
             raise ConfigError(f"fidelity metric {self.name!r} is bounded by {bound!r}, not {wrong!r} "
                               f"({'lower' if bound == 'max' else 'higher'} is closer to dense): write "
                               f"fidelity: {{metric: {self.name}, {bound}: …}}")
         if getattr(self, bound) is None:
-            example = "0.05" if bound == "max" else "0.99"
+            example = {"kl": "0.05", "perplexity": "1.05"}.get(self.metric, "0.99")
             raise ConfigError(f"fidelity metric {self.name!r} needs its bound {bound!r}, e.g. "
                               f"fidelity: {{metric: {self.name}, {bound}: {example}}}")
         if not 0 < self.holdout < 1:
@@ -96,17 +102,22 @@ class Fidelity:
 
     @property
     def bound(self) -> float:
-        return self.max if self.metric == "kl" else self.min
+        return self.max if self.metric in _CEILINGS else self.min
+
+    @property
+    def exact(self) -> float:
+        """The score of the dense model itself."""
+        return {"kl": 0.0, "perplexity": 1.0}.get(self.metric, 1.0)
 
     def meets(self, score: float) -> bool:
-        return score <= self.max if self.metric == "kl" else score >= self.min
+        return score <= self.max if self.metric in _CEILINGS else score >= self.min
 
     def loss(self, score: float) -> float:
         """Distance from exact: what one site's rewrite costs, in the metric's unit."""
-        return score if self.metric == "kl" else 1.0 - score
+        return {"kl": score, "perplexity": score - 1.0}.get(self.metric, 1.0 - score)
 
     def describe(self, score: float) -> str:
-        return f"{self.name} {score:.4f} ({'≤' if self.metric == 'kl' else '≥'} {self.bound:g} needed)"
+        return f"{self.name} {score:.4f} ({'≤' if self.metric in _CEILINGS else '≥'} {self.bound:g} needed)"
 
     # -- data -----------------------------------------------------------------------------------------------
 
@@ -120,8 +131,15 @@ class Fidelity:
         held = min(len(batches) - 1, max(1, round(self.holdout * len(batches))))
         return batches[:-held], batches[-held:]
 
-    def score(self, dense: list, outputs: list) -> float:
-        """The metric over held-out batches: `dense` and `outputs` are the two models' outputs per batch."""
+    def score(self, dense: list, outputs: list, batches: list | None = None) -> float:
+        """The metric over held-out `batches` (`Batch` each): `dense` and `outputs` are the two models'
+        outputs per batch."""
+        if self.metric == "perplexity":
+            if batches is None:
+                raise ValueError("the perplexity metric reads the batches' input_ids: pass batches")
+            ce_dense = [_cross_entropy(output_tensor(o), b) for o, b in zip(dense, batches)]
+            ce_sparse = [_cross_entropy(output_tensor(o), b) for o, b in zip(outputs, batches)]
+            return math.exp((sum(ce_sparse) - sum(ce_dense)) / len(batches))
         if self.metric not in METRICS:
             fn = _imported(self.metric) if isinstance(self.metric, str) else self.metric
             values = [float(fn(d, o)) for d, o in zip(dense, outputs)]
@@ -149,6 +167,25 @@ def output_tensor(output) -> torch.Tensor:
             return leaf
     raise ConfigError("the model's output holds no floating-point tensor for the fidelity metric to compare; "
                       "use a callable metric f(dense, sparse) -> float")
+
+
+def _cross_entropy(logits: torch.Tensor, batch) -> float:
+    """Mean next-token cross-entropy of `logits` [B, L, V] against the batch's ``input_ids`` (its first
+    integer tensor of shape [B, L]), over the positions its ``attention_mask`` keeps."""
+    tensors = [*batch.args, *batch.kwargs.values()]
+    ids = batch.kwargs.get("input_ids")
+    if ids is None:
+        ids = next((t for t in tensors if isinstance(t, torch.Tensor) and not t.is_floating_point()
+                    and tuple(t.shape) == tuple(logits.shape[:2])), None)
+    if logits.dim() != 3 or ids is None:
+        raise ConfigError(f"the perplexity metric needs next-token logits [batch, length, vocabulary] and "
+                          f"the batch's input_ids; the output is {tuple(logits.shape)} and the batch holds "
+                          f"{'no' if ids is None else 'its'} token ids. Use it on a causal LM")
+    mask = batch.kwargs.get("attention_mask")
+    keep = torch.ones_like(ids[:, 1:], dtype=torch.bool) if mask is None else mask[:, 1:].bool()
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].double().flatten(0, 1), ids[:, 1:].flatten(),
+                                           reduction="none")
+    return ce[keep.flatten()].mean().item()
 
 
 def _rows(metric: str, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:

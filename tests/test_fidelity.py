@@ -31,6 +31,30 @@ def test_cosine_top1_and_kl_against_hand_computed_values():
     assert Fidelity("top1", min=0.5).score([a[:1], a[1:]], [b[:1], b[1:]]) == pytest.approx(0.75)
 
 
+def test_perplexity_is_the_ratio_of_held_out_perplexities_and_skips_masked_positions():
+    from sparsegraph.context import Batch
+
+    ids = torch.tensor([[1, 2, 0, 3], [2, 2, 1, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])  # the last position of row 1 is padding
+    g = torch.Generator().manual_seed(0)
+    dense, sparse = torch.randn(2, 4, 5, generator=g), torch.randn(2, 4, 5, generator=g)
+
+    def ce(logits):
+        values = [torch.nn.functional.cross_entropy(logits[r, p], ids[r, p + 1]) for r in range(2)
+                  for p in range(3) if mask[r, p + 1]]
+        return torch.stack(values).mean().item()
+
+    batch = Batch((), {"input_ids": ids, "attention_mask": mask})
+    f = Fidelity("perplexity", max=1.05)
+    assert f.score([dense], [sparse], [batch]) == pytest.approx(math.exp(ce(sparse) - ce(dense)))
+    assert f.score([dense], [dense], [Batch((ids,))]) == pytest.approx(1.0)
+    assert f.exact == 1.0 and f.loss(1.03) == pytest.approx(0.03) and not f.meets(1.06)
+    with pytest.raises(ConfigError, match="needs next-token logits"):
+        f.score([torch.zeros(2, 5)], [torch.zeros(2, 5)], [batch])
+    with pytest.raises(ConfigError, match="bounded by 'max'"):
+        Fidelity("perplexity", min=1.0)
+
+
 def test_bounds_losses_and_meets():
     cos, kl = Fidelity("cosine", min=0.99), Fidelity("kl", max=0.05)
     assert cos.meets(0.99) and not cos.meets(0.9899) and cos.loss(0.98) == pytest.approx(0.02)

@@ -161,7 +161,7 @@ class _Search:
     def _score(self, chosen, verify: bool = False) -> tuple[float, torch.fx.GraphModule]:
         self.evaluations += 1
         gm = self._build(self._plan(chosen), verify)
-        return self.fidelity.score(self.reference, self._outputs(gm)), gm
+        return self.fidelity.score(self.reference, self._outputs(gm), self.ctx.holdout), gm
 
     # -- the walk -------------------------------------------------------------------------------------------
 
@@ -186,7 +186,7 @@ class _Search:
         ranked = sorted(records, key=lambda s: (-_ratio(records[s]), list(full).index(s)))
         chosen: dict[str, dict] = {}
         actions: dict[str, tuple[str, dict, str]] = {}
-        score = 1.0 if self.fidelity.metric != "kl" else 0.0
+        score = self.fidelity.exact
         for site in ranked:
             r = records[site]
             if r["gain"] <= 0:
