@@ -32,8 +32,8 @@ def render() -> str:
              "  (`path.*` matches the module `path` itself too); a glob that matches no site is an error "
              "listing the sites;",
              f"- `backend`: one of {', '.join(f'`{b}`' for b in BACKENDS)};",
-             "- `fidelity` (optional): the quality floor, `{metric: cosine | top1 | kl | 'pkg.module:function', "
-             "min: … (max: … for kl), holdout: 0.25}`;",
+             "- `fidelity` (optional): the quality floor, `{metric: cosine | top1 | kl | perplexity | "
+             "'pkg.module:function', min: … (max: … for kl and perplexity), holdout: 0.25}`;",
              "  the `budget` pass enforces it on held-out calibration batches (appended to the pipeline when "
              "absent).", "",
              "## Named pipelines", ""]
