@@ -1,13 +1,13 @@
 """``python -m bench fidelity``: what the quality budget keeps, on data neither the analyses nor the
 budget saw, against the same pipeline without it.
 
-- **MiniLM** (real pretrained sentence encoder), ``combined`` with ``speed_check`` deciding by the cost
-  model (``measure: false``, so both rows decide the same way on any machine), with and without
-  ``fidelity: {metric: cosine, min: 0.99}``. Calibration: ``--calibration`` standard-library sentences in
-  batches of 16 (the budget holds out the last quarter of the batches); figures on ``--unseen`` held-out
-  sentences (modules never used for calibration): mean cosine of the sentence embeddings to dense, the
-  worst sentence's cosine, and time per batch of the example shape against dense eager, interleaved,
-  median of ``--repeats``.
+- **MiniLM** (real pretrained sentence encoder), ``combined`` as shipped (``speed_check`` times every
+  sparse op here, so what it keeps varies from run to run on a busy machine: the case the budget is
+  for), without a floor and with ``fidelity: {metric: cosine, min: 0.99}`` and ``min: 0.995``.
+  Calibration: ``--calibration`` standard-library sentences in batches of 16 (the budget holds out the
+  last quarter of the batches); figures on ``--unseen`` held-out sentences (modules never used for
+  calibration): mean cosine of the sentence embeddings to dense, the worst sentence's cosine, and time
+  per batch of the example shape against dense eager, interleaved, median of ``--repeats``.
 - **digits_vit** (the ViT trained here on sklearn's digits), ``vit-token-pruning`` and a harder schedule
   (keep 0.5 before blocks 1–4), each with and without ``fidelity: {metric: top1, min: 0.98}``.
   Calibration: the first 192 test images in batches of 64 (the budget holds out the last; training
@@ -38,9 +38,8 @@ def minilm(args) -> list[dict]:
     with torch.inference_mode():
         dense = [model(*b) for b in unseen]
     rows = []
-    for floor in (None, 0.99):
+    for floor in (None, 0.99, 0.995):
         config = pipelines.get("combined")
-        config["passes"][-1] = {"speed_check": {"measure": False}}
         if floor is not None:
             config["fidelity"] = {"metric": "cosine", "min": floor}
         started = time.perf_counter()
@@ -49,7 +48,8 @@ def minilm(args) -> list[dict]:
         with torch.inference_mode():
             cosines = torch.cat([torch.nn.functional.cosine_similarity(cm(*b), d, dim=-1)
                                  for b, d in zip(unseen, dense)])
-        rows.append({"model": "MiniLM", "pipeline": "combined", "floor": floor,
+        reverted = cm.plan.passes["speed_check"]["stats"]["counters"].get("reverted", [])
+        rows.append({"model": "MiniLM", "pipeline": "combined", "floor": floor, "speed_check": len(reverted),
                      "mean_cosine": cosines.mean().item(), "worst_cosine": cosines.min().item(),
                      **_budget(cm), **_speed(model, cm, example, args.repeats), "compile_s": compile_s})
         print(rows[-1], flush=True)
@@ -110,7 +110,8 @@ def _markdown(rows: list[dict], args) -> str:
     def fmt(v, spec=".4f"):
         return "–" if v is None else format(v, spec)
 
-    minilm_rows = [[r["pipeline"], "none" if r["floor"] is None else f"cosine ≥ {r['floor']}",
+    minilm_rows = [[f"{r['pipeline']} ({r['speed_check']} sites reverted by speed_check)",
+                    "none" if r["floor"] is None else f"cosine ≥ {r['floor']}",
                     fmt(r["holdout_score"]), fmt(r["mean_cosine"]), fmt(r["worst_cosine"]),
                     f"{r['kept']}/{r['lowered']}/{r['reverted']}" if r["kept"] is not None else "–",
                     f"{r['dense_ms']:.1f}", f"{r['compiled_ms']:.1f}", f"{r['speedup']:.2f}x",
@@ -123,7 +124,7 @@ def _markdown(rows: list[dict], args) -> str:
                    f"{r['compile_s']:.0f}"] for r in rows if r["model"] == "digits_vit"]
     return "\n".join([
         "# Quality budget: held-out fidelity with and without a floor", "",
-        f"MiniLM-L6 (pretrained), `combined` (speed_check by the cost model), sequence 128, batch 16; "
+        f"MiniLM-L6 (pretrained), `combined` (speed_check timing each op), sequence 128, batch 16; "
         f"calibration {args.calibration} sentences in batches of 16, the last quarter held out for the "
         "budget; "
         f"unseen: {args.unseen} sentences of modules never calibrated on. Speed: one batch of the example "
