@@ -14,6 +14,14 @@ training text, then measured on the held-out split:
   of ``--prompt`` tokens continued for ``--new`` tokens through the KV-cache decode graphs
   (`CompiledModel.generate`), counted up to the first difference's end of row (positions after a first
   difference are compared as generated: they diverge honestly).
+
+Then the same for **decode attention** (which acts in decode steps only, so the text is scored through
+the decode graphs: `Decoder.teacher_forced`, the first ``--decode-prompt`` tokens prefilled and every
+later token fed to a decode step): perplexity and top-1 agreement over the decode-step positions of the
+held-out windows, against dense scored the same way, and greedy agreement as above. Patterns, with
+cache blocks of ``--block`` slots: dynamic (per step, the blocks with the largest block-mean q·k; the
+first block and the current one always read) at 50% and 25% of the blocks, and static (each head's
+``head_patterns`` band at recall 0.95, calibrated on training windows).
 """
 
 from __future__ import annotations
@@ -39,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--new", type=int, default=32)
+    ap.add_argument("--decode-prompt", type=int, default=16, help="tokens prefilled before teacher forcing")
+    ap.add_argument("--block", type=int, default=16, help="decode attention's cache block (slots)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--name", default="lm-quality-cpu")
@@ -70,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"sparsity": sparsity, "perplexity": ppl, "delta": ppl - dense_ppl,
                      "top1_agreement": (top1 == dense_top1).float().mean().item(),
                      "greedy_agreement": (new == dense_new).float().mean().item()})
-    results = {"machine": machine(args.threads), "settings": vars(args), "rows": rows,
+    attention = _decode_attention_rows(model, example, calibration, heldout, prompts, dense_new, args)
+    results = {"machine": machine(args.threads), "settings": vars(args), "rows": rows, "attention": attention,
                "unigram_perplexity": stdlib_lm.unigram_perplexity(args.length, args.windows),
                "seconds": time.perf_counter() - started}
     assert all(math.isfinite(r["perplexity"]) for r in rows)
@@ -86,6 +97,67 @@ def main(argv: list[str] | None = None) -> int:
                 "greedy agreement"],
                [[f"{r['sparsity']:.0%}" if r["sparsity"] else "dense", f"{r['perplexity']:.2f}",
                  f"{r['delta']:+.2f}", f"{r['top1_agreement']:.3f}", f"{r['greedy_agreement']:.3f}"]
-                for r in rows]), ""])
+                for r in rows]), "",
+        f"Decode attention: held-out windows scored through the decode graphs ({args.decode_prompt} tokens "
+        f"prefilled, then one decode step per token; figures over the {args.length - args.decode_prompt} "
+        f"decode-step positions), cache blocks of {args.block} slots; greedy agreement as above.", "",
+        *table(["decode attention", "share of cache blocks read", "perplexity (decode steps)", "Δ vs dense",
+                "top-1 agreement", "greedy agreement"],
+               [[r["pattern"], f"{r['read']:.2f}", f"{r['perplexity']:.2f}", f"{r['delta']:+.2f}",
+                 f"{r['top1_agreement']:.3f}", f"{r['greedy_agreement']:.3f}"] for r in attention]), ""])
     write(args.out, args.name, results, md)
     return 0
+
+
+def _decode_attention_rows(model, example, calibration, heldout, prompts, dense_new, args) -> list[dict]:
+    """Perplexity, top-1 and greedy agreement of decode attention patterns, scored through the decode
+    graphs against dense scored the same way."""
+    configs = {
+        "dense": {"passes": []},
+        "dynamic, 50% of blocks": {"passes": [{"decode_attention": {"mode": "dynamic", "keep": 0.5,
+                                                                     "block": args.block}}]},
+        "dynamic, 25% of blocks": {"passes": [{"decode_attention": {"mode": "dynamic", "keep": 0.25,
+                                                                     "block": args.block}}]},
+        "static (head_patterns, recall 0.95)": {"passes": [
+            {"head_patterns": {"block": args.block, "recall": 0.95}}, "decode_attention"]},
+    }
+    rows, reference = [], None
+    for name, config in configs.items():
+        cm = sg.compile(model, config, example_inputs=example, calibration=calibration, quiet=True)
+        logits = torch.cat([cm.decoder().teacher_forced(w, args.decode_prompt) for w in heldout.split(16)])
+        scored = logits[:, args.decode_prompt - 1:-1]  # each decode step's prediction of the next token
+        targets = heldout[:, args.decode_prompt:]
+        ce = torch.nn.functional.cross_entropy(scored.flatten(0, 1).double(), targets.flatten())
+        top1 = scored.argmax(-1)
+        reference = top1 if reference is None else reference
+        new = cm.generate(prompts, max_new_tokens=args.new, eos_token_id=[])[:, args.prompt:]
+        rows.append({"pattern": name, "read": _blocks_read(cm, args.length),
+                     "perplexity": math.exp(ce.item()),
+                     "top1_agreement": (top1 == reference).float().mean().item(),
+                     "greedy_agreement": (new == dense_new).float().mean().item()})
+        print(rows[-1], flush=True)
+    for row in rows:
+        row["delta"] = row["perplexity"] - rows[0]["perplexity"]
+    return rows
+
+
+def _blocks_read(cm, length: int) -> float:
+    """Mean share of the blocks of a full cache of `length` slots that one step's decode attention reads,
+    over the step graph's ops and heads: each head's static band, its query's own block, and at least
+    ⌈keep · blocks⌉ in dynamic mode (1.0: no decode attention)."""
+    from sparsegraph import attention_layouts, ir
+    from sparsegraph.codegen.decode_attention import OP
+
+    shares = []
+    for node in cm.decoder().step.graph.nodes:
+        if node.target is not OP.overload:
+            continue
+        layout = ir.get_attr(node.graph.owning_module, node.args[4].target)
+        keep, block = node.args[5], node.args[6]
+        blocks = -(-length // block)
+        listed = attention_layouts.block_mask_from_layout(attention_layouts.layout(layout, 1, blocks, False),
+                                                          blocks)[:, 0]  # [heads, blocks]
+        listed[:, -1] = True
+        read = listed.float().sum(-1).clamp(min=min(blocks, math.ceil(keep * blocks)))
+        shares += (read / blocks).tolist()
+    return sum(shares) / len(shares) if shares else 1.0

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from sparsegraph.canonicalize import drop_identities
 from sparsegraph.codegen import use_backend
 from sparsegraph.config import Config
 from sparsegraph.context import Batch, PassContext
@@ -104,7 +105,9 @@ class Decoder:
         replayed = _decode_plan(plan, self.config)
         passes = [p for p in self.config.passes if p.decode]
         ctx = PassContext(plan=replayed, config=self.config, example=Batch(args), replay=True, quiet=True)
-        return PassManager(passes).run(gm, ctx)
+        gm = PassManager(passes).run(gm, ctx)
+        drop_identities(gm)  # a decode step is a few hundred small calls: the ones that compute nothing go
+        return gm
 
     def export_onnx(self, directory: str | os.PathLike, opset: int = 18) -> dict[str, Path]:
         """Write ``prefill.onnx`` and ``step.onnx`` into `directory`: each takes ``input_ids``,
@@ -195,6 +198,31 @@ class Decoder:
             logits = logits[:, -1]
         done = time.perf_counter()
         self.last = GenerationStats(batch, prompt, len(out) - 1, prefilled - started, done - prefilled)
+        return torch.cat(out, dim=1)
+
+    @torch.no_grad()
+    def teacher_forced(self, input_ids: torch.Tensor, prompt: int) -> torch.Tensor:
+        """Next-token logits ``[batch, length, vocabulary]`` for every position of `input_ids` (unpadded):
+        the first `prompt` from the prefill graph, each later one from a decode step fed the text's own
+        token (teacher forcing). How text scores through the decode graphs, so through rewrites that act
+        in decode steps only (decode attention): perplexity as generation would see it."""
+        ids, _ = _check_prompt(input_ids, None)
+        batch, length = ids.shape
+        if not 1 <= prompt <= length:
+            raise InputError(f"prompt must be in 1 … {length} (the text's length), got {prompt}")
+        self.shape.check_length(length)
+        self._warn_left_out()
+        run = self._runner()
+        cache = self.shape.allocate(batch, length, ids.device)
+        slot_mask = torch.zeros(batch, length, dtype=torch.long, device=ids.device)
+        slot_mask[:, :prompt] = 1
+        positions = torch.arange(length, device=ids.device).expand(batch, length)
+        logits, cache = run("prefill", ids[:, :prompt], positions[:, :prompt], slot_mask, 0, cache)
+        out = [logits]
+        for t in range(prompt, length):
+            slot_mask[:, t] = 1
+            logits, cache = run("step", ids[:, t:t + 1], positions[:, t:t + 1], slot_mask, t, cache)
+            out.append(logits)
         return torch.cat(out, dim=1)
 
     def _warn_left_out(self) -> None:

@@ -63,6 +63,34 @@ def test_greedy_tokens_are_identical_to_hugging_face_generate(arch, request):
     assert model.config.use_cache is True
 
 
+def test_teacher_forcing_through_the_cache_graphs_gives_the_models_logits(llama):
+    model, cm = llama
+    ids, _ = _prompt(length=12, pad=0)
+    with torch.no_grad():
+        expected = model(ids).logits
+    got = cm.decoder().teacher_forced(ids, prompt=4)  # 4 prefilled, 8 decode steps
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(InputError, match="prompt must be in 1 … 12"):
+        cm.decoder().teacher_forced(ids, prompt=13)
+
+
+def test_the_cache_graphs_keep_no_identity_calls(llama):
+    """torch.export's dtype assertions, whole-axis slices, same-dtype `to` and ×1 are gone from the decode
+    graphs (each one a Python-level call per token); the token identity above shows nothing changed."""
+    _, cm = llama
+    for graph in (cm.decoder().prefill, cm.decoder().step):
+        targets = [n.target for n in graph.graph.nodes if n.op == "call_function"]
+        assert torch.ops.aten._assert_tensor_metadata.default not in targets
+        for n in graph.graph.nodes:
+            if n.target is torch.ops.aten.slice.Tensor:
+                assert n.args[2:4] != (0, 9223372036854775807)
+            if n.target is torch.ops.aten.to.dtype:
+                assert ir.val(n).dtype != ir.val(n.args[0]).dtype
+            if n.target is torch.ops.aten.mul.Tensor:
+                assert n.args[1] != 1
+
+
 def test_eos_ends_rows_with_padding_as_hugging_face_does(llama):
     model, cm = llama
     ids, mask = _prompt()
