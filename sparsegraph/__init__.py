@@ -5,11 +5,13 @@
     import sparsegraph as sg
     cm = sg.compile(model, "analyze", example_inputs=(x,))
     cm(x); cm.plan.save("plan.json"); cm.report().to_markdown(); cm.export_onnx("model.onnx")
+    cm.save("out/"); sg.load("out/")(x)     # a folder that runs without the model it was compiled from
 """
 
 from sparsegraph.compile import CompiledModel, compile
 from sparsegraph.config import Config
 from sparsegraph.errors import (
+    ArtifactError,
     CalibrationError,
     ConfigError,
     ExportError,
@@ -35,7 +37,10 @@ from sparsegraph.registry import available_passes, register_pass
 from sparsegraph.trace import trace
 from sparsegraph.version import __version__
 
-__all__ = ["AnalysisPass", "CalibrationError", "CompiledModel", "Config", "ConfigError", "ExportError",
-           "InputError", "ModelSpecError", "PassError", "PassResult", "PassStats", "PlanError", "Refused",
-           "RewritePass", "SiteDecision", "SparsegraphError", "SparsityPlan", "TraceError", "__version__",
-           "available_passes", "compile", "load_plan", "option", "refusals", "register_pass", "trace"]
+load = CompiledModel.load  # sg.load(dir): a model saved with cm.save(dir)
+
+__all__ = ["AnalysisPass", "ArtifactError", "CalibrationError", "CompiledModel", "Config", "ConfigError",
+           "ExportError", "InputError", "ModelSpecError", "PassError", "PassResult", "PassStats",
+           "PlanError", "Refused", "RewritePass", "SiteDecision", "SparsegraphError", "SparsityPlan",
+           "TraceError", "__version__", "available_passes", "compile", "load", "load_plan", "option",
+           "refusals", "register_pass", "trace"]

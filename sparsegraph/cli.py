@@ -3,11 +3,14 @@
 ::
 
     sparsegraph inspect zoo:minilm                    # sites, parameters, cost
-    sparsegraph compile zoo:minilm --config nm-2-4 --out out/   # plan.json, report.md, report.html
+    sparsegraph compile zoo:minilm --config nm-2-4 --out out/   # plan.json, report.md, report.html, and
+                                                                # the saved model (sparsegraph.artifact)
     sparsegraph compile zoo:minilm --plan out/plan.json --out out2/         # replay the plan
     sparsegraph compile zoo:minilm --config cfg.yaml --plan profile.json --out out3/   # reuse its profile
-    sparsegraph export zoo:minilm --config nm-2-4 --out model.onnx
+    sparsegraph export zoo:minilm --config nm-2-4 --out model.onnx   # checked against PyTorch in onnxruntime
+    sparsegraph export out/ --out model.onnx          # a saved model: no model code, no recompile
     sparsegraph bench zoo:vit_b_16 --config vit-token-pruning   # compiled vs dense, eager and ORT, one run
+    sparsegraph bench out/                            # a saved model, against its source model when it loads
     sparsegraph generate zoo:stdlib_lm --config llm-activation-sparsity --prompt "Return the"  # tokens/s
     sparsegraph profile zoo:minilm --nproc 2 --out profile.json   # calibration sharded over 2 processes
     sparsegraph report out/plan.json --out report.html   # a plan's report (HTML + markdown)
@@ -18,7 +21,8 @@
 Commands that write files never overwrite an existing one unless given ``--force``, and never their own
 inputs (the plan, ``--plan``, ``--data``, ``--config``) even then.
 
-A model is ``zoo:NAME``, ``torchvision:NAME``, ``timm:NAME``, ``hf:PATH`` or ``pkg.module:factory``.
+A model is ``zoo:NAME``, ``torchvision:NAME``, ``timm:NAME``, ``hf:PATH`` or ``pkg.module:factory``;
+``export`` and ``bench`` also take a folder ``compile --out`` wrote (a saved model, ``sg.load``).
 Errors of ours print one clear message and exit with status 2.
 """
 
@@ -33,11 +37,11 @@ import warnings
 from pathlib import Path
 
 import sparsegraph as sg
-from sparsegraph import distributed, models, pipelines
+from sparsegraph import artifact, distributed, models, pipelines
 from sparsegraph.codegen import cpu_kernels
 from sparsegraph.cost_model import site_costs, total_cost
 from sparsegraph.data.calibration import calibration_for
-from sparsegraph.errors import SparsegraphError, UsageError, did_you_mean
+from sparsegraph.errors import ModelSpecError, SparsegraphError, UsageError, did_you_mean
 from sparsegraph.measure import compare, cosine
 from sparsegraph.plan import describe_sites
 from sparsegraph.report import Report, sites_table
@@ -105,6 +109,10 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--repeats", type=int, default=7, help="timed rounds (median reported)")
             p.add_argument("--no-onnx", action="store_true", help="time PyTorch only")
         else:
+            if name == "export":
+                p.add_argument("--no-validate", action="store_true",
+                               help="skip running the file in onnxruntime against PyTorch at the example "
+                                    "inputs (tolerance 1e-4 x max(1, largest |output|))")
             p.add_argument("-o", "--out", required=True,
                            help="output directory (compile) or .onnx path (export)")
         p.add_argument("--data", help=DATA_HELP)
@@ -161,7 +169,7 @@ def cmd_inspect(args) -> None:
 
 def cmd_compile(args) -> None:
     out = Path(args.out)
-    written = [out / name for name in ("plan.json", "report.md", "report.html")]
+    written = [out / name for name in (*artifact.FILES, "report.md", "report.html")]
     check_outputs(args, written)
     cm = _compile(args)
     report = cm.report()
@@ -169,13 +177,16 @@ def cmd_compile(args) -> None:
     check_outputs(args, written)  # the pictures too, now that the report names them
     with _writing(out):
         out.mkdir(parents=True, exist_ok=True)
-        cm.plan.save(out / "plan.json")
+        cm.save(out, source=args.model)
         (out / "report.md").write_text(report.to_markdown(stem="report"))
         report.to_html(out / "report.html")
-    files = [str(p) for p in written]
+    program = json.loads((out / artifact.MANIFEST).read_text())["program"]
+    files = [str(p) for p in written if p.exists()]
+    saved = ("" if program["file"] else f"\nno {artifact.PROGRAM}: {program['why']}; the folder cannot be "
+             f"loaded or exported by itself (replay it with --plan {out / artifact.PLAN})")
     _emit(args, {"files": files, "passes": {k: v.get("stats") for k, v in cm.plan.passes.items()},
-                 "macs": {"dense": cm.dense_cost.macs, "compiled": cm.cost.macs}},
-          f"{report.to_markdown()}\nwrote {', '.join(files)}")
+                 "macs": {"dense": cm.dense_cost.macs, "compiled": cm.cost.macs}, "program": program},
+          f"{report.to_markdown()}\nwrote {', '.join(files)}{saved}")
 
 
 def cmd_export(args) -> None:
@@ -184,50 +195,68 @@ def cmd_export(args) -> None:
         raise UsageError(f"--out {out}: an ONNX file's name ends in .onnx; try --out "
                          f"{out.with_suffix('.onnx')}")
     check_outputs(args, [out])
-    cm = _compile(args)
+    cm = _saved(args)
+    if cm is None:
+        cm = _compile(args)
     with _writing(out):
-        path = cm.export_onnx(out)
-    _emit(args, {"files": [str(path)]}, f"wrote {path}")
+        path = cm.export_onnx(out, validate=not args.no_validate)
+    checked = "not validated" if args.no_validate else "validated against PyTorch in onnxruntime"
+    _emit(args, {"files": [str(path)], "validated": not args.no_validate}, f"wrote {path} ({checked})")
 
 
 def cmd_bench(args) -> None:
     """Dense and compiled, in PyTorch eager and (unless --no-onnx) ONNX Runtime: same example inputs and
-    threads, rounds interleaved, median; the outputs' cosine to dense says what the speed costs."""
+    threads, rounds interleaved, median; the outputs' cosine to dense says what the speed costs.
+
+    A saved model (a folder) is timed against the model it names as its source when that loads here and
+    is the model it was compiled from (graph and weights); otherwise alone, and the output says why."""
     import torch
 
-
-    model, example = models.resolve(args.model)
-    cm = _compile(args, model, example)
+    cm, missing = _saved(args), None
+    label = args.config or ("(saved)" if cm is not None else "(plan)")
+    if cm is None:
+        model, example = models.resolve(args.model)
+        cm = _compile(args, model, example)
+    else:
+        model, missing = _source_of(cm)
     args_, kwargs = cm.example.args, cm.example.kwargs
-    candidates = {"dense eager": lambda: model(*args_, **kwargs),
-                  "compiled eager": lambda: cm(*args_, **kwargs)}
+    candidates = {}
+    if model is not None:
+        candidates["dense eager"] = lambda: model(*args_, **kwargs)
+    candidates["compiled eager"] = lambda: cm(*args_, **kwargs)
     if not args.no_onnx:
         threads = torch.get_num_threads()
-        dense_ort = sg.compile(model, "dense", example_inputs=args_, example_kwargs=kwargs,
-                               quiet=True).onnx_model(threads)
+        if model is not None:
+            dense_ort = sg.compile(model, "dense", example_inputs=args_, example_kwargs=kwargs,
+                                   quiet=True).onnx_model(threads)
+            candidates["dense ORT"] = lambda: dense_ort(*args_, **kwargs)
         ort = cm.onnx_model(threads)
-        candidates.update({"dense ORT": lambda: dense_ort(*args_, **kwargs),
-                           "compiled ORT": lambda: ort(*args_, **kwargs)})
+        candidates["compiled ORT"] = lambda: ort(*args_, **kwargs)
     def fidelity_of(out, reference):  # token-level outputs of a token-pruned model are shorter: no figure
         out = torch.as_tensor(out)
-        return cosine(out, reference) if out.shape == reference.shape else None
+        return cosine(out, reference) if reference is not None and out.shape == reference.shape else None
 
     with torch.inference_mode():
-        reference = model(*args_, **kwargs)
+        reference = model(*args_, **kwargs) if model is not None else None
         fidelity = {name: fidelity_of(fn(), reference) for name, fn in candidates.items()}
     times = compare(candidates, warmup=2, repeats=args.repeats)
     rows = [{"candidate": name, "ms": round(t * 1e3, 3),
              "cosine_to_dense": None if fidelity[name] is None else round(fidelity[name], 5),
-             "speedup": round(times["dense " + name.split()[-1]] / t, 3)}
+             "speedup": round(times["dense " + name.split()[-1]] / t, 3) if model is not None else None}
             for name, t in times.items()]
-    lines = [f"{args.model}, config {args.config or '(plan)'}, {torch.get_num_threads()} threads, median of "
+    lines = [f"{args.model}, config {label}, {torch.get_num_threads()} threads, median of "
              f"{args.repeats}:", "| candidate | ms | vs its dense | cosine to dense |", "|---|---|---|---|"]
+    no_figure = "n/a (no dense model)" if model is None else "n/a (fewer tokens out)"
     lines += [
-        f"| {r['candidate']} | {r['ms']:.2f} | {r['speedup']:.2f}x | "
-        f"{'n/a (fewer tokens out)' if r['cosine_to_dense'] is None else format(r['cosine_to_dense'], '.4f')}"
+        f"| {r['candidate']} | {r['ms']:.2f} | "
+        f"{'n/a' if r['speedup'] is None else format(r['speedup'], '.2f') + 'x'} | "
+        f"{no_figure if r['cosine_to_dense'] is None else format(r['cosine_to_dense'], '.4f')}"
         " |"
         for r in rows]
-    _emit(args, {"model": args.model, "threads": torch.get_num_threads(), "results": rows}, "\n".join(lines))
+    if missing is not None:
+        lines.append(f"no dense baseline: {missing}; the compiled model is timed alone")
+    _emit(args, {"model": args.model, "threads": torch.get_num_threads(), "results": rows,
+                 "dense_missing": missing}, "\n".join(lines))
 
 
 def cmd_profile(args) -> int:
@@ -450,6 +479,39 @@ def _emit(args, data: dict, text: str = "") -> None:
         print(json.dumps(data, indent=1))
     elif not args.quiet and text:
         print(text)
+
+
+def _saved(args) -> sg.CompiledModel | None:
+    """The compiled model saved in the folder `args.model` names (``compile --out``, ``cm.save``), or None
+    when it names a model to load and compile."""
+    folder = Path(args.model)
+    if not folder.is_dir():
+        return None
+    if not (folder / artifact.MANIFEST).is_file():
+        raise ModelSpecError(f"{folder} is a folder without {artifact.MANIFEST}, so not a saved compiled "
+                             "model (`sparsegraph compile MODEL --out DIR` writes one); a Hugging Face model "
+                             f"folder is named hf:{folder}")
+    given = [f"--{name}" for name in ("config", "plan", "data") if getattr(args, name, None)]
+    if given:
+        raise UsageError(f"{folder} is a saved compiled model; {', '.join(given)} apply when compiling a "
+                         f"model by name: drop them, or compile the model again with --plan "
+                         f"{folder / artifact.PLAN}")
+    return sg.load(folder)
+
+
+def _source_of(cm: sg.CompiledModel):
+    """``(model, None)``: the dense model a loaded compiled model names as its source, when it loads here and
+    is the model `cm` was compiled from; else ``(None, why)``."""
+    if cm.source_name is None:
+        return None, "the saved model names no source model (cm.save(dir, source='zoo:NAME') records one)"
+    try:
+        model, _ = models.resolve(cm.source_name)
+        dense = sg.trace(model, cm.example.args, cm.example.kwargs)
+    except (SparsegraphError, ImportError) as e:  # ImportError: a source whose package is not installed
+        return None, f"its source {cm.source_name} does not load here ({e})"
+    if not artifact.made_from(dense, cm.graph_module, cm.plan):
+        return None, f"{cm.source_name} is not the model this was compiled from (its graph or weights differ)"
+    return model, None
 
 
 def _compile(args, model=None, example=None) -> sg.CompiledModel:

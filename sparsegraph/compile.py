@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from sparsegraph import graph_edit, inputs, ir
+from sparsegraph import artifact, graph_edit, inputs, ir
 from sparsegraph.codegen import use_backend
 from sparsegraph.config import Config, check_overrides
 from sparsegraph.context import Batch, PassContext
@@ -166,6 +166,7 @@ class CompiledModel(torch.nn.Module):
         self._onnx: OnnxModel | None = None
         self._onnx_dir: tempfile.TemporaryDirectory | None = None
         self._decoder: Decoder | None = None
+        self.source_name: str | None = None  # the model's name as the CLI takes it (zoo:minilm), when known
 
     def __setattr__(self, name, value):
         if name == "_source":  # the compiled model, held but not a submodule: its weights are the graph's
@@ -201,10 +202,33 @@ class CompiledModel(torch.nn.Module):
         """A `Report` of this compile: passes, counts, refusals, per-site decisions, cost before/after."""
         return Report.of(self)
 
-    def export_onnx(self, path: str | os.PathLike, *, dynamic: bool = True, opset: int = 18) -> Path:
-        """Write the compiled model as ONNX (dynamic batch and sequence axes); checked with onnx.checker."""
+    def export_onnx(self, path: str | os.PathLike, *, dynamic: bool = True, opset: int = 18,
+                    validate: bool = True) -> Path:
+        """Write the compiled model as ONNX (dynamic batch and sequence axes); checked with onnx.checker and,
+        with `validate`, against this model in onnxruntime at the example inputs (`ExportError` naming the
+        output that differs; tolerance in `sparsegraph.onnx_export`)."""
         return export_onnx(self.graph_module, path, self.example.args, self.example.kwargs,
-                           dynamic=dynamic, opset=opset)
+                           dynamic=dynamic, opset=opset, validate=validate)
+
+    def save(self, directory: str | os.PathLike, *, source: str | None = None) -> Path:
+        """Write this model to the folder `directory` (made if missing; our files in it are replaced) so that
+        `load` runs it without the model it was compiled from: plan, config, the tensors the rewrites added
+        (safetensors), the example inputs and the compiled graph as a torch.export program (format and
+        checks: `sparsegraph.artifact`, docs/plan.md). `source` names the model as the CLI takes it
+        (``zoo:minilm``), so that ``sparsegraph bench DIR`` can time the dense model beside it; a loaded
+        model keeps the name it was saved with."""
+        return artifact.save(self, directory, source if source is not None else self.source_name)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> CompiledModel:
+        """The model `save` wrote to `directory`, without the original model and without calibration: its
+        outputs are the saved model's bit for bit. A folder that is not a saved model, or whose files changed
+        after saving, is an `ArtifactError` naming the file, the problem and the fix."""
+        a = artifact.read(directory)
+        cm = cls(a.gm, a.plan, a.config, a.example, a.model_class, a.dense_cost, a.dense_site_costs,
+                 a.timings)
+        cm.source_name = a.source
+        return cm
 
     def decoder(self) -> Decoder:
         """The prefill and decode-step graphs over a static KV cache (`sparsegraph.generation`), traced
@@ -230,9 +254,9 @@ class CompiledModel(torch.nn.Module):
         return self.decoder().generate(input_ids, attention_mask, **options)
 
     def onnx_model(self, threads: int | None = None) -> OnnxModel:
-        """This model exported to a temporary ONNX file and loaded in onnxruntime (cached; `threads` counts
-        on the first call only). Safe to call from many threads at once: one of them exports, the others
-        wait for its session (onnxruntime's ``run`` is thread-safe)."""
+        """This model exported to a temporary ONNX file (validated as `export_onnx` validates) and loaded in
+        onnxruntime (cached; `threads` counts on the first call only). Safe to call from many threads at
+        once: one of them exports, the others wait for its session (onnxruntime's ``run`` is thread-safe)."""
         session = self._onnx
         if session is None:
             with _ONNX_LOCK:

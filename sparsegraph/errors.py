@@ -57,7 +57,13 @@ class PlanEntryError(PlanError):
 
 
 class ExportError(SparsegraphError):
-    """The compiled model could not be exported to ONNX."""
+    """The compiled model could not be exported to ONNX, or the exported file does not compute what the
+    model does (numerical validation)."""
+
+
+class ArtifactError(SparsegraphError):
+    """A saved compiled model (`CompiledModel.save`) cannot be written or loaded: the folder is not one, a
+    file was changed after saving, or it holds no program to run."""
 
 
 class UsageError(SparsegraphError):

@@ -14,16 +14,20 @@ import torch.fx
 
 from sparsegraph import ir, meta
 
+ADDED = "sparsegraph.added"  # GraphModule.meta: names of the tensors `add_tensor` registered, in order
+
 
 def add_tensor(gm: torch.fx.GraphModule, name: str, tensor: torch.Tensor,
                before: torch.fx.Node) -> torch.fx.Node:
     """Register `tensor` as a buffer of `gm` under a unique name derived from `name`; return its get_attr
-    node."""
+    node. The name is listed in ``gm.meta[ADDED]``: a saved model stores these tensors on their own
+    (`sparsegraph.artifact`)."""
     base = "sg_" + re.sub(r"\W", "_", name)
     unique, i = base, 1
     while hasattr(gm, unique):
         unique, i = f"{base}_{i}", i + 1
     gm.register_buffer(unique, tensor)
+    gm.meta.setdefault(ADDED, []).append(unique)
     with gm.graph.inserting_before(before):
         return gm.graph.get_attr(unique)
 

@@ -31,8 +31,8 @@ LAYERS = [
                   "sparsegraph.instruments", "sparsegraph.manager", "sparsegraph.trace",
                   "sparsegraph.onnx_export"]),
     ("passes", ["sparsegraph.passes"]),
-    ("api", ["sparsegraph.compile", "sparsegraph.generation", "sparsegraph.report", "sparsegraph.models",
-             "sparsegraph"]),
+    ("api", ["sparsegraph.compile", "sparsegraph.artifact", "sparsegraph.generation", "sparsegraph.report",
+             "sparsegraph.models", "sparsegraph"]),
     ("tools", ["sparsegraph.cli", "sparsegraph.demo", "sparsegraph.docgen", "sparsegraph.__main__"]),
 ]
 
