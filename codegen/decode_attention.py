@@ -23,10 +23,12 @@ key blocks, and the query sits in the last one. Head h reads the blocks
 and out[b, h] = Σ_j softmax_j(q·k_j·scale + mask[b, j], j in its blocks) · v_j: exact attention restricted
 to the listed blocks (every listed slot the mask allows), so a head that lists every block is SDPA.
 
-Why a decode op of its own: a decode step is a GEMV over the cache, memory-bound, one query row. The
-CPU path gathers, per kv head, the union of the blocks its query heads list (one copy of the listed
-slots: 10% of the cache at 10% of the blocks) and runs one SDPA with ``enable_gqa`` on them, with the
-other heads' blocks masked; so a step reads the listed blocks (and, for dynamic heads, the keys once
+Why a decode op of its own: a decode step is a GEMV over the cache, memory-bound, one query row. When
+every head reads the same blocks (static bands shared by the heads: sink + local), the CPU path joins
+the runs of consecutive listed slots (a few slices) and runs one SDPA with ``enable_gqa``; otherwise it
+gathers, per kv head, the union of the blocks its query heads list (one copy of the listed slots: 10% of
+the cache at 10% of the blocks) and runs one SDPA with ``enable_gqa`` on them, with the other heads'
+blocks masked; so a step reads the listed blocks (and, for dynamic heads, the keys once
 for their block means) instead of the whole cache, and never materialises the GQA repeat of the cache
 that a dense step does (Hugging Face's ``repeat_kv`` copies all of it every step).
 
@@ -38,7 +40,9 @@ refuses, naming the op.
 
 from __future__ import annotations
 
+import itertools
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -64,8 +68,7 @@ def selection(q, k, mask, layout, keep: float, block: int, scale: float) -> tupl
     B, H = q.shape[:2]
     n = valid_length(mask, k.shape[2])
     nk = math.ceil(n / block)
-    static = attention_layouts.layout(layout, 1, nk, False, q.device)  # [H, 1, nsel]
-    sel = attention_layouts.block_mask_from_layout(static, nk)[:, 0].expand(B, H, nk).clone()
+    sel = _static_blocks(layout, nk, q.device).expand(B, H, nk).clone()
     sel[..., nk - 1] = True  # the query's own block
     want = min(nk, math.ceil(keep * nk)) if keep > 0 else 0
     extra = want - int(sel.sum(-1).min())
@@ -83,6 +86,45 @@ def selection(q, k, mask, layout, keep: float, block: int, scale: float) -> tupl
         picked = torch.zeros_like(group).scatter_(-1, chosen, take)
         sel |= picked.repeat_interleave(H // Hkv, 1)
     return n, sel
+
+
+_STATIC: dict[int, tuple] = {}  # id(laid-out lists) → (weak ref to them, their block mask [H, nk])
+
+
+def _static_blocks(layout: torch.Tensor, nk: int, device) -> torch.Tensor:
+    """The table's static blocks at a 1 × nk grid, bool [H, nk]: laid out once per table and length (the
+    lists are `attention_layouts.layout`'s cached tensor; their mask is cached beside them here, so a
+    step does not rebuild a mask over the grid)."""
+    lists = attention_layouts.layout(layout, 1, nk, False, device)  # [H, 1, nsel], the same object per key
+    found = _STATIC.get(id(lists))
+    if found is None or found[0]() is not lists:
+        ident = id(lists)
+        found = _STATIC[ident] = (weakref.ref(lists, lambda _, ident=ident: _STATIC.pop(ident, None)),
+                                  attention_layouts.block_mask_from_layout(lists, nk)[:, 0])
+    return found[1]
+
+
+def _runs(blocks: torch.Tensor) -> list[tuple[int, int]]:
+    """Ascending block indices as runs of consecutive blocks, ``[(first, last + 1), …]``."""
+    ids = blocks.tolist()
+    runs, start = [], ids[0]
+    for prev, cur in itertools.pairwise(ids):
+        if cur != prev + 1:
+            runs.append((start, prev + 1))
+            start = cur
+    runs.append((start, ids[-1] + 1))
+    return runs
+
+
+def _runs_attention(q, k, v, mask, blocks: torch.Tensor, n: int, block: int, scale: float) -> torch.Tensor:
+    """Attention of every head over the same listed `blocks` (bool [nk]): the runs of consecutive listed
+    slots sliced out of the cache and joined (a copy of the listed slots only, no index gather), then one
+    SDPA with ``enable_gqa``."""
+    runs = [(a * block, min(b * block, n)) for a, b in _runs(blocks.nonzero().flatten())]
+    m = mask.reshape(mask.shape[0], 1, 1, -1).to(q.dtype)
+    kg, vg, add = (torch.cat([t[..., a:b, :] if i < 2 else t[..., a:b] for a, b in runs], -2 if i < 2 else -1)
+                   for i, t in enumerate((k, v, m)))
+    return F.scaled_dot_product_attention(q, kg, vg, attn_mask=add, scale=scale, enable_gqa=True)
 
 
 def _slot_mask(mask, n: int, sel: torch.Tensor, block: int) -> torch.Tensor:
@@ -106,6 +148,8 @@ def cpu(q, k, v, mask, layout, keep: float, block: int, scale: float) -> torch.T
     Hkv = k.shape[1]
     n, sel = selection(q, k, mask, layout, keep, block, scale)
     nk = sel.shape[-1]
+    if bool((sel == sel[:1, :1]).all()):  # every row and head reads the same blocks
+        return _runs_attention(q, k, v, mask, sel[0, 0], n, block, scale)
     group = sel.view(B, Hkv, H // Hkv, nk)
     union = group.any(2)  # [B, Hkv, nk]: blocks some head of the group reads
     count = union.sum(-1)

@@ -49,6 +49,21 @@ def test_cpu_matches_reference_and_the_blocks_it_lists(block, keep):
         assert sel[:, 0, 0].all() and sel[:, 0, -2:].all() and int(sel[0, 0].sum()) == min(3, sel.shape[-1])
 
 
+@pytest.mark.parametrize("heads", [
+    [{"pattern": "sink_local", "params": {"sinks": 1, "window": 2}}] * 8,  # two runs: the sink, the window
+    [{"pattern": "vertical_slash", "params": {"columns": [0, 3], "diagonals": [0, 2]}}] * 8,  # four runs
+    [{"pattern": "dense", "params": {}}] * 8])
+def test_heads_reading_the_same_blocks_take_the_sliced_path_and_match_the_reference(heads, monkeypatch):
+    q, k, v, mask = _case(B=1)
+    table, scale = attention_layouts.table(heads), q.shape[-1] ** -0.5
+    calls = []
+    monkeypatch.setattr(da, "_runs", lambda blocks, runs=da._runs: calls.append(1) or runs(blocks))
+    got = da.cpu(q, k, v, mask, table, 0.0, 8, scale)
+    assert calls, "the same blocks for every head: the sliced path"
+    torch.testing.assert_close(got, da.reference(q, k, v, mask, table, 0.0, 8, scale), rtol=1e-5, atol=1e-5)
+    assert da._runs(torch.tensor([0, 1, 2, 5, 7, 8])) == [(0, 3), (5, 6), (7, 9)]
+
+
 def test_dynamic_reads_keep_of_the_blocks_per_kv_head_and_all_of_them_is_dense():
     q, k, v, mask = _case(S=256, valid=256)
     sinks = attention_layouts.table([{"pattern": "sink_local", "params": {"sinks": 1, "window": 1}}] * 8)
