@@ -162,11 +162,14 @@ def cpu(q, k, v, mask, layout, keep: float, block: int, scale: float) -> torch.T
     slots = slots.clamp(max=n - 1)
     kg = k.gather(2, slots[..., None].expand(-1, -1, -1, k.shape[-1]))
     vg = v.gather(2, slots[..., None].expand(-1, -1, -1, v.shape[-1]))
-    # per query head: the step's mask at the gathered slots where its own blocks are listed
     step = mask.reshape(mask.shape[0], 1, -1).float().expand(B, Hkv, -1).gather(-1, slots)
-    reads = group.gather(-1, blocks[:, :, None, :].expand(-1, -1, H // Hkv, -1))  # [B, Hkv, G, width]
-    reads = reads.repeat_interleave(block, -1) & real[:, :, None]
-    add = step[:, :, None].masked_fill(~reads, -_INF).reshape(B, H, 1, -1)
+    if bool((group == group[:, :, :1]).all()):  # each group's heads read the same blocks (dynamic mode)
+        add = step.masked_fill(~real, -_INF)[:, :, None, None].expand(B, Hkv, H // Hkv, 1, -1)
+        add = add.reshape(B, H, 1, -1)
+    else:  # per query head: the step's mask at the gathered slots where its own blocks are listed
+        reads = group.gather(-1, blocks[:, :, None, :].expand(-1, -1, H // Hkv, -1))  # [B, Hkv, G, width]
+        reads = reads.repeat_interleave(block, -1) & real[:, :, None]
+        add = step[:, :, None].masked_fill(~reads, -_INF).reshape(B, H, 1, -1)
     return F.scaled_dot_product_attention(q, kg, vg, attn_mask=add.to(q.dtype), scale=scale, enable_gqa=True)
 
 
