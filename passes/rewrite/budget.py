@@ -26,7 +26,9 @@ sum of single-site losses as the weight; checking the whole model at each step r
 removed and its passes count it refused, naming the budget; a lowered site's are recomputed at the milder
 level), so replaying the plan applies them without measuring. This pass records per site its action
 (keep, lower, revert), sensitivity, loss, gain and why, and in its summary the floor and the whole
-model's metric before and after; replayed, it checks those records and changes nothing.
+model's metric before and after; replayed, it checks those records and changes nothing. (It overrides
+`RewritePass.run` instead of implementing ``apply``: its result is a graph rebuilt from the dense one,
+not an edit of the graph it is given.)
 
 Everything here is deterministic for the same data, threads and plan: two compiles give the same plan
 bit for bit, unless an earlier pass measured time (``speed_check`` with ``measure: true`` says so in the
