@@ -21,7 +21,8 @@
 Commands that write files never overwrite an existing one unless given ``--force``, and never their own
 inputs (the plan, ``--plan``, ``--data``, ``--config``) even then.
 
-A model is ``zoo:NAME``, ``torchvision:NAME``, ``timm:NAME``, ``hf:PATH`` or ``pkg.module:factory``;
+A model is ``zoo:NAME``, ``torchvision:NAME``, ``timm:NAME``, ``hf:PATH``, ``diffusers:PATH``,
+``diffusers:ClassName`` or ``pkg.module:factory``;
 ``export`` and ``bench`` also take a folder ``compile --out`` wrote (a saved model, ``sg.load``).
 Errors of ours print one clear message and exit with status 2.
 """

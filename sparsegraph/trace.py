@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 import torch.fx
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.utils import _pytree as pytree
 
 from sparsegraph import canonicalize, inputs, ir
@@ -131,12 +132,30 @@ def dynamic_shapes_for(fn: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
 
 
 def _export(model, args, kwargs, *, dynamic: bool) -> torch.fx.GraphModule:
-    shapes = None
-    if dynamic:
-        # A size-1 dimension would be specialised to 1 by export's 0/1 rule: trace at size 2 instead.
-        args, kwargs = pytree.tree_map(widen, (args, kwargs))
-        shapes = dynamic_shapes_for(model.forward, args, kwargs)
-    return _export_with(model, args, kwargs, shapes)
+    if not dynamic:
+        return _export_with(model, args, kwargs, None)
+    # A size-1 dimension would be specialised to 1 by export's 0/1 rule: trace at size 2 instead.
+    wide_args, wide_kwargs = pytree.tree_map(widen, (args, kwargs))
+    shapes = dynamic_shapes_for(model.forward, wide_args, wide_kwargs)
+    gm = _export_with(model, wide_args, wide_kwargs, shapes)
+    _check_widened(gm, ir.flatten_inputs(gm, args, kwargs), ir.flatten_inputs(gm, wide_args, wide_kwargs))
+    return gm
+
+
+def _check_widened(gm: torch.fx.GraphModule, example: list, wide: list) -> None:
+    """Fail the dynamic attempt when export fixed a dimension that was widened from 1 to 2 (``Dim.AUTO``
+    specialises silently: Mochi loops over its batch): that graph would take size 2 only, not the
+    example's 1, so the static attempt traces at the example's own shapes instead."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, x, w in zip(placeholders, example, wide):
+        traced = node.meta.get("val")
+        if not isinstance(x, torch.Tensor) or not isinstance(traced, torch.Tensor):
+            continue
+        for dim, (size, widened) in enumerate(zip(x.shape, w.shape)):
+            if size != widened and is_concrete_int(traced.shape[dim]):
+                raise ValueError(f"the model fixes dimension {dim} of input {node.name!r} (traced at "
+                                 f"{widened} to keep it dynamic, the example has {size}); tracing at the "
+                                 "example's shapes instead")
 
 
 def _export_with(model, args, kwargs, shapes) -> torch.fx.GraphModule:

@@ -187,3 +187,22 @@ def test_non_module_is_refused(not_a_module):
 def test_inputs_that_do_not_fit_forward_are_refused():
     with pytest.raises(sg.TraceError, match="the example inputs do not match the signature of forward"):
         sg.trace(DropoutNormNet(), (torch.randn(5, 6), torch.randn(5, 6)))
+
+
+class PerSample(torch.nn.Module):
+    """Mochi's attention in miniature: a loop over the batch, each sample keeping its unmasked tokens with
+    ``nonzero`` (an output shape that depends on the data)."""
+
+    def forward(self, x, mask):
+        rows = [x[i][mask[i].nonzero().flatten()].sum(0) for i in range(x.shape[0])]
+        return torch.stack(rows)
+
+
+def test_a_loop_over_the_batch_is_traced_at_the_examples_batch():
+    x, mask = torch.randn(1, 6, 4), torch.tensor([[1, 1, 0, 1, 0, 1]])
+    with pytest.warns(UserWarning, match="fixes dimension 0 of input 'x' .*the example has 1"):
+        gm = sg.trace(PerSample(), (x, mask))  # widened to batch 2, export fixed it there: traced at 1
+    nonzero = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.nonzero.default)
+    assert ir.shape(nonzero) == (4, 1)  # recorded from a real run: fake tensors cannot size it
+    with torch.no_grad():
+        assert_same_outputs(gm(x, mask), PerSample()(x, mask))

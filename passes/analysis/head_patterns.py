@@ -121,6 +121,10 @@ class HeadPatterns(AnalysisPass):
         return Section(figures=_head_grid(plan), images={"head-grid.png": grid} if grid else {})
 
     def analyze(self, gm, ctx, stats):
+        for site in ir.cross_attention_sites(gm):
+            stats.matched += 1
+            stats.refuse(site.id, "cross-attention (keys from another sequence than the queries): block "
+                         "patterns are fitted to self-attention")
         sites = ir.attention_sites(gm)
         observer = _Observer(gm, sites, self.block, self.query_chunk)
         for batch in ctx.progress(ctx.calibration, "head_patterns"):

@@ -52,9 +52,11 @@ class DecodeAttention(RewritePass):
     sinks: int = option(1, "dynamic: leading blocks always read", range=(0, None))
 
     def sites(self, gm):
-        return ir.attention_sites(gm)
+        return [*ir.attention_sites(gm), *ir.cross_attention_sites(gm)]
 
     def decide_site(self, site, opts, ctx):
+        if site.cross:
+            raise Refused("cross-attention: its keys are another sequence, not the decoded tokens' cache")
         if site.form != "sdpa":
             raise Refused("attention written out as matmul-softmax-matmul: the op replaces SDPA calls")
         if site.mask is None:

@@ -65,7 +65,7 @@ class NeuronSparsity(RewritePass):
                              "(TEAL)")
 
     def sites(self, gm):
-        return [*ir.mlp_sites(gm), *ir.attention_sites(gm)]
+        return [*ir.mlp_sites(gm), *ir.attention_sites(gm), *ir.cross_attention_sites(gm)]
 
     def milder(self, site, opts, ctx):
         """Lower targets: for thresholds, the ones the profile recorded (for every projection the site
@@ -86,6 +86,9 @@ class NeuronSparsity(RewritePass):
         groups = _groups(site, opts)
         if not groups:  # an attention site without `attention: true`: not this pass's business
             return None
+        if getattr(site, "cross", False):
+            raise Refused("cross-attention: q reads the token stream, k and v another sequence (the profile "
+                          "has one input per site)")
         if any(ir.linear_parts(n).weight is None for _, nodes, _ in groups for n in nodes):
             raise Refused("a projection weight is computed in the graph, not a stored parameter")
         if opts.target == 0:

@@ -62,9 +62,11 @@ class SparseAttention(RewritePass):
                                 range=(0.0, 1.0))
 
     def sites(self, gm):
-        return ir.attention_sites(gm)
+        return [*ir.attention_sites(gm), *ir.cross_attention_sites(gm)]
 
     def decide_site(self, site, opts, ctx):
+        if site.cross:
+            raise Refused("cross-attention (keys from another sequence than the queries): no head patterns")
         found = facts.read(ctx.plan, "head_patterns", site.id, facts.SitePatterns)
         if found is None:
             raise Refused("head_patterns has no measurement for this site")

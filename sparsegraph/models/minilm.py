@@ -1,5 +1,5 @@
-"""Hugging Face text encoders as sentence-embedding models: the real pretrained MiniLM-L6 and any local
-``hf:PATH`` model.
+"""Hugging Face text encoders as sentence-embedding models: the real pretrained MiniLM-L6, and any local
+sentence-transformers directory with mean pooling given as ``hf:PATH`` (`sparsegraph.models.hf`).
 
 `SentenceEncoder` is ``normalize(mean_pool(encoder(input_ids, attention_mask)))``, the
 sentence-transformers pipeline of all-MiniLM-L6-v2 (Transformer → mean Pooling → Normalize), so its
@@ -12,8 +12,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-
-from sparsegraph.errors import ModelSpecError
 
 EXAMPLE_SENTENCES = (
     "Return a new sorted list from the items in iterable.",
@@ -37,11 +35,16 @@ class SentenceEncoder(torch.nn.Module):
         return torch.nn.functional.normalize(pooled, dim=-1) if self.normalize else pooled
 
     def tokenize(self, texts: Sequence[str], max_length: int = 128, pad_to: int | None = None):
-        """``(input_ids, attention_mask)`` for `texts`, truncated to `max_length`; padded to the longest
-        text, or to `pad_to` tokens when given (fixed shapes for benchmarks)."""
-        enc = self.tokenizer(list(texts), truncation=True, max_length=pad_to or max_length,
-                             return_tensors="pt", padding="max_length" if pad_to else True)
-        return enc["input_ids"], enc["attention_mask"]
+        """`tokenize` with this encoder's tokenizer."""
+        return tokenize(self.tokenizer, texts, max_length, pad_to)
+
+
+def tokenize(tokenizer, texts: Sequence[str], max_length: int = 128, pad_to: int | None = None):
+    """``(input_ids, attention_mask)`` for `texts`, truncated to `max_length`; padded to the longest text,
+    or to `pad_to` tokens when given (fixed shapes for benchmarks)."""
+    enc = tokenizer(list(texts), truncation=True, max_length=pad_to or max_length, return_tensors="pt",
+                    padding="max_length" if pad_to else True)
+    return enc["input_ids"], enc["attention_mask"]
 
 
 def load(seq_len: int | None = None, batch: int = 2) -> tuple[SentenceEncoder, tuple]:
@@ -60,33 +63,3 @@ def load(seq_len: int | None = None, batch: int = 2) -> tuple[SentenceEncoder, t
     sentences = (EXAMPLE_SENTENCES * batch)[:batch]
     return model, model.tokenize(sentences, max_length=max(seq_len or 128, 8), pad_to=seq_len)
 
-
-class HFEncoder(torch.nn.Module):
-    """A local Hugging Face model called with ``(input_ids, attention_mask)``, returning its first output."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        kwargs = {"use_cache": False} if getattr(self.model.config, "use_cache", False) else {}
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)[0]
-
-    @classmethod
-    def from_path(cls, path: str):
-        from transformers import AutoModel, AutoTokenizer
-
-
-        try:
-            model = AutoModel.from_pretrained(path, local_files_only=True).eval()
-        except (OSError, ValueError) as e:
-            raise ModelSpecError(f"hf:{path} is not a local Hugging Face model directory: {e}") from e
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            enc = tokenizer(list(EXAMPLE_SENTENCES), padding=True, return_tensors="pt")
-            example = (enc["input_ids"], enc["attention_mask"])
-        except (OSError, ValueError):
-            ids = torch.randint(0, model.config.vocab_size, (2, 16),
-                                generator=torch.Generator().manual_seed(0))
-            example = (ids, torch.ones_like(ids))
-        return cls(model).eval(), example
