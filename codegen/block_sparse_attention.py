@@ -31,6 +31,10 @@ Backends:
 - ONNX: the block mask is laid out from the same table at the run-time lengths (``onnx_table_mask``:
   the bands compared against ``Range`` grids, the fixed grid where the lengths match), expanded to
   [H, L, S] with two ``Gather``s, then dense masked softmax attention. Exact, at dense speed.
+
+Autograd: the reference differentiated (`op.by_reference`), the layout fixed: gradients to q, k, v and
+an additive mask, exactly the oracle's, at the reference's memory (the dense [B, H, L, S] scores): fine
+for recovery on calibration-length sequences, not a flash-attention backward.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from sparsegraph import attention_layouts as layouts
 from sparsegraph import ir
 from sparsegraph.attention_layouts import block_mask_from_layout
 from sparsegraph.codegen import attention_fallback, cpu_kernels
-from sparsegraph.codegen.op import SparseOp
+from sparsegraph.codegen.op import SparseOp, by_reference
 
 # ----------------------------------------------------------------------------------------- layouts
 
@@ -104,12 +108,13 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: torch.T
 def reference_lists(q, k, v, layout, mask, block, causal, scale):
     """`reference` on index lists [H, nq, nsel] (the oracle of every kernel)."""
     H, L, S = q.shape[1], q.shape[2], k.shape[2]
-    s = (q.float() * scale) @ repeat_kv(k, H).float().transpose(-1, -2)
+    wide = torch.promote_types(q.dtype, torch.float32)  # fp32 at least; fp64 stays fp64 (gradcheck)
+    s = (q.to(wide) * scale) @ repeat_kv(k, H).to(wide).transpose(-1, -2)
     if mask is not None:
-        s = s + mask.float()
+        s = s + mask.to(wide)
     s = s.masked_fill(~_element_mask(layout, L, S, block, causal), float("-inf"))
     p = torch.softmax(s, -1).nan_to_num(0.0)  # rows with no allowed key: 0
-    return (p @ repeat_kv(v, H).float()).to(q.dtype)
+    return (p @ repeat_kv(v, H).to(wide)).to(q.dtype)
 
 
 def cpu(q, k, v, layout, mask, block, causal, scale):
@@ -265,5 +270,8 @@ def cost(node: torch.fx.Node) -> tuple[int, int]:
     return macs, moved
 
 
+_setup_context, _backward = by_reference(reference, differentiable=(0, 1, 2, 4))  # q, k, v, mask
+
 OP = SparseOp("block_sparse_attention", reference, fake=fake, cpu=cpu, onnx=onnx, cost=cost, dense=dense,
-              triton="sparsegraph.codegen.block_sparse_attention:triton")
+              triton="sparsegraph.codegen.block_sparse_attention:triton",
+              backward=_backward, setup_context=_setup_context)

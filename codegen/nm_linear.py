@@ -14,6 +14,14 @@ Backends: the reference builds W with one-hot masks; the CPU path scatters W and
 have no N:M hardware, so this op saves weight memory there, not time); the Triton kernel decompresses
 weight tiles in registers and feeds ``tl.dot``; ONNX scatters W with ``ScatterElements`` from the
 constant values and offsets (folded once by the runtime) and multiplies.
+
+Autograd (`backward`): the positions are fixed, so only the kept values learn. With the output gradient
+``g`` and ``W`` unpacked:
+
+    ∂x = g W      ∂values[o, j] = (gᵀ x)[o, (j // n)·m + offsets[o, j]]      ∂bias = Σ_rows g
+
+(the gradient of the dense weight read at the kept positions; the pruned ones stay zero). A schedule that
+moves positions during training (progressive N:M) would repack between steps; this op does not.
 """
 
 from __future__ import annotations
@@ -90,5 +98,29 @@ def cost(node: torch.fx.Node) -> tuple[int, int]:
     return macs, moved
 
 
+def setup_context(ctx, inputs, output):
+    x, values, offsets, bias, n, m = inputs
+    ctx.save_for_backward(x, values, offsets)
+    ctx.n, ctx.m, ctx.has_bias = n, m, bias is not None
+
+
+def backward(ctx, grad):
+    """The gradients of the module docstring: the input's and the kept values' (offsets fixed)."""
+    x, values, offsets = ctx.saved_tensors
+    n, m = ctx.n, ctx.m
+    out_f, kept = values.shape
+    g = grad.reshape(-1, out_f)
+    dx = d_values = d_bias = None
+    if ctx.needs_input_grad[0]:
+        dx = grad @ nm_unpack(values, offsets, n, m).to(grad.dtype)
+    if ctx.needs_input_grad[1]:
+        d_weight = (g.t() @ x.reshape(g.shape[0], -1).to(g.dtype)).reshape(out_f, kept // n, m)
+        d_values = d_weight.gather(-1, offsets.reshape(out_f, -1, n).long()).reshape(out_f, kept)
+    if ctx.has_bias and ctx.needs_input_grad[3]:
+        d_bias = g.sum(0)
+    return dx, d_values, None, d_bias, None, None
+
+
 OP = SparseOp("nm_linear", reference, fake=fake, cpu=cpu, onnx=onnx, cost=cost,
-              triton="sparsegraph.codegen.triton_kernels.nm_linear:nm_linear")
+              triton="sparsegraph.codegen.triton_kernels.nm_linear:nm_linear",
+              backward=backward, setup_context=setup_context)

@@ -13,7 +13,13 @@ A `SparseOp` bundles, for one ``torch.library.custom_op``:
 - ``cost``: ``(node) -> (macs, bytes)`` for the cost model, from the node's example shapes (registered
   with `sparsegraph.cost_model`, with the dense form, when the op is defined);
 - ``dense``: the same call computed densely with nothing skipped (same arguments, plain torch ops):
-  what ``speed_check`` times the op against, and what it puts back where sparsity does not pay.
+  what ``speed_check`` times the op against, and what it puts back where sparsity does not pay;
+- ``backward`` and ``setup_context``: the op's autograd formula (``torch.library``'s
+  ``register_autograd``), so that a compiled graph trains (`sparsegraph.recover`) and ``torch.compile``
+  traces it in grad mode. What the forward decided (which inputs were kept, the N:M positions, the
+  attention layout) is fixed: gradients flow through the kept entries only. `by_reference` makes the
+  pair for an op whose reference is differentiable torch code: the backward recomputes the reference
+  and differentiates it (memory as the reference's: use it where a hand-written formula is not worth it).
 
 Which kernel runs is chosen per call from the tensor's device and the active backend
 (`use_backend`): ``reference``; ``eager`` (the CPU path, also used on CUDA); ``triton``; ``auto``
@@ -63,7 +69,8 @@ class SparseOp:
                  triton: str | None = None, onnx: Callable | None = None,
                  cost: Callable[[torch.fx.Node], tuple[int, int]] | None = None,
                  dense: Callable | None = None,
-                 onnx_refuses: Callable[[torch.fx.Node], str | None] | None = None):
+                 onnx_refuses: Callable[[torch.fx.Node], str | None] | None = None,
+                 backward: Callable | None = None, setup_context: Callable | None = None):
         self.name = name
         self.onnx_refuses = onnx_refuses  # why one call (its arguments) has no translation, or None
         self.dense = dense
@@ -81,6 +88,8 @@ class SparseOp:
 
         self.custom_op = torch.library.custom_op(f"sparsegraph::{name}", dispatch, mutates_args=())
         self.custom_op.register_fake(fake)
+        if backward is not None:
+            self.custom_op.register_autograd(backward, setup_context=setup_context)
         cost_model.register(self.overload, cost, dense)
 
     @property
@@ -115,3 +124,28 @@ class SparseOp:
     def backends(self) -> list[str]:
         return ["reference", *(["cpu"] if self.cpu else []), *(["triton"] if self._triton else []),
                 *(["onnx"] if self.onnx else [])]
+
+
+def by_reference(reference: Callable, differentiable: tuple[int, ...]) -> tuple[Callable, Callable]:
+    """``(setup_context, backward)`` that differentiate `reference` with respect to the positional
+    arguments `differentiable` (the others get no gradient): the backward recomputes the reference on the
+    saved inputs under ``enable_grad`` and returns ``torch.autograd.grad`` of it, so the gradient is
+    exactly the oracle's (decisions the reference makes, such as a layout, are constants to it)."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.inputs = inputs
+
+    def backward(ctx, grad):
+        args = list(ctx.inputs)
+        wanted = [i for i in differentiable if isinstance(args[i], torch.Tensor) and ctx.needs_input_grad[i]]
+        if not wanted:
+            return (None,) * len(args)
+        with torch.enable_grad():
+            for i in wanted:
+                args[i] = args[i].detach().requires_grad_(True)
+            out = reference(*args)
+            grads = torch.autograd.grad(out, [args[i] for i in wanted], grad, allow_unused=True)
+        found = dict(zip(wanted, grads))
+        return tuple(found.get(i) for i in range(len(args)))
+
+    return setup_context, backward

@@ -49,6 +49,12 @@ Backends:
   path for decode (≤ 4 rows) and a ``tl.dot`` path for batches;
 - ONNX: ``Where(|a| > t, a, 0)`` then ``MatMul`` (top-k: threshold at the k-th ``TopK`` value), which
   keeps the semantics; runtimes without sparse kernels run it at dense speed.
+
+Autograd (`backward`): the forward's choice of kept inputs is fixed (the test has zero derivative almost
+everywhere), so with ``ã = keep ⊙ a`` and the output gradient ``g``:
+
+    ∂x = (g · weight_tᵀ) ⊙ keep      ∂weight_t = ãᵀ g (only the rows some row kept are nonzero)
+    ∂bias = Σ_rows g                   ∂centre = −Σ_rows ∂x
 """
 
 from __future__ import annotations
@@ -155,5 +161,30 @@ def cost(node: torch.fx.Node) -> tuple[int, int]:
     return macs, moved
 
 
+def setup_context(ctx, inputs, output):
+    x, weight_t, bias, centre, threshold, k = inputs
+    a, keep = _centred_kept(x, centre, threshold, k)
+    ctx.save_for_backward(torch.where(keep, a, torch.zeros_like(a)), keep, weight_t)
+    ctx.has_bias, ctx.has_centre = bias is not None, centre is not None
+
+
+def backward(ctx, grad):
+    """The gradients of the module docstring, the kept inputs fixed by the forward."""
+    kept, keep, weight_t = ctx.saved_tensors
+    in_f, out_f = weight_t.shape
+    g = grad.reshape(-1, out_f)
+    dx = d_weight = d_bias = d_centre = None
+    if ctx.needs_input_grad[0] or ctx.needs_input_grad[3]:
+        dx = torch.where(keep, (grad @ weight_t.t()).to(kept.dtype), torch.zeros_like(kept))
+        if ctx.has_centre and ctx.needs_input_grad[3]:
+            d_centre = -dx.reshape(-1, in_f).sum(0)
+    if ctx.needs_input_grad[1]:
+        d_weight = kept.reshape(-1, in_f).t().to(g.dtype) @ g
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        d_bias = g.sum(0)
+    return dx if ctx.needs_input_grad[0] else None, d_weight, d_bias, d_centre, None, None
+
+
 OP = SparseOp("sparse_linear", reference, fake=fake, cpu=cpu, onnx=onnx, cost=cost, dense=dense,
-              triton="sparsegraph.codegen.triton_kernels.sparse_linear:sparse_linear")
+              triton="sparsegraph.codegen.triton_kernels.sparse_linear:sparse_linear",
+              backward=backward, setup_context=setup_context)

@@ -2,8 +2,9 @@
 
 `bars` draws grouped horizontal bars (one group per label, one bar per series); `histogram` draws
 counts over equal bins with optional vertical markers (thresholds); `grid` a table of coloured cells
-(per layer × per head patterns); `image` a grayscale image with boxes drawn over it (RoIs). Each
-returns an ``<svg>`` element to embed in HTML as is.
+(per layer × per head patterns); `image` a grayscale image with boxes drawn over it (RoIs); `line` one
+polyline per series over its index (a loss curve). Each returns an ``<svg>`` element to embed in HTML as
+is.
 """
 
 from __future__ import annotations
@@ -118,6 +119,33 @@ def scatter(title: str, points: list[tuple[float, float, str, str]], x_label: st
         parts.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="4" fill="{colour}"><title>'
                      f'{html.escape(label)}: {group}, x {x:.4g}, y {y:.4g}</title></circle>')
     parts += _legend(list(groups), top + plot_h + 46)
+    return "".join(parts) + "</svg>"
+
+
+def line(title: str, series: dict[str, list[float]], x_label: str = "", y_label: str = "") -> str:
+    """One polyline per series, ``series[name][i]`` at x = i, on a shared y range (from the smallest value
+    to the largest); empty series are skipped."""
+    plot_w, plot_h, left, top = 420, 200, 60, 34
+    values = [v for ys in series.values() for v in ys]
+    lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
+    hi = hi if hi > lo else lo + 1.0
+    longest = max((len(ys) for ys in series.values()), default=1)
+    parts = [_open(left + plot_w + 30, top + plot_h + 60), _text(8, 18, title, bold=True),
+             f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#999"/>',
+             _text(left + plot_w / 2, top + plot_h + 30, x_label, anchor="middle", size=10),
+             _text(left - 4, top + 8, f"{hi:.3g}", anchor="end", size=9),
+             _text(left - 4, top + plot_h, f"{lo:.3g}", anchor="end", size=9),
+             _text(left + plot_w, top + plot_h + 14, str(longest - 1), anchor="end", size=9),
+             _text(8, top + plot_h / 2, y_label, size=10)]
+    for j, (name, ys) in enumerate(series.items()):
+        if not ys:
+            continue
+        step = plot_w / max(len(ys) - 1, 1)
+        points = " ".join(f"{left + i * step:.1f},{top + plot_h * (hi - y) / (hi - lo):.1f}"
+                          for i, y in enumerate(ys))
+        parts.append(f'<polyline points="{points}" fill="none" stroke="{PALETTE[j % len(PALETTE)]}" '
+                     f'stroke-width="1.5"><title>{html.escape(name)}</title></polyline>')
+    parts += _legend(list(series), top + plot_h + 46)
     return "".join(parts) + "</svg>"
 
 

@@ -219,7 +219,7 @@ MALFORMED = [
     ("pass-entry-list", lambda d: d["passes"].update(cost=[]), "plan entry passes['cost']: is list [], "
      "expected a mapping"),
     ("pass-kind", lambda d: d["passes"]["cost"].update(kind="analyse"), "plan entry passes['cost']['kind']: "
-     "is 'analyse', not one of 'analysis', 'rewrite' (did you mean 'analysis'?)"),
+     "is 'analyse', not one of 'analysis', 'rewrite', 'recovery' (did you mean 'analysis'?)"),
     ("pass-unknown-key", lambda d: d["passes"]["cost"].update(option={}), "plan entry passes['cost']: "
      "has unknown key 'option' (did you mean 'options'?)"),
     ("stats-matched-str", lambda d: d["passes"]["cost"]["stats"].update(matched="6"),

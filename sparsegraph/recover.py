@@ -1,0 +1,322 @@
+"""`recover`: short distillation of a compiled model toward the dense model it was compiled from.
+
+One-shot rewrites lose accuracy: static neuron removal at 50% keeps a mean cosine of about 0.77 on unseen
+MiniLM sentences, and N:M magnitude pruning hurts pretrained weights. A few hundred steps of training the
+weights the rewrites kept, with what they decided held fixed, wins most of it back (the reason behind
+Progressive Gradient Flow, Wanda + fine-tuning, and sparse fine-tuning in general).
+
+What trains: only the tensors the rewrites added (``gm.meta[graph_edit.ADDED]``) that a node reads as a
+weight or a bias (`TRAINABLE`): a pruned linear's sliced weight and bias, an N:M layer's kept values, a
+sparse linear's input-major weight and folded bias. Decisions stay as they were: kept neurons, N:M
+positions (offsets), thresholds and centres, attention layouts. The user's parameters, which the compiled
+graph shares where no rewrite replaced them, are never written (gradients are taken with
+``torch.autograd.grad`` for the trained tensors alone, so not even a ``.grad`` lands on them), and the
+input compiled model is left alone too: training runs on `graph_edit.sharing_copy` of its graph with the
+trained tensors cloned, returned as a new `CompiledModel`.
+
+The loss, per calibration batch, over the floating-point outputs ``y_i`` of the compiled graph and
+``t_i`` of the dense model (run under ``no_grad``, in eval mode, flags restored)::
+
+    L = 1/n Σ_i mean((y_i − t_i)²) / var(t_i)
+
+the output MSE normalised by the dense output's variance: 0 is exact, 1 is as far as predicting the
+mean, and its value means the same across models and output scales. With ``layers = λ > 0`` a layer-wise
+term is added, the same normalised MSE of every MLP site's output (the node of role ``mlp.down``) to the
+dense model's at that site, averaged over the sites both graphs have at the same shape, times λ::
+
+    L = L_out + λ · 1/|S| Σ_s mean((h_s − ĥ_s)²) / var(ĥ_s)
+
+Why: a sentence embedding is a few hundred numbers per input, a thin signal for millions of weights; the
+MLP outputs of every token and layer are many more, and each site is told where its own error is (hidden-
+state distillation, as in TinyBERT). The dense model's site outputs come from tracing it
+(`sparsegraph.trace`, its weights shared, not copied), both graphs run through an fx interpreter that keeps
+those nodes' values. Adam with a cosine-decayed learning
+rate, one calibration batch per step in a seeded order (each epoch a new permutation), the backward
+through the ops' autograd formulas (`sparsegraph.codegen.op`).
+
+The plan of the returned model records the run under ``passes["recover"]`` (kind ``"recovery"``): the
+options, the loss on all batches before and after, the per-step loss curve (at most `CURVE_POINTS` points,
+averaged over equal spans), and the names of the tensors trained. The trained weights are not in the plan:
+`SparsityPlan.check_replay` refuses to replay such a plan (it would rebuild the one-shot model and claim
+the recovered one); they travel with the saved model (``cm.save(dir)``, ``sparsegraph.load(dir)``). The
+report draws the curve (`report_section`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import itertools
+import math
+import time
+from collections.abc import Iterator
+
+import torch
+from torch.utils import _pytree as pytree
+
+from sparsegraph import graph_edit, ir, meta, svg
+from sparsegraph.codegen import KERNEL_BACKENDS, use_backend
+from sparsegraph.codegen.nm_linear import OP as NM_LINEAR
+from sparsegraph.codegen.sparse_linear import OP as SPARSE_LINEAR
+from sparsegraph.context import Batch
+from sparsegraph.errors import CalibrationError, ConfigError, InputError
+from sparsegraph.observe import check_calibration
+from sparsegraph.plan import RECOVERY, SparsityPlan
+from sparsegraph.sections import Section, Table
+from sparsegraph.trace import trace
+
+NAME = "recover"  # its entry in the plan's passes
+TAP = "mlp.down"  # the role whose node is a site's output in the layer-wise loss
+CURVE_POINTS = 200
+LOSS = "output mse / var(dense output) + layers · mean over MLP sites of mse / var(dense site output)"
+# op → positions of the arguments that are weights or biases (what training may change)
+TRAINABLE = {torch.ops.aten.linear.default: (1, 2), SPARSE_LINEAR.overload: (1, 2),
+             NM_LINEAR.overload: (1, 3)}
+
+
+def recover(cm, data, *, steps: int = 200, lr: float = 1e-4, seed: int = 0, layers: float = 0.0,
+            quiet: bool = True):
+    """A new `CompiledModel`: `cm` with the weights its rewrites kept trained for `steps` Adam steps (peak
+    learning rate `lr`, cosine decay) toward the outputs of the model `cm` was compiled from, on `data`
+    (calibration batches as `sparsegraph.compile` takes them); `layers` weighs the layer-wise term (MLP
+    site outputs; 0: final outputs only). Module docstring: what trains, the loss, what the plan records.
+    `cm` and the user's model are left as they were."""
+    if not (isinstance(steps, int) and steps >= 1):
+        raise ConfigError(f"recover: steps={steps!r} must be an integer ≥ 1")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ConfigError(f"recover: lr={lr!r} must be a finite number > 0 (try 1e-4)")
+    if not (isinstance(layers, (int, float)) and math.isfinite(layers) and layers >= 0):
+        raise ConfigError(f"recover: layers={layers!r} must be a finite number ≥ 0 (0: final outputs only)")
+    source = getattr(cm, "_source", None)
+    if source is None:
+        raise InputError("recover distils toward the model cm was compiled from, and this one has none (a "
+                         "model loaded with sparsegraph.load): compile it again from the model "
+                         "(sparsegraph.compile) and recover that")
+    batches = _batches(data)
+    check_calibration(cm.graph_module, batches)
+    start = time.perf_counter()
+    gm = graph_edit.sharing_copy(cm.graph_module)
+    gm.meta[graph_edit.ADDED] = list(cm.graph_module.meta.get(graph_edit.ADDED, ()))
+    names = trainable(gm)
+    if not names:
+        raise ConfigError("recover found no weights to train: the compile rewrote no linear layer (neuron "
+                          "pruning, N:M weights or activation sparsity add them); compile with one of those")
+    params = [_own_copy(gm, name) for name in names]
+    targets = _targets(source, batches, cm.example if layers else None)
+    loss = functools.partial(_loss, gm, layers=layers)
+    backend = cm.config.backend if cm.config.backend in KERNEL_BACKENDS else "auto"
+    with use_backend(backend):
+        before = _mean_loss(loss, batches, targets)
+        curve = _train(loss, params, batches, targets, steps, lr, seed, quiet)
+        after = _mean_loss(loss, batches, targets)
+    for p in params:
+        p.requires_grad_(False)
+    run = {"options": {"steps": steps, "lr": lr, "seed": seed, "layers": layers, "batches": len(batches),
+                       "loss": LOSS},
+           "loss_before": before, "loss_after": after, "curve": _thin(curve), "trained": names,
+           "parameters": sum(p.numel() for p in params)}
+    plan = _recorded(cm.plan, run)
+    timings = {**cm.timings, NAME: cm.timings.get(NAME, 0.0) + time.perf_counter() - start}
+    out = type(cm)(gm, plan, cm.config, cm.example, cm.model_class, cm.dense_cost, cm.dense_site_costs,
+                   timings)
+    out._source = source
+    out.source_name = cm.source_name
+    return out
+
+
+def trainable(gm: torch.fx.GraphModule) -> list[str]:
+    """Names of the tensors a rewrite added that a node reads as a weight or a bias (`TRAINABLE`), floating
+    point, in the order they were added."""
+    added = set(gm.meta.get(graph_edit.ADDED, ()))
+    read = set()
+    for node in gm.graph.nodes:
+        for i in TRAINABLE.get(node.target, ()):
+            arg = node.args[i] if i < len(node.args) else None
+            if isinstance(arg, torch.fx.Node) and arg.op == "get_attr" and arg.target in added:
+                read.add(arg.target)
+    return [name for name in dict.fromkeys(gm.meta.get(graph_edit.ADDED, ()))
+            if name in read and _attr(gm, name).is_floating_point()]
+
+
+def report_section(entry: dict) -> Section:
+    """The report's view of a ``recover`` plan entry: a table per run and the loss curves."""
+    runs = entry["summary"]["runs"]
+    table = Table("Recovery (distillation toward the dense model)",
+                  ["run", "batches", "steps", "lr", "seed", "layer weight", "loss before", "loss after",
+                   "tensors trained", "parameters"])
+    series = {}
+    for i, run in enumerate(runs, 1):
+        o = run["options"]
+        table.rows.append([i, o["batches"], o["steps"], f"{o['lr']:g}", o["seed"], f"{o['layers']:g}",
+                           f"{run['loss_before']:.4g}", f"{run['loss_after']:.4g}", len(run["trained"]),
+                           run["parameters"]])
+        series[f"run {i}"] = run["curve"]
+    figure = svg.line("Distillation loss (output mse / var) per step", series, x_label="step",
+                      y_label="loss")
+    return Section(tables=[table], figures=[("Recovery loss", figure)])
+
+
+# -- training ------------------------------------------------------------------------------------------------
+
+
+def _train(loss_of, params, batches, targets, steps, lr, seed, quiet) -> list[float]:
+    optimizer = torch.optim.Adam(params, lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    order = _order(len(batches), steps, seed)
+    curve = []
+    for step, index in enumerate(order):
+        loss = loss_of(batches[index], targets[index])
+        if not math.isfinite(loss.item()):
+            raise CalibrationError(f"recover: the loss is {loss.item()} at step {step} (batch {index}): "
+                                   f"lower lr (now {lr:g}), or check the batch for non-finite values")
+        grads = torch.autograd.grad(loss, params)  # only ours: no .grad lands on the user's parameters
+        for p, g in zip(params, grads):
+            p.grad = g
+        optimizer.step()
+        schedule.step()
+        curve.append(loss.item())
+        if not quiet and (step % max(1, steps // 10) == 0 or step == steps - 1):
+            print(f"recover: step {step + 1}/{steps} loss {loss.item():.5f}")
+    return curve
+
+
+def _order(n: int, steps: int, seed: int) -> list[int]:
+    """Batch indices for `steps` steps: a new seeded permutation of the `n` batches every epoch."""
+    generator = torch.Generator().manual_seed(seed)
+    out: list[int] = []
+    while len(out) < steps:
+        out += torch.randperm(n, generator=generator).tolist()
+    return out[:steps]
+
+
+def _loss(gm, batch: Batch, target: tuple[list[torch.Tensor], dict[str, torch.Tensor]], *,
+          layers: float) -> torch.Tensor:
+    """The loss of the module docstring on one batch; `target` is the dense model's outputs and site
+    outputs (the latter only with `layers`)."""
+    outputs, sites = target
+    ours, taps = _run(gm, batch, taps=bool(layers))
+    if len(ours) != len(outputs):
+        raise InputError(f"recover: the compiled graph gives {len(ours)} floating-point outputs, the dense "
+                         f"model {len(outputs)}: they cannot be compared; recover a model whose compiled "
+                         "graph returns what the model returns")
+    loss = torch.stack([_normalised_mse(y, t) for y, t in zip(ours, outputs)]).mean()
+    shared = [(taps[s], t) for s, t in sites.items() if s in taps and taps[s].shape == t.shape]
+    if shared:
+        loss = loss + layers * torch.stack([_normalised_mse(h, t) for h, t in shared]).mean()
+    return loss
+
+
+def _normalised_mse(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return (y.float() - t.float()).square().mean() / t.float().var(unbiased=False).clamp_min(1e-12)
+
+
+def _mean_loss(loss_of, batches, targets) -> float:
+    with torch.no_grad():
+        return sum(loss_of(b, t).item() for b, t in zip(batches, targets)) / len(batches)
+
+
+def _targets(source: torch.nn.Module, batches: list[Batch], example: Batch | None):
+    """Per batch, the dense model's floating-point outputs and (with an `example` to trace it at) its MLP
+    sites' outputs by site."""
+    with torch.no_grad(), _eval(source):
+        outputs = [_floats(source(*b.args, **b.kwargs)) for b in batches]
+    if example is None:
+        return [(o, {}) for o in outputs]
+    dense = trace(source, example.args, example.kwargs)
+    with torch.no_grad():
+        sites = [_run(dense, b, taps=True)[1] for b in batches]
+    if not sites[0]:
+        raise ConfigError("recover: layers > 0 distils MLP site outputs, and the model has no MLP site: "
+                          "recover with layers=0")
+    return list(zip(outputs, sites))
+
+
+class _Tapped(torch.fx.Interpreter):
+    """Runs a graph and keeps, per MLP site, the value of its last node of role ``mlp.down`` (the site's
+    output, whatever op a rewrite put there)."""
+
+    def __init__(self, gm: torch.fx.GraphModule):
+        super().__init__(gm)
+        self.taps: dict[str, torch.Tensor] = {}
+
+    def run_node(self, n):
+        value = super().run_node(n)
+        info = meta.get(n)
+        if info is not None and info.role == TAP and isinstance(value, torch.Tensor):
+            self.taps[info.site] = value
+        return value
+
+
+def _run(gm, batch: Batch, *, taps: bool) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """`gm`'s floating-point outputs on `batch`, and with `taps` its MLP sites' outputs (`_Tapped`)."""
+    if not taps:
+        return _floats(gm(*batch.args, **batch.kwargs)), {}
+    interpreter = _Tapped(gm)
+    out = interpreter.run(*ir.flatten_inputs(gm, batch.args, batch.kwargs))
+    return _floats(out), interpreter.taps
+
+
+@contextlib.contextmanager
+def _eval(model: torch.nn.Module) -> Iterator[None]:
+    """`model` in eval mode inside the block, every module's flag restored after (as tracing does)."""
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+
+def _floats(out) -> list[torch.Tensor]:
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def _batches(data) -> list[Batch]:
+    if data is None or isinstance(data, (torch.Tensor, dict)):
+        raise CalibrationError("recover trains on a list of batches (as sparsegraph.compile's calibration): "
+                               "pass data=[batch, ...]")
+    batches = [Batch.of(item) for item in data]
+    if not batches:
+        raise CalibrationError("recover got no batches: pass data=[batch, ...] (the calibration batches)")
+    return batches
+
+
+# -- the graph's tensors -------------------------------------------------------------------------------------
+
+
+def _attr(gm: torch.nn.Module, name: str) -> torch.Tensor:
+    owner, _, leaf = name.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, leaf)
+
+
+def _own_copy(gm: torch.fx.GraphModule, name: str) -> torch.Tensor:
+    """Give `gm` its own copy of tensor `name` (the input model keeps the original), ready to train."""
+    owner, _, leaf = name.rpartition(".")
+    module = gm.get_submodule(owner) if owner else gm
+    old = getattr(module, leaf)
+    new = old.detach().clone()
+    if isinstance(old, torch.nn.Parameter):
+        setattr(module, leaf, torch.nn.Parameter(new))
+    else:
+        module.register_buffer(leaf, new)
+    return getattr(module, leaf).requires_grad_(True)
+
+
+def _thin(curve: list[float]) -> list[float]:
+    """At most `CURVE_POINTS` points: the means of equal spans of steps."""
+    if len(curve) <= CURVE_POINTS:
+        return list(curve)
+    edges = [round(i * len(curve) / CURVE_POINTS) for i in range(CURVE_POINTS + 1)]
+    return [sum(curve[a:b]) / (b - a) for a, b in itertools.pairwise(edges)]
+
+
+def _recorded(plan: SparsityPlan, run: dict) -> SparsityPlan:
+    """A copy of `plan` with `run` appended to its ``recover`` entry (made if missing)."""
+    out = SparsityPlan.from_json(copy.deepcopy(plan.to_json()))
+    runs = out.passes.get(NAME, {}).get("summary", {}).get("runs", [])
+    out.passes[NAME] = {"kind": RECOVERY, "options": run["options"]}
+    out.set_summary(NAME, {"runs": [*runs, run]})
+    out.check()
+    return out
