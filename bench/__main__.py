@@ -8,13 +8,16 @@ token agreement of TEAL sparsity on the trained ``stdlib_lm``),
 ``attention`` (block-sparse attention vs dense SDPA and FlexAttention), ``tokens`` (token pruning
 fidelity on MiniLM, ViT-B/16 speed, digits_vit accuracy and RoIs), ``gemv`` (one-token input-sparse
 GEMV: the compiled kernel vs dense, torch.sparse.mm and embedding_bag), ``fidelity`` (the quality
-budget on MiniLM and digits_vit: held-out fidelity and speed with and without a floor).
+budget on MiniLM and digits_vit: held-out fidelity and speed with and without a floor), ``recover``
+(MiniLM neuron removal and 2:4 MLPs, one-shot vs after `sparsegraph.recover`), ``conv`` (sparse 1x1
+convolutions on EfficientNet-Lite0: per-layer and whole-model speed, fidelity on photo crops).
 """
 
 import importlib
 import sys
 
-SUITES = ("foundation", "activation", "decode", "lm_quality", "attention", "tokens", "gemv", "fidelity")
+SUITES = ("foundation", "activation", "decode", "lm_quality", "attention", "tokens", "gemv", "fidelity",
+          "recover", "conv")
 
 if len(sys.argv) < 2 or sys.argv[1] not in SUITES:
     print(__doc__)

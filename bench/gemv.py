@@ -29,16 +29,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
-import random
-import statistics
 import warnings
 
 import torch
 import torch.nn.functional as F
 
-from bench.common import machine, machine_line, table, write
+from bench.common import compare_orders, machine, machine_line, table, write
 from sparsegraph.codegen import cpu_kernels, sparse_linear, use_backend
-from sparsegraph.measure import compare
 
 SHAPES = ((2048, 5632), (5632, 2048), (2048, 2048), (256, 688), (688, 256))
 SPARSITIES = (0.3, 0.5, 0.7, 0.9)
@@ -93,22 +90,6 @@ def _candidates(weights, xs, b, c, threshold, k, burst: int = 1) -> tuple[dict, 
     return {name: cycling(fn, m) for m, (name, fn) in enumerate(fns.items())}, first
 
 
-def _timed(calls: dict, warmup: int, repeats: int, orders: int = 6) -> dict[str, float]:
-    """Median seconds per call: `compare` (interleaved rounds) in `orders` orders of the candidates (the
-    given one, then seeded shuffles), the median of the orders' medians. A call runs slower right after
-    a heavy one (its caches and branch predictors cold: 14.6 → 19.6 µs at 256 → 688 after
-    embedding_bag), so no candidate always follows the same one."""
-    names, shuffle = list(calls), random.Random(0)
-    rounds = max(3, math.ceil(repeats / orders))
-    medians: dict[str, list[float]] = {name: [] for name in names}
-    for n in range(orders):
-        order = names if n == 0 else shuffle.sample(names, len(names))
-        times = compare({name: calls[name] for name in order}, warmup=warmup if n == 0 else 1, repeats=rounds)
-        for name, t in times.items():
-            medians[name].append(t)
-    return {name: statistics.median(t) for name, t in medians.items()}
-
-
 def _check(first, weights, xs, b, c, threshold, k):
     want = sparse_linear.reference(xs[0], weights[0], b, c, threshold, 0)
     dense = sparse_linear.reference(xs[0], weights[0], b, None, -1.0, 0)
@@ -125,7 +106,7 @@ def _case(weights, sparsity, warmup, repeats, burst=1) -> dict:
     xs, b, c, threshold, k = _problem(in_f, out_f, sparsity)
     calls, first = _candidates(weights, xs, b, c, threshold, k, burst)
     _check(first, weights, xs, b, c, threshold, k)
-    times = {name: t / burst for name, t in _timed(calls, warmup=warmup, repeats=repeats).items()}
+    times = {name: t / burst for name, t in compare_orders(calls, warmup=warmup, repeats=repeats).items()}
     dense_name = min(("dense x @ weight_t", "dense F.linear"), key=times.__getitem__)
     skipped = ((xs - c).abs() <= threshold).float().mean().item()
     return {"in": in_f, "out": out_f, "sparsity": sparsity, "skipped": skipped, "weight_copies": len(weights),
@@ -162,7 +143,7 @@ def _overhead(warmup: int, repeats: int, burst: int = 10) -> dict:
              "native": lambda: cpu_kernels.sparse_gemv(x, w, b, c, threshold, 0),
              "op, previous CPU path": through_op(sparse_linear.cpu_torch),
              "op, native CPU path": through_op(sparse_linear.cpu)}
-    times = _timed({name: bursts(fn) for name, fn in calls.items()}, warmup=warmup, repeats=repeats)
+    times = compare_orders({name: bursts(fn) for name, fn in calls.items()}, warmup=warmup, repeats=repeats)
     return {name: t / burst * 1e6 for name, t in times.items()}
 
 

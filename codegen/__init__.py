@@ -28,6 +28,7 @@ OPS: dict[str, str] = {
     "token_select": "sparsegraph.codegen.token_select",
     "token_gather": "sparsegraph.codegen.token_gather",
     "roi_scores": "sparsegraph.codegen.roi_scores",
+    "sparse_conv1x1": "sparsegraph.codegen.sparse_conv1x1",
 }
 
 

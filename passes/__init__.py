@@ -8,12 +8,14 @@ them, as it finds plugins, through the ``sparsegraph.passes`` entry points decla
 BUILTIN: dict[str, str] = {
     # analysis
     "activation_profile": "sparsegraph.passes.analysis.activation_profile",
+    "conv_profile": "sparsegraph.passes.analysis.conv_profile",
     "cost": "sparsegraph.passes.analysis.cost",
     "head_patterns": "sparsegraph.passes.analysis.head_patterns",
     "token_importance": "sparsegraph.passes.analysis.token_importance",
     "roi": "sparsegraph.passes.analysis.roi",
     # rewrite
     "budget": "sparsegraph.passes.rewrite.budget",
+    "conv_sparsity": "sparsegraph.passes.rewrite.conv_sparsity",
     "decode_attention": "sparsegraph.passes.rewrite.decode_attention",
     "neuron_sparsity": "sparsegraph.passes.rewrite.neuron_sparsity",
     "neuron_pruning": "sparsegraph.passes.rewrite.neuron_pruning",

@@ -33,6 +33,7 @@ from sparsegraph.pass_contract import (
     refusals,
 )
 from sparsegraph.plan import SparsityPlan, load_plan
+from sparsegraph.recover import recover
 from sparsegraph.registry import available_passes, register_pass
 from sparsegraph.trace import trace
 from sparsegraph.version import __version__
@@ -43,4 +44,4 @@ __all__ = ["AnalysisPass", "ArtifactError", "CalibrationError", "CompiledModel",
            "ExportError", "InputError", "ModelSpecError", "PassError", "PassResult", "PassStats",
            "PlanError", "Refused", "RewritePass", "SiteDecision", "SparsegraphError", "SparsityPlan",
            "TraceError", "__version__", "available_passes", "compile", "load", "load_plan", "option",
-           "refusals", "register_pass", "trace"]
+           "recover", "refusals", "register_pass", "trace"]

@@ -240,6 +240,10 @@ class CompiledModel(torch.nn.Module):
                 found = self._decoder
                 if found is None:
                     source = getattr(self, "_source", None)
+                    if self.plan.recovered():  # the cache graphs replay the plan: it has no trained weights
+                        raise InputError("generate replays the plan on cache graphs traced from the model, "
+                                         "without the weights sparsegraph.recover trained: generate with the "
+                                         "model before recovery")
                     if source is None:
                         raise InputError("generate needs the model this was compiled from: compile it with "
                                          "sparsegraph.compile")

@@ -354,3 +354,29 @@ class RoiSettings:
                    max_boxes=e["max_boxes"].integer(1), protect=e["protect"].integer(0),
                    samples=[s.value for s in e["samples"].elements()] if "samples" in e else [],
                    mean_box_area=e["mean_box_area"].number(0.0) if "mean_box_area" in e else 0.0)
+
+
+# ------------------------------------------------------------------------------------------- conv_profile
+
+
+@dataclass(frozen=True)
+class ConvInput:
+    """``conv_profile``'s facts at one pointwise conv site: how many pixels (images × H × W) it saw, and per
+    input channel c the mean of the input over all of them and its root mean square, rms_c = ‖x_c‖ /
+    √pixels (the channel norm that the activation-aware score |W_oc| · ‖x_c‖ weighs each weight with; the
+    mean is what the pruned weights would have added on average)."""
+
+    pixels: int
+    mean: list[float]
+    rms: list[float]
+
+    def to_json(self) -> dict:
+        return {"pixels": self.pixels, "mean": self.mean, "rms": self.rms}
+
+    @classmethod
+    def from_json(cls, e: Entry, width: int | None) -> ConvInput:
+        """Checked for a conv of `width` input channels (None: as many as `rms` lists)."""
+        e.mapping(required=("pixels", "mean", "rms"), extra=True)
+        rms = e["rms"].numbers(width, lo=0.0, what="one per input channel")
+        return cls(pixels=e["pixels"].integer(1),
+                   mean=e["mean"].numbers(len(rms), what="one per input channel"), rms=rms)

@@ -10,9 +10,32 @@ Site queries find the places sparsity applies and return frozen dataclasses:
 - `attention_sites`: ``scaled_dot_product_attention`` calls and explicit ``matmul → softmax → matmul``
   chains, with heads, KV heads (GQA is read off the K projection), head dim, causality (from
   ``is_causal`` or from a mask built by comparing aranges / ``tril``), and the Q/K/V/output projections;
+  self-attention only: `cross_attention_sites` are the others (below);
 - `mlp_sites`: ``linear → act → linear`` and gated ``act(linear_g(x)) * linear_u(x) → linear`` blocks, the
   gated ones also with gate and up as the two halves of one fused linear (Phi-3); the activation is one
   node or GELU's tanh approximation written out op by op (GPT-2).
+- `conv_sites`: pointwise convolutions (1x1 kernel, stride 1, groups 1, no padding) over an image, with
+  the eval-mode batch norm and ReLU-like clamp that alone follow them (what a rewrite may fold in).
+
+Two kinds of attention. Cross-attention reads its keys and values from another sequence than its
+queries (a DiT's or a decoder's ``encoder_hidden_states``); its score grid is queries × *other* tokens,
+so block patterns of the token stream, token importance and token pruning do not apply to it. The rule:
+walking back from q and from k across every op but a linear (norms, RoPE, concatenation, indexing,
+layout; not along shape-only edges), the nearest linear projections are reached; the attention is cross
+when both sides reach some and the tensors those projections read differ. Joint attention over a
+concatenation of streams (CogVideoX, HunyuanVideo, Mochi: ``q = [q_img; q_txt]``, ``k = [k_img; k_txt]``)
+reads the same streams on both sides, so it is self-attention; a decode step whose keys also come from a
+cache input reaches the same projection. Cross sites have ids ``xattn:PATH`` and their own layer numbers,
+so ``attn:`` sites stay one per block, as token pruning and RoI read them.
+
+What an MLP site is not: a *conditioning* MLP. Diffusion transformers embed the timestep (and pooled
+text) with ``linear → SiLU → linear`` and turn it into AdaLN shift/scale/gate with ``SiLU → linear``: one
+row per sample, broadcast over every token of the stream. Those match the MLP shape, but they transform
+no token and cost nothing next to the blocks. The rule: an MLP is not a site when a value computed from
+its output (across layout ops, dropout, activations, linears and elementwise ops, a few ops on) is
+broadcast by an elementwise op onto a tensor with more elements, i.e. when its rows are samples that
+condition a token stream rather than the stream's tokens. A tabular MLP on ``[batch, features]`` keeps
+its rows and stays a site.
 
 `annotate` writes each site's facts onto its nodes (`sparsegraph.meta`), `propagate_shapes` writes
 concrete shapes at the example inputs into ``node.meta["val"]`` (for both dialects), and
@@ -307,12 +330,21 @@ def propagate_shapes(gm: torch.fx.GraphModule, args: tuple, kwargs: dict | None 
 
     Concrete shapes at the example inputs are what the site queries and the cost model read. The graph's
     code stays dynamic; only this meta is specialised. Parameters stay real (no copy is made).
+
+    Where an op's output shape depends on the data (``nonzero``: Mochi keeps each prompt's unmasked
+    tokens), fake tensors cannot say it; then the graph runs once for real on copies of the inputs and
+    each node records a fake tensor of the shape it produced.
     """
     flat = flatten_inputs(gm, args, kwargs or {})
     mode = torch._subclasses.fake_tensor.FakeTensorMode(allow_non_fake_inputs=True)
     fake = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in flat]
     with torch.no_grad():
-        _NamedFakeProp(gm, mode).propagate_dont_convert_inputs(*fake)
+        try:
+            _NamedFakeProp(gm, mode).propagate_dont_convert_inputs(*fake)
+        except NodeError as e:
+            if not isinstance(e.__cause__, torch._subclasses.fake_tensor.DynamicOutputShapeException):
+                raise
+            _RecordingRun(gm, mode).run(*[x.clone() if isinstance(x, torch.Tensor) else x for x in flat])
 
 
 class NodeError(Exception):
@@ -335,6 +367,22 @@ class _NamedFakeProp(FakeTensorProp):
             raise NodeError(n, e) from e
 
 
+class _RecordingRun(torch.fx.Interpreter):
+    """Runs the graph on real tensors and stores a fake copy of each node's value in ``meta["val"]``."""
+
+    def __init__(self, gm: torch.fx.GraphModule, mode):
+        super().__init__(gm)
+        self.mode = mode
+
+    def run_node(self, n):
+        try:
+            result = super().run_node(n)
+        except Exception as e:
+            raise NodeError(n, e) from e
+        n.meta["val"] = pytree.tree_map_only(torch.Tensor, self.mode.from_tensor, result)
+        return result
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Sites
 
@@ -354,6 +402,7 @@ class AttentionSite:
     it enters: ``"sdpa"`` (SDPA's ``attn_mask``: bool keeps True, float is added), ``"add"`` (added to the
     scores) or ``"masked_fill"`` (True positions set to −inf). An explicit chain with other ops between
     the scores and the softmax is not plain scaled, masked attention: its `scale` is None (`readable`).
+    `cross`: the keys and values come from another sequence than the queries (the module docstring).
     """
 
     id: str
@@ -379,6 +428,12 @@ class AttentionSite:
     dropout: float = 0.0
     is_causal: bool = False
     masks: tuple[tuple[torch.fx.Node, str], ...] = ()
+    cross: bool = False
+
+    @property
+    def kind(self) -> str:
+        """``"attention"`` (self-attention) or ``"cross_attention"``, as the plan lists sites."""
+        return "cross_attention" if self.cross else "attention"
 
     @property
     def gqa(self) -> bool:
@@ -437,7 +492,27 @@ class MLPSite:
 
 
 def attention_sites(gm: torch.fx.GraphModule) -> list[AttentionSite]:
-    """Every attention in `gm`, in graph order."""
+    """Every self-attention in `gm`, in graph order (the targets of attention patterns and token passes)."""
+    return _number([s for s in _attentions(gm) if not s.cross], "attn", _attention_paths)
+
+
+def cross_attention_sites(gm: torch.fx.GraphModule) -> list[AttentionSite]:
+    """Every cross-attention in `gm` (keys and values from another sequence than the queries), in graph
+    order, with ids ``xattn:PATH`` and layers numbered among themselves."""
+    return _number([s for s in _attentions(gm) if s.cross], "xattn", _attention_paths)
+
+
+def mlp_sites(gm: torch.fx.GraphModule) -> list[MLPSite]:
+    """Every MLP block in `gm`, in graph order."""
+    found = [s for n in gm.graph.nodes for s in [_mlp_site(n)] if s is not None]
+    return _number(found, "mlp", lambda s: [s.up, s.gate, s.down])
+
+
+def sites(gm: torch.fx.GraphModule) -> list[AttentionSite | MLPSite | ConvSite]:
+    return [*attention_sites(gm), *cross_attention_sites(gm), *mlp_sites(gm), *conv_sites(gm)]
+
+
+def _attentions(gm: torch.fx.GraphModule) -> list[AttentionSite]:
     found = []
     for node in gm.graph.nodes:
         k = kind(node)
@@ -447,17 +522,7 @@ def attention_sites(gm: torch.fx.GraphModule) -> list[AttentionSite]:
             site = _explicit_site(node)
             if site is not None:
                 found.append(site)
-    return _number(found, "attn", _attention_paths)
-
-
-def mlp_sites(gm: torch.fx.GraphModule) -> list[MLPSite]:
-    """Every MLP block in `gm`, in graph order."""
-    found = [s for n in gm.graph.nodes for s in [_mlp_site(n)] if s is not None]
-    return _number(found, "mlp", lambda s: [s.up, s.gate, s.down])
-
-
-def sites(gm: torch.fx.GraphModule) -> list[AttentionSite | MLPSite]:
-    return [*attention_sites(gm), *mlp_sites(gm)]
+    return found
 
 
 def _explicit_parts(core, qk, softmax, out) -> tuple[float, list] | None:
@@ -549,7 +614,30 @@ def _attention(*, form, q, k, v, core, out, mask, causal, kv_from_k) -> Attentio
                          head_dim=head_dim, causal=causal,
                          has_mask=mask is not None and _depends_on_input(mask), q=q, k=k, v=v, core=core,
                          out=out, mask=mask if isinstance(mask, torch.fx.Node) else None,
-                         q_proj=q_proj, k_proj=k_proj, v_proj=v_proj, o_proj=o_proj)
+                         q_proj=q_proj, k_proj=k_proj, v_proj=v_proj, o_proj=o_proj, cross=_is_cross(q, k))
+
+
+def _is_cross(q: torch.fx.Node, k: torch.fx.Node) -> bool:
+    """Whether the keys are projected from other tensors than the queries (the module docstring's rule)."""
+    from_q, from_k = _projected_from(q), _projected_from(k)
+    return bool(from_q) and bool(from_k) and from_q != from_k
+
+
+def _projected_from(node: torch.fx.Node, limit: int = 256) -> frozenset[torch.fx.Node]:
+    """The inputs of the nearest linears `node` is computed from, walking back across every other op along
+    edges that carry tensors (a ``sym_size`` or other number is not followed: it carries a size, not the
+    data)."""
+    found, seen, queue = set(), set(), deque([node])
+    while queue and len(seen) < limit:
+        n = queue.popleft()
+        if n in seen:
+            continue
+        seen.add(n)
+        if _is_linear(n):
+            found.add(linear_parts(n).x)
+        else:
+            queue.extend(a for a in n.all_input_nodes if tensors(val(a)))
+    return frozenset(found)
 
 
 def _mlp_site(act: torch.fx.Node) -> MLPSite | None:
@@ -587,14 +675,46 @@ def _mlp_site(act: torch.fx.Node) -> MLPSite | None:
 
 def _checked_site(activation: str, *, up, gate, act, mul, down, halves=None,
                   gate_half=None) -> MLPSite | None:
-    """The site, if the down projection reads as many neurons as up makes (half the fused linear's)."""
+    """The site, if the down projection reads as many neurons as up makes (half the fused linear's) and
+    the block transforms tokens rather than conditioning them (`_broadcast_downstream`)."""
     up_parts, down_parts = linear_parts(up), linear_parts(down)
     intermediate = up_parts.out_features // (2 if halves is not None else 1)
-    if down_parts.in_features != intermediate:
+    if down_parts.in_features != intermediate or _broadcast_downstream(down):
         return None
     return MLPSite(id="", layer=-1, module_path="", gated=gate is not None, activation=activation,
                    hidden=up_parts.in_features, intermediate=intermediate, up=up, gate=gate, act=act, mul=mul,
                    down=down, halves=halves, gate_half=gate_half)
+
+
+_ELEMENTWISE = frozenset({"add", "mul", "sub", "div"})
+# What a conditioning vector passes through on its way to the stream it modulates: AdaLN's SiLU → linear,
+# chunk/unsqueeze into shift, scale and gate, ``1 + scale``, a learned table added (Wan).
+_CONDITIONING_PATH = frozenset({"shape", "dropout", "linear", *ACTIVATIONS, *_ELEMENTWISE})
+
+
+def _broadcast_downstream(node: torch.fx.Node, depth: int = 16) -> bool:
+    """Whether a value computed from `node`, at most `depth` ops on along `_CONDITIONING_PATH`, enters an
+    elementwise op whose output has more elements than it: one row per sample spread over a token axis
+    (AdaLN modulation, timestep embeddings). The token stream itself only meets smaller operands there."""
+    frontier, seen = [node], {node}
+    for _ in range(depth):
+        reached = []
+        for n in frontier:
+            size = _numel(n)
+            for user in n.users:
+                grown = _numel(user)
+                if kind(user) in _ELEMENTWISE and size is not None and grown is not None and grown > size:
+                    return True
+                if user not in seen and kind(user) in _CONDITIONING_PATH:
+                    seen.add(user)
+                    reached.append(user)
+        frontier = reached
+    return False
+
+
+def _numel(node: torch.fx.Node) -> int | None:
+    s = shape(node)
+    return math.prod(s) if s is not None else None
 
 
 def _activation(node: torch.fx.Node) -> tuple[str, torch.fx.Node] | None:
@@ -751,8 +871,9 @@ def _number(found: list, prefix: str, linears: Callable) -> list:
     for layer, site in enumerate(found):
         paths = [linear_parts(n).module_path for n in linears(site) if n is not None]
         # No projection found as a linear (GPT-2's fused Conv1D q/k/v): the module the core ran in
-        path = _common_prefix(paths) or module_path(site.core[0] if prefix == "attn" else site.act)
-        anchor = meta.get(site.core[0] if prefix == "attn" else site.up)
+        attention = isinstance(site, AttentionSite)
+        path = _common_prefix(paths) or module_path(site.core[0] if attention else site.act)
+        anchor = meta.get(site.core[0] if attention else site.up)
         if anchor is not None:  # keep the id given at capture time, whatever was rewritten since
             site_id, layer, path = anchor.site, anchor.layer, anchor.module_path
         else:
@@ -765,9 +886,13 @@ def _number(found: list, prefix: str, linears: Callable) -> list:
 
 
 def _common_prefix(paths: list[str]) -> str:
-    parts = [p.split(".") for p in paths if p]
+    """The modules' common dotted path; of one module alone, its parent (a site is not its projection:
+    Mochi's attention, whose q and k pass through norms, has only its V projection found)."""
+    parts = [p.split(".") for p in dict.fromkeys(paths) if p]
     if not parts:
         return ""
+    if len(parts) == 1:
+        return ".".join(parts[0][:-1])
     common = []
     for pieces in zip(*parts):
         if len(set(pieces)) != 1:
@@ -834,12 +959,242 @@ def _depends_on_input(node) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------------------
+# Pointwise convolutions
+
+
+@dataclass(frozen=True)
+class ConvSite:
+    """A pointwise convolution: a 2-d convolution with a 1x1 kernel, groups 1, stride 1 and no padding over
+    an image [N, C, H, W], i.e. one matrix product ``W [O, C] · x[n] [C, H·W]`` per image (the 1x1 layers
+    of MobileNets and EfficientNets, 95% of EfficientNet-Lite0's conv weights). Other convolutions
+    (spatial kernels, strided, grouped or depthwise) are not sites.
+
+    `height`/`width` are the image's at the example inputs. `norm` is the eval-mode batch norm that alone
+    reads the conv's output, with stored statistics and affine parameters (`norm_parts`): folding it into
+    the weight gives the same map, ``W' = W·γ/√(σ²+ε)``, ``b' = β + (b − μ)·γ/√(σ²+ε)``. `act` is the
+    clamp-like activation (ReLU, ReLU6, hardtanh, clamp with number bounds) that alone reads the norm's
+    output (the conv's, without a norm), and `bounds` its (lo, hi), None where unbounded. Both are found
+    in the ATen and torch-function dialects (and as modules: BatchNorm2d in eval mode, ReLU, ReLU6,
+    Hardtanh).
+    """
+
+    id: str
+    layer: int
+    module_path: str
+    conv: torch.fx.Node
+    x: torch.fx.Node
+    in_channels: int
+    out_channels: int
+    height: int
+    width: int
+    norm: torch.fx.Node | None = None
+    act: torch.fx.Node | None = None
+    bounds: tuple[float | None, float | None] | None = None
+
+    @property
+    def weight(self) -> torch.Tensor | None:
+        """The stored weight [O, C, 1, 1], or None when the graph computes it."""
+        if self.conv.op == "call_module":
+            return _submodule(self.conv).weight
+        w = _arg(self.conv, 1, "weight")
+        return get_attr(self.conv.graph.owning_module, w.target) if w.op == "get_attr" else None
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The stored bias [O], or None (none, or computed in the graph)."""
+        if self.conv.op == "call_module":
+            return _submodule(self.conv).bias
+        b = _arg(self.conv, 2, "bias")
+        return get_attr(self.conv.graph.owning_module, b.target) if isinstance(b, torch.fx.Node) and \
+            b.op == "get_attr" else None
+
+    @property
+    def out(self) -> torch.fx.Node:
+        """The last node of conv → norm → act: what the rest of the graph reads."""
+        return self.act or self.norm or self.conv
+
+
+def conv_sites(gm: torch.fx.GraphModule) -> list[ConvSite]:
+    """Every pointwise convolution in `gm`, in graph order, with ids ``conv:PATH`` (the weight's module)."""
+    found, used = [], set()
+    for node in gm.graph.nodes:
+        site = _conv_site(node)
+        if site is None:
+            continue
+        anchor = meta.get(node)
+        if anchor is not None and anchor.role == "conv.1x1":  # the id given at capture time
+            site_id, layer, path = anchor.site, anchor.layer, anchor.module_path
+        else:
+            layer = len(found)
+            w = _arg(node, 1, "weight") if node.op != "call_module" else None
+            path = (str(node.target) if node.op == "call_module" else w.target.rsplit(".", 1)[0]
+                    if isinstance(w, torch.fx.Node) and w.op == "get_attr" else module_path(node))
+            site_id = f"conv:{path}" if path else f"conv:{layer}"
+            while site_id in used:
+                site_id += "'"
+        used.add(site_id)
+        found.append(dataclasses.replace(site, id=site_id, layer=layer, module_path=path))
+    return found
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """What makes a convolution node pointwise or not: its weight's shape [O, C/groups, *kernel] (None
+    when unknown), stride, padding and groups, as the call gives them, and its input's example shape."""
+
+    weight_shape: tuple[int, ...] | None
+    stride: object
+    padding: object
+    groups: object
+    transposed: bool
+    image: tuple[int, ...] | None
+
+    @property
+    def pointwise(self) -> bool:
+        """A 2-d, 1x1, ungrouped, unstrided, unpadded convolution over a batched image."""
+        return not self.mismatches()
+
+    def mismatches(self) -> list[str]:
+        """What keeps the convolution from being pointwise, as a user would say it (empty: it is)."""
+        kernel = self.weight_shape[2:] if self.weight_shape is not None else None
+        found = []
+        if kernel is None:
+            found.append("a weight of unknown shape")
+        elif len(kernel) != 2:
+            found.append(f"a {len(kernel)}-d convolution")
+        elif kernel != (1, 1):
+            found.append(f"kernel {kernel[0]}×{kernel[1]}")
+        if self.groups != 1:
+            depthwise = self.weight_shape is not None and self.weight_shape[1] == 1
+            found.append(f"groups {self.groups}{' (depthwise)' if depthwise else ''}")
+        if not _all_equal(self.stride, 1):
+            found.append(f"stride {self.stride}")
+        if self.padding not in ("valid", "same") and not _all_equal(self.padding, 0):
+            found.append(f"padding {self.padding}")
+        if self.transposed:
+            found.append("transposed")
+        if self.image is None or len(self.image) != 4:
+            found.append("not over a batched image [N, C, H, W]")
+        return found
+
+
+def conv_geometry(node: torch.fx.Node) -> ConvGeometry | None:
+    """The `ConvGeometry` of a convolution node (``kind(node) == "conv"``), in either dialect; None for
+    other nodes."""
+    if kind(node) != "conv":
+        return None
+    x = node.args[0]
+    image = shape(x) if isinstance(x, torch.fx.Node) else None
+    if node.op == "call_module":
+        mod = _submodule(node)
+        return ConvGeometry(tuple(mod.weight.shape), mod.stride, mod.padding, mod.groups, False, image)
+    w = _arg(node, 1, "weight")
+    weight_shape = shape(w) if isinstance(w, torch.fx.Node) else None
+    if node.target is aten.convolution.default:  # (x, w, b, stride, padding, dilation, transposed, _, groups)
+        return ConvGeometry(weight_shape, node.args[3], node.args[4], node.args[8], bool(node.args[6]), image)
+    return ConvGeometry(weight_shape, _arg(node, 3, "stride", 1), _arg(node, 4, "padding", 0),
+                        _arg(node, 6, "groups", 1), False, image)
+
+
+def _conv_site(node: torch.fx.Node) -> ConvSite | None:
+    geometry = conv_geometry(node)
+    if geometry is None or not geometry.pointwise:
+        return None
+    x, weight_shape, image = node.args[0], geometry.weight_shape, geometry.image
+    norm = _folded_norm(node)
+    act = _single_user(norm or node)
+    bounds = _clamp_bounds(act) if act is not None else None
+    return ConvSite("", 0, "", node, x, int(weight_shape[1]), int(weight_shape[0]), int(image[2]),
+                    int(image[3]), norm, act if bounds is not None else None, bounds)
+
+
+def _all_equal(value, number: int) -> bool:
+    return all(v == number for v in value) if isinstance(value, (list, tuple)) else value == number
+
+
+def _single_user(node: torch.fx.Node) -> torch.fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+_BATCH_NORM = (aten.batch_norm.default, F.batch_norm, torch.batch_norm)
+
+
+def _folded_norm(conv: torch.fx.Node) -> torch.fx.Node | None:
+    """The eval-mode batch norm over `conv`'s output, when it alone reads it and `norm_parts` can read it."""
+    norm = _single_user(conv)
+    if norm is None or norm.args[0] is not conv:
+        return None
+    if norm.op == "call_module":
+        mod = _submodule(norm)
+        ok = (isinstance(mod, torch.nn.BatchNorm2d) and not mod.training and mod.running_mean is not None
+              and mod.running_var is not None)
+        return norm if ok else None
+    if norm.op != "call_function" or norm.target not in _BATCH_NORM:
+        return None
+    training = _arg(norm, 5, "training", False)
+    stored = _norm_operands(norm)
+    ok = training is False and all(a is None or (isinstance(a, torch.fx.Node) and a.op == "get_attr")
+                                   for a in stored) and stored[2] is not None and stored[3] is not None
+    return norm if ok else None
+
+
+def norm_parts(norm: torch.fx.Node) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor,
+                                             torch.Tensor, float]:
+    """``(γ, β, μ, σ², ε)`` of a `ConvSite.norm` (γ, β None when the norm has no affine parameters)."""
+    if norm.op == "call_module":
+        mod = _submodule(norm)
+        return mod.weight, mod.bias, mod.running_mean, mod.running_var, float(mod.eps)
+    gm = norm.graph.owning_module
+    gamma, beta, mean, var = (None if a is None else get_attr(gm, a.target) for a in _norm_operands(norm))
+    return gamma, beta, mean, var, float(_arg(norm, 7, "eps", 1e-5))
+
+
+def _norm_operands(norm: torch.fx.Node) -> list:
+    """The weight, bias, running mean and running variance arguments of a batch-norm call."""
+    names = ("weight", "bias", "running_mean", "running_var")
+    return [_arg(norm, i, name) for i, name in enumerate(names, 1)]
+
+
+# In place or not: the act reads a value nothing else reads (its only user), so folding it is the same.
+_CLAMPS = {aten.relu.default: "relu", aten.relu_.default: "relu", F.relu: "relu", torch.relu: "relu",
+           aten.relu6.default: "relu6", F.relu6: "relu6", aten.hardtanh.default: "hardtanh",
+           aten.hardtanh_.default: "hardtanh", F.hardtanh: "hardtanh", aten.clamp.default: "clamp",
+           aten.clamp_.default: "clamp", torch.clamp: "clamp"}
+
+
+def _clamp_bounds(node: torch.fx.Node) -> tuple[float | None, float | None] | None:
+    """(lo, hi) of a clamp-like activation node (None: unbounded on that side), or None for other nodes."""
+    if node.op == "call_module":
+        mod = _submodule(node)
+        if isinstance(mod, torch.nn.ReLU6):
+            return 0.0, 6.0
+        if isinstance(mod, torch.nn.Hardtanh):
+            return float(mod.min_val), float(mod.max_val)
+        return (0.0, None) if isinstance(mod, torch.nn.ReLU) else None
+    how = _CLAMPS.get(node.target) if node.op == "call_function" else None
+    if how is None:
+        return None
+    if how == "relu":
+        return 0.0, None
+    if how == "relu6":
+        return 0.0, 6.0
+    if how == "hardtanh":
+        lo, hi = _arg(node, 1, "min_val", -1.0), _arg(node, 2, "max_val", 1.0)
+    else:
+        lo, hi = _arg(node, 1, "min"), _arg(node, 2, "max")
+    numbers = all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in (lo, hi))
+    if not numbers or (lo is None and hi is None):
+        return None
+    return (None if lo is None else float(lo)), (None if hi is None else float(hi))
+
+
+# ------------------------------------------------------------------------------------------------------------
 # Annotation and views
 
 
 def annotate(gm: torch.fx.GraphModule) -> None:
     """Write every site's facts onto its nodes (``node.meta["sparsegraph"]``)."""
-    for site in attention_sites(gm):
+    for site in [*attention_sites(gm), *cross_attention_sites(gm)]:
         def put(node, role, site=site):
             if node is not None:
                 meta.set_info(node, meta.NodeInfo(site.id, role, site.layer, site.module_path))
@@ -858,6 +1213,8 @@ def annotate(gm: torch.fx.GraphModule) -> None:
                     put(n, "attn.softmax")
             put(site.out, "attn.pv")
         put(site.o_proj, "attn.out")
+    for site in conv_sites(gm):
+        meta.set_info(site.conv, meta.NodeInfo(site.id, "conv.1x1", site.layer, site.module_path))
     for site in mlp_sites(gm):
         gate = None if site.fused else site.gate  # the fused linear is the site's up projection
         for node, role in ((site.up, "mlp.up"), (gate, "mlp.gate"), (site.act, "mlp.act"),

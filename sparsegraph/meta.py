@@ -22,6 +22,8 @@ ROLES = frozenset({
     "attn.q", "attn.k", "attn.v", "attn.qkv", "attn.core", "attn.qk", "attn.softmax", "attn.pv", "attn.out",
     # MLP
     "mlp.up", "mlp.gate", "mlp.act", "mlp.mul", "mlp.down",
+    # pointwise (1x1) convolution
+    "conv.1x1",
 })
 
 

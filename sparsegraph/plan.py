@@ -50,6 +50,7 @@ from sparsegraph.version import __version__
 SCHEMA_VERSION = 1
 TOP_KEYS = ("schema_version", "versions", "model", "config", "passes", "sites")
 PASS_KEYS = ("kind", "options", "stats", "summary", "decided")
+RECOVERY = "recovery"  # the kind of the entry `sparsegraph.recover` writes: trained weights, not decisions
 _FIX = "restore the entry as sparsegraph wrote it, or make a new plan (compile with a config)"
 
 
@@ -162,9 +163,16 @@ class SparsityPlan:
         """Refuse a plan whose passes disagree with its own config (`config`, loaded from it): a replay runs
         that config with the recorded decisions, so every pass in it must have run with those options and
         every pass the plan records must be in it. Otherwise an edit of one and not the other would replay
-        into a model the plan no longer describes."""
+        into a model the plan no longer describes. A plan that records a recovery is refused too: its trained
+        weights are only in the saved model."""
         fix = ("make the plan's config and its 'passes' agree again (restore what sparsegraph wrote), or "
                "make a new plan (compile with a config)")
+        for name in self.recovered():
+            Entry(self.passes, root="passes", fix=(
+                "load the saved model, which holds them (cm.save(dir), then sparsegraph.load(dir)); or "
+                "delete this entry to replay the model as compiled, before recovery")).child(name).fail(
+                "records a recovery (sparsegraph.recover): the weights it trained are not in the plan, so a "
+                "replay would build the one-shot model, not the one this plan describes")
         names = [p.name for p in config.passes]
         for p in config.passes:
             entry = Entry(self.passes, root="passes", fix=fix)
@@ -189,6 +197,12 @@ class SparsityPlan:
             if name not in names:
                 Entry(self.passes, root="passes", fix=fix).child(name).fail(
                     f"records pass {name!r}, which the plan's config {names} does not run")
+
+    def recovered(self) -> list[str]:
+        """Names of the entries `sparsegraph.recover` wrote (kind ``recovery``): trained weights that only a
+        saved model holds."""
+        return [name for name, entry in self.passes.items()
+                if isinstance(entry, dict) and entry.get("kind") == RECOVERY]
 
     # -- JSON ------------------------------------------------------------------------------------------------
 
@@ -332,7 +346,7 @@ def _check_model(model: Entry) -> None:
     for i, site in enumerate(model["sites"].elements()):
         site.mapping(required=("id", "kind", "layer"), extra=True)
         site_id = site["id"].text()
-        site["kind"].text(("attention", "mlp"))
+        site["kind"].text(("attention", "cross_attention", "mlp", "conv"))
         site["layer"].integer()
         if "module_path" in site:
             site["module_path"].text()
@@ -352,7 +366,7 @@ def _check_config(config) -> None:
 def _check_pass_entry(entry: Entry) -> None:
     entry.mapping(optional=PASS_KEYS)
     if "kind" in entry:
-        entry["kind"].text(("analysis", "rewrite"))
+        entry["kind"].text(("analysis", "rewrite", RECOVERY))
     for key in ("options", "summary"):
         if key in entry:
             entry[key].mapping(extra=True)
@@ -393,21 +407,27 @@ def fingerprint(gm: torch.fx.GraphModule) -> str:
     """sha256 of the graph's parameters/buffers (name, shape, dtype) and of its sites."""
     tensors = [(name, list(t.shape), str(t.dtype))
                for name, t in [*gm.named_parameters(), *gm.named_buffers()]]
-    sites = [[s["id"], s["kind"], s["layer"]] for s in describe_sites(gm)]
+    # conv sites are left out: plans made before they existed still match (the conv weights' names and
+    # shapes, which the tensors list holds, already tell one CNN from another)
+    sites = [[s["id"], s["kind"], s["layer"]] for s in describe_sites(gm) if s["kind"] != "conv"]
     blob = json.dumps({"tensors": sorted(tensors), "sites": sites}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def describe_sites(gm: torch.fx.GraphModule) -> list[dict]:
     out = []
-    for s in ir.attention_sites(gm):
-        out.append({"id": s.id, "kind": "attention", "layer": s.layer, "module_path": s.module_path,
+    for s in [*ir.attention_sites(gm), *ir.cross_attention_sites(gm)]:
+        out.append({"id": s.id, "kind": s.kind, "layer": s.layer, "module_path": s.module_path,
                     "form": s.form, "heads": s.heads, "kv_heads": s.kv_heads, "head_dim": s.head_dim,
                     "causal": s.causal})
     for s in ir.mlp_sites(gm):
         out.append({"id": s.id, "kind": "mlp", "layer": s.layer, "module_path": s.module_path,
                     "gated": s.gated, "activation": s.activation, "hidden": s.hidden,
                     "intermediate": s.intermediate})
+    for s in ir.conv_sites(gm):
+        out.append({"id": s.id, "kind": "conv", "layer": s.layer, "module_path": s.module_path,
+                    "in_channels": s.in_channels, "out_channels": s.out_channels, "height": s.height,
+                    "width": s.width})
     return out
 
 

@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sparsegraph import ir, svg
+from sparsegraph import ir, recover, svg
 from sparsegraph.codegen import cpu_kernels
 from sparsegraph.cost_model import site_costs, total_cost
 from sparsegraph.errors import ConfigError
@@ -88,7 +88,8 @@ class Report:
         missing = []
         for name in plan.passes:
             try:
-                section = get_pass(name).report_section(plan, model)
+                section = (recover.report_section(plan.passes[name]) if name in plan.recovered()
+                           else get_pass(name).report_section(plan, model))
             except ConfigError:  # a plugin pass not installed here: its section cannot be drawn
                 missing.append(name)
                 continue
@@ -180,8 +181,11 @@ def sites_table(gm) -> str:
     rows = [("site", "layer", "facts", "GMACs")]
     for s in ir.sites(gm):
         if isinstance(s, ir.AttentionSite):
-            facts = (f"{s.form} attention, {s.heads} heads ({s.kv_heads} kv), head_dim {s.head_dim}"
+            what = "cross-attention" if s.cross else "attention"
+            facts = (f"{s.form} {what}, {s.heads} heads ({s.kv_heads} kv), head_dim {s.head_dim}"
                      f"{', causal' if s.causal else ''}")
+        elif isinstance(s, ir.ConvSite):
+            facts = f"1x1 conv {s.in_channels}→{s.out_channels} at {s.height}×{s.width}"
         else:
             facts = f"{'gated ' if s.gated else ''}MLP {s.hidden}→{s.intermediate}, {s.activation}"
         macs = costs[s.id].macs if s.id in costs else 0

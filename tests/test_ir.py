@@ -28,6 +28,7 @@ class Expected:
     activation: str | None = None
     gated: bool = False
     packed_qkv: bool = False  # one linear makes q, k and v (torchvision and timm ViTs)
+    conv: int = 0  # pointwise (1x1, stride 1) convolutions
 
 
 EXPECTED = {
@@ -41,7 +42,7 @@ EXPECTED = {
                           activation="gelu", packed_qkv=True),
     "llama_tiny": Expected(4, 4, heads=8, kv_heads=2, head_dim=32, causal=True, hidden=256, intermediate=688,
                            activation="silu", gated=True),
-    "resnet50": Expected(0, 0),
+    "resnet50": Expected(0, 0, conv=33),  # conv1 and conv3 of 16 bottlenecks, layer1's downsample
 }
 
 MODELS = [
@@ -74,7 +75,8 @@ def test_site_counts(zoo, name):
     want = EXPECTED[name]
     assert len(ir.attention_sites(gm)) == want.attention
     assert len(ir.mlp_sites(gm)) == want.mlp
-    assert len(ir.sites(gm)) == want.attention + want.mlp
+    assert len(ir.conv_sites(gm)) == want.conv
+    assert len(ir.sites(gm)) == want.attention + want.mlp + want.conv
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -413,3 +415,86 @@ def test_how_the_scores_are_made_is_read_once_into_the_site():
     assert sorted(how for _, how in chain.masks) == ["add", "masked_fill"]
     (odd,) = ir.attention_sites(sg.trace(_Unreadable(), (q, k, v, torch.rand(1, 2, 8, 8))))
     assert not odd.readable and odd.scale is None and odd.masks == ()
+
+
+# -- kinds of sites in diffusion transformers: cross-attention, and conditioning MLPs that are no sites ------
+
+
+class CrossAttention(torch.nn.Module):
+    """Queries from the tokens x, keys and values from a prompt (another sequence), as a DiT's attn2."""
+
+    def __init__(self, dim=32, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x, prompt):
+        def split(t):
+            return t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(prompt)), split(self.v(prompt)))
+        return self.o(out.transpose(1, 2).flatten(2))
+
+
+class AdaLNBlock(torch.nn.Module):
+    """A timestep MLP and an AdaLN modulation (SiLU → linear, one row per sample, broadcast over the tokens)
+    before a token MLP: only the token MLP is a site."""
+
+    def __init__(self, dim=32):
+        super().__init__()
+        self.time = torch.nn.Sequential(torch.nn.Linear(16, dim), torch.nn.SiLU(), torch.nn.Linear(dim, dim))
+        self.ada = torch.nn.Sequential(torch.nn.SiLU(), torch.nn.Linear(dim, 2 * dim))
+        self.norm = torch.nn.LayerNorm(dim, elementwise_affine=False)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, 64), torch.nn.GELU(), torch.nn.Linear(64, dim))
+
+    def forward(self, x, t):
+        shift, scale = self.ada(self.time(t)).chunk(2, dim=-1)
+        return x + self.mlp(self.norm(x) * (1 + scale[:, None]) + shift[:, None])
+
+
+class Tabular(torch.nn.Module):
+    """An MLP on [batch, features]: one row per sample, but nothing is broadcast: a site."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(16, 48), torch.nn.ReLU(), torch.nn.Linear(48, 16))
+
+    def forward(self, x, t):
+        return self.mlp(t)
+
+
+def _trace_two(model, second, refuse_export):
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        inner = model()
+
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = inner
+
+        def forward(self, x, y):
+            if refuse_export and torch.compiler.is_exporting():
+                raise RuntimeError("refuses export, so capture falls back to torch.fx")
+            return self.block(x, y)
+
+    return sg.trace(Two().eval(), (torch.randn(2, 5, 32), torch.randn(2, *second)))
+
+
+@pytest.mark.parametrize("refuse_export", [False, True], ids=["export", "fx"])
+def test_cross_attention_is_its_own_kind_of_site(refuse_export):
+    gm = _trace_two(CrossAttention, (7, 32), refuse_export)
+    assert ir.attention_sites(gm) == []  # not a target of attention patterns or token pruning
+    (s,) = ir.cross_attention_sites(gm)
+    assert (s.id, s.layer, s.cross, s.kind, s.heads) == ("xattn:block", 0, True, "cross_attention", 4)
+    assert [_path(n) for n in (s.q_proj, s.k_proj, s.v_proj, s.o_proj)] == [f"block.{p}" for p in "qkvo"]
+    assert meta.get(s.q_proj).site == "xattn:block"
+    assert [d["kind"] for d in sg.plan.describe_sites(gm)] == ["cross_attention"]
+
+
+@pytest.mark.parametrize("refuse_export", [False, True], ids=["export", "fx"])
+def test_conditioning_mlps_are_no_sites_but_a_tabular_mlp_is(refuse_export):
+    gm = _trace_two(AdaLNBlock, (16,), refuse_export)
+    assert [s.id for s in ir.mlp_sites(gm)] == ["mlp:block.mlp"]
+    (tabular,) = ir.mlp_sites(_trace_two(Tabular, (16,), refuse_export))
+    assert (tabular.id, tabular.hidden, tabular.intermediate) == ("mlp:block.mlp", 16, 48)

@@ -32,6 +32,7 @@ LAYERS = [
                   "sparsegraph.onnx_export"]),
     ("passes", ["sparsegraph.passes"]),
     ("api", ["sparsegraph.compile", "sparsegraph.artifact", "sparsegraph.generation", "sparsegraph.report",
+             "sparsegraph.recover",
              "sparsegraph.models", "sparsegraph"]),
     ("tools", ["sparsegraph.cli", "sparsegraph.demo", "sparsegraph.docgen", "sparsegraph.__main__"]),
 ]

@@ -21,7 +21,8 @@ Two things keep the binding honest without anything written twice:
 
 The build is optional: without a C++ compiler the install still succeeds, `library()` is None and the
 ops run their torch paths (for block-sparse attention: `attention_fallback`; for sparse_linear:
-`sparse_linear.cpu_torch`), which compute the same thing more slowly. ``SPARSEGRAPH_NATIVE=0`` turns
+`sparse_linear.cpu_torch`; for sparse_conv1x1: a dense conv of the pruned weight), which compute the
+same thing more slowly. ``SPARSEGRAPH_NATIVE=0`` turns
 the library off too (to time or test the fallback). `status()` says which it is and why.
 """
 
@@ -38,7 +39,8 @@ from pathlib import Path
 
 import torch
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("block_sparse_attention.cpp", "sparse_gemv.cpp"))
+SOURCES = tuple(Path(__file__).with_name(name)
+                for name in ("block_sparse_attention.cpp", "sparse_gemv.cpp", "sparse_conv1x1.cpp"))
 _STAMP = re.compile(r'(#define SG_SOURCE_HASH ")([0-9a-f]*)(")')
 _C_TYPES = {"int": ctypes.c_int, "int64_t": ctypes.c_int64, "float": ctypes.c_float,
             "const char*": ctypes.c_char_p}
@@ -194,3 +196,38 @@ def sparse_gemv(x, weight_t, bias, centre, threshold: float, k: int) -> torch.Te
         0 if centre is None else centre.data_ptr(), 0 if centre is None else centre.stride(0),
         out.data_ptr(), in_f, out_f, k, torch.get_num_threads(), threshold)
     return None if lib.sg_sparse_gemv(call) else out
+
+
+# The fields of `struct SgConvCall` (sparse_conv1x1.cpp) in order, all 8 bytes, packed into one record
+# as for the GEMV: the op runs once per 1x1 layer, and 16 ctypes arguments would cost ~5 µs a call.
+_CONV_FIELDS = ("x", "n", "c", "p", "values", "indices", "indptr", "bias", "y", "o", "k", "threads", "has_lo",
+                "has_hi", "lo", "hi")
+_CONV_CALL = struct.Struct("@14q2d")
+
+
+def sparse_conv1x1(x, values, indices, indptr, bias, out_channels: int, lo: float | None,
+                   hi: float | None) -> torch.Tensor | None:
+    """``sparsegraph::sparse_conv1x1`` from the compiled kernel (`sparse_conv1x1.cpp`), or None where it
+    does not apply: the library is not available, a tensor is not an fp32 CPU tensor, the block size is
+    not 1, 2, 4 or 8. x [N, C, H, W] (made contiguous: the kernel reads NCHW rows); values [nnzb, K],
+    indices and indptr int32 (made contiguous); bias [O] or None."""
+    lib = library()
+    if lib is None:
+        return None
+    tensors = (x, values) if bias is None else (x, values, bias)
+    if not (all(t.is_cpu and t.dtype is torch.float32 for t in tensors) and values.shape[1] in (1, 2, 4, 8)
+            and indices.dtype is torch.int32 and indptr.dtype is torch.int32 and x.dim() == 4):
+        return None
+    x, values, indices, indptr = (t.contiguous() for t in (x, values, indices, indptr))
+    bias = None if bias is None else bias.contiguous()
+    n, c, h, w = x.shape
+    y = torch.empty(n, out_channels, h, w, dtype=torch.float32)
+    call = _CONV_CALL.pack(
+        x.data_ptr(), n, c, h * w, values.data_ptr(), indices.data_ptr(), indptr.data_ptr(),
+        0 if bias is None else bias.data_ptr(), y.data_ptr(), out_channels, values.shape[1],
+        torch.get_num_threads(), lo is not None, hi is not None, 0.0 if lo is None else lo,
+        0.0 if hi is None else hi)
+    failed = lib.sg_sparse_conv1x1(call)
+    if failed == 1:
+        raise MemoryError("sparsegraph's CPU sparse conv kernel could not allocate its scratch memory")
+    return None if failed else y

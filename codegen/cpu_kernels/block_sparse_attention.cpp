@@ -268,7 +268,7 @@ int attend(const float* q, const int64_t* qs, const float* k, const int64_t* ks,
 // The sha256 of the kernel sources, this stamp blanked: the Python binding refuses a library built
 // from other sources (a stale build) instead of calling it. Restamped by
 // `python -m sparsegraph.codegen.cpu_kernels` after an edit; a test checks that it is current.
-#define SG_SOURCE_HASH "43b57fb6063af901402afff6741c15843a7093160c530aff6fe459a73762ffc0"
+#define SG_SOURCE_HASH "13b5a7988fe014884c3135488c01262c20cbd3fea7992e8472e7857465571a38"
 
 extern "C" {
 

@@ -337,7 +337,7 @@ int run(const T* x, int64_t rows, int64_t xs0, int64_t xs1, const void* w, int64
 
 // The sha256 of the kernel sources (the library's is returned by sg_source_hash, defined in
 // block_sparse_attention.cpp): restamped by `python -m sparsegraph.codegen.cpu_kernels`.
-#define SG_SOURCE_HASH "43b57fb6063af901402afff6741c15843a7093160c530aff6fe459a73762ffc0"
+#define SG_SOURCE_HASH "13b5a7988fe014884c3135488c01262c20cbd3fea7992e8472e7857465571a38"
 
 extern "C" {
 

