@@ -41,6 +41,7 @@ from sparsegraph import attention_layouts, pipelines
 from sparsegraph.codegen import decode_attention
 from sparsegraph.codegen.block_sparse_attention import repeat_kv
 from sparsegraph.measure import compare
+from sparsegraph.registry import get_pass
 
 
 class _Clock:
@@ -69,10 +70,15 @@ def llama(layers: int):
 
 
 def sparse_config(sparsity: float) -> dict:
+    """``llm-activation-sparsity`` at `sparsity`, which the profile records a threshold for (a target it
+    did not record is refused site by site, and the model would run dense)."""
     config = pipelines.get("llm-activation-sparsity")
     for p in config["passes"]:
         if isinstance(p, dict) and "neuron_sparsity" in p:
             p["neuron_sparsity"]["target"] = sparsity
+        if isinstance(p, dict) and "activation_profile" in p:  # its targets and this one
+            defaults = get_pass("activation_profile").default_options()["targets"]
+            p["activation_profile"]["targets"] = sorted({*defaults, sparsity})
     return config
 
 

@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     for sparsity in (float(s) for s in args.sparsities.split(",")):
         cm = sg.compile(model, sparse_config(sparsity), example_inputs=example, calibration=calibration,
                         quiet=True)
+        rewritten = cm.plan.passes["neuron_sparsity"]["stats"]["rewritten"]
+        assert rewritten > 0, f"no site rewritten at {sparsity}: the figure would be dense's"
         ppl = stdlib_lm.perplexity(logits_of(cm), args.length, args.windows)
         with torch.inference_mode():
             top1 = torch.cat([cm(w).logits.argmax(-1) for w in heldout.split(16)])
