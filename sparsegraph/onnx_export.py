@@ -106,7 +106,9 @@ def validate_onnx(path: Path, gm: torch.nn.Module, args: tuple, kwargs: dict, in
                           f"example call gives {len(feeds)} tensors; export with validate=False (CLI "
                           "--no-validate) to skip the check")
     got = session.run(None, {name: x.detach().cpu().numpy() for name, x in zip(names, feeds)})
-    with torch.no_grad():
+    # under the capture lock: a non-strict torch.export of the same module in another thread swaps its
+    # tensors for fake ones while it traces, and an eager run meanwhile would read them
+    with CAPTURE_LOCK, torch.no_grad():
         clone = lambda x: x.clone() if isinstance(x, torch.Tensor) else x  # noqa: E731
         expected = pytree.tree_leaves(gm(*pytree.tree_map(clone, tuple(args)),
                                          **pytree.tree_map(clone, dict(kwargs))))

@@ -20,6 +20,9 @@ from sparsegraph import artifact, codegen, models
 from sparsegraph.cli import main
 from sparsegraph.graph_edit import ADDED
 
+# heavy for the default run (kept under 6 minutes on 2 cores): CI runs these after it
+pytestmark = [pytest.mark.slow, pytest.mark.ci]
+
 
 @pytest.fixture(scope="module")
 def pruned(tmp_path_factory):
@@ -87,6 +90,7 @@ def test_loaded_in_a_fresh_process_its_outputs_are_bit_identical(pruned, cli_sav
     safetensors.torch.save_file({"ids": other[0], "mask": other[1]}, tmp_path / "other.safetensors")
     script = f"""
 import sys, safetensors.torch, sparsegraph as sg
+
 other = safetensors.torch.load_file({str(tmp_path / 'other.safetensors')!r})
 for name, folder in (("pruned", {str(folder)!r}), ("nm", {str(cli_saved)!r})):
     cm = sg.load(folder)

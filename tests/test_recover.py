@@ -12,6 +12,9 @@ from sparsegraph import graph_edit, models, svg
 from sparsegraph.errors import ConfigError, InputError, PlanError
 from sparsegraph.recover import LOSS, trainable
 
+# heavy for the default run (kept under 6 minutes on 2 cores): CI runs these after it
+pytestmark = [pytest.mark.slow, pytest.mark.ci]
+
 
 def _batches(example, count=6, seed=0):
     ids, mask = example

@@ -23,6 +23,9 @@ from sparsegraph import ir, models
 from sparsegraph.errors import ModelSpecError
 from sparsegraph.models import diffusers_models
 
+# heavy for the default run (kept under 6 minutes on 2 cores): CI runs these after it
+pytestmark = [pytest.mark.slow, pytest.mark.ci]
+
 
 def _blocks(path: str, n: int = 2) -> list[str]:
     return [path.format(i) for i in range(n)]

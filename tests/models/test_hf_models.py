@@ -18,6 +18,9 @@ from sparsegraph.models import stdlib_lm
 from sparsegraph.models.hf import HFEncoder
 from sparsegraph.models.minilm import SentenceEncoder
 
+# heavy for the default run (kept under 6 minutes on 2 cores): CI runs these after it
+pytestmark = [pytest.mark.slow, pytest.mark.ci]
+
 
 def _saved(build, path, tokenizer=None) -> str:
     with torch.random.fork_rng():

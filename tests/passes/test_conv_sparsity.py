@@ -16,6 +16,9 @@ from sparsegraph.measure import cosine
 from sparsegraph.passes.rewrite.conv_sparsity import ConvSparsity, _from_hex
 from sparsegraph.report import sites_table
 
+# heavy for the default run (kept under 6 minutes on 2 cores): CI runs these after it
+pytestmark = [pytest.mark.slow, pytest.mark.ci]
+
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 
 

@@ -13,6 +13,9 @@ from sparsegraph import ir
 from sparsegraph.codegen import use_backend
 from sparsegraph.codegen.decode_attention import OP
 
+# heavy for the default run (kept under 6 minutes on 2 cores): CI runs these after it
+pytestmark = [pytest.mark.slow, pytest.mark.ci]
+
 
 def _llama():
     from transformers import LlamaConfig, LlamaForCausalLM
