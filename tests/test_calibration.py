@@ -151,6 +151,8 @@ def _yaml_configs(path: Path) -> list[dict]:
     return [yaml.safe_load(block) for block in re.findall(r"```yaml\n(.*?)```", path.read_text(), re.S)]
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_the_documented_overrides_take_effect(minilm):
     """README's nm_weights override keeps layer 0's MLP dense; getting-started's override sets layer 5's
     target."""

@@ -48,6 +48,10 @@ from sparsegraph.models import seeded
 from sparsegraph.models.explicit import ExplicitTransformer
 from sparsegraph.plan import TOP_KEYS, SparsityPlan
 
+# heavy for the default run (kept under 6 minutes on 2 cores): CI runs these after it
+pytestmark = [pytest.mark.slow, pytest.mark.ci]
+
+
 # the default run draws the same examples every time (a suite that fails at random helps nobody); the slow
 # variants explore afresh on each run
 FAST = settings(max_examples=30, deadline=None, derandomize=True,

@@ -15,6 +15,10 @@ import sparsegraph as sg
 from sparsegraph import models, pipelines
 from sparsegraph.onnx_export import OnnxModel
 
+# heavy for the default run (kept under 6 minutes on 2 cores): CI runs these after it
+pytestmark = [pytest.mark.slow, pytest.mark.ci]
+
+
 THREADS, CALLS = 4, 50
 # The same graph on the same inputs: bitwise equal here (2 cores); elsewhere the split of intra-op work
 # may differ between threads (OpenMP's thread count is a per-thread setting), moving float32 sums by ulps.

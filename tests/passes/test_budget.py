@@ -17,6 +17,10 @@ from sparsegraph.errors import CalibrationError, ConfigError
 from sparsegraph.fidelity import Fidelity
 from sparsegraph.models import digits_vit
 
+# heavy for the default run (kept under 6 minutes on 2 cores): CI runs these after it
+pytestmark = [pytest.mark.slow, pytest.mark.ci]
+
+
 FLOOR = 0.9995
 HARMFUL = "mlp:blocks.2.mlp"
 

@@ -132,6 +132,8 @@ def test_plan_replays_without_calibration(explicit_pruned, tmp_path):
         torch.testing.assert_close(again(ids, mask), cm(ids, mask))
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_onnx_matches_in_onnxruntime_at_several_lengths(explicit_pruned, tmp_path):
     _, _, cm = explicit_pruned
     path = cm.export_onnx(tmp_path / "pruned.onnx")
