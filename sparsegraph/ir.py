@@ -874,15 +874,22 @@ def _number(found: list, prefix: str, linears: Callable) -> list:
         attention = isinstance(site, AttentionSite)
         path = _common_prefix(paths) or module_path(site.core[0] if attention else site.act)
         anchor = meta.get(site.core[0] if attention else site.up)
-        if anchor is not None:  # keep the id given at capture time, whatever was rewritten since
-            site_id, layer, path = anchor.site, anchor.layer, anchor.module_path
-        else:
-            site_id = f"{prefix}:{path}" if path else f"{prefix}:{layer}"
-            while site_id in used:
-                site_id += "'"
-        used.add(site_id)
+        site_id, layer, path = _identity(anchor, prefix, layer, path, used)
         numbered.append(dataclasses.replace(site, id=site_id, layer=layer, module_path=path))
     return numbered
+
+
+def _identity(anchor, prefix: str, layer: int, path: str, used: set[str]) -> tuple[str, int, str]:
+    """``(id, layer, module path)`` of a site: the ones its capture-time anchor recorded (kept whatever was
+    rewritten since), else ``PREFIX:PATH`` (``PREFIX:LAYER`` without a path), primed until unused."""
+    if anchor is not None:
+        site_id, layer, path = anchor.site, anchor.layer, anchor.module_path
+    else:
+        site_id = f"{prefix}:{path}" if path else f"{prefix}:{layer}"
+        while site_id in used:
+            site_id += "'"
+    used.add(site_id)
+    return site_id, layer, path
 
 
 def _common_prefix(paths: list[str]) -> str:
@@ -1022,17 +1029,11 @@ def conv_sites(gm: torch.fx.GraphModule) -> list[ConvSite]:
         if site is None:
             continue
         anchor = meta.get(node)
-        if anchor is not None and anchor.role == "conv.1x1":  # the id given at capture time
-            site_id, layer, path = anchor.site, anchor.layer, anchor.module_path
-        else:
-            layer = len(found)
-            w = _arg(node, 1, "weight") if node.op != "call_module" else None
-            path = (str(node.target) if node.op == "call_module" else w.target.rsplit(".", 1)[0]
-                    if isinstance(w, torch.fx.Node) and w.op == "get_attr" else module_path(node))
-            site_id = f"conv:{path}" if path else f"conv:{layer}"
-            while site_id in used:
-                site_id += "'"
-        used.add(site_id)
+        w = _arg(node, 1, "weight") if node.op != "call_module" else None
+        path = (str(node.target) if node.op == "call_module" else w.target.rsplit(".", 1)[0]
+                if isinstance(w, torch.fx.Node) and w.op == "get_attr" else module_path(node))
+        site_id, layer, path = _identity(anchor if anchor is not None and anchor.role == "conv.1x1" else None,
+                                         "conv", len(found), path, used)
         found.append(dataclasses.replace(site, id=site_id, layer=layer, module_path=path))
     return found
 
