@@ -53,6 +53,21 @@ Backends:
 - ONNX: ``Conv`` with the dense pruned weight, then ``Clip``: correct, at dense speed (onnxruntime has no
   sparse convolution; it densifies sparse initializers);
 - dense form: the reference (a dense conv of the pruned weight); cost: MACs of the kept weights only.
+
+Autograd (`backward`): the kept blocks are fixed, so what learns is ``values`` (and the bias); the dense
+``weight`` is the mirror of ``values`` (``weight = unpack(values)``), not a second set of weights, and
+gets no gradient of its own: its gradient is delivered to ``values``. Whoever changes ``values`` rewrites
+the mirror from them (`sparsegraph.recover` does after every step; `unpack` is the map), or the forms
+disagree. With the output gradient ``g`` masked where the clamp cut (``lo < y < hi``, strict, as
+``hardtanh``'s backward), over images n and pixels p:
+
+    ∂x[n, c, p] = Σ_o W[o, c] · g[n, o, p]        (a transposed 1x1 conv)
+    ∂b_o        = Σ_{n,p} g[n, o, p]
+    ∂values[e, r] = (Σ_{n,p} g[n, b·K + r, p] · x[n, c, p])   for entry e = (block row b, input channel c)
+
+the gradient of the dense weight read at the kept blocks (rows past O in the last block: zero). The
+dense weight gradient costs one dense ``O×C×(N·P)`` product, as a dense conv's backward does: training
+is not where the sparse kernel pays.
 """
 
 from __future__ import annotations
@@ -135,5 +150,41 @@ def cost(node: torch.fx.Node) -> tuple[int, int]:
     return macs, moved
 
 
+def setup_context(ctx, inputs, output):
+    x, weight, bias, values, indices, indptr, lo, hi = inputs
+    clamped = lo is not None or hi is not None
+    ctx.save_for_backward(x, weight, indices, indptr, output if clamped else None)
+    ctx.lo, ctx.hi, ctx.block, ctx.has_bias = lo, hi, values.shape[1], bias is not None
+
+
+def backward(ctx, grad):
+    """The gradients of the module docstring: the input's, the bias's and the kept values' (the kept blocks
+    fixed; the dense mirror ``weight`` gets none)."""
+    x, weight, indices, indptr, output = ctx.saved_tensors
+    g = grad
+    if output is not None:  # the clamp passes the gradient where it did not cut
+        inside = torch.ones_like(output, dtype=torch.bool)
+        if ctx.lo is not None:
+            inside &= output > ctx.lo
+        if ctx.hi is not None:
+            inside &= output < ctx.hi
+        g = g * inside
+    dx = d_bias = d_values = None
+    if ctx.needs_input_grad[0]:
+        dx = F.conv_transpose2d(g, weight.to(g.dtype))
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        d_bias = g.sum((0, 2, 3))
+    if ctx.needs_input_grad[3]:
+        out_channels, in_channels, block = weight.shape[0], weight.shape[1], ctx.block
+        d_weight = torch.einsum("nop,ncp->oc", g.flatten(2), x.flatten(2).to(g.dtype))
+        rows = indptr.numel() - 1
+        padded = d_weight.new_zeros(rows * block, in_channels)
+        padded[:out_channels] = d_weight
+        row = torch.repeat_interleave(torch.arange(rows, device=g.device), (indptr[1:] - indptr[:-1]).long())
+        d_values = padded.view(rows, block, in_channels).transpose(1, 2)[row, indices.long()]
+    return dx, None, d_bias, d_values, None, None, None, None
+
+
 OP = SparseOp("sparse_conv1x1", reference, fake=fake, cpu=cpu, onnx=onnx, cost=cost, dense=reference,
-              triton="sparsegraph.codegen.triton_kernels.sparse_conv1x1:sparse_conv1x1")
+              triton="sparsegraph.codegen.triton_kernels.sparse_conv1x1:sparse_conv1x1",
+              backward=backward, setup_context=setup_context)

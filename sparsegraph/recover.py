@@ -5,14 +5,18 @@ MiniLM sentences, and N:M magnitude pruning hurts pretrained weights. A few hund
 weights the rewrites kept, with what they decided held fixed, wins most of it back (the reason behind
 Progressive Gradient Flow, Wanda + fine-tuning, and sparse fine-tuning in general).
 
-What trains: only the tensors the rewrites added (``gm.meta[graph_edit.ADDED]``) that a node reads as a
-weight or a bias (`TRAINABLE`): a pruned linear's sliced weight and bias, an N:M layer's kept values, a
-sparse linear's input-major weight and folded bias. Decisions stay as they were: kept neurons, N:M
-positions (offsets), thresholds and centres, attention layouts. The user's parameters, which the compiled
-graph shares where no rewrite replaced them, are never written (gradients are taken with
-``torch.autograd.grad`` for the trained tensors alone, so not even a ``.grad`` lands on them), and the
-input compiled model is left alone too: training runs on `graph_edit.sharing_copy` of its graph with the
-trained tensors cloned, returned as a new `CompiledModel`.
+What trains: only the tensors the rewrites added (``gm.meta[graph_edit.ADDED]``) that a node reads as a weight
+or a bias (`TRAINABLE`): a pruned linear's sliced weight and bias, an N:M layer's kept values, a sparse
+linear's input-major weight and folded bias, a sparse 1x1 conv's kept values (block-CSR) and bias, with the
+batch norm the rewrite folded into them (what runs is what trains). A sparse 1x1 conv also holds its pruned
+weight dense (the reference, the dense form and ONNX read it): a mirror of the values, given its own copy and
+rewritten from them (``unpack``) after every step, so the forward of every backend, the ONNX export and a
+saved model agree after recovery. Decisions stay as they were: kept neurons, N:M positions (offsets), kept
+conv blocks, thresholds and centres, attention layouts. The user's parameters, which the compiled graph shares
+where no rewrite replaced them, are never written (gradients are taken with ``torch.autograd.grad`` for the
+trained tensors alone, so not even a ``.grad`` lands on them), and the input compiled model is left alone too:
+training runs on `graph_edit.sharing_copy` of its graph with the trained tensors cloned, returned as a new
+`CompiledModel`.
 
 The loss, per calibration batch, over the floating-point outputs ``y_i`` of the compiled graph and
 ``t_i`` of the dense model (run under ``no_grad``, in eval mode, flags restored)::
@@ -58,6 +62,8 @@ from torch.utils import _pytree as pytree
 from sparsegraph import graph_edit, ir, meta, svg
 from sparsegraph.codegen import KERNEL_BACKENDS, use_backend
 from sparsegraph.codegen.nm_linear import OP as NM_LINEAR
+from sparsegraph.codegen.sparse_conv1x1 import OP as SPARSE_CONV1X1
+from sparsegraph.codegen.sparse_conv1x1 import unpack
 from sparsegraph.codegen.sparse_linear import OP as SPARSE_LINEAR
 from sparsegraph.context import Batch
 from sparsegraph.errors import CalibrationError, ConfigError, InputError
@@ -72,7 +78,7 @@ CURVE_POINTS = 200
 LOSS = "output mse / var(dense output) + layers · mean over MLP sites of mse / var(dense site output)"
 # op → positions of the arguments that are weights or biases (what training may change)
 TRAINABLE = {torch.ops.aten.linear.default: (1, 2), SPARSE_LINEAR.overload: (1, 2),
-             NM_LINEAR.overload: (1, 3)}
+             NM_LINEAR.overload: (1, 3), SPARSE_CONV1X1.overload: (2, 3)}
 
 
 def recover(cm, data, *, steps: int = 200, lr: float = 1e-4, seed: int = 0, layers: float = 0.0,
@@ -100,15 +106,17 @@ def recover(cm, data, *, steps: int = 200, lr: float = 1e-4, seed: int = 0, laye
     gm.meta[graph_edit.ADDED] = list(cm.graph_module.meta.get(graph_edit.ADDED, ()))
     names = trainable(gm)
     if not names:
-        raise ConfigError("recover found no weights to train: the compile rewrote no linear layer (neuron "
-                          "pruning, N:M weights or activation sparsity add them); compile with one of those")
+        raise ConfigError("recover found no weights to train: the compile rewrote no linear layer or 1x1 "
+                          "convolution (neuron pruning, N:M weights, activation sparsity or conv sparsity "
+                          "add them); compile with one of those")
     params = [_own_copy(gm, name) for name in names]
+    sync = _mirrors(gm, set(names))
     targets = _targets(source, batches, cm.example if layers else None)
     loss = functools.partial(_loss, gm, layers=layers)
     backend = cm.config.backend if cm.config.backend in KERNEL_BACKENDS else "auto"
     with use_backend(backend):
         before = _mean_loss(loss, batches, targets)
-        curve = _train(loss, params, batches, targets, steps, lr, seed, quiet)
+        curve = _train(loss, params, batches, targets, steps, lr, seed, quiet, sync)
         after = _mean_loss(loss, batches, targets)
     for p in params:
         p.requires_grad_(False)
@@ -160,7 +168,7 @@ def report_section(entry: dict) -> Section:
 # -- training ------------------------------------------------------------------------------------------------
 
 
-def _train(loss_of, params, batches, targets, steps, lr, seed, quiet) -> list[float]:
+def _train(loss_of, params, batches, targets, steps, lr, seed, quiet, sync) -> list[float]:
     optimizer = torch.optim.Adam(params, lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     order = _order(len(batches), steps, seed)
@@ -174,6 +182,7 @@ def _train(loss_of, params, batches, targets, steps, lr, seed, quiet) -> list[fl
         for p, g in zip(params, grads):
             p.grad = g
         optimizer.step()
+        sync()
         schedule.step()
         curve.append(loss.item())
         if not quiet and (step % max(1, steps // 10) == 0 or step == steps - 1):
@@ -302,6 +311,28 @@ def _own_copy(gm: torch.fx.GraphModule, name: str) -> torch.Tensor:
     else:
         module.register_buffer(leaf, new)
     return getattr(module, leaf).requires_grad_(True)
+
+
+def _mirrors(gm: torch.fx.GraphModule, trained: set[str]):
+    """A function that rewrites every dense mirror of trained packed weights from them: the pruned weight
+    [O, C, 1, 1] of each ``sparse_conv1x1`` whose values train, given its own copy here (the input model
+    keeps its tensor)."""
+    pairs = []
+    for node in gm.graph.nodes:
+        if node.target is not SPARSE_CONV1X1.overload:
+            continue
+        weight, _, values, indices, indptr = node.args[1:6]
+        if values.target not in trained:
+            continue
+        mirror = _own_copy(gm, weight.target).requires_grad_(False)
+        pairs.append((mirror, _attr(gm, values.target), _attr(gm, indices.target), _attr(gm, indptr.target)))
+
+    @torch.no_grad()
+    def sync():
+        for mirror, values, indices, indptr in pairs:
+            mirror.copy_(unpack(values, indices, indptr, mirror.shape[0], mirror.shape[1])[:, :, None, None])
+
+    return sync
 
 
 def _thin(curve: list[float]) -> list[float]:

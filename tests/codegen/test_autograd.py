@@ -12,6 +12,8 @@ from sparsegraph.codegen import use_backend
 from sparsegraph.codegen.block_sparse_attention import OP as ATTENTION
 from sparsegraph.codegen.nm_linear import OP as NM
 from sparsegraph.codegen.nm_linear import nm_pack
+from sparsegraph.codegen.sparse_conv1x1 import OP as CONV1X1
+from sparsegraph.codegen.sparse_conv1x1 import pack, unpack
 from sparsegraph.codegen.sparse_linear import OP as SPARSE_LINEAR
 
 
@@ -70,6 +72,70 @@ def test_block_sparse_attention_gradcheck(causal):
     with use_backend("reference"):  # the CPU kernels compute in fp32: too coarse for finite differences
         assert torch.autograd.gradcheck(lambda q, k, v, m: ATTENTION(q, k, v, table, m, 3, causal, 0.5),
                                         (q, k, v, mask))
+
+
+def _conv_case(block: int, seed: int, out_channels: int = 7, in_channels: int = 5):
+    """A pruned weight [O, C] with about half its blocks kept, and its block-CSR form (odd sizes: the last
+    block row is partial for block > 1)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = -(-out_channels // block)
+    kept = torch.rand(rows, in_channels, generator=g) < 0.5
+    kept[0, 0] = kept[-1, -1] = True
+    mask = kept.repeat_interleave(block, 0)[:out_channels]
+    weight = torch.randn(out_channels, in_channels, generator=g, dtype=torch.float64) * mask
+    return g, pack(weight, kept, block)
+
+
+@pytest.mark.parametrize("block", [1, 4])
+@pytest.mark.parametrize("bounds", [(None, None), (0.0, 6.0), (None, 0.5)])
+def test_sparse_conv1x1_gradcheck(block, bounds):
+    """Input, bias and kept values (float64: every backend runs the reference, the compiled kernel takes
+    fp32 only; `test_sparse_conv1x1_grads_only_kept` covers it); the dense weight is rebuilt from the
+    values (its mirror), so the finite differences see what the kernels see, and the op's gradient reaches
+    the values alone. Inputs are kept away from the clamp's bounds, where a finite difference would cross
+    a kink."""
+    lo, hi = bounds
+    for seed in range(3, 100):  # the first case whose pre-clamp outputs are off the bounds (the kinks)
+        g, (values, indices, indptr) = _conv_case(block, seed)
+        x = torch.randn(2, 5, 3, 5, generator=g, dtype=torch.float64)
+        bias = torch.randn(7, generator=g, dtype=torch.float64)
+        weight = unpack(values, indices, indptr, 7, 5)[:, :, None, None]
+        y = CONV1X1(x, weight, bias, values, indices, indptr, None, None)
+        if all((y - b).abs().min() > 1e-3 for b in bounds if b is not None):
+            break
+    else:
+        raise AssertionError("no case off the clamp's bounds")
+
+    def f(x, values, bias):
+        weight = unpack(values, indices, indptr, 7, 5)[:, :, None, None]
+        return CONV1X1(x, weight, bias, values, indices, indptr, lo, hi)
+
+    assert torch.autograd.gradcheck(f, [t.requires_grad_() for t in (x, values, bias)])
+
+
+def test_sparse_conv1x1_grads_only_kept():
+    """The values' gradient is the dense weight's gradient at the kept blocks; the fp32 kernel's forward
+    trains the same as the reference's."""
+    _, (values, indices, indptr) = _conv_case(2, seed=9)
+    values = values.float()
+    x = torch.randn(3, 5, 4, 4)
+    weight = unpack(values, indices, indptr, 7, 5)[:, :, None, None]
+    dense = weight.clone().requires_grad_()
+    torch.nn.functional.conv2d(x, dense).square().sum().backward()
+    for backend in ("reference", "eager"):
+        v = values.clone().requires_grad_()
+        with use_backend(backend):
+            CONV1X1(x, weight, None, v, indices, indptr, None, None).square().sum().backward()
+        expected = pack(dense.grad[:, :, 0, 0], _kept(indices, indptr, 5), 2)[0]
+        torch.testing.assert_close(v.grad, expected, rtol=1e-4, atol=1e-4)
+
+
+def _kept(indices, indptr, in_channels):
+    rows = indptr.numel() - 1
+    kept = torch.zeros(rows, in_channels, dtype=torch.bool)
+    for r in range(rows):
+        kept[r, indices[indptr[r]:indptr[r + 1]].long()] = True
+    return kept
 
 
 def test_torch_compile_trains_through_ops():
