@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from sparsegraph.canonicalize import drop_identities
+from sparsegraph.canonicalize import drop_identities, share_kv_heads
 from sparsegraph.codegen import use_backend
 from sparsegraph.config import Config
 from sparsegraph.context import Batch, PassContext
@@ -107,6 +107,7 @@ class Decoder:
         ctx = PassContext(plan=replayed, config=self.config, example=Batch(args), replay=True, quiet=True)
         gm = PassManager(passes).run(gm, ctx)
         drop_identities(gm)  # a decode step is a few hundred small calls: the ones that compute nothing go
+        share_kv_heads(gm)  # no copy of the cache per kv-head group and step
         return gm
 
     def export_onnx(self, directory: str | os.PathLike, opset: int = 18) -> dict[str, Path]:
