@@ -202,9 +202,54 @@ def onnx_block_mask(lists, nk):
     return op.ReduceMax(op.Cast(hit, to=1), op.Constant(value_ints=[-2]), keepdims=0)
 
 
-def onnx_table_mask(table, nq, nk, causal: bool):
+def onnx_window_mask(table, kind, nq, nk, block: int):
+    """``window_3d`` rows in onnxscript: float [H, nq, nk], from the token-level window over the nq · block
+    (padded) tokens, reduced to blocks (`ReduceMax`): the blocks `window_block_mask` lists, at [H, L, L]
+    memory (ONNX is the exact, dense-speed path). A table without window rows computes it at 0 × 0
+    blocks (the grid is scaled by "any window row") and pads zeros: no cost for other models. Rows of
+    other kinds get a harmless 1 × 1 × 1 grid; their result is not used."""
+    def ints(*xs):
+        return op.Constant(value_ints=list(xs))
+
+    heads = op.Shape(table, start=0, end=1)
+    # the 7 parameter slots; a table narrower than that (no window row) is widened with zeros
+    wide = op.Concat(table, op.Expand(ints(0), op.Concat(heads, ints(layouts.WINDOW_SLOTS), axis=0)), axis=1)
+    params = op.Slice(wide, ints(layouts.HEADER), ints(layouts.HEADER + layouts.WINDOW_SLOTS), ints(1))
+    is_window = op.Equal(op.Slice(table, ints(0), ints(1), ints(1)),
+                         op.Constant(value_int=layouts.WINDOW))  # [H, 1]
+    safe = op.Where(is_window, params, ints(0, 0, 0, 1, 1, 1, block))
+    present = op.Cast(op.ReduceMax(op.Cast(is_window, to=7), keepdims=0), to=7)  # 1 if any window row
+    nqw, nkw = op.Mul(nq, present), op.Mul(nk, present)
+
+    def param(i):  # [H, 1, 1]
+        return op.Unsqueeze(op.Slice(safe, ints(i), ints(i + 1), ints(1)), ints(2))
+
+    at, ah, aw, hh, ww = param(0), param(1), param(2), param(4), param(5)
+    n = op.Range(op.Constant(value_int=0), op.Mul(nqw, op.Constant(value_int=block)),
+                 op.Constant(value_int=1))
+    t = op.Div(n, op.Mul(hh, ww))  # [H, 1, L]
+    h = op.Mod(op.Div(n, ww), hh)
+    w = op.Mod(n, ww)
+    real = op.Less(n, op.Mul(op.Mul(param(3), hh), ww))  # padding tokens of the last block see nothing
+
+    def near(x, a):
+        return op.LessOrEqual(op.Abs(op.Sub(op.Transpose(x, perm=[0, 2, 1]), x)), a)
+
+    seen = op.And(op.And(near(t, at), near(h, ah)), op.And(near(w, aw), op.And(
+        op.Transpose(real, perm=[0, 2, 1]), real)))  # [H, L, L]
+    shape = op.Concat(heads, op.Unsqueeze(nqw, ints(0)), ints(block), op.Unsqueeze(nkw, ints(0)),
+                      ints(block), axis=0)  # zeros when no window row: allowzero keeps them zeros
+    blocks = op.ReduceMax(op.Reshape(op.Cast(seen, to=1), shape, allowzero=1), ints(2, 4),
+                          keepdims=0)  # [H, nqw, nkw]
+    pads = op.Concat(ints(0, 0, 0, 0), op.Unsqueeze(op.Sub(nq, nqw), ints(0)),
+                     op.Unsqueeze(op.Sub(nk, nkw), ints(0)), axis=0)
+    return op.Pad(blocks, pads)
+
+
+def onnx_table_mask(table, nq, nk, causal: bool, block: int | None = None):
     """`attention_layouts.block_mask` in onnxscript: the table laid out at the run-time grid nq × nk
-    (int64 scalars), as a float block mask [H, nq, nk] (1 where listed)."""
+    (int64 scalars), as a float block mask [H, nq, nk] (1 where listed); with `block`, ``window_3d``
+    rows too (`onnx_window_mask`; without it they would be read as bands)."""
     def ints(*xs):
         return op.Constant(value_ints=list(xs))
 
@@ -240,6 +285,9 @@ def onnx_table_mask(table, nq, nk, causal: bool):
     same_grid = op.And(op.Equal(nq1, nq0), op.Equal(nk1, nk0))
     fixed = op.Where(same_grid, at_grid, op.Constant(value_float=1.0))  # another grid: dense
     mask = op.Where(op.Equal(kind, op.Constant(value_int=layouts.FIXED)), fixed, banded)
+    if block is not None:
+        window = onnx_window_mask(table, kind, nq, nk, block)
+        mask = op.Where(op.Equal(kind, op.Constant(value_int=layouts.WINDOW)), window, mask)
     if causal:  # J ≤ I + (nk − nq)
         mask = op.Mul(mask, op.Cast(op.GreaterOrEqual(rel, op.Constant(value_int=0)), to=1))
     return mask
@@ -247,7 +295,8 @@ def onnx_table_mask(table, nq, nk, causal: bool):
 
 def onnx(q, k, v, layout, mask, block: int, causal: bool, scale: float):
     _, _, nq, nk, _, _, _ = onnx_sizes(q, k, block)
-    return onnx_block_attention(q, k, v, onnx_table_mask(layout, nq, nk, causal), mask, block, causal, scale)
+    return onnx_block_attention(q, k, v, onnx_table_mask(layout, nq, nk, causal, block), mask, block, causal,
+                                scale)
 
 
 def cost(node: torch.fx.Node) -> tuple[int, int]:

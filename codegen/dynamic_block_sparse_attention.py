@@ -164,7 +164,7 @@ def onnx(q, k, v, layout, topk, mask, block: int, causal: bool, scale: float):
     keep = op.And(op.Less(op.Range(zero, op.Squeeze(t, ints(0)), one), op.Unsqueeze(topk, ints(1, 2))),
                   op.Greater(values, op.Neg(inf)))
     dynamic = op.Where(keep, chosen, op.Constant(value_int=-1))  # [B, H, nq, t]
-    static = op.Unsqueeze(bsa.onnx_table_mask(layout, nq, nk, causal), ints(0))  # [1, H, nq, nk]
+    static = op.Unsqueeze(bsa.onnx_table_mask(layout, nq, nk, causal, block), ints(0))  # [1, H, nq, nk]
     block_mask = op.Max(static, bsa.onnx_block_mask(dynamic, nk))  # [B, H, nq, nk]
     return bsa.onnx_block_attention(q, k, v, block_mask, mask, block, causal, scale)
 

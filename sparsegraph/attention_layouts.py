@@ -13,7 +13,23 @@ key blocks J. A head's *pattern* says which blocks (I, J) it computes. Every pat
 - ``sink_local`` (s, w): C = {0 … s−1} and the local diagonals;
 - ``multi_diagonal`` (D), ``vertical_slash`` (C, D): as stored;
 - ``skip`` and ``dynamic_topk``: no static block (their blocks are chosen per input, or none);
-- ``block_topk``: the fitted blocks, which exist only at the grid [nq0, nk0] they were fitted at.
+- ``block_topk``: the fitted blocks, which exist only at the grid [nq0, nk0] they were fitted at;
+- ``window_3d`` (extent [a_t, a_h, a_w], grid [T, H, W]): video tokens on a T × H × W grid in frame-major
+  order (n = t·H·W + h·W + w, as a Conv3d patch embedding flattens them); query token (t, h, w) sees key
+  token (t', h', w') iff |t − t'| ≤ a_t, |h − h'| ≤ a_h and |w − w'| ≤ a_w (a frame neighbourhood in time
+  × space, PSA / Sparse-vDiT style). A block (I, J) is listed iff some query token of I sees some key
+  token of J (`window_block_mask`), so the token window is kept whole.
+
+**Why the 3-D window is a kind of its own, not bands.** In frame-major order the window is *almost*
+a set of diagonals: the key rows of query row (t, h) sit at token offsets Δt·H·W + Δh·W + [−a_w, a_w],
+so with the block holding whole rows the block offsets are Δt·(H·W / block) + d. But those diagonals
+wrap: at the top and bottom rows of a frame they list rows of the neighbouring frame's other edge
+(h − a_h < 0 continues at h = H − 1 of frame t − 1), and when H·W is not a multiple of the block the
+offsets of one frame pair are not one diagonal at all. Bands then list more blocks than the window
+(`bench dit` and the tests measure how many: 8–30 % at the grids of a video DiT) and are tied to one
+H·W (a diagonal offset of "one frame back" means another frame at another canvas). The window is laid
+out from its own parameters, exact at every grid and in grid units, which is what lets a plan fitted
+on small clips be re-specialised to long ones (docs/diffusion.md).
 
 Causal attention lists only J ≤ I + (nk − nq) (`allowed_blocks`).
 
@@ -23,12 +39,16 @@ length, in PyTorch and in ONNX alike (the ONNX translation reads the same table)
 
     [kind, nq0, nk0, n_diag, n_col, d_1 … d_n_diag, c_1 … c_n_col, bits of the fixed grid (nq0·nk0)]
 
-``kind`` is ``BANDS``, ``DENSE`` or ``FIXED``; every row holds the site's fixed grid nq0 × nk0 (1 × 1
-when no head is fixed: no slice of the table is ever empty) and the slot counts; unused diagonal slots
-hold ``NO_DIAGONAL`` (matches no offset), unused column slots −1. A ``FIXED`` head (``block_topk``, or
-a layout given as a block mask) is sparse at its own grid only: at any other grid it computes every
-block (dense, exact) and `LayoutWarning` says so once per length. Nothing else needs refitting at
-another length.
+``kind`` is ``BANDS``, ``DENSE``, ``FIXED`` or ``WINDOW``; every row holds the site's fixed grid
+nq0 × nk0 (1 × 1 when no head is fixed: no slice of the table is ever empty) and the slot counts;
+unused diagonal slots hold ``NO_DIAGONAL`` (matches no offset), unused column slots −1. A ``FIXED``
+head (``block_topk``, or a layout given as a block mask) is sparse at its own grid only: at any other
+grid it computes every block (dense, exact) and `LayoutWarning` says so once per length. A ``WINDOW``
+head's diagonal slots hold ``a_t, a_h, a_w, T, H, W, block`` in that order (at least 7 slots then): it
+exists at one token grid, so laying it out at another length than T·H·W (another grid than
+⌈T·H·W / block⌉ blocks) raises `ResolutionError` naming both and the fix (replay the plan at the new
+size: `sparse_attention` re-specialises the window to the grid it traces there). Nothing else needs
+refitting at another length.
 """
 
 from __future__ import annotations
@@ -39,15 +59,22 @@ import weakref
 
 import torch
 
-FAMILIES = ("dense", "local", "sink_local", "multi_diagonal", "vertical_slash", "block_topk", "dynamic_topk",
-            "skip")
-BANDS, DENSE, FIXED = 0, 1, 2
+from sparsegraph import ir
+
+FAMILIES = ("dense", "local", "sink_local", "window_3d", "multi_diagonal", "vertical_slash", "block_topk",
+            "dynamic_topk", "skip")
+BANDS, DENSE, FIXED, WINDOW = 0, 1, 2, 3
+WINDOW_SLOTS = 7  # a_t, a_h, a_w, T, H, W, block
 NO_DIAGONAL = -(2**40)
 HEADER = 5  # kind, nq0, nk0, n_diag, n_col
 
 
 class LayoutWarning(UserWarning):
     """A length-bound (fixed) head ran dense at a sequence length it was not fitted for."""
+
+
+class ResolutionError(ValueError):
+    """A 3-D window head was asked for at a token count its grid does not have (another resolution)."""
 
 
 def allowed_blocks(nq: int, nk: int, causal: bool) -> torch.Tensor:
@@ -72,14 +99,62 @@ def bands(pattern: str, params: dict) -> tuple[list[int], list[int], int]:
         return [], [], BANDS
     if pattern == "block_topk":
         return [], [], FIXED
+    if pattern == "window_3d":
+        return [int(x) for x in params["extent"]] + [int(x) for x in params["grid"]], [], WINDOW
     raise ValueError(f"unknown attention pattern {pattern!r}")
 
 
-def pattern_mask(pattern: str, params: dict, nq: int, nk: int, causal: bool) -> torch.Tensor:
+def window_block_mask(extent, grid, block: int, nq: int | None = None, nk: int | None = None) -> torch.Tensor:
+    """bool [nq, nk]: the blocks of a 3-D window (module docstring) over frame-major tokens of `grid`.
+
+    Exact and cheap: a query block is a run of consecutive tokens, i.e. at most ⌈block / W⌉ + 1 row
+    segments (t, h, w0 … w1). Each segment's window is the box t ± a_t, h ± a_h, w0 − a_w … w1 + a_w,
+    i.e. (2a_t + 1)(2a_h + 1) key row segments, each a run of consecutive keys: their first and last
+    key block bound a run of listed blocks, marked with a difference array. Cost O(nq · rows · (2a_t+1)
+    (2a_h+1)), never the L × L token mask (`tests/test_window_layouts.py` checks against that mask)."""
+    at, ah, aw = (int(x) for x in extent)
+    T, H, W = (int(x) for x in grid)
+    L = T * H * W
+    n_blocks = -(-L // block)
+    if (nq is not None and nq != n_blocks) or (nk is not None and nk != n_blocks):
+        raise ResolutionError(
+            f"a window_3d head was laid out for a token grid of {T}×{H}×{W} = {L} tokens ({n_blocks} "
+            f"blocks of {block}); this call has {nq}×{nk} blocks (another resolution or clip length). Replay "
+            "the plan at the new size (sparsegraph.compile(model, plan=..., example_inputs=<inputs at that "
+            "size>)): sparse_attention re-specialises window_3d heads to the grid it traces")
+    starts = torch.arange(n_blocks) * block
+    ends = torch.clamp(starts + block, max=L) - 1  # last token of each query block
+    per = -(-block // W) + 1  # rows a block can touch
+    row = (starts // W)[:, None] + torch.arange(per)[None, :]  # [nq, R] global rows t·H + h
+    valid = row <= (ends // W)[:, None]
+    w0 = torch.where(row == (starts // W)[:, None], (starts % W)[:, None], torch.zeros_like(row))
+    w1 = torch.where(row == (ends // W)[:, None], (ends % W)[:, None], torch.full_like(row, W - 1))
+    t, h = row // H, row % H
+    dt, dh = torch.meshgrid(torch.arange(-at, at + 1), torch.arange(-ah, ah + 1), indexing="ij")
+    kt, kh = t[..., None] + dt.reshape(-1), h[..., None] + dh.reshape(-1)  # [nq, R, K]
+    ok = valid[..., None] & (kt >= 0) & (kt < T) & (kh >= 0) & (kh < H)
+    base = (kt * H + kh) * W
+    first = (base + (w0 - aw).clamp(min=0)[..., None]) // block
+    last = (base + (w1 + aw).clamp(max=W - 1)[..., None]) // block
+    diff = torch.zeros(n_blocks, n_blocks + 1, dtype=torch.int32)
+    rows_ = torch.arange(n_blocks)[:, None, None].expand_as(first)
+    one = ok.to(torch.int32)
+    diff.index_put_((rows_[ok], first[ok]), one[ok], accumulate=True)
+    diff.index_put_((rows_[ok], last[ok] + 1), -one[ok], accumulate=True)
+    return diff.cumsum(1)[:, :n_blocks] > 0
+
+
+def pattern_mask(pattern: str, params: dict, nq: int, nk: int, causal: bool,
+                 block: int | None = None) -> torch.Tensor:
     """bool [nq, nk] block mask of one head's pattern at a grid of nq query and nk key blocks (the
-    single-head form of `block_mask`, which lays out a whole table; head_patterns fits with this one)."""
+    single-head form of `block_mask`, which lays out a whole table; head_patterns fits with this one).
+    `block` is needed by ``window_3d`` only (its grid is in tokens)."""
     diagonals, columns, kind = bands(pattern, params)
-    if kind == DENSE:
+    if kind == WINDOW:
+        if block is None:
+            raise ValueError("window_3d heads need the block size: pattern_mask(..., block=...)")
+        mask = window_block_mask(params["extent"], params["grid"], block, nq, nk)
+    elif kind == DENSE:
         mask = torch.ones(nq, nk, dtype=torch.bool)
     elif kind == FIXED:
         mask = _fixed_bits(params)
@@ -92,12 +167,33 @@ def pattern_mask(pattern: str, params: dict, nq: int, nk: int, causal: bool) -> 
     return mask & allowed_blocks(nq, nk, causal)
 
 
+def token_grid(gm, site) -> tuple[int, int, int] | None:
+    """The (T, H, W) token grid of an attention site's sequence, found at trace time: the output
+    [B, C, T, H, W] of a 3-D convolution (a video patch embedding) whose T·H·W is the site's query
+    length, when exactly one such grid exists in the graph (None otherwise: give head_patterns' option
+    ``grid``). The tokens are taken as the convolution flattens them, frame-major."""
+    q = ir.shape(site.q)
+    if q is None:
+        return None
+    found = set()
+    for node in gm.graph.nodes:
+        shape = ir.shape(node) if ir.kind(node) == "conv" else None
+        if shape is not None and len(shape) == 5 and shape[2] * shape[3] * shape[4] == q[2]:
+            found.add(tuple(int(x) for x in shape[2:]))
+    return found.pop() if len(found) == 1 else None
+
+
 # ------------------------------------------------------------------------------------------ tables
 
 
-def table(heads: list[dict]) -> torch.Tensor:
-    """The int64 [H, W] table of heads given as ``{"pattern", "params"}`` (module docstring)."""
+def table(heads: list[dict], block: int | None = None) -> torch.Tensor:
+    """The int64 [H, W] table of heads given as ``{"pattern", "params"}`` (module docstring); `block`, the
+    op's block size, is needed (and stored) only when a head is ``window_3d``."""
     rows = [bands(h["pattern"], h["params"]) for h in heads]
+    if any(kind == WINDOW for _, _, kind in rows):
+        if block is None:
+            raise ValueError("window_3d heads need the block size of the site: table(heads, block=...)")
+        rows = [([*d, int(block)], c, kind) if kind == WINDOW else (d, c, kind) for d, c, kind in rows]
     fixed = [_fixed_bits(h["params"]) if kind == FIXED else None for h, (_, _, kind) in zip(heads, rows)]
     return _pack(rows, fixed)
 
@@ -126,6 +222,11 @@ def _pack(rows: list[tuple[list[int], list[int], int]], fixed: list[torch.Tensor
     out = torch.zeros(len(rows), HEADER + n_diag + n_col + nq0 * nk0, dtype=torch.int64)
     for h, ((diagonals, columns, kind), bits) in enumerate(zip(rows, fixed)):
         out[h, :HEADER] = torch.tensor([kind, nq0, nk0, n_diag, n_col])
+        if kind == WINDOW:  # parameters in order, not a set of offsets
+            padded = diagonals + [NO_DIAGONAL] * (n_diag - len(diagonals))
+            out[h, HEADER:HEADER + n_diag] = torch.tensor(padded)
+            out[h, HEADER + n_diag:HEADER + n_diag + n_col] = -1
+            continue
         out[h, HEADER:HEADER + n_diag] = torch.tensor(sorted(set(diagonals))
                                                       + [NO_DIAGONAL] * (n_diag - len(set(diagonals))))
         out[h, HEADER + n_diag:HEADER + n_diag + n_col] = torch.tensor(sorted(set(columns))
@@ -145,8 +246,10 @@ def check_table(t: torch.Tensor, heads: int) -> None:
     if t.shape[1] != HEADER + n_diag + n_col + nq0 * nk0 or min(n_diag, n_col, nq0, nk0) < 1:
         raise ValueError(f"layout table of width {t.shape[1]} does not match its header "
                          f"({n_diag} diagonals, {n_col} columns, fixed grid {nq0}×{nk0})")
-    if not bool(((t[:, 0] >= BANDS) & (t[:, 0] <= FIXED)).all()):
-        raise ValueError(f"layout table kinds {sorted(set(t[:, 0].tolist()))} are not all in (0, 1, 2)")
+    if not bool(((t[:, 0] >= BANDS) & (t[:, 0] <= WINDOW)).all()):
+        raise ValueError(f"layout table kinds {sorted(set(t[:, 0].tolist()))} are not all in (0, 1, 2, 3)")
+    if bool((t[:, 0] == WINDOW).any()) and n_diag < WINDOW_SLOTS:
+        raise ValueError(f"layout table has window_3d rows but {n_diag} < {WINDOW_SLOTS} parameter slots")
 
 
 def block_mask(t: torch.Tensor, nq: int, nk: int, causal: bool) -> torch.Tensor:
@@ -168,6 +271,9 @@ def _laid_out(t: torch.Tensor, nq: int, nk: int, causal: bool) -> tuple[torch.Te
     mask |= (torch.arange(nk)[None, :, None] == columns[:, None, :]).any(-1)[:, None, :]
     kind = t[:, 0]
     mask |= (kind == DENSE)[:, None, None]
+    for h in (kind == WINDOW).nonzero().view(-1).tolist():
+        p = t[h, HEADER:HEADER + WINDOW_SLOTS].tolist()
+        mask[h] = window_block_mask(p[0:3], p[3:6], p[6], nq, nk)
     fixed = (kind == FIXED).nonzero().view(-1).tolist()
     note = None
     if fixed:

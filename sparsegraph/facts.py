@@ -177,6 +177,18 @@ def _grid(e) -> None:
         x.integer(1)
 
 
+def _extent(e) -> None:
+    """window_3d: [a_t, a_h, a_w], tokens each way in time, height and width (≥ 0)."""
+    for x in e.elements(3, what="[a_t, a_h, a_w]"):
+        x.integer(0)
+
+
+def _token_grid(e) -> None:
+    """window_3d: [T, H, W], the token grid the window is laid out on (frame-major tokens)."""
+    for x in e.elements(3, what="[T, H, W] tokens"):
+        x.integer(1)
+
+
 # pattern → {parameter: check}: exactly the parameters each family has (`attention_layouts.bands` reads them;
 # an extra one would be ignored, or change the family: `sinks` on a `local` head makes it `sink_local`)
 PARAMS = {
@@ -188,6 +200,7 @@ PARAMS = {
     "block_topk": {"shape": _grid, "blocks": lambda e: e.elements()},
     "dynamic_topk": {"k": _positive},
     "skip": {"mean": lambda e: e.numbers()},
+    "window_3d": {"extent": _extent, "grid": _token_grid},
 }
 
 
@@ -259,11 +272,15 @@ class SitePatterns:
     heads: list[HeadChoice]
     groups: list[dict]
     density: float
+    grid: list[int] | None = None  # the (T, H, W) token grid of a video site, where it was found
 
     def to_json(self) -> dict:
-        return {"block": self.block, "seq_len": self.seq_len, "causal": self.causal,
-                "recall_target": self.recall_target, "heads": [h.to_json() for h in self.heads],
-                "groups": self.groups, "density": self.density}
+        out = {"block": self.block, "seq_len": self.seq_len, "causal": self.causal,
+               "recall_target": self.recall_target, "heads": [h.to_json() for h in self.heads],
+               "groups": self.groups, "density": self.density}
+        if self.grid is not None:
+            out["grid"] = list(self.grid)
+        return out
 
     @classmethod
     def from_json(cls, e: Entry, heads: int | None = None) -> SitePatterns:
@@ -274,7 +291,9 @@ class SitePatterns:
                    heads=[HeadChoice.from_json(h)
                           for h in e["heads"].elements(heads, what="one per query head of the site")],
                    groups=[g.mapping(extra=True) for g in e["groups"].elements()] if "groups" in e else [],
-                   density=e["density"].number(0.0, 1.0))
+                   density=e["density"].number(0.0, 1.0),
+                   grid=[x.integer(1) for x in e["grid"].elements(3, what="[T, H, W] tokens")]
+                   if "grid" in e and e["grid"].value is not None else None)
 
 
 # --------------------------------------------------------------------------------------- token_importance

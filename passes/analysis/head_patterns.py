@@ -31,6 +31,22 @@ A pattern is a set of blocks A; its recall is R(A) = Σ_{(I,J) ∈ A} M[h, I, J]
   kᵀ, the scale and the masks are read as the rewrite reads them). For heads whose attention moves
   with the input, where any static pattern must list the union over inputs;
 
+- ``window_3d`` (extent a = [a_t, a_h, a_w], on the site's token grid T × H × W): video tokens see the
+  keys within a box of frames × rows × columns around them (`attention_layouts.window_block_mask`).
+  Fitted at the *token* level, so that it means the same at another grid: the attention mass per
+  displacement (Δt, Δh, Δw) is accumulated,
+
+      D[h, Δt, Δh, Δw] = Σ_b Σ_{i real} Σ_{j: pos(j) − pos(i) = Δ} P[b, h, i, j],
+
+  the token recall of a box is the share of D inside it, and the extent taken is the box with the
+  fewest token pairs on the grid, Π_d (N_d (2a_d + 1) − a_d (a_d + 1)), whose token recall is ≥ recall
+  (ties: the shorter in time). Its block recall at the calibration grid is at least that (blocks hold
+  whole boxes). Only where the grid is known: the Conv3d patch embedding upstream of the site
+  (`attention_layouts.token_grid`), or the option ``grid: [T, H, W]``; the evidence records it. Why
+  token level: a DiT is trained and calibrated on short clips where a 64-token block is a whole frame,
+  and used on long ones; a box in grid units carries over (re-specialised by ``sparse_attention``),
+  a block-level fit at the short grid would not;
+
 - ``skip``: the head computes nothing and its output is replaced by its calibrated mean ō_h. Recall
   does not judge this one; the head's output does: with o_h [E] the head's attention output per query
   row, its share of the site's output variation is
@@ -67,7 +83,7 @@ import torch.fx
 import torch.nn.functional as F
 
 from sparsegraph import attention_scores, facts, ir, png, svg
-from sparsegraph.attention_layouts import FAMILIES, allowed_blocks, pattern_mask
+from sparsegraph.attention_layouts import FAMILIES, allowed_blocks, pattern_mask, token_grid
 from sparsegraph.codegen import dynamic_block_sparse_attention as dynamic
 from sparsegraph.errors import CalibrationError, ConfigError
 from sparsegraph.observe import Observer
@@ -93,6 +109,8 @@ class HeadPatterns(AnalysisPass):
     min_saving: float = option(0.2, "a sparse pattern must list at most (1 − this) of the dense blocks",
                                range=(0.0, 1.0))
     query_chunk: int = option(256, "query rows per step when recomputing SDPA probabilities", range=(1, None))
+    grid: tuple[int, ...] = option((), "token grid [T, H, W] of video sites (frame-major tokens) for "
+                                   "window_3d; empty: found from the Conv3d patch embedding", choices=None)
     skip_share: float = option(0.0, "skip a head (replace its output by its calibrated mean) when its output "
                                "varies by at most this share of the site's output energy; 0: never",
                                range=(0.0, 1.0))
@@ -102,6 +120,9 @@ class HeadPatterns(AnalysisPass):
         unknown = [p for p in self.patterns if p not in FAMILIES]
         if unknown:
             raise ConfigError(f"head_patterns: unknown pattern families {unknown}; known: {list(FAMILIES)}")
+        if len(self.grid) not in (0, 3) or any(int(x) < 1 for x in self.grid):
+            raise ConfigError(f"option 'grid' of pass 'head_patterns' is {list(self.grid)}: give [T, H, W] "
+                              "token counts (each ≥ 1), or leave it empty to find it from a Conv3d")
         if not self.patterns:
             raise ConfigError("option 'patterns' of pass 'head_patterns' is empty, so every head would stay "
                               f"dense; list candidate families from {list(FAMILIES)}")
@@ -126,7 +147,17 @@ class HeadPatterns(AnalysisPass):
             stats.refuse(site.id, "cross-attention (keys from another sequence than the queries): block "
                          "patterns are fitted to self-attention")
         sites = ir.attention_sites(gm)
-        observer = _Observer(gm, sites, self.block, self.query_chunk)
+        grids = {}
+        for site in sites:
+            grid = tuple(int(x) for x in self.grid) or token_grid(gm, site)
+            q = ir.shape(site.q)
+            if grid and q is not None and math.prod(grid) == q[2] and not site.causal:
+                grids[site.id] = grid
+            elif self.grid and q is not None:
+                raise ConfigError(f"head_patterns: grid {list(self.grid)} has {math.prod(self.grid)} tokens, "
+                                  f"site {site.id} has {q[2]} (and must not be causal): give the token "
+                                  "grid of this model at the example's size")
+        observer = _Observer(gm, sites, self.block, self.query_chunk, grids)
         for batch in ctx.progress(ctx.calibration, "head_patterns"):
             observer.run_batch(batch.args, batch.kwargs)
         per_layer = {}
@@ -147,8 +178,13 @@ class HeadPatterns(AnalysisPass):
             _check_coverage(site, length, mass[0].sum(-1), self.block)
             shares, means = observer.output_shares(site)
             captured = observer.captured.get(site.id, {}).get(length)
+            grid = grids.get(site.id)
+            shifts = observer.displacements.get(site.id, {}).get(length) if grid else None
+            windows = [None if shifts is None or "window_3d" not in opts.patterns
+                       else fit_window(shifts[h], grid, opts.recall) for h in range(len(mass))]
             heads = [choose(m, site.causal, opts.recall, opts.patterns, opts.topk_overhead, opts.min_saving,
-                            captured=None if captured is None else captured[h]) for h, m in enumerate(mass)]
+                            captured=None if captured is None else captured[h], window=windows[h],
+                            block=self.block) for h, m in enumerate(mass)]
             for h, head in enumerate(heads):
                 head["output_share"] = round(float(shares[h]), 6)
                 if "skip" in opts.patterns and opts.skip_share > 0 and shares[h] <= opts.skip_share:
@@ -161,7 +197,8 @@ class HeadPatterns(AnalysisPass):
                 block=self.block, seq_len=length, causal=site.causal, recall_target=opts.recall,
                 heads=[facts.HeadChoice(**h) for h in heads],
                 groups=[{"pattern": json.loads(key)[0], "heads": hs} for key, hs in groups.items()],
-                density=sum(h["density"] for h in heads) / len(heads)).to_json())
+                density=sum(h["density"] for h in heads) / len(heads),
+                grid=list(grid) if grid else None).to_json())
             per_layer[site.id] = sum(h["density"] for h in heads) / len(heads)
         ctx.plan.set_summary(self.name, {"batches": len(ctx.calibration), "density_per_site": per_layer,
                                          "block": self.block})
@@ -189,10 +226,13 @@ def _check_coverage(site, length: int, rows: torch.Tensor, block: int) -> None:
 
 
 def choose(mass: torch.Tensor, causal: bool, recall: float, families=FAMILIES, topk_overhead: float = 0.25,
-           min_saving: float = 0.2, captured: torch.Tensor | None = None) -> dict:
+           min_saving: float = 0.2, captured: torch.Tensor | None = None, window: dict | None = None,
+           block: int | None = None) -> dict:
     """The cheapest pattern of `families` whose recall on `mass` [nq, nk] is ≥ `recall`.
 
     `captured` [nk]: C(t) of ``dynamic_topk`` for t = 1 … nk (None: that family is not available).
+    `window`: the ``window_3d`` parameters `fit_window` chose (None: not available), laid out at the
+    site's `block`.
     Dense is always a candidate; a sparse pattern must cost at most (1 − min_saving) of it, and one
     whose kept mass falls short of the recall is never taken, whatever its fit said.
     """
@@ -207,6 +247,10 @@ def choose(mass: torch.Tensor, causal: bool, recall: float, families=FAMILIES, t
     for family in families:
         if family == "dynamic_topk":
             fitted = _fit_dynamic(captured, allowed, recall * total)
+        elif family == "window_3d":
+            mask = (None if window is None
+                    else pattern_mask(family, window, nq, nk, causal, block=block))
+            fitted = None if mask is None else (window, int(mask.sum()), float((mass * mask).sum()))
         else:
             params = _fit(family, mass, allowed, causal, recall * total)
             mask = None if params is None else pattern_mask(family, params, nq, nk, causal)
@@ -225,6 +269,35 @@ def choose(mass: torch.Tensor, causal: bool, recall: float, families=FAMILIES, t
     cost, _, family, params, blocks, kept = min(found, key=lambda t: (t[0], t[1]))
     return {"pattern": family, "params": params, "recall": round(kept / total, 6),
             "density": round(blocks / max(possible, 1), 6), "blocks": blocks}
+
+
+def fit_window(shifts: torch.Tensor, grid, recall: float) -> dict | None:
+    """``window_3d``'s extent from one head's displacement mass `shifts` [2T−1, 2H−1, 2W−1] (index
+    Δ + N − 1): the box with the fewest token pairs on `grid` whose share of the mass is ≥ `recall`
+    (module docstring); None when there is no mass."""
+    T, H, W = grid
+    total = float(shifts.sum())
+    if not total > 0:
+        return None
+    # box sums through a 3-D inclusive prefix sum, zero-padded in front
+    c = F.pad(shifts.double().cumsum(0).cumsum(1).cumsum(2), (1, 0, 1, 0, 1, 0))
+    at, ah, aw = torch.meshgrid(torch.arange(T), torch.arange(H), torch.arange(W), indexing="ij")
+    lo = [T - 1 - at, H - 1 - ah, W - 1 - aw]
+    hi = [T + at, H + ah, W + aw]  # exclusive, in the padded prefix-sum index
+    box = torch.zeros(T, H, W, dtype=torch.float64)
+    for corner in range(8):
+        pick = [hi[d] if corner >> d & 1 else lo[d] for d in range(3)]
+        sign = 1 if (3 - bin(corner).count("1")) % 2 == 0 else -1
+        box += sign * c[pick[0], pick[1], pick[2]]
+    pairs = ((T * (2 * at + 1) - at * (at + 1)) * (H * (2 * ah + 1) - ah * (ah + 1))
+             * (W * (2 * aw + 1) - aw * (aw + 1))).double()
+    ok = box >= recall * total - 1e-9 * total
+    if not bool(ok.any()):
+        return None
+    key = torch.where(ok, pairs * T + at, torch.full_like(pairs, float("inf")))  # fewest pairs, then a_t
+    flat = int(key.flatten().argmin())
+    return {"extent": [int(at.flatten()[flat]), int(ah.flatten()[flat]), int(aw.flatten()[flat])],
+            "grid": [int(T), int(H), int(W)]}
 
 
 def _fit_dynamic(captured, allowed, need) -> tuple[dict, int, float] | None:
@@ -313,8 +386,10 @@ def _fit_greedy(mass, allowed, need, columns: bool) -> dict | None:
 class _Observer(Observer):
     """Runs the graph and accumulates per-site block attention mass M [H, nq, nk] (padding rows dropped)."""
 
-    def __init__(self, gm, sites, block, chunk):
+    def __init__(self, gm, sites, block, chunk, grids=None):
         super().__init__(gm)
+        self.grids = grids or {}  # site → (T, H, W): displacement mass for window_3d
+        self.displacements: dict[str, dict[int, torch.Tensor]] = {}  # site → length → D [H, 2T−1, 2H−1, 2W−1]
         self.block, self.chunk = block, max(block, chunk // block * block)
         self.at: dict[torch.fx.Node, ir.AttentionSite] = {}
         # explicit chains' q, kᵀ, v and masks: the interpreter frees them before the softmax runs, so
@@ -407,7 +482,26 @@ class _Observer(Observer):
         if L not in by_length:
             by_length[L] = torch.zeros(H, nq, nk, dtype=torch.float64)
         by_length[L] += chunk.sum(0)
+        grid = self.grids.get(site.id)
+        if grid is not None and math.prod(grid) == L == S:
+            self._shifts(site, p, row0, grid)
         return chunk
+
+    def _shifts(self, site, p, row0, grid):
+        """Add p [B, H, rows, S]'s mass per token displacement (Δt, Δh, Δw) to the site's D."""
+        T, Hg, W = grid
+        H, rows = p.shape[1], p.shape[2]
+        n = torch.arange(T * Hg * W)
+        pos = torch.stack([n // (Hg * W), n // W % Hg, n % W])  # [3, L]
+        d = pos[:, None, :] - pos[:, row0:row0 + rows, None]  # [3, rows, S]
+        index = ((d[0] + T - 1) * (2 * Hg - 1) + d[1] + Hg - 1) * (2 * W - 1) + d[2] + W - 1
+        size = (2 * T - 1) * (2 * Hg - 1) * (2 * W - 1)
+        acc = torch.zeros(H, size, dtype=torch.float64)
+        acc.index_add_(1, index.reshape(-1), p.sum(0).reshape(H, -1).double())
+        by_length = self.displacements.setdefault(site.id, {})
+        L = p.shape[3]
+        shaped = acc.view(H, 2 * T - 1, 2 * Hg - 1, 2 * W - 1)
+        by_length[L] = by_length[L] + shaped if L in by_length else shaped
 
     def result(self, site) -> tuple[int, torch.Tensor] | None:
         """(length, mass) at the traced length if calibrated there, else at the longest calibrated one."""
@@ -424,7 +518,7 @@ class _Observer(Observer):
 
 PATTERN_COLOURS = {"dense": "#bbbbbb", "local": "#4878d0", "sink_local": "#6acc64",
                    "vertical_slash": "#ee854a", "block_topk": "#956cb4", "multi_diagonal": "#d65f5f",
-                   "dynamic_topk": "#8c613c", "skip": "#ffffff"}
+                   "dynamic_topk": "#8c613c", "skip": "#ffffff", "window_3d": "#82c6e2"}
 OTHER_COLOUR = "#888888"  # a pattern family without a colour of its own (a plugin's)
 
 

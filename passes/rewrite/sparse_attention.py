@@ -21,6 +21,21 @@ bands of the block grid, laid out afresh for each length (and cached). ``block_t
 only at the grid they were fitted at: at any other length they run dense (exact) and a
 `LayoutWarning` says so; the plan marks them ``length_bound``.
 
+**Resolution (video sites).** Where ``head_patterns`` found the site's token grid (T, H, W) (a video
+DiT's Conv3d patch embedding, or its ``grid`` option), the decision records it. A plan applied to a graph
+traced at another grid (a longer clip, a larger canvas) is handled per family:
+
+- ``window_3d``: *re-specialised*: its extents are in grid units (tokens each way in t, h, w), so the
+  head is laid out on the grid traced here (`attention_layouts.token_grid`); the counters say how many;
+- ``local``, ``sink_local``, ``multi_diagonal``, ``vertical_slash``, ``block_topk``: *refused* with a
+  `PlanEntryError` naming both grids: their offsets are in blocks of the frame-major sequence, so a
+  diagonal that meant "the same place one frame back" means another place when H·W changes;
+- ``dense``, ``skip``, ``dynamic_topk``: valid at any grid (nothing laid out, or chosen per input).
+
+A compiled graph called at another token count than its window heads' grid raises
+`attention_layouts.ResolutionError` (the same message and fix); the plan stays valid across timesteps,
+which change no shape.
+
 A ``skip`` head lists no block (the op returns zeros for it) and its calibrated mean output is added
 after the op. A site with ``dynamic_topk`` heads calls ``sparsegraph::dynamic_block_sparse_attention``
 instead, with the static heads' layout and, per head, how many blocks to choose per input (0 for the
@@ -40,6 +55,7 @@ zeros and is refused (``skip`` is the pattern for a head replaced by its mean).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -81,8 +97,9 @@ class SparseAttention(RewritePass):
         if found.density > opts.max_density:
             raise Refused(f"mean head density {found.density:.2f} is above max_density {opts.max_density}")
         L, S = lengths
+        grid = {"grid": list(found.grid)} if found.grid is not None else {}
         return SiteDecision(
-            {"block": found.block, "seq_len": L, "key_len": S, "causal": site.causal,
+            {"block": found.block, "seq_len": L, "key_len": S, "causal": site.causal, **grid,
              "heads": [{"pattern": h.pattern, "params": h.params} for h in found.heads]},
             {"density": found.density, "recall": [h.recall for h in found.heads],
              "length_bound": [i for i, h in enumerate(found.heads) if h.pattern == "block_topk"]})
@@ -92,7 +109,7 @@ class SparseAttention(RewritePass):
         if found is None:
             entry.fail(f"names {site!r}, which is not an attention site of this graph")
         d = entry["decision"]
-        d.mapping(required=("block", "seq_len", "key_len", "causal", "heads"))
+        d.mapping(required=("block", "seq_len", "key_len", "causal", "heads"), optional=("grid",))
         d["block"].integer(1)
         d["seq_len"].integer(1)
         d["key_len"].integer(1)
@@ -111,8 +128,12 @@ class SparseAttention(RewritePass):
         if len(grids) > 1:
             d["heads"].fail(f"block_topk heads are fitted at different grids {sorted(grids)}; one site has "
                             "one grid")
+        if "grid" in d.value:
+            for x in d["grid"].elements(3, what="[T, H, W] tokens"):
+                x.integer(1)
+            _check_resolution(found, d)
         try:
-            attention_layouts.table(d["heads"].value)
+            attention_layouts.table(d["heads"].value, block=d["block"].value)
         except ValueError as e:
             d["heads"].fail(str(e))
         density = entry["evidence"].get("density")
@@ -120,18 +141,67 @@ class SparseAttention(RewritePass):
             density.number(0.0, 1.0)
 
     def apply(self, gm, ctx, decisions, stats):
-        heads = bound = 0
+        heads = bound = moved = 0
         for site in ir.attention_sites(gm):
             decision = decisions.get(site.id)
             if decision is None:
                 continue
             with ctx.at(site.id):
-                d = decision.decision
+                d, respecialised = _at_grid(site, decision.decision)
+                moved += respecialised
                 _replace(gm, site, d, decision.evidence.get("density"))
                 heads += sum(h["pattern"] != "dense" for h in d["heads"])
                 bound += sum(h["pattern"] == "block_topk" for h in d["heads"])
                 stats.rewritten += 1
-        stats.counters.update(sparse_heads=heads, length_bound_heads=bound)
+        stats.counters.update(sparse_heads=heads, length_bound_heads=bound, respecialised_window_heads=moved)
+
+
+_GRID_BOUND = ("local", "sink_local", "multi_diagonal", "vertical_slash", "block_topk")
+
+
+def _traced_grid(site, recorded) -> tuple[int, int, int] | None:
+    """The site's token grid in this graph: the Conv3d's (`attention_layouts.token_grid`), else the
+    recorded one where its token count is this site's length (a grid given as an option)."""
+    graph = site.q.graph.owning_module
+    found = attention_layouts.token_grid(graph, site) if graph is not None else None
+    if found is None and recorded is not None and math.prod(recorded) == _lengths(site)[0]:
+        return tuple(recorded)
+    return found
+
+
+def _check_resolution(site, d) -> None:
+    """Refuse (entry.fail) a decision fitted at another token grid whose heads cannot follow it."""
+    recorded = tuple(d["grid"].value)
+    here = _traced_grid(site, recorded)
+    if here == recorded:
+        return
+    bound = sorted({h["pattern"] for h in d["heads"].value if h["pattern"] in _GRID_BOUND})
+    windows = any(h["pattern"] == "window_3d" for h in d["heads"].value)
+    size = "x".join(map(str, recorded))
+    now = "x".join(map(str, here)) if here is not None else f"{_lengths(site)[0]} tokens (no grid found)"
+    if bound:
+        d["grid"].fail(f"the plan was fitted at a token grid of {size} (T x H x W), this graph's is {now}: "
+                       f"heads with {', '.join(bound)} patterns are block offsets of the frame-major "
+                       "sequence and mean other places at another grid. Calibrate at this size "
+                       "(sparsegraph.compile with calibration batches at this resolution), or fit "
+                       "window_3d patterns (head_patterns' patterns), which are re-specialised to any grid")
+    if windows and here is None:
+        d["grid"].fail(f"the plan's window_3d heads were fitted at a token grid of {size}; at {now} the grid "
+                       "is unknown (no Conv3d patch embedding whose output has the site's length): give "
+                       "head_patterns the option grid: [T, H, W] for this size")
+
+
+def _at_grid(site, d: dict) -> tuple[dict, int]:
+    """The decision with its window_3d heads laid out on this graph's token grid (re-specialised), and
+    how many heads moved to another grid (`_check_resolution` has refused what cannot move)."""
+    if "grid" not in d:
+        return d, 0
+    here = _traced_grid(site, d["grid"])
+    if here is None or list(here) == list(d["grid"]):
+        return d, 0
+    heads = [{"pattern": h["pattern"], "params": {**h["params"], "grid": list(here)}}
+             if h["pattern"] == "window_3d" else h for h in d["heads"]]
+    return {**d, "grid": list(here), "heads": heads}, sum(h["pattern"] == "window_3d" for h in d["heads"])
 
 
 def _lengths(site) -> tuple[int, int]:
@@ -154,7 +224,8 @@ def _unsupported_site(site, lengths) -> str | None:
 def _replace(gm, site, d: dict, density: float | None) -> None:
     out = site.out
     name = site.module_path or site.id
-    layout = graph_edit.add_tensor(gm, f"{name}.attention_layout", attention_layouts.table(d["heads"]), out)
+    layout = graph_edit.add_tensor(gm, f"{name}.attention_layout",
+                                   attention_layouts.table(d["heads"], block=int(d["block"])), out)
     g = gm.graph
     q, k, v, additive, scale = graph_edit.attention_operands(gm, site, out)
     topk = [h["params"]["k"] if h["pattern"] == "dynamic_topk" else 0 for h in d["heads"]]

@@ -1,0 +1,377 @@
+"""``python -m bench dit``: one denoising step of a video DiT at long token counts, dense vs 3-D windows.
+
+The model: ``MovingDigitsDiT`` (`sparsegraph.models.moving_digits_dit`) when that module exists, else the
+stand-in below of the same layout (Conv3d patchify with tokens frame-major, 3-D sinusoidal positions
+that extend to any grid, AdaLN-Zero blocks, ``qkv`` Linear → SDPA → ``proj``, GELU MLP); random weights
+(speed does not depend on them), ``--depth`` blocks (a step is the same work per block, so a few blocks
+give the per-step ratio), width ``--dim`` with ``--heads`` heads. Clips are ``T`` frames of 32 × 32
+tokens (patch 1 × 2 × 2 over 64 × 64 pixels): 8, 16, 32 frames = 8k, 16k, 32k tokens.
+
+Patterns: the plan is made once, at a short clip (``--calib-frames`` frames of 8 × 8 tokens, the size the
+model is trained at), by ``head_patterns`` with ``window_3d`` among its candidates (the grid found from
+the Conv3d), and replayed at every long size with ``sparsegraph.compile(model, plan=...)``: window heads
+are re-specialised to the long grid, in grid units. Random weights give near-uniform attention, which
+no sparse pattern fits, so the plan's heads are then set to the documented per-head assignment
+`ASSIGNMENT` (extents in tokens: local 3-D, spatial-only, temporal-only, wider neighbourhoods, the head
+kinds Sparse-vDiT reports in video DiTs) before the replay; the bench says so in its output. With a
+trained model's plan (``--plan``), its fitted heads are used as they are.
+
+Candidates, same inputs, same run, interleaved after warm-up, median of ``--repeats``: dense eager (the
+model as it is), ours (the replayed compiled model: ``sparsegraph::block_sparse_attention`` on its
+compiled CPU kernel; no compile step of ours: its first call is timed), and the model with its SDPA
+calls routed to ``torch.compile(flex_attention)`` with the same block masks (a ``BlockMask`` built from
+the layouts' index lists, every listed block full; its compile + first call timed separately). Also: the
+share of a dense step spent in attention (SDPA calls timed inside one dense step), per-head density,
+and the max |ours − flex| of the step outputs (the same sparse attention, two kernels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import tempfile
+import time
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sparsegraph as sg
+from bench.common import machine, machine_line, table, write
+from sparsegraph import attention_layouts
+from sparsegraph.codegen import cpu_kernels
+
+# extents [a_t, a_h, a_w] in tokens of the 32 × 32 canvas (module docstring); cycled over the heads
+ASSIGNMENT = [[1, 4, 4], [2, 8, 8], [0, 31, 31], [31, 1, 1], [4, 2, 2], [1, 16, 16]]
+CANVAS = 32  # tokens per side at the long sizes
+PATCH = (1, 2, 2)
+
+
+# ------------------------------------------------------------------------------------------ stand-in
+
+
+def _sincos(n: int, dim: int) -> torch.Tensor:
+    pos = torch.arange(n, dtype=torch.float32)[:, None]
+    freq = torch.exp(-math.log(10000.0) * torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    return torch.cat([torch.sin(pos * freq), torch.cos(pos * freq)], 1)
+
+
+class _Block(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        hidden = int(dim * mlp_ratio)
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x, c):
+        B, L, D = x.shape
+        s1, g1, a1, s2, g2, a2 = self.ada(c)[:, None].chunk(6, -1)
+        h = self.norm1(x) * (1 + g1) + s1
+        q, k, v = self.qkv(h).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, D)
+        x = x + a1 * self.proj(o)
+        h = self.norm2(x) * (1 + g2) + s2
+        return x + a2 * self.fc2(F.gelu(self.fc1(h)))
+
+
+class StandInDiT(nn.Module):
+    """A class-conditional video DiT of MovingDigitsDiT's layout (module docstring); any clip size."""
+
+    def __init__(self, frames, height, width, patch=PATCH, dim=384, depth=2, heads=6, mlp_ratio=4.0,
+                 num_classes=10):
+        super().__init__()
+        self.patch, self.dim = tuple(patch), dim
+        self.embed = nn.Conv3d(1, dim, self.patch, stride=self.patch)
+        self.time = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.label = nn.Embedding(num_classes + 1, dim)
+        self.blocks = nn.ModuleList(_Block(dim, heads, mlp_ratio) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.out = nn.Linear(dim, math.prod(self.patch))
+
+    def forward(self, x, t, label):
+        z = self.embed(x)  # [B, D, T, H, W]
+        B, D, T, H, W = z.shape
+        third = D // 3 // 2 * 2
+        pos = torch.cat([_sincos(T, third)[:, None, None].expand(T, H, W, third),
+                         _sincos(H, third)[None, :, None].expand(T, H, W, third),
+                         _sincos(W, D - 2 * third)[None, None].expand(T, H, W, D - 2 * third)], -1)
+        z = z.flatten(2).transpose(1, 2) + pos.reshape(1, T * H * W, D).to(z.dtype)
+        freq = torch.exp(-math.log(10000.0) * torch.arange(0, D, 2, dtype=torch.float32) / D)
+        c = self.time(torch.cat([torch.sin(t[:, None] * freq), torch.cos(t[:, None] * freq)], 1))
+        c = c + self.label(label)
+        for block in self.blocks:
+            z = block(z, c)
+        shift, scale = self.ada(c)[:, None].chunk(2, -1)
+        z = self.out(self.norm(z) * (1 + scale) + shift)  # [B, L, pt·ph·pw]
+        pt, ph, pw = self.patch
+        z = z.view(B, T, H, W, pt, ph, pw).permute(0, 1, 4, 2, 5, 3, 6)
+        return z.reshape(B, 1, T * pt, H * ph, W * pw)
+
+
+def build(frames: int, side: int, args) -> tuple[nn.Module, str]:
+    """The model at `frames` × `side` × `side` tokens (same weights for every size: seeded). Parameters
+    left at zero by the model's init (AdaLN-Zero gates, the zero output layer) get N(0, 0.02) values:
+    with them at zero, attention would not reach the output and the output comparisons say nothing."""
+    torch.manual_seed(0)
+    kwargs = dict(frames=frames * PATCH[0], height=side * PATCH[1], width=side * PATCH[2], patch=PATCH,
+                  dim=args.dim, depth=args.depth, heads=args.heads, mlp_ratio=4.0)
+    model, name = None, "stand-in (bench/dit.py: MovingDigitsDiT's layout, random weights)"
+    if args.model in ("auto", "moving_digits"):
+        try:
+            from sparsegraph.models.moving_digits_dit import MovingDigitsDiT
+        except ImportError:
+            if args.model == "moving_digits":
+                raise
+        else:
+            model, name = MovingDigitsDiT(**kwargs, num_classes=10), "MovingDigitsDiT (random weights)"
+    model = model if model is not None else StandInDiT(**kwargs)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not bool(p.any()):
+                p.normal_(0.0, 0.02)
+    return model.eval(), name
+
+
+def inputs(frames: int, side: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 1, frames * PATCH[0], side * PATCH[1], side * PATCH[2], generator=g)
+    return x, torch.tensor([500.0]), torch.tensor([3])
+
+
+# ------------------------------------------------------------------------------------------ plan
+
+
+def make_plan(args, log) -> tuple[dict, str]:
+    """The plan fitted at the short clip, its heads set to `ASSIGNMENT` unless `--plan` gave one."""
+    if args.plan:
+        return json.loads(open(args.plan).read()), f"plan {args.plan} as fitted"
+    model, _ = build(args.calib_frames, 8, args)
+    calib = [inputs(args.calib_frames, 8, seed) for seed in range(1, 3)]
+    config = {"passes": [{"head_patterns": {"block": args.block, "recall": 0.9,
+                                            "patterns": ["dense", "window_3d"]}},
+                         {"sparse_attention": {"max_density": 1.0}}]}
+    cm = sg.compile(model, config, example_inputs=inputs(args.calib_frames, 8), calibration=calib)
+    plan = copy.deepcopy(cm.plan.to_json())
+    fitted = [h["pattern"] for site in plan["sites"].values() if "head_patterns" in site
+              for h in site["head_patterns"]["evidence"]["heads"]]
+    log(f"fit at {args.calib_frames}x8x8 tokens (random weights): {fitted.count('window_3d')} of "
+        f"{len(fitted)} heads window_3d; heads set to the documented assignment")
+    return assign(plan), "documented per-head assignment (random weights fit no sparse pattern)"
+
+
+def assign(plan: dict) -> dict:
+    """`plan` with every attention site's heads set to `ASSIGNMENT` (cycled), as sparse_attention would
+    have decided them: window_3d heads on the site's fitted grid, which the replay re-specialises."""
+    sites = 0
+    for entry in plan["sites"].values():
+        facts = entry.get("head_patterns", {}).get("evidence")
+        if facts is None or facts.get("grid") is None:
+            continue
+        heads = [{"pattern": "window_3d", "params": {"extent": ASSIGNMENT[h % len(ASSIGNMENT)],
+                                                     "grid": facts["grid"]}}
+                 for h in range(len(facts["heads"]))]
+        entry["sparse_attention"] = {
+            "decision": {"block": facts["block"], "seq_len": facts["seq_len"], "key_len": facts["seq_len"],
+                         "causal": False, "grid": facts["grid"], "heads": heads},
+            "evidence": {"density": None, "recall": [None] * len(heads)}}
+        sites += 1
+    for key in ("decided", "stats"):
+        plan["passes"]["sparse_attention"][key].update(rewritten=sites, refused=[])
+    return plan
+
+
+# ------------------------------------------------------------------------------------------ candidates
+
+
+def tables(cm) -> list[torch.Tensor]:
+    """The compiled model's layout tables, in graph order (one per rewritten attention site)."""
+    gm = cm.graph_module if hasattr(cm, "graph_module") else cm.gm
+    found = []
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and "block_sparse_attention" in str(node.target):
+            found.append(getattr(gm, node.args[3].target) if hasattr(node.args[3], "target") else None)
+    return found
+
+
+def flex_step(model, lists_per_layer: list[torch.Tensor], block: int, example):
+    """The model with its SDPA calls (in order, one per block) done by torch.compile(flex_attention) with
+    each layer's block mask, every listed block full (no mask_mod: flex's cheapest case). Returns the
+    step and its compile + first-call seconds."""
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    masks = []
+    for lists in lists_per_layer:
+        nq = lists.shape[1]
+        count = (lists >= 0).sum(-1).to(torch.int32)[None]
+        index = F.pad(lists.clamp(min=0), (0, nq - lists.shape[-1])).to(torch.int32)[None]
+        masks.append(BlockMask.from_kv_blocks(torch.zeros_like(count), torch.zeros_like(index), count, index,
+                                              BLOCK_SIZE=block))
+    compiled = torch.compile(flex_attention, dynamic=False)
+    calls = [0]
+
+    def sdpa(q, k, v, *a, **kw):
+        mask = masks[calls[0] % len(masks)]
+        calls[0] += 1
+        return compiled(q, k, v, block_mask=mask)
+
+    def step():
+        with mock.patch("torch.nn.functional.scaled_dot_product_attention", sdpa):
+            return model(*example)
+
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = step()
+    return step, time.perf_counter() - start, out
+
+
+def attention_share(model, example) -> float:
+    """Seconds in SDPA over seconds of one dense step (timed inside the step)."""
+    spent = [0.0]
+    real = F.scaled_dot_product_attention
+
+    def timed(*a, **kw):
+        start = time.perf_counter()
+        out = real(*a, **kw)
+        spent[0] += time.perf_counter() - start
+        return out
+
+    with torch.inference_mode(), mock.patch("torch.nn.functional.scaled_dot_product_attention", timed):
+        start = time.perf_counter()
+        model(*example)
+        total = time.perf_counter() - start
+    return spent[0] / total
+
+
+def median_times(calls: dict, warmup: int, repeats: int) -> dict[str, float]:
+    """Median seconds per call, candidates interleaved, the order rotated every round (none always
+    follows the same one)."""
+    names = list(calls)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for n in names:
+                calls[n]()
+        for r in range(repeats):
+            for n in names[r % len(names):] + names[:r % len(names)]:
+                start = time.perf_counter()
+                calls[n]()
+                times[n].append(time.perf_counter() - start)
+    return {n: sorted(t)[len(t) // 2] for n, t in times.items()}
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench dit", description=__doc__.splitlines()[0])
+    ap.add_argument("--frames", type=int, nargs="+", default=[8, 16, 32],
+                    help="clip lengths in frames of 32 x 32 tokens (8, 16, 32: 8k, 16k, 32k tokens)")
+    ap.add_argument("--canvas", type=int, default=CANVAS, help="tokens per side of a frame")
+    ap.add_argument("--dim", type=int, default=384)
+    ap.add_argument("--heads", type=int, default=6)
+    ap.add_argument("--depth", type=int, default=2, help="blocks (a step is the same work per block)")
+    ap.add_argument("--block", type=int, default=64)
+    ap.add_argument("--calib-frames", type=int, default=4, help="frames of the short clip the plan is fit at")
+    ap.add_argument("--model", choices=("auto", "moving_digits", "standin"), default="auto",
+                    help="auto: MovingDigitsDiT where sparsegraph.models.moving_digits_dit exists")
+    ap.add_argument("--plan", default=None, help="a plan fitted on the trained model (used as it is)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--name", default="dit-cpu")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="bench-dit-inductor-"))
+    notes: list[str] = []
+    plan, source = make_plan(args, notes.append)
+    path = os.path.join(tempfile.mkdtemp(prefix="bench-dit-"), "plan.json")
+    with open(path, "w") as f:
+        json.dump(plan, f)
+    results = {"machine": machine(args.threads), "settings": vars(args), "patterns": source,
+               "assignment": ASSIGNMENT if not args.plan else None, "cpu_kernels": cpu_kernels.status(),
+               "notes": notes, "cases": []}
+    rows = []
+    for frames in args.frames:
+        model, name = build(frames, args.canvas, args)
+        example = inputs(frames, args.canvas)
+        tokens = frames * args.canvas * args.canvas
+        start = time.perf_counter()
+        cm = sg.compile(model, plan=path, example_inputs=example)
+        replay = time.perf_counter() - start
+        layer_tables = tables(cm)
+        nb = math.ceil(tokens / args.block)
+        lists = [attention_layouts.layout(t, nb, nb, False) for t in layer_tables]
+        per_head = [round(float(((x >= 0).sum((1, 2)) / (nb * nb))[h]), 4)
+                    for x in lists[:1] for h in range(x.shape[0])]
+        density = float(sum(int((x >= 0).sum()) for x in lists) / (len(lists) * lists[0].shape[0] * nb * nb))
+        start = time.perf_counter()
+        with torch.inference_mode():
+            ours_out = cm(*example)
+        first = time.perf_counter() - start
+        calls = {"dense eager": lambda m=model, e=example: m(*e),
+                 "ours (sparsegraph.compile)": lambda c=cm, e=example: c(*e)}
+        flex_first = flex_diff = None
+        if not args.no_flex:
+            step, flex_first, flex_out = flex_step(model, lists, args.block, example)
+            calls["flex_attention (torch.compile)"] = step
+            flex_diff = float((_out(ours_out) - _out(flex_out)).abs().max())
+        share = attention_share(model, example)
+        times = median_times(calls, args.warmup, args.repeats)
+        base = times["dense eager"]
+        case = {"frames": frames, "grid": [frames, args.canvas, args.canvas], "tokens": tokens, "model": name,
+                "density": round(density, 4), "density_per_head_layer0": per_head,
+                "attention_share_of_dense_step": round(share, 3), "seconds": times,
+                "speedup": {k: round(base / v, 2) for k, v in times.items()},
+                "ours_first_call_s": round(first, 2), "replay_compile_s": round(replay, 2),
+                "flex_compile_and_first_call_s": None if flex_first is None else round(flex_first, 2),
+                "max_abs_ours_minus_flex": flex_diff, "load_average": os.getloadavg()[0]}
+        results["cases"].append(case)
+        print(json.dumps(case), flush=True)
+        for k, v in times.items():
+            first_s = {"ours (sparsegraph.compile)": case["ours_first_call_s"],
+                       "flex_attention (torch.compile)": case["flex_compile_and_first_call_s"]}.get(k)
+            rows.append([tokens, f"{frames}x{args.canvas}x{args.canvas}", f"{density:.3f}",
+                         f"{share:.2f}" if k == "dense eager" else "", k, f"{v:.2f}", f"{base / v:.2f}",
+                         "" if first_s is None else f"{first_s:.1f}"])
+    m = results["machine"]
+    md = [machine_line(m), "",
+          f"One denoising step (batch 1, fp32, CPU, {args.threads} threads) of "
+          f"{results['cases'][0]['model']}: "
+          f"width {args.dim}, {args.heads} heads of {args.dim // args.heads}, {args.depth} blocks (a step is "
+          f"the same work per block), clips of T frames x {args.canvas} x {args.canvas} tokens. Patterns: "
+          f"{source}, fitted/made at {args.calib_frames}x8x8 tokens and replayed at each size with "
+          "sparsegraph.compile(plan=...) (window_3d heads re-specialised to the long grid). Density = listed "
+          f"blocks / all blocks (block {args.block}). Median of {args.repeats} interleaved rounds after "
+          f"{args.warmup} warm-up; speed-up vs dense eager in the same run. First call: ours' first call "
+          "after the replay (no compile step); flex: torch.compile + first call. Load average (1 min) at "
+          "each size: "
+          + ", ".join(f"{c['tokens']}: {c['load_average']:.2f}" for c in results["cases"]) + ".", "",
+          *table(["tokens", "grid T x H x W", "density", "attention share of dense step", "candidate",
+                  "s / step", "speed-up vs dense", "first call (s)"], rows), "",
+          "Per-head density (layer 0) at each size: "
+          + "; ".join(f"{c['tokens']}: {c['density_per_head_layer0']}" for c in results["cases"]) + ".", ""]
+    if not args.no_flex:
+        md.append("Max |ours - flex_attention| of the step output: "
+                  + ", ".join(f"{c['tokens']}: {c['max_abs_ours_minus_flex']:.1e}" for c in results["cases"]))
+    if not args.plan:
+        md.append(f"\nPer-head assignment (extents [a_t, a_h, a_w] in tokens, cycled over heads): "
+                  f"{ASSIGNMENT}.")
+    md += ["", *notes]
+    write(args.out, args.name, results, "\n".join(md) + "\n")
+    return 0
+
+
+def _out(y):
+    return (y.sample if hasattr(y, "sample") else y).float()

@@ -1,0 +1,152 @@
+"""window_3d through head_patterns and sparse_attention: the grid found from the Conv3d, what was chosen,
+outputs against dense masked attention, and the resolution rule (window heads re-specialised at another
+grid on replay, block-offset heads refused)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sparsegraph as sg
+from sparsegraph import attention_layouts
+from sparsegraph.codegen.block_sparse_attention import OP
+from sparsegraph.errors import PassError, PlanError
+
+OMEGA = 0.3
+
+
+class LocalVideo(nn.Module):
+    """A video attention whose heads are local in (t, h, w) by construction: q = k = per-axis
+    [α cos(ω p), α sin(ω p)] features of the token's grid position, so q_i·k_j = Σ_axes α² cos(ω Δ),
+    largest at Δ = 0 and falling off as exp(−α² ω² Δ² / 2) (no wrap for |Δ| < π / ω ≈ 10). Head 0 is
+    sharp on every axis, head 1 wide in time. Any grid: positions come from the Conv3d output's shape."""
+
+    def __init__(self, dim=16):
+        super().__init__()
+        self.embed = nn.Conv3d(1, dim, (1, 2, 2), stride=(1, 2, 2))
+        self.v = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+        self.register_buffer("alpha", torch.tensor([[6.0, 6.0, 6.0], [1.5, 6.0, 6.0]]))
+
+    def forward(self, x):
+        z = self.embed(x)
+        B, D, T, H, W = z.shape
+        z = z.flatten(2).transpose(1, 2)  # [B, L, D] frame-major
+        axes = [torch.arange(T).repeat_interleave(H * W), torch.arange(H).repeat_interleave(W).repeat(T),
+                torch.arange(W).repeat(T * H)]
+        feats = []
+        for a, p in enumerate(axes):
+            ang = OMEGA * p.float()
+            feats += [self.alpha[:, a, None] * torch.cos(ang), self.alpha[:, a, None] * torch.sin(ang)]
+        qk = torch.stack(feats, -1)  # [heads, L, 6]
+        qk = F.pad(qk, (0, 2))[None].expand(B, -1, -1, -1)
+        v = self.v(z).view(B, -1, 2, D // 2).transpose(1, 2)
+        o = F.scaled_dot_product_attention(qk, qk, v, scale=1.0)
+        return self.proj(o.transpose(1, 2).reshape(B, -1, D))
+
+
+def clip(frames, side, seed=0):
+    return (torch.randn(1, 1, frames, 2 * side, 2 * side, generator=torch.Generator().manual_seed(seed)),)
+
+
+CONFIG = {"passes": [{"head_patterns": {"block": 16, "recall": 0.9, "min_saving": 0.0,
+                                        "patterns": ["dense", "window_3d"]}},
+                     {"sparse_attention": {"max_density": 1.0}}]}
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    torch.manual_seed(0)
+    model = LocalVideo().eval()
+    calib = [clip(4, 6, s) for s in range(2)]
+    return model, sg.compile(model, CONFIG, example_inputs=clip(4, 6), calibration=calib, quiet=True)
+
+
+def _masked_reference(model, x, extents, grid, block):
+    """The model with its SDPA given the element mask of the window layouts (dense masked attention)."""
+    allowed = torch.stack([attention_layouts.window_block_mask(e, grid, block) for e in extents])
+    idx = torch.arange(math.prod(grid)) // block
+    bias = torch.where(allowed[:, idx][:, :, idx], 0.0, float("-inf"))
+    real = F.scaled_dot_product_attention
+
+    def masked(q, k, v, **kw):
+        return real(q, k, v, attn_mask=bias, **kw)
+
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(F, "scaled_dot_product_attention", masked)
+        return model(x)
+
+
+def _facts(cm) -> dict:
+    return cm.plan.to_json()["sites"]["attn:0"]["head_patterns"]["evidence"]
+
+
+def test_grid_found_and_window_heads_chosen(fitted):
+    _, cm = fitted
+    facts = _facts(cm)
+    assert facts["grid"] == [4, 6, 6]
+    heads = facts["heads"]
+    assert [h["pattern"] for h in heads] == ["window_3d", "window_3d"]
+    (t0, h0, w0), (t1, h1, w1) = (h["params"]["extent"] for h in heads)
+    assert h0 == w0 and h1 == w1 and h0 <= 2  # sharp in space in both heads (symmetric in h and w)
+    assert t1 > t0  # head 1 is wide in time
+    assert all(h["recall"] >= 0.9 and h["density"] < 1.0 for h in heads)
+    stats = cm.plan.passes["sparse_attention"]["stats"]
+    assert stats["rewritten"] == 1 and stats["counters"]["sparse_heads"] == 2
+
+
+def test_compiled_output_matches_dense_masked_attention(fitted):
+    model, cm = fitted
+    x = clip(4, 6, seed=5)[0]
+    facts = _facts(cm)
+    extents = [h["params"]["extent"] for h in facts["heads"]]
+    with torch.no_grad():
+        got = cm(x)
+    torch.testing.assert_close(got, _masked_reference(model, x, extents, (4, 6, 6), 16), rtol=1e-5, atol=1e-5)
+
+
+def test_replay_at_another_grid_respecialises_window_heads(fitted):
+    model, cm = fitted
+    replayed = sg.compile(model, plan=cm.plan, example_inputs=clip(6, 8), quiet=True)
+    assert replayed.plan.passes["sparse_attention"]["stats"]["counters"]["respecialised_window_heads"] == 2
+    node = next(n for n in replayed.graph_module.graph.nodes if n.target is OP.overload)
+    table = getattr(replayed.graph_module, node.args[3].target)
+    assert table[:, attention_layouts.HEADER + 3:attention_layouts.HEADER + 6].tolist() == [[6, 8, 8]] * 2
+    facts = _facts(cm)
+    extents = [h["params"]["extent"] for h in facts["heads"]]
+    x = clip(6, 8, seed=3)[0]
+    with torch.no_grad():
+        got = replayed(x)
+    torch.testing.assert_close(got, _masked_reference(model, x, extents, (6, 8, 8), 16), rtol=1e-5, atol=1e-5)
+
+
+def test_block_offset_heads_are_refused_at_another_grid():
+    torch.manual_seed(0)
+    model = LocalVideo().eval()
+    config = {"passes": [{"head_patterns": {"block": 16, "recall": 0.9, "min_saving": 0.0,
+                                            "patterns": ["dense", "multi_diagonal"]}},
+                         {"sparse_attention": {"max_density": 1.0}}]}
+    cm = sg.compile(model, config, example_inputs=clip(4, 6), calibration=[clip(4, 6, 1)], quiet=True)
+    facts = _facts(cm)
+    assert {h["pattern"] for h in facts["heads"]} == {"multi_diagonal"}
+    sg.compile(model, plan=cm.plan, example_inputs=clip(4, 6), quiet=True)  # same grid: fine
+    with pytest.raises(PlanError, match=r"4x6x6 .*6x8x8.*multi_diagonal.*window_3d"):
+        sg.compile(model, plan=cm.plan, example_inputs=clip(6, 8), quiet=True)
+
+
+def test_grid_option_must_match_the_site():
+    model = LocalVideo().eval()
+    config = {"passes": [{"head_patterns": {"block": 16, "grid": [4, 6, 5]}}, {"sparse_attention": {}}]}
+    with pytest.raises(PassError, match=r"grid \[4, 6, 5\] has 120 tokens"):
+        sg.compile(model, config, example_inputs=clip(4, 6), calibration=[clip(4, 6, 1)], quiet=True)
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_window_heads_export_to_onnx(fitted, tmp_path):
+    """The ONNX translation lays window rows out at the token level (`onnx_window_mask`); export_onnx
+    checks onnxruntime against PyTorch at the example inputs (1e-4 × max(1, |output|))."""
+    _, cm = fitted
+    cm.export_onnx(str(tmp_path / "window.onnx"))
