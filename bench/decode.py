@@ -18,7 +18,9 @@ A second table times one decode step's attention alone at long caches (``--cache
 traced step does it (Hugging Face's ``repeat_kv`` copy of the cache, then masked SDPA), dense SDPA with
 ``enable_gqa`` (no copy: the fastest dense form here), and ``sparsegraph::decode_attention`` reading 10%
 of the 64-slot blocks, static (a sink block and a local window) and dynamic (blocks of highest
-block-mean q·k per kv head, chosen every step).
+block-mean q·k per kv head, chosen every step), and onnxruntime's own CPU ``com.microsoft::SparseAttention``
+with the static layout (its cache bound in place by IO binding, which the op demands; see
+`ort_sparse_attention`).
 
 Time per generated token: the decode steps only (every token after the first), measured as the mean
 interval between consecutive tokens; for HF by a logits processor that stamps the clock when each token
@@ -156,9 +158,9 @@ def main(argv: list[str] | None = None) -> int:
                           f"blocks of 64 slots, {args.read:.0%} of the blocks read; median of 15 interleaved "
                           "calls.", "",
                       *table(["cache slots", *next(iter(attention.values())),
-                              *(f"speed-up of {k} vs HF-style / vs GQA SDPA" for k in ("static", "dynamic"))],
+                              *(f"speed-up of {k} vs HF-style / vs GQA SDPA" for k in _LABELS.values())],
                              [[n, *(f"{v:.2f}" for v in row.values()),
-                               *(f"{row[_HF] / row[k]:.1f}x / {row[_GQA] / row[k]:.2f}x" for k in _SPARSE)]
+                               *(f"{row[_HF] / row[k]:.1f}x / {row[_GQA] / row[k]:.2f}x" for k in _LABELS)]
                               for n, row in attention.items()]), ""])
     write(args.out, args.name, results, md)
     return 0
@@ -166,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
 
 _HF, _GQA = "dense (repeat_kv + SDPA) ms", "dense SDPA enable_gqa ms"
 _SPARSE = ("static sink + local ms", "dynamic (block-mean q·k) ms")
+_ORT = "onnxruntime SparseAttention, static ms"
+_LABELS = {_SPARSE[0]: "static", _SPARSE[1]: "dynamic", _ORT: "onnxruntime static"}
 
 
 def attention_table(lengths: list[int], read: float) -> dict[int, dict[str, float]]:
@@ -184,11 +188,63 @@ def _attention_step(slots: int, read: float, heads: int = 32, kv_heads: int = 4,
                                        "params": {"sinks": 1, "window": listed - 1}}] * heads)
     sink = attention_layouts.table([{"pattern": "sink_local", "params": {"sinks": 1, "window": 1}}] * heads)
     scale = dim ** -0.5
+    ort_step = ort_sparse_attention(q, k, v, static, block, scale)
     times = compare({
         _HF: lambda: torch.nn.functional.scaled_dot_product_attention(
             q, repeat_kv(k, heads), repeat_kv(v, heads), attn_mask=mask, scale=scale),
         _GQA: lambda: decode_attention.dense(q, k, v, mask, static, 0.0, block, scale),
         _SPARSE[0]: lambda: decode_attention.cpu(q, k, v, mask, static, 0.0, block, scale),
         _SPARSE[1]: lambda: decode_attention.cpu(q, k, v, mask, sink, read, block, scale),
+        _ORT: ort_step,
     }, warmup=3, repeats=15)
     return {name: t * 1e3 for name, t in times.items()}
+
+
+def ort_sparse_attention(q, k, v, table, block: int, scale: float):
+    """onnxruntime's ``com.microsoft::SparseAttention`` (CPU) as one decode step over the cache (k, v),
+    the query the last slot's, the table laid out as the op's square causal CSR layout (its row for the
+    last block is what `decode_attention` reads); a call that runs it, after checking its output against
+    `decode_attention.reference` (≤ 1e-5). The op appends the step's key and value to its past itself
+    and refuses past and present in different buffers (``past_key->DataRaw() == present_key->DataRaw()``),
+    so the cache must be a graph input and output bound to one buffer (IO binding), as here."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    _, heads, _, dim = q.shape
+    kv_heads, slots = k.shape[1], k.shape[2]
+    nk = -(-slots // block)
+    listed = attention_layouts.block_mask(table[:1], nk, nk, True)[0]
+    rows = torch.cat([torch.zeros(1, dtype=torch.long), listed.sum(-1).cumsum(0)]).int()[None]
+    cols = listed.nonzero()[:, 1].int()[None]
+    node = helper.make_node("SparseAttention", ["q", "k", "v", "past_k", "past_v", "rows", "cols", "total",
+                                                "key_total"], ["out", "present_k", "present_v"],
+                            domain="com.microsoft", num_heads=heads, kv_num_heads=kv_heads,
+                            sparse_block_size=block, scale=scale)
+    floats = {"q": [1, 1, heads * dim], "k": [1, 1, kv_heads * dim], "v": [1, 1, kv_heads * dim],
+              "past_k": list(k.shape), "past_v": list(v.shape)}
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in floats.items()]
+    ints = {"rows": [1, None], "cols": [1, None], "total": [1], "key_total": [1]}
+    inputs += [helper.make_tensor_value_info(n, TensorProto.INT32, s) for n, s in ints.items()]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("out", "present_k",
+                                                                                    "present_v")]
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(helper.make_graph([node], "step", inputs, outputs), opset_imports=opsets)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    flat = {"q": q.transpose(1, 2).reshape(1, 1, -1), "k": k[:, :, -1:].transpose(1, 2).reshape(1, 1, -1),
+            "v": v[:, :, -1:].transpose(1, 2).reshape(1, 1, -1), "past_k": k.clone(), "past_v": v.clone(),
+            "rows": rows, "cols": cols, "total": torch.tensor([slots], dtype=torch.int32),
+            "key_total": torch.tensor([slots], dtype=torch.int32)}
+    bound = {n: ort.OrtValue.ortvalue_from_numpy(t.contiguous().numpy()) for n, t in flat.items()}
+    binding = session.io_binding()
+    for name, value in bound.items():
+        binding.bind_ortvalue_input(name, value)
+    binding.bind_output("out")
+    binding.bind_ortvalue_output("present_k", bound["past_k"])
+    binding.bind_ortvalue_output("present_v", bound["past_v"])
+    session.run_with_iobinding(binding)
+    out = torch.from_numpy(binding.copy_outputs_to_cpu()[0]).view(1, 1, heads, dim).transpose(1, 2)
+    expected = decode_attention.reference(q, k, v, torch.zeros(1, 1, 1, slots), table, 0.0, block, scale)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+    return lambda: session.run_with_iobinding(binding)
