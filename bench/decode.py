@@ -231,6 +231,7 @@ def ort_sparse_attention(q, k, v, table, block: int, scale: float):
     model = helper.make_model(helper.make_graph([node], "step", inputs, outputs), opset_imports=opsets)
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as our sessions (findings)
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     flat = {"q": q.transpose(1, 2).reshape(1, 1, -1), "k": k[:, :, -1:].transpose(1, 2).reshape(1, 1, -1),
             "v": v[:, :, -1:].transpose(1, 2).reshape(1, 1, -1), "past_k": k.clone(), "past_v": v.clone(),
