@@ -1,6 +1,6 @@
 """window_3d through head_patterns and sparse_attention: the grid found from the Conv3d, what was chosen,
 outputs against dense masked attention, and the resolution rule (window heads re-specialised at another
-grid on replay, block-offset heads refused)."""
+grid on replay, block-offset heads refused). Each compile exports a graph (seconds on 2 cores): slow + ci."""
 
 import math
 
@@ -83,6 +83,8 @@ def _facts(cm) -> dict:
     return cm.plan.to_json()["sites"]["attn:0"]["head_patterns"]["evidence"]
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_grid_found_and_window_heads_chosen(fitted):
     _, cm = fitted
     facts = _facts(cm)
@@ -97,6 +99,8 @@ def test_grid_found_and_window_heads_chosen(fitted):
     assert stats["rewritten"] == 1 and stats["counters"]["sparse_heads"] == 2
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_compiled_output_matches_dense_masked_attention(fitted):
     model, cm = fitted
     x = clip(4, 6, seed=5)[0]
@@ -107,6 +111,8 @@ def test_compiled_output_matches_dense_masked_attention(fitted):
     torch.testing.assert_close(got, _masked_reference(model, x, extents, (4, 6, 6), 16), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_replay_at_another_grid_respecialises_window_heads(fitted):
     model, cm = fitted
     replayed = sg.compile(model, plan=cm.plan, example_inputs=clip(6, 8), quiet=True)
@@ -122,6 +128,8 @@ def test_replay_at_another_grid_respecialises_window_heads(fitted):
     torch.testing.assert_close(got, _masked_reference(model, x, extents, (6, 8, 8), 16), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_block_offset_heads_are_refused_at_another_grid():
     torch.manual_seed(0)
     model = LocalVideo().eval()
@@ -150,3 +158,37 @@ def test_window_heads_export_to_onnx(fitted, tmp_path):
     checks onnxruntime against PyTorch at the example inputs (1e-4 × max(1, |output|))."""
     _, cm = fitted
     cm.export_onnx(str(tmp_path / "window.onnx"))
+
+
+class LocalTokens(LocalVideo):
+    """`LocalVideo` fed tokens [B, L, D] directly (no Conv3d: the grid cannot be found in the graph)."""
+
+    def __init__(self, grid):
+        super().__init__()
+        self.grid = grid
+
+    def forward(self, z):
+        B, _, D = z.shape
+        T, H, W = self.grid
+        x = z.transpose(1, 2).reshape(B, D, T, H, W)
+        embed, self.embed = self.embed, nn.Identity()
+        try:
+            return super().forward(x)
+        finally:
+            self.embed = embed
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_without_a_grid_window_3d_is_not_a_candidate_until_the_option_gives_it():
+    torch.manual_seed(0)
+    model = LocalTokens((4, 6, 6)).eval()
+    tokens = [(torch.randn(1, 144, 16, generator=torch.Generator().manual_seed(s)),) for s in range(2)]
+    cm = sg.compile(model, CONFIG, example_inputs=tokens[0], calibration=tokens, quiet=True)
+    facts = _facts(cm)
+    assert "grid" not in facts and {h["pattern"] for h in facts["heads"]} == {"dense"}
+    with_grid = {"passes": [{"head_patterns": {**CONFIG["passes"][0]["head_patterns"], "grid": [4, 6, 6]}},
+                            CONFIG["passes"][1]]}
+    cm = sg.compile(model, with_grid, example_inputs=tokens[0], calibration=tokens, quiet=True)
+    facts = _facts(cm)
+    assert facts["grid"] == [4, 6, 6] and [h["pattern"] for h in facts["heads"]] == ["window_3d"] * 2
