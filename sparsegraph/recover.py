@@ -50,9 +50,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import itertools
 import math
+import re
 import time
 from collections.abc import Iterator
 
@@ -68,6 +70,7 @@ from sparsegraph.codegen.sparse_linear import OP as SPARSE_LINEAR
 from sparsegraph.context import Batch
 from sparsegraph.errors import CalibrationError, ConfigError, InputError
 from sparsegraph.observe import check_calibration
+from sparsegraph.passes.rewrite import nm_weights
 from sparsegraph.plan import RECOVERY, SparsityPlan
 from sparsegraph.sections import Section, Table
 from sparsegraph.trace import trace
@@ -109,6 +112,8 @@ def recover(cm, data, *, steps: int = 200, lr: float = 1e-4, seed: int = 0, laye
         raise ConfigError("recover found no weights to train: the compile rewrote no linear layer or 1x1 "
                           "convolution (neuron pruning, N:M weights, activation sparsity or conv sparsity "
                           "add them); compile with one of those")
+    progressive = _progressive(gm, cm.plan, source)
+    names = [name for name in names if name not in {layer.values for layer in progressive}]
     params = [_own_copy(gm, name) for name in names]
     sync = _mirrors(gm, set(names))
     targets = _targets(source, batches, cm.example if layers else None)
@@ -116,15 +121,21 @@ def recover(cm, data, *, steps: int = 200, lr: float = 1e-4, seed: int = 0, laye
     backend = cm.config.backend if cm.config.backend in KERNEL_BACKENDS else "auto"
     with use_backend(backend):
         before = _mean_loss(loss, batches, targets)
-        curve = _train(loss, params, batches, targets, steps, lr, seed, quiet, sync)
+        train_gm, tighten = _progressive_graph(gm, progressive, steps)
+        curve = _train(functools.partial(_loss, train_gm, layers=layers),
+                       params + [layer.weight for layer in progressive], batches, targets, steps, lr, seed,
+                       quiet, sync, tighten)
+        _pack_progressive(gm, progressive)
         after = _mean_loss(loss, batches, targets)
     for p in params:
         p.requires_grad_(False)
     run = {"options": {"steps": steps, "lr": lr, "seed": seed, "layers": layers, "batches": len(batches),
                        "loss": LOSS},
            "loss_before": before, "loss_after": after, "curve": _thin(curve), "trained": names,
-           "parameters": sum(p.numel() for p in params)}
-    plan = _recorded(cm.plan, run)
+           "parameters": sum(p.numel() for p in params) + sum(int(layer.mask.sum()) for layer in progressive)}
+    if progressive:
+        run["progressive"] = {layer.path: [list(stage) for stage in layer.stages] for layer in progressive}
+    plan = _recorded(cm.plan, run, progressive)
     timings = {**cm.timings, NAME: cm.timings.get(NAME, 0.0) + time.perf_counter() - start}
     out = type(cm)(gm, plan, cm.config, cm.example, cm.model_class, cm.dense_cost, cm.dense_site_costs,
                    timings)
@@ -168,12 +179,13 @@ def report_section(entry: dict) -> Section:
 # -- training ------------------------------------------------------------------------------------------------
 
 
-def _train(loss_of, params, batches, targets, steps, lr, seed, quiet, sync) -> list[float]:
+def _train(loss_of, params, batches, targets, steps, lr, seed, quiet, sync, before_step) -> list[float]:
     optimizer = torch.optim.Adam(params, lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     order = _order(len(batches), steps, seed)
     curve = []
     for step, index in enumerate(order):
+        before_step(step)
         loss = loss_of(batches[index], targets[index])
         if not math.isfinite(loss.item()):
             raise CalibrationError(f"recover: the loss is {loss.item()} at step {step} (batch {index}): "
@@ -300,8 +312,9 @@ def _attr(gm: torch.nn.Module, name: str) -> torch.Tensor:
     return getattr(gm.get_submodule(owner) if owner else gm, leaf)
 
 
-def _own_copy(gm: torch.fx.GraphModule, name: str) -> torch.Tensor:
-    """Give `gm` its own copy of tensor `name` (the input model keeps the original), ready to train."""
+def _own_copy(gm: torch.fx.GraphModule, name: str, train: bool = True) -> torch.Tensor:
+    """Give `gm` its own copy of tensor `name` (the input model keeps the original), ready to train (with
+    `train`) or to be written."""
     owner, _, leaf = name.rpartition(".")
     module = gm.get_submodule(owner) if owner else gm
     old = getattr(module, leaf)
@@ -310,7 +323,7 @@ def _own_copy(gm: torch.fx.GraphModule, name: str) -> torch.Tensor:
         setattr(module, leaf, torch.nn.Parameter(new))
     else:
         module.register_buffer(leaf, new)
-    return getattr(module, leaf).requires_grad_(True)
+    return getattr(module, leaf).requires_grad_(train)
 
 
 def _mirrors(gm: torch.fx.GraphModule, trained: set[str]):
@@ -324,7 +337,7 @@ def _mirrors(gm: torch.fx.GraphModule, trained: set[str]):
         weight, _, values, indices, indptr = node.args[1:6]
         if values.target not in trained:
             continue
-        mirror = _own_copy(gm, weight.target).requires_grad_(False)
+        mirror = _own_copy(gm, weight.target, train=False)
         pairs.append((mirror, _attr(gm, values.target), _attr(gm, indices.target), _attr(gm, indptr.target)))
 
     @torch.no_grad()
@@ -335,6 +348,100 @@ def _mirrors(gm: torch.fx.GraphModule, trained: set[str]):
     return sync
 
 
+@dataclasses.dataclass
+class _Progressive:
+    """An ``nm_linear`` whose plan decision is ``schedule: progressive`` (`nm_weights`), while it trains: its
+    dense weight (a copy of the model's), its current mask and schedule, the graph attributes of its packed
+    values and offsets."""
+
+    node: str
+    site: str
+    path: str
+    n: int
+    m: int
+    ramp: float
+    values: str
+    offsets_name: str
+    weight: torch.Tensor
+    mask: torch.Tensor
+    stages: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    offsets: torch.Tensor | None = None
+
+
+def _progressive(gm: torch.fx.GraphModule, plan: SparsityPlan, source: torch.nn.Module) -> list[_Progressive]:
+    """The ``nm_linear`` layers whose ``nm_weights`` decision is progressive, each with a trainable copy of
+    its dense weight from `source` (the model, found by the layer's module path) under a dense mask."""
+    out = []
+    for node in gm.graph.nodes:
+        info = meta.get(node)
+        if node.target is not NM_LINEAR.overload or info is None:
+            continue
+        decided = plan.sites.get(info.site, {}).get("nm_weights", {}).get("decision", {})
+        path = ir.module_path(node)  # the linear's (its provenance); else from the name nm_weights gave
+        if path not in decided:  # its values (graph_edit.add_tensor: "sg_" + path with "_" for "." …)
+            path = next((p for p in decided if node.args[1].target.startswith(
+                "sg_" + re.sub(r"\W", "_", p) + "_nm_values")), path)
+        d = decided.get(path, {})
+        if d.get("schedule") != "progressive":
+            continue
+        try:
+            dense = source.get_submodule(path).weight
+        except AttributeError as e:
+            raise InputError(f"recover: the progressive N:M layer {path!r} has no weight at that path in "
+                             "the model it was compiled from; compile it with schedule: one-shot") from e
+        weight = dense.detach().float().clone().requires_grad_(True)
+        out.append(_Progressive(node.name, info.site, path, d["n"], d["m"], d["ramp"], node.args[1].target,
+                                node.args[2].target, weight, torch.ones_like(weight, dtype=torch.bool)))
+    return out
+
+
+def _progressive_graph(gm: torch.fx.GraphModule, layers: list[_Progressive], steps: int):
+    """``(graph to train, hook run before each step)``: with no progressive layer, `gm` itself and a hook
+    that does nothing; else a copy of `gm` sharing its tensors in which each such ``nm_linear`` is
+    ``linear(x, W ⊙ M, b)``, and a hook that tightens M at the schedule's steps (`nm_weights.stages`,
+    `nm_weights.tighten`)."""
+    if not layers:
+        return gm, lambda step: None
+    train = graph_edit.sharing_copy(gm)
+    nodes = {node.name: node for node in train.graph.nodes}
+    for i, layer in enumerate(layers):
+        node = nodes[layer.node]
+        layer.stages = nm_weights.stages(layer.n, layer.m, layer.ramp, steps)
+        train.register_parameter(f"_progressive_{i}_weight", torch.nn.Parameter(layer.weight))
+        layer.weight = train.get_parameter(f"_progressive_{i}_weight")
+        train.register_buffer(f"_progressive_{i}_mask", layer.mask)
+        graph = train.graph
+        with graph.inserting_before(node):
+            w = graph.get_attr(f"_progressive_{i}_weight")
+            mask = graph.get_attr(f"_progressive_{i}_mask")
+            masked = graph.call_function(torch.ops.aten.mul.Tensor, (w, mask))
+            new = graph.call_function(torch.ops.aten.linear.default, (node.args[0], masked, node.args[3]))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+    train.recompile()
+
+    @torch.no_grad()
+    def hook(step: int) -> None:
+        for layer in layers:
+            for start, kept in layer.stages:
+                if start == step and kept < layer.m:
+                    layer.mask.copy_(nm_weights.tighten(layer.weight, layer.mask, kept, layer.m))
+
+    return train, hook
+
+
+def _pack_progressive(gm: torch.fx.GraphModule, layers: list[_Progressive]) -> None:
+    """Write each progressive layer's trained weight at its final mask into its own copies of the values
+    and offsets of `gm`'s ``nm_linear``."""
+    for layer in layers:
+        values, offsets = nm_weights.pack_mask(layer.weight, layer.mask, layer.n, layer.m)
+        for name, tensor in ((layer.values, values), (layer.offsets_name, offsets)):
+            _own_copy(gm, name, train=False).copy_(tensor)
+        layer.offsets = offsets
+        layer.weight.requires_grad_(False)
+
+
 def _thin(curve: list[float]) -> list[float]:
     """At most `CURVE_POINTS` points: the means of equal spans of steps."""
     if len(curve) <= CURVE_POINTS:
@@ -343,9 +450,15 @@ def _thin(curve: list[float]) -> list[float]:
     return [sum(curve[a:b]) / (b - a) for a, b in itertools.pairwise(edges)]
 
 
-def _recorded(plan: SparsityPlan, run: dict) -> SparsityPlan:
-    """A copy of `plan` with `run` appended to its ``recover`` entry (made if missing)."""
+def _recorded(plan: SparsityPlan, run: dict, progressive: list[_Progressive]) -> SparsityPlan:
+    """A copy of `plan` with `run` appended to its ``recover`` entry (made if missing), and the kept
+    positions of `progressive` layers (their final masks) as their ``nm_weights`` evidence."""
     out = SparsityPlan.from_json(copy.deepcopy(plan.to_json()))
+    for layer in progressive:
+        evidence = out.sites[layer.site]["nm_weights"]["evidence"][layer.path]
+        evidence["positions_sha256"] = nm_weights.positions_digest(layer.offsets)
+        evidence["kept_magnitude"] = float((layer.weight * layer.mask).abs().sum()
+                                           / layer.weight.abs().sum().clamp(min=1e-30))
     runs = out.passes.get(NAME, {}).get("summary", {}).get("runs", [])
     out.passes[NAME] = {"kind": RECOVERY, "options": run["options"]}
     out.set_summary(NAME, {"runs": [*runs, run]})

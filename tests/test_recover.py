@@ -208,3 +208,44 @@ def test_recover_efficientnet_conv_sparsity(tmp_path):
     loaded = sg.load(rc.save(tmp_path / "model"))
     with torch.no_grad():
         assert torch.equal(loaded(x), ours)
+
+
+def test_recover_progressive_nm_ends_at_the_recorded_2_4_mask(tmp_path):
+    """``schedule: progressive``: recovery tightens the mask dense → 3:4 → 2:4 while it trains; the result
+    is a valid 2:4 layer whose kept positions are the ones the plan records (its hash), lower in loss than
+    the one-shot model; the user's model is untouched; replay is refused, the saved model keeps it."""
+    from sparsegraph.codegen.nm_linear import OP, nm_unpack
+    from sparsegraph.passes.rewrite.nm_weights import positions_digest
+
+    torch.manual_seed(0)
+    model, example = models.load("explicit_attention")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = _batches(example, count=4, seed=1)
+    config = {"passes": [{"nm_weights": {"roles": ["mlp.up", "mlp.down"], "schedule": "progressive"}}]}
+    cm = sg.compile(model, config, example_inputs=example, calibration=batches, quiet=True)
+    rc = sg.recover(cm, batches, steps=12, lr=1e-3)
+    run = rc.plan.passes["recover"]["summary"]["runs"][0]
+    assert run["loss_after"] < run["loss_before"]
+    assert run["progressive"] and all(s == [[0, 4], [3, 3], [6, 2]] for s in run["progressive"].values())
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, state[name]), name
+    gm = rc.graph_module
+    nodes = [n for n in gm.graph.nodes if n.target is OP.overload]
+    assert len(nodes) == 6
+    moved = 0
+    for node in nodes:
+        info, path = sg.meta.get(node), sg.ir.module_path(node)
+        values, offsets = gm.get_buffer(node.args[1].target), gm.get_buffer(node.args[2].target)
+        assert node.args[4:] == (2, 4)
+        assert bool((offsets.reshape(offsets.shape[0], -1, 2).diff(dim=-1) > 0).all())  # 2 distinct of 4
+        evidence = rc.plan.sites[info.site]["nm_weights"]["evidence"][path]
+        assert evidence["positions_sha256"] == positions_digest(offsets)
+        before = cm.plan.sites[info.site]["nm_weights"]["evidence"][path]["positions_sha256"]
+        moved += before != evidence["positions_sha256"]
+        dense = nm_unpack(values, offsets, 2, 4)
+        assert bool(((dense != 0).reshape(dense.shape[0], -1, 4).sum(-1) <= 2).all())
+    assert moved  # the schedule chose other positions than one-shot magnitude somewhere
+    with pytest.raises(PlanError, match="recover"):
+        sg.compile(model, plan=rc.plan, example_inputs=example)
+    loaded = sg.load(rc.save(tmp_path / "model"))
+    assert torch.equal(loaded(*example), rc(*example))

@@ -14,7 +14,22 @@ packed like any linear).
 Counts are in linear layers: matched, rewritten, refused (with the reason); ``counters["sites"]`` is the
 number of sites touched.
 
-The plan records, per site and layer, ``n`` and ``m`` (the decision) and the share of weight magnitude
+Progressive N:M (``schedule: progressive``, after Progressive Gradient Flow and gradual magnitude
+pruning: a pretrained weight loses less when the mask tightens while it trains than when it is cut in
+one shot). The compile is the one-shot 2:4 model as above; the decision records the schedule, and
+`sparsegraph.recover` runs it: it trains the layer's dense weight W (a copy of the model's) under a mask
+M that starts dense and tightens through milder levels of the same group size, n_k = m, m−1, …, n
+(2:4: dense → 3:4 → 2:4), the level k taking over at step round(k/(m−n) · ramp · steps) (the last at
+the latest on the last step), each new mask the n_k largest |W| of every group *among those the previous
+mask kept* (`tighten`: nested masks, so a pruned weight never returns and the last mask is a valid
+n:m mask of the trained weights). The forward computes ``x (W ⊙ M)ᵀ``; pruned weights get no gradient.
+At the end the layer's values and offsets are W at the final mask (`pack_mask`), and the plan's
+``positions_sha256`` is rewritten to that mask's: plan and weights agree, and replaying the plan is
+refused as for any recovery (the trained weights, and with them the positions, are in the saved model).
+Levels share the group size m because masks of a coarser group (4:8) need not contain any 2:4 mask.
+
+The plan records, per site and layer, ``n`` and ``m`` (the decision), with ``schedule`` and ``ramp`` when
+progressive, and the share of weight magnitude
 kept plus a sha256 of the kept positions (the evidence). Replaying a plan repacks the weights and checks
 the hash, so a plan applied to changed weights is refused instead of silently pruning differently. A
 decision from a plan may name only linear layers of its site with stored weights, each with integers
@@ -25,6 +40,8 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+
+import torch
 
 from sparsegraph import graph_edit, ir, meta
 from sparsegraph.codegen.nm_linear import OP, nm_pack
@@ -46,6 +63,11 @@ class NMWeights(RewritePass):
     n: int = option(2, "weights kept in every group of m inputs", range=(1, None))
     m: int = option(4, "group size along the input dimension", range=(1, None))
     roles: tuple[str, ...] = option(LINEAR_ROLES, "roles of the linear layers to sparsify")
+    schedule: str = option("one-shot", "one-shot: the n:m mask of the model's weights; progressive: the "
+                           "same at compile, and sparsegraph.recover tightens the mask from dense while it "
+                           "trains (module docstring)", choices=("one-shot", "progressive"))
+    ramp: float = option(0.5, "progressive: share of recover's steps over which the mask tightens to n:m",
+                         range=(0.0, 1.0))
 
     def __post_init__(self):
         super().__post_init__()
@@ -78,10 +100,11 @@ class NMWeights(RewritePass):
                     raise Refused(f"n == m == {opts.m} keeps every weight (dense)")
                 values, offsets = nm_pack(parts.weight, opts.n, opts.m)
                 entry = decisions.setdefault(info.site, {"decision": {}, "evidence": {}})
-                entry["decision"][parts.module_path] = {"n": opts.n, "m": opts.m}
+                entry["decision"][parts.module_path] = {"n": opts.n, "m": opts.m, **(
+                    {"schedule": opts.schedule, "ramp": opts.ramp} if opts.schedule == "progressive" else {})}
                 entry["evidence"][parts.module_path] = {
                     "kept_magnitude": float(values.abs().sum() / parts.weight.abs().sum().clamp(min=1e-30)),
-                    "positions_sha256": _digest(offsets)}
+                    "positions_sha256": positions_digest(offsets)}
         return {site: SiteDecision(e["decision"], e["evidence"]) for site, e in decisions.items()}
 
     def check_decision(self, site, entry, gm):
@@ -95,9 +118,13 @@ class NMWeights(RewritePass):
             d.fail("names no layer; leave the site out of the plan to keep it dense")
         for path, layer in d.items():
             parts = ir.linear_parts(layers[path])
-            layer.mapping(required=("n", "m"))
+            layer.mapping(required=("n", "m"), optional=("schedule", "ramp"))
             m = layer["m"].integer(2)
             layer["n"].integer(1, m - 1)
+            if "schedule" in layer.value:
+                layer["schedule"].text(("one-shot", "progressive"))
+                layer.mapping(required=("n", "m", "schedule", "ramp"))
+                layer["ramp"].number(0.0, 1.0)
             if parts.weight is None:
                 layer.fail("the layer's weight is computed in the graph, not a stored parameter")
             if parts.in_features % m:
@@ -117,7 +144,7 @@ class NMWeights(RewritePass):
                 n, m = layer.decision[parts.module_path]["n"], layer.decision[parts.module_path]["m"]
                 values, offsets = nm_pack(parts.weight, n, m)
                 expected = layer.evidence.get(parts.module_path, {}).get("positions_sha256")
-                if expected is not None and expected != _digest(offsets):
+                if expected is not None and expected != positions_digest(offsets):
                     raise PlanError(f"the weights of {parts.module_path} differ from those the plan was made "
                                     "with (kept positions changed); make a new plan for these weights")
                 bias = graph_edit.linear_bias_node(node)
@@ -134,5 +161,38 @@ def _linears(gm):
             if ir.kind(n) == "linear" and meta.get(n) is not None and meta.get(n).role in LINEAR_ROLES]
 
 
-def _digest(offsets) -> str:
+def positions_digest(offsets: torch.Tensor) -> str:
+    """The sha256 of the kept positions (uint8 offsets) that the plan records as evidence."""
     return hashlib.sha256(offsets.contiguous().numpy().tobytes()).hexdigest()
+
+
+def stages(n: int, m: int, ramp: float, steps: int) -> list[tuple[int, int]]:
+    """The progressive schedule over `steps` training steps: ``(first step, kept per group)`` for each level
+    n_k = m, m−1, …, n (module docstring); the last level starts at the latest on the last step."""
+    levels = list(range(m, n - 1, -1))
+    last = len(levels) - 1
+    return [(0 if k == 0 else min(round(k / last * ramp * steps), steps - 1), level)
+            for k, level in enumerate(levels)]
+
+
+def tighten(weight: torch.Tensor, mask: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """The mask keeping the `n` largest |`weight`| of every group of `m` inputs among those `mask` keeps
+    (bool, the shape of `weight`, at least `n` kept per group); ties go to the lower position, as
+    `nm_pack`'s."""
+    out_f, in_f = weight.shape
+    score = weight.detach().abs().double().masked_fill(~mask, -1.0).reshape(out_f, in_f // m, m)
+    order = torch.sort(-score, dim=-1, stable=True).indices[..., :n]
+    new = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, order, True)
+    return new.reshape(out_f, in_f)
+
+
+def pack_mask(weight: torch.Tensor, mask: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values, offsets)`` as `nm_pack` gives them, of `weight` at `mask` (exactly `n` kept in every group
+    of `m`): the kept positions are the mask's, whatever the values (a kept weight trained to 0 stays)."""
+    out_f, in_f = weight.shape
+    groups = mask.reshape(out_f, in_f // m, m)
+    if not bool((groups.sum(-1) == n).all()):
+        raise ValueError(f"the mask does not keep exactly {n} of every {m}")
+    offsets = torch.sort((~groups).to(torch.int8), dim=-1, stable=True).indices[..., :n]
+    values = torch.gather(weight.detach().reshape(out_f, in_f // m, m), -1, offsets)
+    return values.reshape(out_f, -1).contiguous(), offsets.reshape(out_f, -1).to(torch.uint8).contiguous()

@@ -101,3 +101,47 @@ def test_a_fused_gate_up_needs_both_roles(fused_gated):
     cm = _compile(model, example, roles=["mlp.up", "mlp.gate", "mlp.down"])
     assert [sg.meta.get(n).role for n in cm.graph_module.graph.nodes if n.target is OP.overload] == [
         "mlp.up", "mlp.down"]
+
+
+def test_progressive_stages_and_masks():
+    """The schedule goes dense → 3:4 → 2:4 over the ramp, the last level at the latest on the last step;
+    each mask is nested in the one before and the last keeps exactly n of every m, packed at its own
+    positions (a kept weight trained to zero stays kept)."""
+    from sparsegraph.passes.rewrite.nm_weights import pack_mask, stages, tighten
+
+    assert stages(2, 4, 0.5, 100) == [(0, 4), (25, 3), (50, 2)]
+    assert stages(2, 4, 1.0, 10) == [(0, 4), (5, 3), (9, 2)]
+    assert stages(1, 4, 0.0, 10) == [(0, 4), (0, 3), (0, 2), (0, 1)]
+    w = torch.randn(6, 16, generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(w, dtype=torch.bool)
+    three = tighten(w, mask, 3, 4)
+    w2 = w.clone()
+    w2[~three] = 100.0  # a pruned weight that grew back large is still pruned
+    two = tighten(w2, three, 2, 4)
+    assert bool((two <= three).all()) and bool((two.reshape(6, 4, 4).sum(-1) == 2).all())
+    row, col = two.nonzero()[0].tolist()
+    w2[row, col] = 0.0
+    values, offsets = pack_mask(w2, two, 2, 4)
+    assert torch.equal(nm_unpack(values, offsets, 2, 4) != 0, two & (w2 != 0))
+    assert torch.equal(nm_unpack(values, offsets, 2, 4), w2 * two)
+    one_shot = nm_pack(w, 2, 4)
+    assert torch.equal(pack_mask(w, tighten(w, mask, 2, 4), 2, 4)[1], one_shot[1])
+    with pytest.raises(ValueError, match="exactly 2 of every 4"):
+        pack_mask(w, three, 2, 4)
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_progressive_is_recorded_and_compiles_one_shot(explicit):
+    """At compile, progressive is the one-shot model; the decision records the schedule; plans of the
+    one-shot schedule do not change (no key added)."""
+    model, example = explicit
+    one = _compile(model, example, roles=["mlp.up"])
+    prog = _compile(model, example, roles=["mlp.up"], schedule="progressive", ramp=0.25)
+    assert torch.equal(prog(*example), one(*example))
+    def decisions(cm):
+        return [d for s in cm.plan.sites.values() for d in s["nm_weights"]["decision"].values()]
+
+    assert decisions(prog) and all(d == {"n": 2, "m": 4, "schedule": "progressive", "ramp": 0.25}
+                                   for d in decisions(prog))
+    assert decisions(one) and all(d == {"n": 2, "m": 4} for d in decisions(one))
