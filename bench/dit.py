@@ -4,8 +4,9 @@ The model: ``MovingDigitsDiT`` (`sparsegraph.models.moving_digits_dit`) when tha
 stand-in below of the same layout (Conv3d patchify with tokens frame-major, 3-D sinusoidal positions
 that extend to any grid, AdaLN-Zero blocks, ``qkv`` Linear → SDPA → ``proj``, GELU MLP); random weights
 (speed does not depend on them), ``--depth`` blocks (a step is the same work per block, so a few blocks
-give the per-step ratio), width ``--dim`` with ``--heads`` heads. Clips are ``T`` frames of 32 × 32
-tokens (patch 1 × 2 × 2 over 64 × 64 pixels): 8, 16, 32 frames = 8k, 16k, 32k tokens.
+give the per-step ratio), width ``--dim`` with ``--heads`` heads (defaults: the trained model's 128 and
+4 heads of 32). Clips are ``T`` token frames of 32 × 32 tokens (its patch 2 × 4 × 4: 2T frames of
+128 × 128 pixels): 8, 16, 32 token frames = 8k, 16k, 32k tokens.
 
 Patterns: the plan is made once, at a short clip (``--calib-frames`` frames of 8 × 8 tokens, the size the
 model is trained at), by ``head_patterns`` with ``window_3d`` among its candidates (the grid found from
@@ -48,7 +49,7 @@ from sparsegraph.codegen import cpu_kernels
 # extents [a_t, a_h, a_w] in tokens of the 32 × 32 canvas (module docstring); cycled over the heads
 ASSIGNMENT = [[1, 4, 4], [2, 8, 8], [0, 31, 31], [31, 1, 1], [4, 2, 2], [1, 16, 16]]
 CANVAS = 32  # tokens per side at the long sizes
-PATCH = (1, 2, 2)
+PATCH = (2, 4, 4)  # MovingDigitsDiT's
 
 
 # ------------------------------------------------------------------------------------------ stand-in
@@ -86,7 +87,7 @@ class _Block(nn.Module):
 class StandInDiT(nn.Module):
     """A class-conditional video DiT of MovingDigitsDiT's layout (module docstring); any clip size."""
 
-    def __init__(self, frames, height, width, patch=PATCH, dim=384, depth=2, heads=6, mlp_ratio=4.0,
+    def __init__(self, frames, height, width, patch=PATCH, dim=128, depth=2, heads=4, mlp_ratio=4.0,
                  num_classes=10):
         super().__init__()
         self.patch, self.dim = tuple(patch), dim
@@ -277,8 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frames", type=int, nargs="+", default=[8, 16, 32],
                     help="clip lengths in frames of 32 x 32 tokens (8, 16, 32: 8k, 16k, 32k tokens)")
     ap.add_argument("--canvas", type=int, default=CANVAS, help="tokens per side of a frame")
-    ap.add_argument("--dim", type=int, default=384)
-    ap.add_argument("--heads", type=int, default=6)
+    ap.add_argument("--dim", type=int, default=128, help="width (MovingDigitsDiT's: 128)")
+    ap.add_argument("--heads", type=int, default=4, help="heads (MovingDigitsDiT's: 4 of 32)")
     ap.add_argument("--depth", type=int, default=2, help="blocks (a step is the same work per block)")
     ap.add_argument("--block", type=int, default=64)
     ap.add_argument("--calib-frames", type=int, default=4, help="frames of the short clip the plan is fit at")
@@ -336,7 +337,9 @@ def main(argv: list[str] | None = None) -> int:
                 "speedup": {k: round(base / v, 2) for k, v in times.items()},
                 "ours_first_call_s": round(first, 2), "replay_compile_s": round(replay, 2),
                 "flex_compile_and_first_call_s": None if flex_first is None else round(flex_first, 2),
-                "max_abs_ours_minus_flex": flex_diff, "load_average": os.getloadavg()[0]}
+                "max_abs_ours_minus_flex": flex_diff, "load_average": os.getloadavg()[0],
+                "respecialised_window_heads":
+                    cm.plan.passes["sparse_attention"]["stats"]["counters"].get("respecialised_window_heads")}
         results["cases"].append(case)
         print(json.dumps(case), flush=True)
         for k, v in times.items():
@@ -350,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
           f"One denoising step (batch 1, fp32, CPU, {args.threads} threads) of "
           f"{results['cases'][0]['model']}: "
           f"width {args.dim}, {args.heads} heads of {args.dim // args.heads}, {args.depth} blocks (a step is "
-          f"the same work per block), clips of T frames x {args.canvas} x {args.canvas} tokens. Patterns: "
+          f"the same work per block), clips of T token frames x {args.canvas} x {args.canvas} tokens (patch "
+          f"{'x'.join(map(str, PATCH))}). Patterns: "
           f"{source}, fitted/made at {args.calib_frames}x8x8 tokens and replayed at each size with "
           "sparsegraph.compile(plan=...) (window_3d heads re-specialised to the long grid). Density = listed "
           f"blocks / all blocks (block {args.block}). Median of {args.repeats} interleaved rounds after "
