@@ -13,6 +13,7 @@ import sparsegraph as sg
 from sparsegraph import attention_layouts
 from sparsegraph.codegen.block_sparse_attention import OP
 from sparsegraph.errors import PassError, PlanError
+from sparsegraph.passes.analysis.head_patterns import choose, fit_window
 
 OMEGA = 0.3
 
@@ -45,6 +46,31 @@ class LocalVideo(nn.Module):
         v = self.v(z).view(B, -1, 2, D // 2).transpose(1, 2)
         o = F.scaled_dot_product_attention(qk, qk, v, scale=1.0)
         return self.proj(o.transpose(1, 2).reshape(B, -1, D))
+
+
+def test_fit_window_takes_the_smallest_box_that_keeps_the_recall():
+    grid = (4, 6, 6)
+    shifts = torch.zeros(7, 11, 11, dtype=torch.float64)  # index Δ + N − 1
+    shifts[3, 5, 5] = 1.0  # Δ = 0
+    shifts[3 + 2, 5 - 1, 5] = 0.5  # Δ = (2, −1, 0)
+    shifts[0, 10, 0] = 0.01  # Δ = (−3, 5, −5): the far corner
+    assert fit_window(shifts, grid, 0.5) == {"extent": [0, 0, 0], "grid": [4, 6, 6]}
+    assert fit_window(shifts, grid, 0.99) == {"extent": [2, 1, 0], "grid": [4, 6, 6]}
+    assert fit_window(shifts, grid, 1.0) == {"extent": [3, 5, 5], "grid": [4, 6, 6]}
+    assert fit_window(torch.zeros(7, 11, 11), grid, 0.9) is None
+
+
+def test_choose_takes_the_window_when_it_is_cheapest_and_dense_otherwise():
+    grid, block = (4, 6, 6), 16
+    window = {"extent": [0, 1, 1], "grid": list(grid)}
+    inside = attention_layouts.window_block_mask([0, 1, 1], grid, block).double()
+    chosen = choose(inside, False, 0.95, ("dense", "window_3d"), window=window, block=block)
+    assert chosen["pattern"] == "window_3d" and chosen["recall"] == 1.0
+    assert chosen["blocks"] == int(inside.sum())
+    spread = torch.ones_like(inside)  # mass everywhere: the window keeps too little
+    families = ("dense", "window_3d")
+    assert choose(spread, False, 0.95, families, window=window, block=block)["pattern"] == "dense"
+    assert choose(inside, False, 0.95, families, window=None, block=block)["pattern"] == "dense"
 
 
 def clip(frames, side, seed=0):
@@ -144,6 +170,8 @@ def test_block_offset_heads_are_refused_at_another_grid():
         sg.compile(model, plan=cm.plan, example_inputs=clip(6, 8), quiet=True)
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_grid_option_must_match_the_site():
     model = LocalVideo().eval()
     config = {"passes": [{"head_patterns": {"block": 16, "grid": [4, 6, 5]}}, {"sparse_attention": {}}]}
