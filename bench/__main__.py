@@ -11,14 +11,16 @@ GEMV: the compiled kernel vs dense, torch.sparse.mm and embedding_bag), ``fideli
 budget on MiniLM and digits_vit: held-out fidelity and speed with and without a floor), ``recover``
 (MiniLM neuron removal and 2:4 MLPs, one-shot vs after `sparsegraph.recover`), ``conv`` (sparse 1x1
 convolutions on EfficientNet-Lite0: per-layer and whole-model speed, fidelity on photo crops), ``dit`` (one
-denoising step of a video DiT at 8k-32k tokens: dense vs 3-D window attention vs FlexAttention).
+denoising step of a video DiT at 8k-32k tokens: dense vs 3-D window attention vs FlexAttention),
+``dit_quality`` (head patterns of the trained ``moving_digits_dit``, their stability over timesteps, and
+sparse sampling's fidelity to dense at three recalls).
 """
 
 import importlib
 import sys
 
 SUITES = ("foundation", "activation", "decode", "lm_quality", "attention", "tokens", "gemv", "fidelity",
-          "recover", "conv", "dit")
+          "recover", "conv", "dit", "dit_quality")
 
 if len(sys.argv) < 2 or sys.argv[1] not in SUITES:
     print(__doc__)
