@@ -204,6 +204,23 @@ def tables(cm) -> list[torch.Tensor]:
     return found
 
 
+def bands_over_window(table: torch.Tensor, nb: int) -> list[float | None]:
+    """Per head of a layout table: blocks of the fewest diagonals that cover its window_3d layout (every
+    diagonal the window touches, as a multi_diagonal head would list them) over the window's own blocks
+    (None for other heads): what expressing the window as bands would cost."""
+    masks = attention_layouts.block_mask(table, nb, nb, False)
+    rel = torch.arange(nb)[:, None] - torch.arange(nb)[None, :]
+    out = []
+    for h in range(table.shape[0]):
+        if int(table[h, 0]) != attention_layouts.WINDOW:
+            out.append(None)
+            continue
+        diagonals = sorted(set(rel[masks[h]].tolist()))
+        banded = attention_layouts.pattern_mask("multi_diagonal", {"diagonals": diagonals}, nb, nb, False)
+        out.append(round(int(banded.sum()) / int(masks[h].sum()), 3))
+    return out
+
+
 def flex_step(model, lists_per_layer: list[torch.Tensor], block: int, example):
     """The model with its SDPA calls (in order, one per block) done by torch.compile(flex_attention) with
     each layer's block mask, every listed block full (no mask_mod: flex's cheapest case). Returns the
@@ -317,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         per_head = [round(float(((x >= 0).sum((1, 2)) / (nb * nb))[h]), 4)
                     for x in lists[:1] for h in range(x.shape[0])]
         density = float(sum(int((x >= 0).sum()) for x in lists) / (len(lists) * lists[0].shape[0] * nb * nb))
+        bands = bands_over_window(layer_tables[0], nb)
         start = time.perf_counter()
         with torch.inference_mode():
             ours_out = cm(*example)
@@ -333,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         base = times["dense eager"]
         case = {"frames": frames, "grid": [frames, args.canvas, args.canvas], "tokens": tokens, "model": name,
                 "density": round(density, 4), "density_per_head_layer0": per_head,
+                "bands_over_window_blocks_layer0": bands,
                 "attention_share_of_dense_step": round(share, 3), "seconds": times,
                 "speedup": {k: round(base / v, 2) for k, v in times.items()},
                 "ours_first_call_s": round(first, 2), "replay_compile_s": round(replay, 2),
@@ -365,7 +384,11 @@ def main(argv: list[str] | None = None) -> int:
           *table(["tokens", "grid T x H x W", "density", "attention share of dense step", "candidate",
                   "s / step", "speed-up vs dense", "first call (s)"], rows), "",
           "Per-head density (layer 0) at each size: "
-          + "; ".join(f"{c['tokens']}: {c['density_per_head_layer0']}" for c in results["cases"]) + ".", ""]
+          + "; ".join(f"{c['tokens']}: {c['density_per_head_layer0']}" for c in results["cases"]) + ".", "",
+          "The same windows as bands (the diagonals they touch, as multi_diagonal would list them), blocks "
+          "over the window's blocks, per head (layer 0): "
+          + "; ".join(f"{c['tokens']}: {c['bands_over_window_blocks_layer0']}" for c in results["cases"])
+          + ".", ""]
     if not args.no_flex:
         md.append("Max |ours - flex_attention| of the step output: "
                   + ", ".join(f"{c['tokens']}: {c['max_abs_ours_minus_flex']:.1e}" for c in results["cases"]))

@@ -26,10 +26,10 @@ so with the block holding whole rows the block offsets are Δt·(H·W / block) +
 wrap: at the top and bottom rows of a frame they list rows of the neighbouring frame's other edge
 (h − a_h < 0 continues at h = H − 1 of frame t − 1), and when H·W is not a multiple of the block the
 offsets of one frame pair are not one diagonal at all. Bands then list more blocks than the window
-(`bench dit` and the tests measure how many: 8–30 % at the grids of a video DiT) and are tied to one
-H·W (a diagonal offset of "one frame back" means another frame at another canvas). The window is laid
-out from its own parameters, exact at every grid and in grid units, which is what lets a plan fitted
-on small clips be re-specialised to long ones (docs/diffusion.md).
+(`bench dit` reports how many more per head; `tests/test_window_layouts.py` shows one case) and are
+tied to one H·W (a diagonal offset of "one frame back" means another frame at another canvas). The
+window is laid out from its own parameters, exact at every grid and in grid units, which is what lets
+a plan fitted on small clips be re-specialised to long ones (docs/diffusion.md).
 
 Causal attention lists only J ≤ I + (nk − nq) (`allowed_blocks`).
 
