@@ -14,7 +14,8 @@ block of i in head h] ∧ (¬causal ∨ j ≤ i):
 A query row with no allowed key gives 0 (SDPA would give NaN). L and S need not be multiples of
 ``block``: the last blocks are partial. Any sequence length runs: structured patterns are laid out at
 it; a fixed head (``block_topk``, or a block mask given with ``fixed_table``) is sparse at its own
-grid and dense elsewhere, with a `LayoutWarning`.
+grid and dense elsewhere, with a `LayoutWarning`; a ``window_3d`` head exists at its token grid only
+and raises `attention_layouts.ResolutionError` at another length (naming both and the fix).
 
 Why index lists inside: a kernel walks only the listed blocks, in place. ``layout_from_block_mask``
 converts a bool [H, nq, nk] block mask into them.
@@ -29,8 +30,10 @@ Backends:
 - Triton (`triton_kernels/block_sparse_attention.py`): flash-attention forward over the listed blocks
   of each query block with online softmax; fp32/fp16/bf16, fp32 accumulation;
 - ONNX: the block mask is laid out from the same table at the run-time lengths (``onnx_table_mask``:
-  the bands compared against ``Range`` grids, the fixed grid where the lengths match), expanded to
-  [H, L, S] with two ``Gather``s, then dense masked softmax attention. Exact, at dense speed.
+  the bands compared against ``Range`` grids, the fixed grid where the lengths match, window rows from
+  their token-level mask reduced to blocks: `onnx_window_mask`), expanded to [H, L, S] with two
+  ``Gather``s, then dense masked softmax attention. Exact, at dense speed. (A window row at another
+  length than its grid's is not refused there: the ONNX file is exported at the traced size.)
 
 Autograd: the reference differentiated (`op.by_reference`), the layout fixed: gradients to q, k, v and
 an additive mask, exactly the oracle's, at the reference's memory (the dense [B, H, L, S] scores): fine
