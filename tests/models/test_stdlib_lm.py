@@ -73,6 +73,8 @@ def test_a_dense_compiled_model_scores_the_same(shipped):
     assert lm.perplexity(compiled, **small) == pytest.approx(lm.perplexity(model, **small), rel=1e-4)
 
 
+@pytest.mark.slow  # generates 6 s of tokens
+@pytest.mark.ci
 def test_greedy_generation_gives_printable_text(shipped):
     model, _ = shipped
     text = lm.complete(model, "Return the number of", new_tokens=12)

@@ -49,6 +49,8 @@ def test_choice_follows_the_profile_not_the_index(explicit_calibrated):
     assert d["keep"] != list(range(256))
 
 
+@pytest.mark.slow  # two calibrated compiles: 9 s
+@pytest.mark.ci
 def test_counts_and_zero_fraction_is_dense(explicit_calibrated):
     model, example, batches = explicit_calibrated
     cm = _compile(model, example, batches, fraction=0.0)

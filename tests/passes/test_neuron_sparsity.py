@@ -73,6 +73,8 @@ def test_counts_overrides_and_unrecorded_target(explicit_calibrated):
             and "add it to activation_profile" in reasons["mlp:blocks.2.mlp"])
 
 
+@pytest.mark.slow  # two calibrated compiles per method: 10 s
+@pytest.mark.ci
 @pytest.mark.parametrize("method", ["magnitude", "topk"])
 def test_other_methods_and_input_sparsity(explicit_calibrated, method):
     cm = _compile(*explicit_calibrated, profile={"inputs": True}, target=0.5, method=method, inputs=True)
@@ -85,6 +87,8 @@ def test_other_methods_and_input_sparsity(explicit_calibrated, method):
         assert set(k.values()) == {0} and all(n.args[3] is None for n in nodes)  # magnitude: no centre
 
 
+@pytest.mark.slow  # compile and replay: 6 s
+@pytest.mark.ci
 def test_replay_from_plan_needs_no_calibration(explicit_calibrated, tmp_path):
     model, example, batches = explicit_calibrated
     cm = _compile(model, example, batches, target=0.6)

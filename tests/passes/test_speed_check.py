@@ -41,6 +41,8 @@ def test_keep_everything_changes_nothing(explicit_calibrated):
     assert stats["rewritten"] == 0 and all(r["reason"].startswith("kept sparse") for r in stats["refused"])
 
 
+@pytest.mark.slow  # three compiles, one timed: 8 s
+@pytest.mark.ci
 def test_cost_model_mode_and_replay(explicit_calibrated, tmp_path):
     model, example, batches = explicit_calibrated
     cm = _compile(model, example, batches, measure=False)

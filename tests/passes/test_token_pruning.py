@@ -218,6 +218,8 @@ def test_digits_keep_half_from_block_2_costs_at_most_one_point(digits):
     assert _accuracy(model, test) - _accuracy(cm, test) <= 0.01
 
 
+@pytest.mark.slow  # trains nothing but compiles digits_vit with RoIs twice: 12 s
+@pytest.mark.ci
 def test_digits_rois_find_the_digit_and_roi_tokens_keep_accuracy(digits):
     model, example, test, calibration = digits
     cm = sg.compile(model, {"passes": ["roi", {"token_pruning": {"layers": [4], "select": "roi"}}]},
