@@ -41,10 +41,11 @@ through the ops' autograd formulas (`sparsegraph.codegen.op`).
 Progressive N:M (`nm_weights` with ``schedule: progressive``): such a layer trains its dense weight W (a
 copy of the model's, found by the layer's module path) instead of its kept values, in a copy of the graph
 where the ``nm_linear`` is ``linear(x, W ⊙ M, b)``; before the steps the schedule names, M tightens
-(`nm_weights.stages`, `nm_weights.tighten`: dense → 3:4 → 2:4, nested, by magnitude). After the last step
-the layer's values and offsets are W at the final mask (`nm_weights.pack_mask`), the returned graph is
-the ``nm_linear`` one as compiled, and the plan's ``positions_sha256`` for the layer is the final mask's.
-The losses before and after are those of the returned graph (one-shot before, the packed layers after).
+(`nm_weights.stages`, `nm_weights.tighten`: 3:4 from the first step, then 2:4, nested, by magnitude). After
+the last step the layer's values and offsets are W at the final mask (`nm_weights.pack_mask`), the returned
+graph is the ``nm_linear`` one as compiled, and the plan's ``positions_sha256`` for the layer is the final
+mask's. The losses before and after are those of the returned graph (one-shot before, the packed layers
+after).
 
 The plan of the returned model records the run under ``passes["recover"]`` (kind ``"recovery"``): the
 options, the loss on all batches before and after, the per-step loss curve (at most `CURVE_POINTS` points,

@@ -14,19 +14,20 @@ packed like any linear).
 Counts are in linear layers: matched, rewritten, refused (with the reason); ``counters["sites"]`` is the
 number of sites touched.
 
-Progressive N:M (``schedule: progressive``, after Progressive Gradient Flow and gradual magnitude
-pruning: a pretrained weight loses less when the mask tightens while it trains than when it is cut in
-one shot). The compile is the one-shot 2:4 model as above; the decision records the schedule, and
-`sparsegraph.recover` runs it: it trains the layer's dense weight W (a copy of the model's) under a mask
-M that starts dense and tightens through milder levels of the same group size, n_k = m, m−1, …, n
-(2:4: dense → 3:4 → 2:4), the level k taking over at step round(k/(m−n) · ramp · steps) (the last at
-the latest on the last step), each new mask the n_k largest |W| of every group *among those the previous
-mask kept* (`tighten`: nested masks, so a pruned weight never returns and the last mask is a valid
-n:m mask of the trained weights). The forward computes ``x (W ⊙ M)ᵀ``; pruned weights get no gradient.
-At the end the layer's values and offsets are W at the final mask (`pack_mask`), and the plan's
-``positions_sha256`` is rewritten to that mask's: plan and weights agree, and replaying the plan is
-refused as for any recovery (the trained weights, and with them the positions, are in the saved model).
-Levels share the group size m because masks of a coarser group (4:8) need not contain any 2:4 mask.
+Progressive N:M (``schedule: progressive``, after Progressive Gradient Flow and gradual magnitude pruning: a
+pretrained weight loses less when the mask tightens while it trains than when it is cut in one shot). The
+compile is the one-shot 2:4 model as above; the decision records the schedule, and `sparsegraph.recover`
+runs it: it trains the layer's dense weight W (a copy of the model's) under a mask M that tightens from the
+dense weight through milder levels of the same group size, n_k = m−1, …, n (2:4: dense → 3:4 from the first
+step → 2:4), the level k taking over at step round(k/(m−n−1) · ramp · steps) (the last at the latest on the
+last step; no dense level: distilled toward the dense model, a dense layer has loss and gradient 0, its
+steps would be lost), each new mask the n_k largest |W| of every group *among those the previous mask kept*
+(`tighten`: nested masks, so a pruned weight never returns and the last mask is a valid n:m mask of the
+trained weights). The forward computes ``x (W ⊙ M)ᵀ``; pruned weights get no gradient. At the end the
+layer's values and offsets are W at the final mask (`pack_mask`), and the plan's ``positions_sha256`` is
+rewritten to that mask's: plan and weights agree, and replaying the plan is refused as for any recovery (the
+trained weights, and with them the positions, are in the saved model). Levels share the group size m because
+masks of a coarser group (4:8) need not contain any 2:4 mask.
 
 The plan records, per site and layer, ``n`` and ``m`` (the decision), with ``schedule`` and ``ramp`` when
 progressive, and the share of weight magnitude
@@ -168,11 +169,11 @@ def positions_digest(offsets: torch.Tensor) -> str:
 
 def stages(n: int, m: int, ramp: float, steps: int) -> list[tuple[int, int]]:
     """The progressive schedule over `steps` training steps: ``(first step, kept per group)`` for each level
-    n_k = m, m−1, …, n (module docstring); the last level starts at the latest on the last step."""
-    levels = list(range(m, n - 1, -1))
-    last = len(levels) - 1
-    return [(0 if k == 0 else min(round(k / last * ramp * steps), steps - 1), level)
-            for k, level in enumerate(levels)]
+    n_k = m−1, …, n (module docstring), the first from step 0, the last at the latest on the last step.
+    No dense level: distilled toward the dense model, the dense layer's loss and gradient are 0."""
+    levels = list(range(m - 1, n - 1, -1))
+    last = max(len(levels) - 1, 1)
+    return [(min(round(k / last * ramp * steps), steps - 1), level) for k, level in enumerate(levels)]
 
 
 def tighten(weight: torch.Tensor, mask: torch.Tensor, n: int, m: int) -> torch.Tensor:

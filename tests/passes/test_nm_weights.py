@@ -104,14 +104,16 @@ def test_a_fused_gate_up_needs_both_roles(fused_gated):
 
 
 def test_progressive_stages_and_masks():
-    """The schedule goes dense → 3:4 → 2:4 over the ramp, the last level at the latest on the last step;
+    """The schedule goes 3:4 (from step 0: a dense level would train nothing) → 2:4 over the ramp, the last
+    level at the latest on the last step;
     each mask is nested in the one before and the last keeps exactly n of every m, packed at its own
     positions (a kept weight trained to zero stays kept)."""
     from sparsegraph.passes.rewrite.nm_weights import pack_mask, stages, tighten
 
-    assert stages(2, 4, 0.5, 100) == [(0, 4), (25, 3), (50, 2)]
-    assert stages(2, 4, 1.0, 10) == [(0, 4), (5, 3), (9, 2)]
-    assert stages(1, 4, 0.0, 10) == [(0, 4), (0, 3), (0, 2), (0, 1)]
+    assert stages(2, 4, 0.5, 100) == [(0, 3), (50, 2)]
+    assert stages(2, 4, 1.0, 10) == [(0, 3), (9, 2)]
+    assert stages(1, 4, 0.0, 10) == [(0, 3), (0, 2), (0, 1)]
+    assert stages(2, 8, 0.5, 100) == [(0, 7), (10, 6), (20, 5), (30, 4), (40, 3), (50, 2)]
     w = torch.randn(6, 16, generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(w, dtype=torch.bool)
     three = tighten(w, mask, 3, 4)
