@@ -41,8 +41,8 @@ through the ops' autograd formulas (`sparsegraph.codegen.op`).
 Progressive N:M (`nm_weights` with ``schedule: progressive``): such a layer trains its dense weight W (a
 copy of the model's, found by the layer's module path) instead of its kept values, in a copy of the graph
 where the ``nm_linear`` is ``linear(x, W ⊙ M, b)``; before the steps the schedule names, M tightens
-(`nm_weights.stages`, `nm_weights.tighten`: 3:4 from the first step, then 2:4, nested, by magnitude). After
-the last step the layer's values and offsets are W at the final mask (`nm_weights.pack_mask`), the returned
+(`nm_linear.stages`, `nm_linear.tighten`: 3:4 from the first step, then 2:4, nested, by magnitude). After
+the last step the layer's values and offsets are W at the final mask (`nm_linear.pack_mask`), the returned
 graph is the ``nm_linear`` one as compiled, and the plan's ``positions_sha256`` for the layer is the final
 mask's. The losses before and after are those of the returned graph (one-shot before, the packed layers
 after).
@@ -72,7 +72,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from sparsegraph import graph_edit, ir, meta, svg
-from sparsegraph.codegen import KERNEL_BACKENDS, use_backend
+from sparsegraph.codegen import KERNEL_BACKENDS, nm_linear, use_backend
 from sparsegraph.codegen.nm_linear import OP as NM_LINEAR
 from sparsegraph.codegen.sparse_conv1x1 import OP as SPARSE_CONV1X1
 from sparsegraph.codegen.sparse_conv1x1 import unpack
@@ -80,7 +80,6 @@ from sparsegraph.codegen.sparse_linear import OP as SPARSE_LINEAR
 from sparsegraph.context import Batch
 from sparsegraph.errors import CalibrationError, ConfigError, InputError
 from sparsegraph.observe import check_calibration
-from sparsegraph.passes.rewrite import nm_weights
 from sparsegraph.plan import RECOVERY, SparsityPlan
 from sparsegraph.sections import Section, Table
 from sparsegraph.trace import trace
@@ -408,15 +407,15 @@ def _progressive(gm: torch.fx.GraphModule, plan: SparsityPlan, source: torch.nn.
 def _progressive_graph(gm: torch.fx.GraphModule, layers: list[_Progressive], steps: int):
     """``(graph to train, hook run before each step)``: with no progressive layer, `gm` itself and a hook
     that does nothing; else a copy of `gm` sharing its tensors in which each such ``nm_linear`` is
-    ``linear(x, W ⊙ M, b)``, and a hook that tightens M at the schedule's steps (`nm_weights.stages`,
-    `nm_weights.tighten`)."""
+    ``linear(x, W ⊙ M, b)``, and a hook that tightens M at the schedule's steps (`nm_linear.stages`,
+    `nm_linear.tighten`)."""
     if not layers:
         return gm, lambda step: None
     train = graph_edit.sharing_copy(gm)
     nodes = {node.name: node for node in train.graph.nodes}
     for i, layer in enumerate(layers):
         node = nodes[layer.node]
-        layer.stages = nm_weights.stages(layer.n, layer.m, layer.ramp, steps)
+        layer.stages = nm_linear.stages(layer.n, layer.m, layer.ramp, steps)
         train.register_parameter(f"_progressive_{i}_weight", torch.nn.Parameter(layer.weight))
         layer.weight = train.get_parameter(f"_progressive_{i}_weight")
         train.register_buffer(f"_progressive_{i}_mask", layer.mask)
@@ -436,7 +435,7 @@ def _progressive_graph(gm: torch.fx.GraphModule, layers: list[_Progressive], ste
         for layer in layers:
             for start, kept in layer.stages:
                 if start == step and kept < layer.m:
-                    layer.mask.copy_(nm_weights.tighten(layer.weight, layer.mask, kept, layer.m))
+                    layer.mask.copy_(nm_linear.tighten(layer.weight, layer.mask, kept, layer.m))
 
     return train, hook
 
@@ -445,7 +444,7 @@ def _pack_progressive(gm: torch.fx.GraphModule, layers: list[_Progressive]) -> N
     """Write each progressive layer's trained weight at its final mask into its own copies of the values
     and offsets of `gm`'s ``nm_linear``."""
     for layer in layers:
-        values, offsets = nm_weights.pack_mask(layer.weight, layer.mask, layer.n, layer.m)
+        values, offsets = nm_linear.pack_mask(layer.weight, layer.mask, layer.n, layer.m)
         for name, tensor in ((layer.values, values), (layer.offsets_name, offsets)):
             _own_copy(gm, name, train=False).copy_(tensor)
         layer.offsets = offsets
@@ -466,7 +465,7 @@ def _recorded(plan: SparsityPlan, run: dict, progressive: list[_Progressive]) ->
     out = SparsityPlan.from_json(copy.deepcopy(plan.to_json()))
     for layer in progressive:
         evidence = out.sites[layer.site]["nm_weights"]["evidence"][layer.path]
-        evidence["positions_sha256"] = nm_weights.positions_digest(layer.offsets)
+        evidence["positions_sha256"] = nm_linear.positions_digest(layer.offsets)
         evidence["kept_magnitude"] = float((layer.weight * layer.mask).abs().sum()
                                            / layer.weight.abs().sum().clamp(min=1e-30))
     runs = out.passes.get(NAME, {}).get("summary", {}).get("runs", [])

@@ -27,7 +27,8 @@ def _check_loaded(cfg: Config):
     assert (nm.n, nm.m, nm.roles) == (1, 4, ("mlp.up", "mlp.down"))  # lists become tuples
     assert cfg.backend == "eager"
     assert cfg.to_dict() == {
-        "passes": [{"cost": {"top": 10}}, {"nm_weights": {"n": 1, "m": 4, "roles": ["mlp.up", "mlp.down"]}}],
+        "passes": [{"cost": {"top": 10}}, {"nm_weights": {"n": 1, "m": 4, "roles": ["mlp.up", "mlp.down"],
+                                                          "schedule": "one-shot", "ramp": 0.5}}],
         "overrides": CONFIG["overrides"], "backend": "eager"}
 
 

@@ -214,8 +214,7 @@ def test_recover_progressive_nm_ends_at_the_recorded_2_4_mask(tmp_path):
     """``schedule: progressive``: recovery tightens the mask from dense to 3:4, then 2:4 while it trains; the
     result is a valid 2:4 layer whose kept positions are the ones the plan records (its hash), lower in loss
     than the one-shot model; the user's model is untouched; replay is refused, the saved model keeps it."""
-    from sparsegraph.codegen.nm_linear import OP, nm_unpack
-    from sparsegraph.passes.rewrite.nm_weights import positions_digest
+    from sparsegraph.codegen.nm_linear import OP, nm_unpack, positions_digest
 
     torch.manual_seed(0)
     model, example = models.load("explicit_attention")

@@ -39,13 +39,10 @@ decision from a plan may name only linear layers of its site with stored weights
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
-import torch
-
 from sparsegraph import graph_edit, ir, meta
-from sparsegraph.codegen.nm_linear import OP, nm_pack
+from sparsegraph.codegen.nm_linear import OP, nm_pack, positions_digest
 from sparsegraph.errors import ConfigError, PlanError
 from sparsegraph.pass_contract import Refused, RewritePass, SiteDecision, option, refusals
 from sparsegraph.registry import register_pass
@@ -160,40 +157,3 @@ class NMWeights(RewritePass):
 def _linears(gm):
     return [(n, meta.get(n)) for n in list(gm.graph.nodes)
             if ir.kind(n) == "linear" and meta.get(n) is not None and meta.get(n).role in LINEAR_ROLES]
-
-
-def positions_digest(offsets: torch.Tensor) -> str:
-    """The sha256 of the kept positions (uint8 offsets) that the plan records as evidence."""
-    return hashlib.sha256(offsets.contiguous().numpy().tobytes()).hexdigest()
-
-
-def stages(n: int, m: int, ramp: float, steps: int) -> list[tuple[int, int]]:
-    """The progressive schedule over `steps` training steps: ``(first step, kept per group)`` for each level
-    n_k = m−1, …, n (module docstring), the first from step 0, the last at the latest on the last step.
-    No dense level: distilled toward the dense model, the dense layer's loss and gradient are 0."""
-    levels = list(range(m - 1, n - 1, -1))
-    last = max(len(levels) - 1, 1)
-    return [(min(round(k / last * ramp * steps), steps - 1), level) for k, level in enumerate(levels)]
-
-
-def tighten(weight: torch.Tensor, mask: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """The mask keeping the `n` largest |`weight`| of every group of `m` inputs among those `mask` keeps
-    (bool, the shape of `weight`, at least `n` kept per group); ties go to the lower position, as
-    `nm_pack`'s."""
-    out_f, in_f = weight.shape
-    score = weight.detach().abs().double().masked_fill(~mask, -1.0).reshape(out_f, in_f // m, m)
-    order = torch.sort(-score, dim=-1, stable=True).indices[..., :n]
-    new = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, order, True)
-    return new.reshape(out_f, in_f)
-
-
-def pack_mask(weight: torch.Tensor, mask: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(values, offsets)`` as `nm_pack` gives them, of `weight` at `mask` (exactly `n` kept in every group
-    of `m`): the kept positions are the mask's, whatever the values (a kept weight trained to 0 stays)."""
-    out_f, in_f = weight.shape
-    groups = mask.reshape(out_f, in_f // m, m)
-    if not bool((groups.sum(-1) == n).all()):
-        raise ValueError(f"the mask does not keep exactly {n} of every {m}")
-    offsets = torch.sort((~groups).to(torch.int8), dim=-1, stable=True).indices[..., :n]
-    values = torch.gather(weight.detach().reshape(out_f, in_f // m, m), -1, offsets)
-    return values.reshape(out_f, -1).contiguous(), offsets.reshape(out_f, -1).to(torch.uint8).contiguous()

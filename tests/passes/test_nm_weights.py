@@ -108,7 +108,7 @@ def test_progressive_stages_and_masks():
     level at the latest on the last step;
     each mask is nested in the one before and the last keeps exactly n of every m, packed at its own
     positions (a kept weight trained to zero stays kept)."""
-    from sparsegraph.passes.rewrite.nm_weights import pack_mask, stages, tighten
+    from sparsegraph.codegen.nm_linear import pack_mask, stages, tighten
 
     assert stages(2, 4, 0.5, 100) == [(0, 3), (50, 2)]
     assert stages(2, 4, 1.0, 10) == [(0, 3), (9, 2)]
