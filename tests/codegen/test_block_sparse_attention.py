@@ -203,6 +203,8 @@ def test_cpu_half_precision(cpu_path, dtype, tol):
 triton_only = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 
 
+@pytest.mark.slow  # interpreted Triton: 3-10 s per case; CI runs it (-m ci)
+@pytest.mark.ci
 @triton_only
 @pytest.mark.parametrize("shape", [s for s in SHAPES if s[-1] >= 16])  # tl.dot: block ≥ 16 (tested below)
 @pytest.mark.parametrize("causal", [False, True])

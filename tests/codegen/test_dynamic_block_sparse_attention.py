@@ -97,6 +97,8 @@ def test_cpu_matches_reference(cpu_path, causal, shape):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5, msg=f"mask {name}")
 
 
+@pytest.mark.slow  # interpreted Triton: 3-10 s per case; CI runs it (-m ci)
+@pytest.mark.ci
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 @pytest.mark.parametrize("causal", [False, True])
 def test_triton_matches_reference(causal):
