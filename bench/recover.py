@@ -101,25 +101,9 @@ def region_crops(n: int, seed: int, held_out: bool, size: int = 224, min_side: i
     """`n` ImageNet-normalised seeded crops [n, 3, size, size] of the sample photographs, from the columns
     left of `SPLIT_COLUMN` (training) or from those right of it (`held_out`): the two sets share no pixel.
     Otherwise drawn as `sample_images.crops` draws (image, side, place, flip)."""
-    images = [im[:, :, SPLIT_COLUMN:] if held_out else im[:, :, :SPLIT_COLUMN]
-              for im in sample_images._images()]
-    g = torch.Generator().manual_seed(seed)
-    mean = torch.tensor(sample_images.IMAGENET_MEAN)[:, None, None]
-    std = torch.tensor(sample_images.IMAGENET_STD)[:, None, None]
-    out = torch.empty(n, 3, size, size)
-    for i in range(n):
-        image = images[int(torch.randint(len(images), (1,), generator=g))]
-        height, width = image.shape[1:]
-        limit = min(height, width)
-        side = int(torch.randint(min(min_side, limit), limit + 1, (1,), generator=g))
-        top = int(torch.randint(height - side + 1, (1,), generator=g))
-        left = int(torch.randint(width - side + 1, (1,), generator=g))
-        crop = image[:, top:top + side, left:left + side]
-        if bool(torch.rand(1, generator=g) < 0.5):
-            crop = crop.flip(-1)
-        crop = F.interpolate(crop[None], size=(size, size), mode="bilinear", antialias=True)
-        out[i] = (crop[0].clamp(0.0, 1.0) - mean) / std
-    return out
+    images = tuple(im[:, :, SPLIT_COLUMN:] if held_out else im[:, :, :SPLIT_COLUMN]
+                   for im in sample_images._images())
+    return sample_images.crops(n, size, seed, min_side, images=images)
 
 
 def agreement(fn, images: torch.Tensor, dense: torch.Tensor) -> tuple[float, float]:

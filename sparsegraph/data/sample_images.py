@@ -31,9 +31,11 @@ def _images() -> tuple[torch.Tensor, ...]:
                  for image in load_sample_images().images)
 
 
-def crops(n: int, size: int = 224, seed: int = 0, min_side: int = 160) -> torch.Tensor:
-    """`n` ImageNet-normalised random crops [n, 3, size, size] of the sample images (module docstring)."""
-    images = _images()
+def crops(n: int, size: int = 224, seed: int = 0, min_side: int = 160,
+          images: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+    """`n` ImageNet-normalised random crops [n, 3, size, size] of the sample images (module docstring), or
+    of `images` ([3, H, W] in [0, 1]; a square side is at most the shorter of H and W)."""
+    images = _images() if images is None else images
     g = torch.Generator().manual_seed(seed)
     mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
     std = torch.tensor(IMAGENET_STD)[:, None, None]
@@ -41,7 +43,8 @@ def crops(n: int, size: int = 224, seed: int = 0, min_side: int = 160) -> torch.
     for i in range(n):
         image = images[int(torch.randint(len(images), (1,), generator=g))]
         height, width = image.shape[1:]
-        side = int(torch.randint(min(min_side, height), height + 1, (1,), generator=g))
+        limit = min(height, width)
+        side = int(torch.randint(min(min_side, limit), limit + 1, (1,), generator=g))
         top = int(torch.randint(height - side + 1, (1,), generator=g))
         left = int(torch.randint(width - side + 1, (1,), generator=g))
         crop = image[:, top:top + side, left:left + side]

@@ -101,6 +101,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsegraph.models.digits_vit import Attention  # the same plain qkv → SDPA → proj module
+
 WEIGHTS = pathlib.Path(__file__).parent / "weights" / "moving_digits_dit.safetensors"
 
 FRAMES, CANVAS, DIGIT = 8, 32, 16
@@ -203,22 +205,6 @@ def positions_3d(t: int, h: int, w: int, dim: int, device=None) -> torch.Tensor:
     ph = sincos(torch.arange(h, device=device), dh)[None, :, None, :].expand(t, h, w, dh)
     pw = sincos(torch.arange(w, device=device), dw)[None, None, :, :].expand(t, h, w, dw)
     return torch.cat([pt, ph, pw], dim=-1).reshape(t * h * w, dim)
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention: ``qkv`` Linear → ``scaled_dot_product_attention`` → ``proj`` Linear."""
-
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N = x.shape[:2]
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, N, head_dim]
-        return self.proj(out.transpose(1, 2).reshape(B, N, -1))
 
 
 class Mlp(nn.Module):
