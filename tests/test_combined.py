@@ -53,8 +53,7 @@ def test_minilm_combined(tmp_path):
     _check(cm, model, example, tmp_path, min_cosine=0.95, other=padded)
 
 
-@pytest.mark.slow
-@pytest.mark.ci  # ~35 s: timm ViT-S at 224, with ORT
+@pytest.mark.slow  # ~35 s: timm ViT-S at 224, with ORT; `pytest -m slow` (CI runs the MiniLM one)
 def test_vit_small_combined(tmp_path):
     model, example = models.load("vit_small")
     g = torch.Generator().manual_seed(0)

@@ -48,8 +48,9 @@ from sparsegraph.models import seeded
 from sparsegraph.models.explicit import ExplicitTransformer
 from sparsegraph.plan import TOP_KEYS, SparsityPlan
 
-# heavy for the default run (kept under 6 minutes on 2 cores): CI runs these after it
-pytestmark = [pytest.mark.slow, pytest.mark.ci]
+# heavy for the default run (kept under 6 minutes on 2 cores): CI runs the tests marked `ci` after it; the two
+# long runs (400 fresh examples each, 90 s) are for `pytest -m slow` only
+pytestmark = [pytest.mark.slow]
 
 
 # the default run draws the same examples every time (a suite that fails at random helps nobody); the slow
@@ -509,12 +510,14 @@ def _plan_property(bases, tmp_path_factory, data, which):
     _replay(base, mutation.value, mutation.names, tmp_path_factory.mktemp("fuzz"))
 
 
+@pytest.mark.ci
 @FAST
 @given(data=st.data())
 def test_mutated_mlp_plans_are_refused_by_name_or_replay_the_same(bases, tmp_path_factory, data):
     _plan_property(bases, tmp_path_factory, data, "mlp")
 
 
+@pytest.mark.ci
 @settings(FAST, max_examples=10)
 @given(data=st.data())
 def test_mutated_attention_plans_are_refused_by_name_or_replay_the_same(bases, tmp_path_factory, data):
@@ -528,6 +531,7 @@ def test_mutated_plans_long_run(bases, tmp_path_factory, data):
     _plan_property(bases, tmp_path_factory, data, data.draw(st.sampled_from(["mlp", "attention"])))
 
 
+@pytest.mark.ci
 @pytest.mark.parametrize("name,what,edit", BAD_DECISIONS, ids=[f"{n}: {w}" for n, w, _ in BAD_DECISIONS])
 def test_every_bad_decision_is_refused_naming_site_and_key(bases, tmp_path, name, what, edit):
     """The findings one by one: each hand edit of a decision is a PlanError naming the site and the key."""
@@ -541,6 +545,7 @@ def test_every_bad_decision_is_refused_naming_site_and_key(bases, tmp_path, name
     assert any(repr(k) in message for k in keys) or "names no projection" in message, message
 
 
+@pytest.mark.ci
 @pytest.mark.parametrize("site", ["mlp:nowhere", "mlp:blocks.0"])
 def test_decisions_for_sites_without_the_layers_are_refused(bases, tmp_path, site):
     """An nm_weights decision moved to a site that does not exist (or has no such layer) was ignored."""
@@ -551,6 +556,7 @@ def test_decisions_for_sites_without_the_layers_are_refused(bases, tmp_path, sit
         _from_file(base, plan, tmp_path)
 
 
+@pytest.mark.ci
 def test_token_pruning_at_a_site_not_in_the_graph_is_refused(bases, tmp_path):
     base = bases["attention"]
     plan = _only(base.plan, {"token_pruning"})
@@ -573,6 +579,7 @@ def _only(plan: dict, names: set[str]) -> dict:
     return plan
 
 
+@pytest.mark.ci
 @pytest.mark.parametrize("head", BAD_HEADS, ids=lambda h: json.dumps(h)[:60])
 def test_every_bad_attention_head_is_refused(bases, tmp_path, head):
     base = bases["attention"]
@@ -583,6 +590,7 @@ def test_every_bad_attention_head_is_refused(bases, tmp_path, head):
         _from_file(base, plan, tmp_path)
 
 
+@pytest.mark.ci
 @pytest.mark.parametrize("key,value", BAD_TOKEN_EDITS, ids=lambda v: str(v)[:30])
 def test_every_bad_token_pruning_edit_is_refused(bases, tmp_path, key, value):
     base = bases["attention"]
@@ -657,6 +665,7 @@ def _config_property(profile, mutation, same):
             assert torch.equal(cm(*profile.example), profile.output)
 
 
+@pytest.mark.ci
 @FAST
 @given(mutation=config_mutations())
 def test_mutated_configs_are_refused_by_name_or_compile(profile, mutation):
@@ -670,6 +679,7 @@ def test_mutated_configs_long_run(profile, mutation):
     _config_property(profile, *mutation)
 
 
+@pytest.mark.ci
 def test_non_finite_numbers_are_refused_wherever_they_are(bases, tmp_path):
     """NaN and Infinity (Python's json reads both) anywhere in a plan file: refused naming the key."""
     base = bases["mlp"]

@@ -97,8 +97,7 @@ def test_blocks_take_shorter_token_sequences(shipped):
         assert torch.isfinite(model.head(model.norm(tokens)[:, 0])).all()
 
 
-@pytest.mark.slow
-@pytest.mark.ci
+@pytest.mark.slow  # a full one-minute retrain: `pytest -m slow`, not CI (its 30-minute budget is spent)
 def test_retraining_reproduces_the_shipped_accuracy(shipped):
     model, _ = shipped
     threads = torch.get_num_threads()
