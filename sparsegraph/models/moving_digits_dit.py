@@ -101,6 +101,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsegraph.models import digits_vit
 from sparsegraph.models.digits_vit import Attention  # the same plain qkv → SDPA → proj module
 
 WEIGHTS = pathlib.Path(__file__).parent / "weights" / "moving_digits_dit.safetensors"
@@ -110,8 +111,6 @@ PATCH = (2, 4, 4)
 DIM, DEPTH, HEADS, MLP_RATIO = 128, 6, 4, 4.0
 NUM_CLASSES = 10
 NULL = NUM_CLASSES  # the label of the unconditional ("null") class
-TRAIN_FRACTION = 0.8
-_SPLIT_SEED = 0
 MAX_SPEED = 3
 
 # Training recipe (see the module docstring).
@@ -127,20 +126,12 @@ LABEL_DROP = 0.1
 
 @functools.lru_cache(maxsize=2)
 def _digits(split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The split's source digits, upscaled to 16x16 in [0, 1] [N, 16, 16], and their labels [N]."""
-    from sklearn.datasets import load_digits
-
+    """The split's source digits, upscaled to 16x16 in [0, 1] [N, 16, 16], and their labels [N]: digits_vit's
+    split (the same seeded permutation), so neither model's test digits are the other's training ones."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', not {split!r}")
-    raw = load_digits()
-    digits = torch.as_tensor(raw.images, dtype=torch.float32)
-    targets = torch.as_tensor(raw.target, dtype=torch.int64)
-    order = torch.randperm(len(digits), generator=torch.Generator().manual_seed(_SPLIT_SEED))
-    n_train = round(TRAIN_FRACTION * len(digits))
-    source = order[:n_train] if split == "train" else order[n_train:]
-    small = F.interpolate(digits[source, None] / 16.0, size=(DIGIT, DIGIT), mode="bilinear",
-                          align_corners=False).clamp_(0.0, 1.0)[:, 0]
-    return small, targets[source]
+    small, labels, _ = digits_vit._digits(split)
+    return small, labels
 
 
 def _bounce(p: torch.Tensor, span: int) -> torch.Tensor:
