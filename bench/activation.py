@@ -11,14 +11,13 @@ traced dense graph; static pruning and dynamic sparsity (eager); dense and prune
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
 import torch
 
 import sparsegraph as sg
-from bench.common import machine, machine_line, table, write
+from bench.common import machine, machine_line, parse, parser, table, write
 from sparsegraph import models
 from sparsegraph.codegen.sparse_linear import OP
 from sparsegraph.data.stdlib_text import sentences
@@ -31,17 +30,13 @@ PRUNE = (0.25, 0.5)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench activation", description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=2)
+    ap = parser("activation", __doc__, name="activation-cpu")
     ap.add_argument("--calibration", type=int, default=256)
     ap.add_argument("--heldout", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--out", default="bench/results")
-    ap.add_argument("--name", default="activation-cpu")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--no-speed", action="store_true", help="fidelity curves only")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = parse(ap, argv)
     model, example = models.load("minilm", seq_len=128, batch=1)
     texts = sentences("calibration", limit=args.calibration)
     calibration = [model.tokenize(texts[i:i + 32], max_length=128) for i in range(0, len(texts), 32)]

@@ -25,7 +25,6 @@ compiled model timed with the compiled CPU kernel and with its torch fallback).
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import tempfile
@@ -35,7 +34,7 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
-from bench.common import machine, machine_line, table, write
+from bench.common import machine, machine_line, parse, parser, table, write
 from sparsegraph.attention_layouts import fixed_table
 from sparsegraph.codegen import cpu_kernels, use_backend
 from sparsegraph.codegen.block_sparse_attention import OP
@@ -95,13 +94,12 @@ def flex_candidate(q, k, v, bm: torch.Tensor, block: int, causal: bool):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench attention", description=__doc__.splitlines()[0])
+    ap = parser("attention", __doc__, name=None)
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--heads", type=int, default=12)
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--blocks", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--sparsity", type=float, default=0.9)
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--no-flex", action="store_true", help="leave out torch.compile(flex_attention)")
@@ -111,10 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--minilm", action="store_true",
                     help="MiniLM-L6 at seq 512 end to end (fidelity + speed)")
     ap.add_argument("--recall", type=float, default=0.95, help="--minilm: head_patterns recall target")
-    ap.add_argument("--out", default="bench/results")
-    ap.add_argument("--name", default=None)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = parse(ap, argv)
     if args.minilm:
         return minilm(args)
     if not args.warm_cache:  # a cached compile would hide FlexAttention's real first-call cost

@@ -1,7 +1,9 @@
-"""What every bench suite shares: the machine's description and writing results as JSON + markdown."""
+"""What every bench suite shares: its command line's common options, the machine's description and writing
+results as JSON + markdown."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import platform
@@ -12,6 +14,25 @@ from pathlib import Path
 import torch
 
 from sparsegraph.measure import compare
+
+
+def parser(suite: str, doc: str, name: str | None) -> argparse.ArgumentParser:
+    """The suite's argument parser with the options every suite has: ``--threads`` (intra-op threads,
+    default 2: the machine the tables are measured on), ``--out`` (the results folder) and ``--name`` (the
+    results' file stem; `name` is the default, None where the suite derives it from other options)."""
+    summary = " ".join(doc.strip().split("\n\n")[0].split())  # the docstring's first paragraph
+    ap = argparse.ArgumentParser(prog=f"python -m bench {suite}", description=summary)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--name", default=name, help="file stem of the JSON and markdown results")
+    return ap
+
+
+def parse(ap: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse `argv` and set torch's intra-op threads to ``--threads``."""
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    return args
 
 
 def machine(threads: int) -> dict:

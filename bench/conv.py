@@ -30,7 +30,6 @@ not figures.
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 import time
@@ -40,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 import sparsegraph as sg
-from bench.common import compare_orders, machine, machine_line, table, write
+from bench.common import compare_orders, machine, machine_line, parse, parser, table, write
 from sparsegraph import ir, models
 from sparsegraph.codegen import cpu_kernels, use_backend
 from sparsegraph.codegen.sparse_conv1x1 import OP
@@ -175,18 +174,14 @@ def _markdown(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench conv",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--targets", default="0.7,0.8,0.9", help="sparsities, comma-separated")
-    parser.add_argument("--block", type=int, default=4,
-                        help="also the highest target with 1×k blocks (1: no)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--calibration", type=int, default=64, help="calibration crops")
-    parser.add_argument("--crops", type=int, default=500, help="crops for fidelity")
-    parser.add_argument("--out", default="bench/results", help="folder for conv-cpu.json and conv-cpu.md")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    ap = parser("conv", __doc__, name="conv-cpu")
+    ap.add_argument("--targets", default="0.7,0.8,0.9", help="sparsities, comma-separated")
+    ap.add_argument("--block", type=int, default=4,
+                    help="also the highest target with 1×k blocks (1: no)")
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--calibration", type=int, default=64, help="calibration crops")
+    ap.add_argument("--crops", type=int, default=500, help="crops for fidelity")
+    args = parse(ap, argv)
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
     model, example = models.load("efficientnet_lite0", seed=EXAMPLE_SEED)
@@ -207,5 +202,5 @@ def main(argv: list[str] | None = None) -> int:
                "densities": {k: cm.plan.passes["conv_sparsity"]["stats"]["counters"]["density"]
                              for k, cm in compiled.items()},
                "seconds": round(time.perf_counter() - start, 1)}
-    write(args.out, "conv-cpu", results, _markdown(results))
+    write(args.out, args.name, results, _markdown(results))
     return 0

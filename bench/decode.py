@@ -31,14 +31,13 @@ for what it is (see ``python -m bench lm_quality`` for quality on a trained mode
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
 
 import sparsegraph as sg
-from bench.common import machine, machine_line, table, write
+from bench.common import machine, machine_line, parse, parser, table, write
 from sparsegraph import attention_layouts, pipelines
 from sparsegraph.codegen import decode_attention
 from sparsegraph.codegen.block_sparse_attention import repeat_kv
@@ -85,19 +84,15 @@ def sparse_config(sparsity: float) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench decode", description=__doc__.splitlines()[0])
+    ap = parser("decode", __doc__, name="decode-cpu")
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--sparsity", type=float, default=0.5)
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--cache-lengths", default="4096,16384")
     ap.add_argument("--read", type=float, default=0.1, help="share of cache blocks decode attention reads")
-    ap.add_argument("--out", default="bench/results")
-    ap.add_argument("--name", default="decode-cpu")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = parse(ap, argv)
     model = llama(args.layers)
     g = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size

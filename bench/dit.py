@@ -28,7 +28,6 @@ and the max |ours − flex| of the step outputs (the same sparse attention, two 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -42,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsegraph as sg
-from bench.common import machine, machine_line, table, write
+from bench.common import machine, machine_line, parse, parser, table, write
 from sparsegraph import attention_layouts
 from sparsegraph.codegen import cpu_kernels
 
@@ -291,7 +290,7 @@ def median_times(calls: dict, warmup: int, repeats: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench dit", description=__doc__.splitlines()[0])
+    ap = parser("dit", __doc__, name="dit-cpu")
     ap.add_argument("--frames", type=int, nargs="+", default=[8, 16, 32],
                     help="clip lengths in frames of 32 x 32 tokens (8, 16, 32: 8k, 16k, 32k tokens)")
     ap.add_argument("--canvas", type=int, default=CANVAS, help="tokens per side of a frame")
@@ -303,14 +302,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", choices=("auto", "moving_digits", "standin"), default="auto",
                     help="auto: MovingDigitsDiT where sparsegraph.models.moving_digits_dit exists")
     ap.add_argument("--plan", default=None, help="a plan fitted on the trained model (used as it is)")
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--no-flex", action="store_true")
-    ap.add_argument("--out", default="bench/results")
-    ap.add_argument("--name", default="dit-cpu")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = parse(ap, argv)
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="bench-dit-inductor-"))
     notes: list[str] = []
     plan, source = make_plan(args, notes.append)

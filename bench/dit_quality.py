@@ -27,21 +27,22 @@ batches of ``--batch`` clips per timestep, labels cycling through the digits).
    dense eager model and with each compiled model. Against the dense clips: PSNR on the pixel scale
    [0, 1] (10·log10(1 / MSE) over all pixels of all clips), mean per-clip cosine of the clips in [−1, 1];
    and `moving_digits_dit.DigitClassifier`'s majority vote over frames: accuracy (= the requested label;
-   chance 0.1) and agreement with its vote on the dense clip.
+   chance 0.1) and agreement with its vote on the dense clip. The first ``--strip`` clips, dense and at
+   each recall, are drawn frame by frame in the HTML report of the sparsest compiled model
+   (``<out>/<name>-report.html``, beside its per-layer × per-head pattern grid).
 
 Quality figures do not depend on the machine's load; the seconds recorded do.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 
 import torch
 
 import sparsegraph as sg
-from bench.common import machine, machine_line, table, write
+from bench.common import machine, machine_line, parse, parser, table, write
 from sparsegraph import attention_layouts
 from sparsegraph.models import moving_digits_dit as mdd
 
@@ -49,7 +50,7 @@ STATIC_LESS = ("dynamic_topk", "skip")  # families without a static block mask
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench dit_quality", description=__doc__.splitlines()[0])
+    ap = parser("dit_quality", __doc__, name="dit-quality-cpu")
     ap.add_argument("--recalls", default="0.9,0.95,0.98")
     ap.add_argument("--stability-recall", type=float, default=0.95)
     ap.add_argument("--block", type=int, default=16, help="block size of head_patterns and the sparse op")
@@ -59,11 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=20)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--guidance", type=float, default=2.0)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="bench/results")
-    ap.add_argument("--name", default="dit-quality-cpu")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    ap.add_argument("--strip", type=int, default=3, help="clips shown dense vs sparse in the HTML report")
+    args = parse(ap, argv)
     started = time.perf_counter()
     recalls = [float(r) for r in args.recalls.split(",")]
     timesteps = [float(t) for t in args.timesteps.split(",")]
@@ -96,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     dense = mdd.sample(model, labels, steps=args.steps, seed=0, guidance=args.guidance)
     dense_seconds = time.perf_counter() - t0
     dense_pred = classifier.clips(dense)
+    samples = {"dense": dense}
     rows = [{"recall": None, "density": 1.0, "psnr": None, "cosine": 1.0,
              "accuracy": float((dense_pred == labels).float().mean()), "agreement": 1.0,
              "seconds": dense_seconds}]
@@ -106,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         clip = mdd.sample(compiled[r], labels, steps=args.steps, seed=0, guidance=args.guidance)
         seconds = time.perf_counter() - t0
         pred = classifier.clips(clip)
+        samples[f"recall {r}"] = clip
         rows.append({"recall": r, "density": _mean_density(patterns[r]), **_compare(clip, dense),
                      "accuracy": float((pred == labels).float().mean()),
                      "agreement": float((pred == dense_pred).float().mean()), "seconds": seconds})
@@ -118,6 +118,13 @@ def main(argv: list[str] | None = None) -> int:
                "rewritten": {str(r): compiled[r] is not None for r in recalls}, "stability": stability,
                "fidelity": rows, "seconds": time.perf_counter() - started}
     write(args.out, args.name, results, _markdown(results, recalls, timesteps, args))
+    # the HTML report of the sparsest compiled model, with the dense and sparse samples of the same noise
+    sparsest = next((compiled[r] for r in sorted(recalls) if compiled[r] is not None), None)
+    if sparsest is not None:
+        report = sparsest.report()
+        report.add_frames("samples", {f"digit {i}, {name}": clip[i, 0] for i in range(args.strip)
+                                      for name, clip in samples.items()})
+        report.to_html(f"{args.out}/{args.name}-report.html")
     return 0
 
 
@@ -154,10 +161,7 @@ def _mask(head: dict, nq: int, nk: int, block: int) -> torch.Tensor | None:
     """A head's static block mask [nq, nk] (None for families without one)."""
     if head["pattern"] in STATIC_LESS:
         return None
-    try:
-        return attention_layouts.pattern_mask(head["pattern"], head["params"], nq, nk, False, block=block)
-    except TypeError:  # a pattern_mask without the block argument (no window_3d family)
-        return attention_layouts.pattern_mask(head["pattern"], head["params"], nq, nk, False)
+    return attention_layouts.pattern_mask(head["pattern"], head["params"], nq, nk, False, block=block)
 
 
 @torch.no_grad()

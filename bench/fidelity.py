@@ -23,13 +23,12 @@ budget saw, against the same pipeline without it.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 
 import sparsegraph as sg
-from bench.common import machine, machine_line, table, write
+from bench.common import machine, machine_line, parse, parser, table, write
 from sparsegraph import models, pipelines
 from sparsegraph.data.stdlib_text import sentences
 from sparsegraph.measure import compare
@@ -189,15 +188,11 @@ def _markdown(rows: list[dict], args) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench fidelity", description=__doc__.splitlines()[0])
+    ap = parser("fidelity", __doc__, name="fidelity-cpu")
     ap.add_argument("--calibration", type=int, default=128)
     ap.add_argument("--unseen", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="bench/results")
-    ap.add_argument("--name", default="fidelity-cpu")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = parse(ap, argv)
     rows = digits(args) + minilm(args) + lm(args)
     info = machine(args.threads)
     write(args.out, args.name, {"machine": info, "settings": vars(args), "rows": rows},

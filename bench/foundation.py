@@ -15,7 +15,6 @@ Writes ``<out>/<name>.json`` and ``<out>/<name>.md`` (the table, with the machin
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 
 import sparsegraph as sg
-from bench.common import machine, machine_line, write
+from bench.common import machine, machine_line, parse, parser, write
 from sparsegraph import models
 from sparsegraph.measure import compare
 from sparsegraph.onnx_export import OnnxModel
@@ -36,17 +35,13 @@ WORKLOADS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench foundation", description=__doc__.split("\n\n")[0])
+    ap = parser("foundation", __doc__, name="foundation-cpu")
     ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     ap.add_argument("--pipelines", nargs="*", default=[], help="sparsegraph pipelines to add as candidates")
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to compile)")
-    ap.add_argument("--out", default="bench/results")
-    ap.add_argument("--name", default="foundation-cpu")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = parse(ap, argv)
     results = {"machine": machine(args.threads), "settings": vars(args), "workloads": {}}
     for workload in args.workloads:
         print(f"== {workload}", flush=True)

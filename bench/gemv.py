@@ -26,7 +26,6 @@ previous and the new CPU path.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import math
 import warnings
@@ -34,7 +33,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from bench.common import compare_orders, machine, machine_line, table, write
+from bench.common import compare_orders, machine, machine_line, parse, parser, table, write
 from sparsegraph.codegen import cpu_kernels, sparse_linear, use_backend
 
 SHAPES = ((2048, 5632), (5632, 2048), (2048, 2048), (256, 688), (688, 256))
@@ -158,18 +157,14 @@ def _rows(cases):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench gemv", description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=2)
+    ap = parser("gemv", __doc__, name="gemv-cpu")
     ap.add_argument("--repeats", type=int, default=40, help="rounds per case (10x for weights under 4 MB)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--cold-mb", type=int, default=640,
                     help="weight copies cycled in the 'from memory' cases: at least this many MB in all")
     ap.add_argument("--shapes", default=",".join(f"{i}x{o}" for i, o in SHAPES))
     ap.add_argument("--sparsities", default=",".join(str(s) for s in SPARSITIES))
-    ap.add_argument("--out", default="bench/results")
-    ap.add_argument("--name", default="gemv-cpu")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = parse(ap, argv)
     warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
     shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",")]
     sparsities = [float(s) for s in args.sparsities.split(",")]

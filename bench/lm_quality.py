@@ -26,20 +26,19 @@ first block and the current one always read) at 50% and 25% of the blocks, and s
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 
 import torch
 
 import sparsegraph as sg
-from bench.common import machine, machine_line, table, write
+from bench.common import machine, machine_line, parse, parser, table, write
 from bench.decode import sparse_config
 from sparsegraph.models import stdlib_lm
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench lm_quality", description=__doc__.splitlines()[0])
+    ap = parser("lm_quality", __doc__, name="lm-quality-cpu")
     ap.add_argument("--sparsities", default="0.3,0.4,0.5,0.6")
     ap.add_argument("--length", type=int, default=128, help="held-out window length for perplexity")
     ap.add_argument("--windows", type=int, default=64, help="held-out windows for perplexity (None: all)")
@@ -49,11 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--decode-prompt", type=int, default=16, help="tokens prefilled before teacher forcing")
     ap.add_argument("--block", type=int, default=16, help="decode attention's cache block (slots)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="bench/results")
-    ap.add_argument("--name", default="lm-quality-cpu")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = parse(ap, argv)
     started = time.perf_counter()
     model, example = stdlib_lm.load(seq_len=args.length)
     calibration = list(stdlib_lm.train_ids(args.length, args.calibration).split(4))

@@ -23,7 +23,6 @@ whole photographs with different seeds would overlap the training pixels.
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
@@ -31,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import sparsegraph as sg
-from bench.common import machine, machine_line, table, write
+from bench.common import machine, machine_line, parse, parser, table, write
 from sparsegraph import models, pipelines
 from sparsegraph.data import sample_images
 from sparsegraph.data.stdlib_text import sentences
@@ -171,7 +170,7 @@ def _pair(row: dict, which: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench recover", description=__doc__.splitlines()[0])
+    ap = parser("recover", __doc__, name="recover-cpu")
     ap.add_argument("--calibration", type=int, default=1024)
     ap.add_argument("--unseen", type=int, default=512)
     ap.add_argument("--steps", type=int, default=250)
@@ -185,11 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--image-lr", type=float, default=2e-4)
     ap.add_argument("--no-text", dest="text", action="store_false", help="skip the MiniLM rows")
     ap.add_argument("--no-images", dest="images", action="store_false", help="skip the EfficientNet rows")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="bench/results")
-    ap.add_argument("--name", default="recover-cpu")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = parse(ap, argv)
     start_load = os.getloadavg()[0]
     rows = run(args) if args.text else []
     rows += run_images(args) if args.images else []

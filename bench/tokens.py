@@ -19,14 +19,13 @@ token and the RoI patches only (one image at a time: the length is data-dependen
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 
 import torch
 
 import sparsegraph as sg
-from bench.common import machine, machine_line, table, write
+from bench.common import machine, machine_line, parse, parser, table, write
 from sparsegraph import models
 from sparsegraph.measure import compare, cosine
 from sparsegraph.onnx_export import OnnxModel
@@ -155,16 +154,13 @@ PARTS = {"minilm": minilm, "vit": vit, "digits": digits}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench tokens", description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=sorted(PARTS), required=True)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--sentences", type=int, default=200)
-    parser.add_argument("--out", default="bench/results")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    ap = parser("tokens", __doc__, name=None)
+    ap.add_argument("--part", choices=sorted(PARTS), required=True)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--sentences", type=int, default=200)
+    args = parse(ap, argv)
     results, markdown = PARTS[args.part](args)
     info = machine(args.threads)
-    write(args.out, f"tokens-{args.part}-cpu", {"machine": info, **results},
+    write(args.out, args.name or f"tokens-{args.part}-cpu", {"machine": info, **results},
           markdown + "\n" + machine_line(info) + "\n")
     return 0

@@ -1,4 +1,5 @@
-"""A minimal PNG writer (RGB, 8 bits, no dependency) and the coloured-grid picture the report saves.
+"""A minimal PNG writer (RGB, 8 bits, no dependency) and the two pictures the report saves: the coloured
+grid (a head per cell) and a strip of grey frames (sampled clips, a row per model).
 
 PNG = signature, IHDR (width, height, depth 8, colour type 2), IDAT (zlib of the rows, each led by
 filter byte 0), IEND; every chunk is length, type, data, CRC-32 of type + data.
@@ -44,4 +45,22 @@ def grid(cells: list[list[tuple[str, float]]], cell: int = 20, gap: int = 2) -> 
             y0, x0 = gap + r * (cell + gap), gap + c * (cell + gap)
             for y in range(cell):
                 pixels[y0 + y][x0:x0 + cell] = [full if y >= edge else tint] * cell
+    return encode(pixels)
+
+
+def frames(rows: list[list[list[list[int]]]], scale: int = 3, gap: int = 2) -> bytes:
+    """A strip of grey frames: ``rows[r][t]`` is frame t of row r, an H × W list of grey levels 0…255;
+    each pixel becomes a `scale` × `scale` square, frames and rows `gap` pixels apart on white."""
+    height, width = len(rows[0][0]), len(rows[0][0][0])
+    cols = max(len(r) for r in rows)
+    white: RGB = (255, 255, 255)
+    pixels = [[white] * (gap + cols * (width * scale + gap))
+              for _ in range(gap + len(rows) * (height * scale + gap))]
+    for r, row in enumerate(rows):
+        for t, frame in enumerate(row):
+            y0, x0 = gap + r * (height * scale + gap), gap + t * (width * scale + gap)
+            for y, line in enumerate(frame):
+                scaled = [(v, v, v) for v in line for _ in range(scale)]
+                for dy in range(scale):
+                    pixels[y0 + y * scale + dy][x0:x0 + width * scale] = scaled
     return encode(pixels)

@@ -7,18 +7,22 @@ decisions, the cost of the graph before and after per site (MACs at the example 
 each pass has to show of its own (`Pass.report_section`, found by the pass's name in the registry: the
 activation histograms, the head-pattern grid, the token schedule, RoIs on the example images, a
 plugin's table). Everything shown comes from the plan and the two graphs; nothing is estimated here.
-Figures are inline SVG (`sparsegraph.svg`): the HTML file is self-contained.
+Figures are inline SVG (`sparsegraph.svg`) and pictures are PNG (`sparsegraph.png`), embedded in the
+HTML as data URIs (so the HTML file is self-contained) and also saved beside it for the markdown.
+A caller with samples of its own (a video DiT's clips sampled dense and sparse from the same noise)
+adds them as a frame strip with `Report.add_frames`.
 """
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sparsegraph import ir, recover, svg
+from sparsegraph import ir, png, recover, svg
 from sparsegraph.codegen import cpu_kernels
 from sparsegraph.cost_model import site_costs, total_cost
 from sparsegraph.errors import ConfigError
@@ -33,6 +37,7 @@ class Report:
     tables: list[Table]
     figures: list[tuple[str, str]] = field(default_factory=list)  # (title, inline SVG)
     images: dict[str, bytes] = field(default_factory=dict)  # file name → PNG, saved beside the report
+    captions: dict[str, str] = field(default_factory=dict)  # file name → what its rows or cells show
 
     @classmethod
     def of(cls, cm) -> Report:
@@ -101,6 +106,23 @@ class Report:
             report.facts["sections not drawn"] = f"passes {missing} are not installed here"
         return report
 
+    def add_frames(self, name: str, clips: dict[str, object], scale: int = 3) -> bytes:
+        """Add a strip of frames as the picture ``<name>.png``: one row per entry of `clips` (label →
+        frames [T, H, W], values in [−1, 1], e.g. ``{"dense": clip, "sparse, recall 0.9": clip}``, the
+        same seed), the T frames side by side, each pixel drawn as a `scale` × `scale` grey square.
+        Rows must have one frame size; their labels are listed in the picture's caption, top to bottom.
+        Returns the PNG bytes."""
+        import torch
+
+        frames = [torch.as_tensor(v, dtype=torch.float32) for v in clips.values()]
+        if not frames or any(f.dim() != 3 or f.shape[1:] != frames[0].shape[1:] for f in frames):
+            raise ValueError("add_frames wants a non-empty dict of [T, H, W] tensors of one frame size, got "
+                             f"shapes {[tuple(f.shape) for f in frames]}")
+        self.images[f"{name}.png"] = png.frames([((f + 1) * 127.5).clamp(0, 255).round().to(torch.uint8)
+                                                 .tolist() for f in frames], scale=scale)
+        self.captions[f"{name}.png"] = "rows, top to bottom: " + "; ".join(clips)
+        return self.images[f"{name}.png"]
+
     def to_json(self) -> dict:
         return {"title": self.title, "facts": self.facts,
                 "tables": [{"title": t.title, "header": t.header, "rows": t.rows} for t in self.tables],
@@ -118,7 +140,9 @@ class Report:
         if self.figures:
             lines += ["", f"Figures in the HTML report: {', '.join(title for title, _ in self.figures)}."]
         if stem is not None:
-            lines += [line for name in self.images for line in ("", f"![{name}]({stem}.{name})")]
+            lines += [line for name in self.images
+                      for line in ("", f"![{name}]({stem}.{name})", *([self.captions[name]]
+                                                                      if name in self.captions else []))]
         return "\n".join(lines) + "\n"
 
     def to_html(self, path: str | os.PathLike | None = None) -> str:
@@ -138,6 +162,11 @@ class Report:
             parts.append("</table>")
         for title, figure in self.figures:
             parts.append(f"<h2>{e(title)}</h2><div class='figures'>{figure}</div>")
+        for name, data in self.images.items():
+            uri = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+            parts.append(f"<h2>{e(name)}</h2><figure><img src='{uri}' alt='{e(name)}' "
+                         f"style='image-rendering:pixelated'><figcaption>{e(self.captions.get(name, ''))}"
+                         "</figcaption></figure>")
         text = "".join(parts) + "</body></html>\n"
         if path is not None:
             Path(path).write_text(text)

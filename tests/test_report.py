@@ -18,7 +18,7 @@ def test_report_markdown_html_json_agree(tmp_path):
     assert "## Refused sites" in md and "not a multiple of m=3" in md
     html = report.to_html(tmp_path / "r.html")
     assert (tmp_path / "r.html").read_text() == html
-    assert not re.search(r"<script|<link|src=|url\(", html)  # nothing loaded from anywhere
+    assert not re.search(r"<script|<link|src=['\"](?!data:)|url\(", html)  # nothing loaded from anywhere
     tables = {t["title"]: t for t in report.to_json()["tables"]}
     passes = {row[0]: row for row in tables["Passes"]["rows"]}
     stats = cm.plan.passes["nm_weights"]["stats"]
@@ -72,17 +72,26 @@ def test_report_draws_head_grid_token_schedule_and_rois():
 
 def _check_head_grid_png(data, plan):
     """Decode the PNG: 12 sites × 6 heads of 20-px cells, each in its pattern's colour up to its density."""
-    import struct
-    import zlib
-
     from sparsegraph.passes.analysis.head_patterns import PATTERN_COLOURS
     from sparsegraph.png import hex_rgb
 
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    width, height = struct.unpack(">II", data[16:24])
+    width, height, pixel = _decode(data)
     cell, gap = 20, 2
     heads = [e["heads"] for e in (plan.evidence("head_patterns", s) for s in plan.sites) if e]
     assert (width, height) == (gap + 6 * (cell + gap), gap + len(heads) * (cell + gap)) and len(heads) == 12
+    for r, row in enumerate(heads):
+        for c, head in enumerate(row):
+            bottom = (gap + c * (cell + gap) + cell // 2, gap + r * (cell + gap) + cell - 1)
+            assert pixel(*bottom) == hex_rgb(PATTERN_COLOURS[head["pattern"]]) or head["density"] < 0.05
+
+
+def _decode(data):
+    """(width, height, pixel(x, y) → (r, g, b)) of a PNG written by `sparsegraph.png`."""
+    import struct
+    import zlib
+
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])
     pos, idat = 8, b""
     while pos < len(data):
         length, kind = struct.unpack(">I4s", data[pos:pos + 8])
@@ -94,7 +103,34 @@ def _check_head_grid_png(data, plan):
     def pixel(x, y):
         return tuple(raw[y * stride + 1 + 3 * x:y * stride + 4 + 3 * x])
 
-    for r, row in enumerate(heads):
-        for c, head in enumerate(row):
-            bottom = (gap + c * (cell + gap) + cell // 2, gap + r * (cell + gap) + cell - 1)
-            assert pixel(*bottom) == hex_rgb(PATTERN_COLOURS[head["pattern"]]) or head["density"] < 0.05
+    return width, height, pixel
+
+
+def test_frame_strip_rows_per_clip_embedded_in_html(tmp_path):
+    """`add_frames`: a row per clip, its frames side by side, pixels as scale × scale grey squares, and the
+    picture in the HTML as a data URI with the row labels in its caption; mismatched frames refused."""
+    import base64
+
+    import pytest
+    import torch
+
+    dense = torch.linspace(-1, 1, 3 * 4 * 5).view(3, 4, 5)
+    sparse = -dense
+    report = Report("r", {}, [])
+    data = report.add_frames("samples", {"dense": dense, "sparse, recall 0.9": sparse}, scale=2)
+    width, height, pixel = _decode(data)
+    gap, scale = 2, 2
+    assert (width, height) == (gap + 3 * (5 * scale + gap), gap + 2 * (4 * scale + gap))
+    for row, clip in enumerate((dense, sparse)):
+        for t, y, x in ((0, 0, 0), (1, 2, 3), (2, 3, 4)):
+            grey = round((float(clip[t, y, x]) + 1) * 127.5)
+            px = gap + t * (5 * scale + gap) + x * scale + 1
+            py = gap + row * (4 * scale + gap) + y * scale + 1
+            assert pixel(px, py) == (grey, grey, grey)
+    assert pixel(0, 0) == (255, 255, 255)
+    html = report.to_html(tmp_path / "r.html")
+    assert "data:image/png;base64," + base64.b64encode(data).decode() in html
+    assert "rows, top to bottom: dense; sparse, recall 0.9" in html
+    assert (tmp_path / "r.samples.png").read_bytes() == data
+    with pytest.raises(ValueError, match="one frame size"):
+        report.add_frames("bad", {"a": dense, "b": torch.zeros(3, 4, 6)})
