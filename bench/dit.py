@@ -1,21 +1,25 @@
 """``python -m bench dit``: one denoising step of a video DiT at long token counts, dense vs 3-D windows.
 
-The model: ``MovingDigitsDiT`` (`sparsegraph.models.moving_digits_dit`) when that module exists, else the
-stand-in below of the same layout (Conv3d patchify with tokens frame-major, 3-D sinusoidal positions
-that extend to any grid, AdaLN-Zero blocks, ``qkv`` Linear → SDPA → ``proj``, GELU MLP); random weights
-(speed does not depend on them), ``--depth`` blocks (a step is the same work per block, so a few blocks
-give the per-step ratio), width ``--dim`` with ``--heads`` heads (defaults: the trained model's 128 and
-4 heads of 32). Clips are ``T`` token frames of 32 × 32 tokens (its patch 2 × 4 × 4: 2T frames of
-128 × 128 pixels): 8, 16, 32 token frames = 8k, 16k, 32k tokens.
+The model: ``MovingDigitsDiT`` (`sparsegraph.models.moving_digits_dit`: Conv3d patchify with tokens
+frame-major, 3-D sin-cos positions that extend to any grid, AdaLN-Zero blocks, ``qkv`` Linear → SDPA →
+``proj``, GELU MLP). Clips are ``T`` token frames of 32 × 32 tokens (its patch 2 × 4 × 4: 2T frames of
+128 × 128 pixels): 8, 16, 32 token frames = 8k, 16k, 32k tokens; the input is the first sampling step's
+(pure noise, t = 1).
 
-Patterns: the plan is made once, at a short clip (``--calib-frames`` frames of 8 × 8 tokens, the size the
-model is trained at), by ``head_patterns`` with ``window_3d`` among its candidates (the grid found from
-the Conv3d), and replayed at every long size with ``sparsegraph.compile(model, plan=...)``: window heads
-are re-specialised to the long grid, in grid units. Random weights give near-uniform attention, which
-no sparse pattern fits, so the plan's heads are then set to the documented per-head assignment
-`ASSIGNMENT` (extents in tokens: local 3-D, spatial-only, temporal-only, wider neighbourhoods, the head
-kinds Sparse-vDiT reports in video DiTs) before the replay; the bench says so in its output. With a
-trained model's plan (``--plan``), its fitted heads are used as they are.
+Patterns, two sources:
+
+- ``--trained``: the shipped trained weights (all 6 blocks: one real step) and the trained model's own
+  fit: ``head_patterns`` (families dense and ``window_3d``) on its calibration clips at the training size
+  (8 frames of 32x32 pixels: 4 × 8 × 8 tokens) over five timesteps. Windows are fitted on token
+  displacements, so their extents mean the same on the long grid.
+- default: random weights, ``--depth`` blocks of width ``--dim`` with ``--heads`` heads (a step is the same
+  work per block, so a few blocks give the per-step ratio). Random weights give near-uniform attention,
+  which no sparse pattern fits, so the plan's heads are set to the documented per-head assignment
+  `ASSIGNMENT` (extents in tokens: local 3-D, spatial-only, temporal-only, wider neighbourhoods, the head
+  kinds Sparse-vDiT reports in video DiTs); the bench says so in its output.
+
+Either plan is made once at the short clip and replayed at every long size with
+``sparsegraph.compile(model, plan=...)``: window heads are re-specialised to the long grid.
 
 Candidates, same inputs, same run, interleaved after warm-up, median of ``--repeats``: dense eager (the
 model as it is), ours (the replayed compiled model: ``sparsegraph::block_sparse_attention`` on its
@@ -44,6 +48,7 @@ import sparsegraph as sg
 from bench.common import machine, machine_line, parse, parser, table, write
 from sparsegraph import attention_layouts
 from sparsegraph.codegen import cpu_kernels
+from sparsegraph.models import moving_digits_dit as mdd
 
 # extents [a_t, a_h, a_w] in tokens of the 32 × 32 canvas (module docstring); cycled over the heads
 ASSIGNMENT = [[1, 4, 4], [2, 8, 8], [0, 31, 31], [31, 1, 1], [4, 2, 2], [1, 16, 16]]
@@ -51,110 +56,44 @@ CANVAS = 32  # tokens per side at the long sizes
 PATCH = (2, 4, 4)  # MovingDigitsDiT's
 
 
-# ------------------------------------------------------------------------------------------ stand-in
-
-
-def _sincos(n: int, dim: int) -> torch.Tensor:
-    pos = torch.arange(n, dtype=torch.float32)[:, None]
-    freq = torch.exp(-math.log(10000.0) * torch.arange(0, dim, 2, dtype=torch.float32) / dim)
-    return torch.cat([torch.sin(pos * freq), torch.cos(pos * freq)], 1)
-
-
-class _Block(nn.Module):
-    def __init__(self, dim: int, heads: int, mlp_ratio: float):
-        super().__init__()
-        self.heads = heads
-        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        hidden = int(dim * mlp_ratio)
-        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
-        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
-
-    def forward(self, x, c):
-        B, L, D = x.shape
-        s1, g1, a1, s2, g2, a2 = self.ada(c)[:, None].chunk(6, -1)
-        h = self.norm1(x) * (1 + g1) + s1
-        q, k, v = self.qkv(h).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, D)
-        x = x + a1 * self.proj(o)
-        h = self.norm2(x) * (1 + g2) + s2
-        return x + a2 * self.fc2(F.gelu(self.fc1(h)))
-
-
-class StandInDiT(nn.Module):
-    """A class-conditional video DiT of MovingDigitsDiT's layout (module docstring); any clip size."""
-
-    def __init__(self, frames, height, width, patch=PATCH, dim=128, depth=2, heads=4, mlp_ratio=4.0,
-                 num_classes=10):
-        super().__init__()
-        self.patch, self.dim = tuple(patch), dim
-        self.embed = nn.Conv3d(1, dim, self.patch, stride=self.patch)
-        self.time = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-        self.label = nn.Embedding(num_classes + 1, dim)
-        self.blocks = nn.ModuleList(_Block(dim, heads, mlp_ratio) for _ in range(depth))
-        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
-        self.out = nn.Linear(dim, math.prod(self.patch))
-
-    def forward(self, x, t, label):
-        z = self.embed(x)  # [B, D, T, H, W]
-        B, D, T, H, W = z.shape
-        third = D // 3 // 2 * 2
-        pos = torch.cat([_sincos(T, third)[:, None, None].expand(T, H, W, third),
-                         _sincos(H, third)[None, :, None].expand(T, H, W, third),
-                         _sincos(W, D - 2 * third)[None, None].expand(T, H, W, D - 2 * third)], -1)
-        z = z.flatten(2).transpose(1, 2) + pos.reshape(1, T * H * W, D).to(z.dtype)
-        freq = torch.exp(-math.log(10000.0) * torch.arange(0, D, 2, dtype=torch.float32) / D)
-        c = self.time(torch.cat([torch.sin(t[:, None] * freq), torch.cos(t[:, None] * freq)], 1))
-        c = c + self.label(label)
-        for block in self.blocks:
-            z = block(z, c)
-        shift, scale = self.ada(c)[:, None].chunk(2, -1)
-        z = self.out(self.norm(z) * (1 + scale) + shift)  # [B, L, pt·ph·pw]
-        pt, ph, pw = self.patch
-        z = z.view(B, T, H, W, pt, ph, pw).permute(0, 1, 4, 2, 5, 3, 6)
-        return z.reshape(B, 1, T * pt, H * ph, W * pw)
+# ------------------------------------------------------------------------------------------ model
 
 
 def build(frames: int, side: int, args) -> tuple[nn.Module, str]:
-    """The model at `frames` × `side` × `side` tokens (same weights for every size: seeded). Parameters
-    left at zero by the model's init (AdaLN-Zero gates, the zero output layer) get N(0, 0.02) values:
-    with them at zero, attention would not reach the output and the output comparisons say nothing."""
+    """`MovingDigitsDiT` at `frames` × `side` × `side` tokens. With ``--trained``: the shipped trained weights
+    (no parameter depends on the grid: positions are sin-cos of the grid). Else random weights, seeded
+    (the same for every size), ``--dim``/``--heads``/``--depth``; parameters left at zero by the model's init
+    (AdaLN-Zero gates, the zero output layer) get N(0, 0.02) values: with them at zero, attention would not
+    reach the output and the output comparisons say nothing."""
+    kwargs = dict(frames=frames * PATCH[0], height=side * PATCH[1], width=side * PATCH[2])
+    if args.trained:
+        model = mdd.MovingDigitsDiT(**kwargs)
+        model.load_state_dict(mdd.load()[0].state_dict())
+        return model.eval(), f"zoo:moving_digits_dit (trained weights, {len(model.blocks)} blocks)"
     torch.manual_seed(0)
-    kwargs = dict(frames=frames * PATCH[0], height=side * PATCH[1], width=side * PATCH[2], patch=PATCH,
-                  dim=args.dim, depth=args.depth, heads=args.heads, mlp_ratio=4.0)
-    model, name = None, "stand-in (bench/dit.py: MovingDigitsDiT's layout, random weights)"
-    if args.model in ("auto", "moving_digits"):
-        try:
-            from sparsegraph.models.moving_digits_dit import MovingDigitsDiT
-        except ImportError:
-            if args.model == "moving_digits":
-                raise
-        else:
-            model, name = MovingDigitsDiT(**kwargs, num_classes=10), "MovingDigitsDiT (random weights)"
-    model = model if model is not None else StandInDiT(**kwargs)
+    model = mdd.MovingDigitsDiT(**kwargs, dim=args.dim, depth=args.depth, heads=args.heads)
     with torch.no_grad():
         for p in model.parameters():
             if not bool(p.any()):
                 p.normal_(0.0, 0.02)
-    return model.eval(), name
+    return model.eval(), f"MovingDigitsDiT (random weights, {args.depth} blocks)"
 
 
 def inputs(frames: int, side: int, seed: int = 0):
+    """One noisy clip (pure noise: the first step of sampling), timestep 1, digit 3."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(1, 1, frames * PATCH[0], side * PATCH[1], side * PATCH[2], generator=g)
-    return x, torch.tensor([500.0]), torch.tensor([3])
+    return x, torch.tensor([1.0]), torch.tensor([3])
 
 
 # ------------------------------------------------------------------------------------------ plan
 
 
 def make_plan(args, log) -> tuple[dict, str]:
-    """The plan fitted at the short clip, its heads set to `ASSIGNMENT` unless `--plan` gave one."""
-    if args.plan:
-        return json.loads(open(args.plan).read()), f"plan {args.plan} as fitted"
+    """The plan fitted at the short clip: with ``--trained``, the trained model's own fit; else its heads
+    set to `ASSIGNMENT`."""
+    if args.trained:
+        return trained_plan(args, log)
     model, _ = build(args.calib_frames, 8, args)
     calib = [inputs(args.calib_frames, 8, seed) for seed in range(1, 3)]
     config = {"passes": [{"head_patterns": {"block": args.block, "recall": 0.9,
@@ -167,6 +106,31 @@ def make_plan(args, log) -> tuple[dict, str]:
     log(f"fit at {args.calib_frames}x8x8 tokens (random weights): {fitted.count('window_3d')} of "
         f"{len(fitted)} heads window_3d; heads set to the documented assignment")
     return assign(plan), "documented per-head assignment (random weights fit no sparse pattern)"
+
+
+def trained_plan(args, log) -> tuple[dict, str]:
+    """``head_patterns`` (families dense and window_3d, recall ``--recall``, block ``--fit-block``) on the
+    trained model at its training clip (8 frames of 32x32: 4 × 8 × 8 tokens), calibrated on
+    `moving_digits_dit.calibration` (test clips noised at five timesteps). The windows are fitted on
+    tokens (their extent means the same at any grid and block), so the replay lays them out at the bench's
+    ``--block``: each site's block is set to it."""
+    model, example = mdd.load()
+    config = {"passes": [{"head_patterns": {"block": args.fit_block, "recall": args.recall,
+                                            "patterns": ["dense", "window_3d"]}},
+                         {"sparse_attention": {"max_density": 1.0}}]}
+    cm = sg.compile(model, config, example_inputs=example, calibration=mdd.calibration(), quiet=True)
+    plan = copy.deepcopy(cm.plan.to_json())
+    fitted = []
+    for entry in plan["sites"].values():
+        decision = entry.get("sparse_attention", {}).get("decision")
+        if decision is not None:
+            decision["block"] = args.block
+            fitted += [h["pattern"] + (str(h["params"]["extent"]) if h["pattern"] == "window_3d" else "")
+                       for h in decision["heads"]]
+    log(f"trained model's fit at 4x8x8 tokens (recall {args.recall}, block {args.fit_block}): "
+        f"{sum(f.startswith('window_3d') for f in fitted)} of {len(fitted)} heads of the rewritten sites "
+        f"window_3d: {fitted}")
+    return plan, f"the trained model's own fit (recall {args.recall}; families dense, window_3d)"
 
 
 def assign(plan: dict) -> dict:
@@ -201,6 +165,21 @@ def tables(cm) -> list[torch.Tensor]:
         if node.op == "call_function" and "block_sparse_attention" in str(node.target):
             found.append(getattr(gm, node.args[3].target) if hasattr(node.args[3], "target") else None)
     return found
+
+
+def layer_lists(cm, layer_tables: list[torch.Tensor], nb: int) -> list[torch.Tensor]:
+    """Per attention site, in graph order: its key-block lists [H, nb, ≤ nb] (`attention_layouts.layout`);
+    a site sparse_attention left dense lists every block."""
+    found, out = iter(layer_tables), []
+    for entry in cm.plan.sites.values():
+        if "head_patterns" not in entry:
+            continue
+        if "decision" in entry.get("sparse_attention", {}):
+            out.append(attention_layouts.layout(next(found), nb, nb, False))
+        else:
+            heads = len(entry["head_patterns"]["evidence"]["heads"])
+            out.append(torch.arange(nb).expand(heads, nb, nb).contiguous())
+    return out
 
 
 def bands_over_window(table: torch.Tensor, nb: int) -> list[float | None]:
@@ -299,9 +278,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--depth", type=int, default=2, help="blocks (a step is the same work per block)")
     ap.add_argument("--block", type=int, default=64)
     ap.add_argument("--calib-frames", type=int, default=4, help="frames of the short clip the plan is fit at")
-    ap.add_argument("--model", choices=("auto", "moving_digits", "standin"), default="auto",
-                    help="auto: MovingDigitsDiT where sparsegraph.models.moving_digits_dit exists")
-    ap.add_argument("--plan", default=None, help="a plan fitted on the trained model (used as it is)")
+    ap.add_argument("--trained", action="store_true",
+                    help="the trained zoo:moving_digits_dit (all its blocks) with its own fitted windows")
+    ap.add_argument("--recall", type=float, default=0.9, help="head_patterns recall of the trained fit")
+    ap.add_argument("--fit-block", type=int, default=16, help="head_patterns block of the trained fit")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--no-flex", action="store_true")
@@ -313,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     with open(path, "w") as f:
         json.dump(plan, f)
     results = {"machine": machine(args.threads), "settings": vars(args), "patterns": source,
-               "assignment": ASSIGNMENT if not args.plan else None, "cpu_kernels": cpu_kernels.status(),
+               "assignment": None if args.trained else ASSIGNMENT, "cpu_kernels": cpu_kernels.status(),
                "notes": notes, "cases": []}
     rows = []
     for frames in args.frames:
@@ -325,11 +305,11 @@ def main(argv: list[str] | None = None) -> int:
         replay = time.perf_counter() - start
         layer_tables = tables(cm)
         nb = math.ceil(tokens / args.block)
-        lists = [attention_layouts.layout(t, nb, nb, False) for t in layer_tables]
+        lists = layer_lists(cm, layer_tables, nb)
         per_head = [round(float(((x >= 0).sum((1, 2)) / (nb * nb))[h]), 4)
                     for x in lists[:1] for h in range(x.shape[0])]
         density = float(sum(int((x >= 0).sum()) for x in lists) / (len(lists) * lists[0].shape[0] * nb * nb))
-        bands = bands_over_window(layer_tables[0], nb)
+        bands = bands_over_window(layer_tables[0], nb) if layer_tables else []
         start = time.perf_counter()
         with torch.inference_mode():
             ours_out = cm(*example)
@@ -365,9 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     m = results["machine"]
     md = [machine_line(m), "",
           f"One denoising step (batch 1, fp32, CPU, {args.threads} threads) of "
-          f"{results['cases'][0]['model']}: "
-          f"width {args.dim}, {args.heads} heads of {args.dim // args.heads}, {args.depth} blocks (a step is "
-          f"the same work per block), clips of T token frames x {args.canvas} x {args.canvas} tokens (patch "
+          f"{results['cases'][0]['model']}, clips of T token frames x {args.canvas} x {args.canvas} tokens "
+          "(patch "
           f"{'x'.join(map(str, PATCH))}). Patterns: "
           f"{source}, fitted/made at {args.calib_frames}x8x8 tokens and replayed at each size with "
           "sparsegraph.compile(plan=...) (window_3d heads re-specialised to the long grid). Density = listed "
@@ -387,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_flex:
         md.append("Max |ours - flex_attention| of the step output: "
                   + ", ".join(f"{c['tokens']}: {c['max_abs_ours_minus_flex']:.1e}" for c in results["cases"]))
-    if not args.plan:
+    if not args.trained:
         md.append(f"\nPer-head assignment (extents [a_t, a_h, a_w] in tokens, cycled over heads): "
                   f"{ASSIGNMENT}.")
     md += ["", *notes]
