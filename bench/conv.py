@@ -23,6 +23,8 @@ sparsity (and at ``--block`` 1×k blocks for the highest), calibrated on ``--cal
   than the calibration crops), dense against sparse logits: top-1 agreement and mean KL(dense ‖ sparse)
   in nats. Two photographs are little data: these are many different inputs, not a labelled test set.
 
+Every timing runs under ``torch.inference_mode()``, dense and sparse alike (how a deployed model runs:
+no autograd dispatch; under ``no_grad`` each op call still passes the autograd layer).
 Threads: torch's intra-op threads and onnxruntime's are both ``--threads``. The load average of the
 machine before and after is written with the results: timings on a machine other work is using are
 not figures.
@@ -192,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         settings.append((f"{max(targets):.0%} b{args.block}", max(targets), args.block))
     compiled = {key: _compile(model, example, calibration, t, block) for key, t, block in settings}
     inputs = _layer_inputs(model, example)
-    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
         layers = per_layer(model, compiled, inputs, args)
         whole = whole_model(model, example, compiled, args, Path(tmp))
     results = {"machine": machine(args.threads), "load": [load_before, os.getloadavg()[0]],
