@@ -95,7 +95,8 @@ def _check_tensor(spec: InputSpec, value: torch.Tensor) -> None:
         d, want, got = fixed[0]
         raise InputError(f"input {spec.name!r} has size {got} in dimension {d}, the graph was traced with "
                          f"{want} there and only the sizes marked · may vary ({spec.describe()}); compile "
-                         "with an example of this shape")
+                         "with an example of this shape: sparsegraph.compile(model, plan=cm.plan, "
+                         "example_inputs=...) replays the same decisions without calibrating again")
 
 
 def _kind(dtype: torch.dtype) -> str:
