@@ -243,3 +243,18 @@ def test_onnx_validation_catches_a_wrong_translation_and_no_validate_skips_it(cl
                      r"most .*tolerance .* validate=False \(CLI --no-validate\)", capsys.readouterr().err)
     assert main(["export", str(cli_saved), "--out", str(tmp_path / "unchecked.onnx"), "--no-validate"]) == 0
     assert "not validated" in capsys.readouterr().out and (tmp_path / "unchecked.onnx").exists()
+
+
+def test_cli_compile_of_a_saved_folder_or_a_hf_folder_says_what_to_do(cli_saved, tmp_path, capsys):
+    """A folder given as the model: a saved compiled model names its source and the commands that take
+    the folder; a folder with a config.json is pointed to hf:PATH."""
+    out = str(tmp_path / "o")
+    assert main(["compile", str(cli_saved), "--config", "nm-2-4", "--out", out, "--quiet"]) != 0
+    err = capsys.readouterr().err
+    assert "compiled model saved by sparsegraph" in err
+    assert "sparsegraph compile zoo:explicit_attention" in err
+    assert f"sparsegraph bench {cli_saved}" in err
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    assert main(["compile", str(tmp_path / "hf"), "--out", out, "--quiet"]) != 0
+    assert f"name it hf:{tmp_path / 'hf'}" in capsys.readouterr().err

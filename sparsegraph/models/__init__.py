@@ -36,6 +36,8 @@ on every call and the caller's random state is left alone.
 from __future__ import annotations
 
 import importlib
+import json
+import os
 from collections.abc import Callable
 
 import torch
@@ -73,6 +75,8 @@ def load(name: str, **options) -> ModelAndInputs:
 def resolve(spec: str) -> ModelAndInputs:
     """``(model, example_inputs)`` for a model name as the CLI takes it (see the module docstring)."""
     source, sep, rest = spec.partition(":")
+    if not sep and os.path.isdir(spec):
+        raise ModelSpecError(_folder_hint(spec))
     if not sep or not rest:
         raise ModelSpecError(f"model {spec!r} is not of the form SOURCE:NAME; try zoo:minilm, "
                              "torchvision:resnet50, timm:vit_small_patch16_224, hf:PATH, "
@@ -87,6 +91,27 @@ def resolve(spec: str) -> ModelAndInputs:
     if "." in source or source.isidentifier():
         return _factory(source, rest)
     raise ModelSpecError(f"unknown model source {source!r}{did_you_mean(source, resolvers)}")
+
+
+def _folder_hint(folder: str) -> str:
+    """What to do with a folder given as a model: a saved compiled model (its manifest names the source it
+    was compiled from) or a Hugging Face model folder (``hf:PATH``)."""
+    manifest = os.path.join(folder, "manifest.json")
+    if os.path.isfile(manifest):
+        try:
+            with open(manifest) as f:
+                source = json.load(f).get("source")
+        except (OSError, ValueError, AttributeError):
+            source = None
+        again = (f"compile its source again (`sparsegraph compile {source} ...`)" if source
+                 else "compile the model it came from again")
+        return (f"{folder} is a compiled model saved by sparsegraph, not a model to compile: {again}, or "
+                f"use it as it is (`sparsegraph bench {folder}`, `sparsegraph export {folder}`, "
+                f"`sparsegraph.load({folder!r})`)")
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        return f"{folder} looks like a Hugging Face model folder: name it hf:{folder}"
+    return (f"{folder} is a folder, not a model name: give SOURCE:NAME (zoo:minilm, hf:PATH for a Hugging "
+            "Face folder, pkg.module:factory)")
 
 
 def seeded(build: Callable[[], torch.nn.Module], seed: int = 0) -> torch.nn.Module:
