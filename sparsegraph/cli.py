@@ -61,8 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-DATA_HELP = ("calibration data: a .txt file (one text per line, for models with a tokenizer) or a .npy array "
-             "[N, ...] of inputs (batches of 32); default: bundled stdlib sentences or the example inputs")
+DATA_HELP = ("calibration data: a .txt file (one text per line, for models with a tokenizer), a .npy array "
+             "[N, ...] of inputs, or a .npz of one array per input named as forward names them (batches of "
+             "32); default: bundled stdlib sentences or the example inputs")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -354,25 +355,34 @@ def check_inputs(args) -> None:
 
 
 def _check_data(path: Path) -> None:
-    """--data exists, is a .txt or .npy file, and holds at least one text or input."""
+    """--data exists, is a .txt, .npy or .npz file, and holds at least one text or input (the .npz's arrays
+    are matched to the model's inputs when the model is loaded)."""
     if not path.is_file():
-        raise UsageError(f"--data {path}: no such file; give a .txt (one text per line) or a .npy array "
-                         "of inputs")
-    if path.suffix not in (".txt", ".npy"):
-        raise UsageError(f"--data {path}: expected a .txt (texts) or .npy (input array) file")
+        raise UsageError(f"--data {path}: no such file; give a .txt (one text per line), a .npy array of "
+                         "inputs or a .npz of one array per input")
+    if path.suffix not in (".txt", ".npy", ".npz"):
+        raise UsageError(f"--data {path}: expected a .txt (texts), .npy (input array) or .npz (an array per "
+                         "input) file")
     try:
         if path.suffix == ".txt":
             if not any(line.strip() for line in path.read_text().splitlines()):
                 raise UsageError(f"--data {path} holds no text (every line is blank): give one text per line")
-        else:
+        elif path.suffix == ".npy":
             import numpy as np
 
             shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
             if not shape or shape[0] == 0:
                 raise UsageError(f"--data {path} holds no inputs (an array of shape {shape}): give an array "
                                  "[N, ...] of N ≥ 1 inputs")
-    except (OSError, ValueError) as e:  # unreadable, not UTF-8, not an .npy array
-        raise UsageError(f"--data {path} cannot be read: {e}; give a UTF-8 .txt or a .npy array") from e
+        else:
+            import numpy as np
+
+            with np.load(path, allow_pickle=False) as f:
+                if not f.files:
+                    raise UsageError(f"--data {path} holds no arrays: give one array [N, ...] per input")
+    except (OSError, ValueError) as e:  # unreadable, not UTF-8, not an .npy array / .npz archive
+        raise UsageError(f"--data {path} cannot be read: {e}; give a UTF-8 .txt, a .npy array or a .npz of "
+                         "arrays") from e
 
 
 def check_outputs(args, paths: list[Path]) -> None:

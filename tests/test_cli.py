@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from sparsegraph.cli import main
 from sparsegraph.codegen import cpu_kernels
@@ -95,6 +96,35 @@ def test_profile_and_compile_read_calibration_data(tmp_path, capsys):
     assert main(["profile", "zoo:digits_vit", "--config", str(config), "--data", str(bad),
                  "-o", str(tmp_path / "bad.json")]) == 2
     assert "shape (3, 8, 8)" in capsys.readouterr().err and not (tmp_path / "bad.json").exists()
+
+
+def test_npz_data_fills_every_input_by_name(tmp_path, capsys):
+    """A model of several inputs (the video DiT: noisy clip x, timestep t, label) calibrates from a .npz of
+    one array per input, named as its forward names them; a missing or unknown name is refused naming the
+    inputs, and so is a mismatched count."""
+    import numpy as np
+
+    from sparsegraph.models import moving_digits_dit as mdd
+
+    x, t, label = (torch.cat(parts) for parts in zip(*mdd.calibration(n=1, timesteps=(0.3, 0.7), batch=3)))
+    data = tmp_path / "clips.npz"
+    np.savez(data, x=x.numpy(), t=t.numpy(), label=label.numpy())
+    config = tmp_path / "hp.yaml"
+    config.write_text("passes: [{head_patterns: {block: 16, recall: 0.9}}]\n")
+    plan = tmp_path / "plan.json"
+    assert main(["profile", "zoo:moving_digits_dit", "--config", str(config), "--data", str(data),
+                 "-o", str(plan)]) == 0
+    evidence = json.loads(plan.read_text())["sites"]["attn:blocks.0.attn"]["head_patterns"]["evidence"]
+    assert evidence["seq_len"] == 256 and len(evidence["heads"]) == 4
+    np.savez(tmp_path / "named.npz", x=x.numpy(), time=t.numpy(), label=label.numpy())
+    assert main(["profile", "zoo:moving_digits_dit", "--config", str(config), "--data",
+                 str(tmp_path / "named.npz"), "-o", str(tmp_path / "p2.json")]) == 2
+    err = capsys.readouterr().err
+    assert "the model's inputs are x, t, label" in err and "missing: t" in err and "not an input: time" in err
+    np.savez(tmp_path / "short.npz", x=x.numpy(), t=t.numpy()[:2], label=label.numpy())
+    assert main(["profile", "zoo:moving_digits_dit", "--config", str(config), "--data",
+                 str(tmp_path / "short.npz"), "-o", str(tmp_path / "p3.json")]) == 2
+    assert "the same number N" in capsys.readouterr().err
 
 
 def test_json_leaves_stderr_free_of_model_loading_bars(capfd):
