@@ -98,6 +98,8 @@ def test_profile_and_compile_read_calibration_data(tmp_path, capsys):
     assert "shape (3, 8, 8)" in capsys.readouterr().err and not (tmp_path / "bad.json").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_npz_data_fills_every_input_by_name(tmp_path, capsys):
     """A model of several inputs (the video DiT: noisy clip x, timestep t, label) calibrates from a .npz of
     one array per input, named as its forward names them; a missing or unknown name is refused naming the
