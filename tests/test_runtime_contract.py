@@ -146,7 +146,7 @@ def test_vit_token_pruning_inputs(vit_pruned):
         cm(image.half())
     with pytest.raises(sg.InputError, match=r"bfloat16"):
         cm(image.bfloat16())
-    with pytest.raises(sg.InputError, match=r"size 192 in dimension 2.*plan=cm.plan, example_inputs=\.\.\.\) replays"):
+    with pytest.raises(sg.InputError, match=r"size 192 in dimension 2.*plan=cm.plan, example_inputs="):
         cm(torch.randn(1, 3, 192, 192))
     broken = image.clone()
     broken[0, 1, 100, 17], broken[0, 2, 3, 3] = float("nan"), float("inf")
