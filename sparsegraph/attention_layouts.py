@@ -323,18 +323,19 @@ def layout(t: torch.Tensor, nq: int, nk: int, causal: bool,
     """
     device = device or t.device
     key = (nq, nk, bool(causal), str(device))
+    version = 0 if t.is_inference() else t._version  # inference tensors keep no version counter
     with _lock:
         entry = _cache.get(id(t))
-        found = (entry[2].get(key) if entry is not None and entry[0]() is t and entry[1] == t._version
+        found = (entry[2].get(key) if entry is not None and entry[0]() is t and entry[1] == version
                  else None)
     if found is None:
         mask, note = _laid_out(t, nq, nk, causal)
         found = (layout_from_block_mask(mask).to(device), note)
         with _lock:
             entry = _cache.get(id(t))
-            if entry is None or entry[0]() is not t or entry[1] != t._version:
+            if entry is None or entry[0]() is not t or entry[1] != version:
                 ident = id(t)
-                entry = _cache[ident] = (weakref.ref(t, lambda _, ident=ident: _evict(ident)), t._version, {})
+                entry = _cache[ident] = (weakref.ref(t, lambda _, ident=ident: _evict(ident)), version, {})
             found = entry[2].setdefault(key, found)
     if found[1]:
         warnings.warn(LayoutWarning(found[1]), stacklevel=3)

@@ -133,11 +133,19 @@ def block_sparse_attention(q, k, v, layout, mask, block: int, causal: bool,
     """The op's CPU result from the compiled kernel (fp32 inside; other dtypes are converted), or None
     when the library is not available. q [B, H, L, E], k [B, Hkv, S, E], v [B, Hkv, S, Ev] on the CPU;
     layout int64 index lists [H, nq, nsel]; mask None or an additive mask as a [Mb, Mh, L, S] view
-    (Mb ∈ {1, B}, Mh ∈ {1, H}; any strides)."""
+    (Mb ∈ {1, B}, Mh ∈ {1, H}; any strides).
+
+    q, k and v are copied to rows of one head side by side ([.., S, E] contiguous) unless they are
+    already: views of a packed projection (``qkv(x).view(B, S, 3, H, E).permute(...)``, a DiT's or ViT's
+    attention) put a head's consecutive rows 3·H·E floats apart, and a head that reads many key blocks
+    streams K and V at that stride. Measured on a 2-core AMD EPYC (AVX2), 4 heads of 32 at 16k tokens,
+    one dense head and three 3-D windows: 1.15 s strided, 0.57 s on contiguous copies; the copies take a
+    few milliseconds (O(S·E) per head against the kernel's O(L·S·density·E))."""
     lib = library()
     if lib is None:
         return None
-    q, k, v = (t.float() if t.stride(-1) == 1 else t.float().contiguous() for t in (q, k, v))
+    q, k, v = (t.float() if t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] else t.float().contiguous()
+               for t in (q, k, v))
     B, H, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
     out = torch.empty(B, H, L, Ev, dtype=torch.float32)
