@@ -40,12 +40,13 @@ Backends:
 - CPU: the compiled kernel (``cpu_kernels/sparse_conv1x1.cpp``: output-channel-major, a tile of pixels
   in vector registers per block of K outputs, AVX-512 / AVX2 intrinsics or a portable loop, OpenMP over
   pixel tiles and output blocks) for fp32; the reference elsewhere (other dtypes, no library,
-  ``SPARSEGRAPH_NATIVE=0``), which is correct at dense speed. Measured (``python -m bench conv``,
-  ``bench/results/conv-cpu.md``; 2-core Xeon, 2 threads, load average 0.9–1.2): EfficientNet-Lite0's
-  31 rewritten 1x1 layers at 224×224, summed, at 70 / 80 / 90% sparsity: 2.1 / 2.5 / 3.2x over
-  ``F.conv2d`` (oneDNN) through the op (3.15–3.18x at 90% over three runs), 2.6 / 3.5 / 4.7x the
-  kernel alone (the op's dispatch costs 15–25 µs a call, more when the call before evicted the
-  caches); 1×4 blocks at 90%: 3.1x / 5.0x. On one thread ``F.conv2d`` takes torch's GEMM path and is
+  ``SPARSEGRAPH_NATIVE=0``), which is correct at dense speed. Measured (``python -m bench conv``;
+  2 threads): EfficientNet-Lite0's 31 rewritten 1x1 layers at 224×224, summed, at 70 / 80 / 90%
+  sparsity, over ``F.conv2d`` (oneDNN), through the op / the kernel alone: on a 2-core Xeon with
+  AVX-512 (the op then a ``custom_op``, under ``no_grad``) 2.1 / 2.5 / 3.2x and 2.6 / 3.5 / 4.7x (the
+  dispatch cost 15–25 µs a call); on a 2-core AMD EPYC with AVX2 (``bench/results/conv-cpu.md``; ops
+  defined with define + impl, under ``inference_mode``) 2.1 / 2.6 / 3.6x and 2.3 / 3.0 / 4.3x (about
+  16 µs a call); 1×4 blocks at 90%: 3.1x / 5.0x and 4.1x / 5.2x. On one thread ``F.conv2d`` takes torch's GEMM path and is
   faster than oneDNN on two for these small convs: over the faster of the two, 1.3 / 1.5 / 1.9x. Small
   images gain least (192→1152 at 7×7: about 2x at 90%);
 - Triton (`triton_kernels/sparse_conv1x1.py`): the same block-CSR walk, one program per (image, block of
