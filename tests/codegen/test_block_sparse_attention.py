@@ -319,3 +319,24 @@ def test_cpu_runs_in_and_out_of_inference_mode_in_any_order(torch_path):
     with torch.inference_mode():
         first = bsa.cpu(q, k, v, layout, None, 16, False, 0.3)
     torch.testing.assert_close(bsa.cpu(q, k, v, layout, None, 16, False, 0.3), first)
+
+
+def test_cpu_reads_views_of_a_packed_projection(cpu_path):
+    """q, k, v as a DiT or ViT makes them (``qkv(x).view(B, L, 3, H, E).permute(2, 0, 3, 1, 4)``: a head's
+    rows 3·H·E apart; the compiled kernel copies them to contiguous rows) give the reference's result, and
+    so does a table made under inference_mode (no version counter to cache the layout by)."""
+    B, H, L, E, block = 2, 3, 96, 8, 16
+    g = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(B, L, 3, H, E, generator=g).permute(2, 0, 3, 1, 4)
+    assert q.stride(2) == 3 * H * E
+    _, _, _, layout, _ = _case(B, H, H, L, L, E, block)
+    ref = bsa.reference(q.contiguous(), k.contiguous(), v.contiguous(), layout, None, block, False, E ** -0.5)
+    with use_backend("eager"):
+        strided = OP(q, k, v, layout, None, block, False, E ** -0.5)
+        with torch.inference_mode():
+            made_here = layout.clone()
+            got = OP(q, k, v, made_here, None, block, False, E ** -0.5)
+            again = OP(q, k, v, made_here, None, block, False, E ** -0.5)
+    torch.testing.assert_close(strided, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again, got, rtol=0, atol=0)
