@@ -46,9 +46,10 @@ Backends:
   AVX-512 (the op then a ``custom_op``, under ``no_grad``) 2.1 / 2.5 / 3.2x and 2.6 / 3.5 / 4.7x (the
   dispatch cost 15–25 µs a call); on a 2-core AMD EPYC with AVX2 (``bench/results/conv-cpu.md``; ops
   defined with define + impl, under ``inference_mode``) 2.1 / 2.6 / 3.6x and 2.3 / 3.0 / 4.3x (about
-  16 µs a call); 1×4 blocks at 90%: 3.1x / 5.0x and 4.1x / 5.2x. On one thread ``F.conv2d`` takes torch's GEMM path and is
-  faster than oneDNN on two for these small convs: over the faster of the two, 1.3 / 1.5 / 1.9x. Small
-  images gain least (192→1152 at 7×7: about 2x at 90%);
+  16 µs a call); 1×4 blocks at 90%: 3.1x / 5.0x and 4.1x / 5.2x. On one thread ``F.conv2d`` takes
+  torch's GEMM path and is faster than oneDNN on two for these small convs: over the faster of the
+  two, 1.3 / 1.5 / 1.9x (Xeon), 1.9 / 2.3 / 3.2x (EPYC). Small images gain least (192→1152 at 7×7:
+  about 2x at 90%);
 - Triton (`triton_kernels/sparse_conv1x1.py`): the same block-CSR walk, one program per (image, block of
   K outputs, tile of pixels);
 - ONNX: ``Conv`` with the dense pruned weight, then ``Clip``: correct, at dense speed (onnxruntime has no
