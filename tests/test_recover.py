@@ -165,6 +165,7 @@ def test_line_chart():
     assert chart.startswith("<svg") and chart.count("<polyline") == 1
 
 
+@pytest.mark.extended  # minutes on 2 cores; the sparse conv's autograd is checked in tests/codegen
 def test_recover_efficientnet_conv_sparsity(tmp_path):
     """EfficientNet-Lite0 (ImageNet weights) with 80% of its 1x1 conv weights pruned (batch norm and ReLU6
     folded into the sparse ops): recovery lowers the loss on a fixed seed, trains only the kept values and

@@ -48,8 +48,9 @@ def _lm(arch: str) -> torch.nn.Module:
         return AutoModelForCausalLM.from_config(_config(arch)).eval()
 
 
-# Three in the default run (GQA with SDPA, soft-capped explicit attention, GPT-2's Conv1D); all in CI.
-ARCHS = [a if a in ("llama", "gemma2", "gpt2") else pytest.param(a, marks=[pytest.mark.slow, pytest.mark.ci])
+# Three in the default run (GQA with SDPA, soft-capped explicit attention, GPT-2's Conv1D); all with -m slow.
+ARCHS = [a if a in ("llama", "gemma2", "gpt2")
+         else pytest.param(a, marks=[pytest.mark.slow, pytest.mark.extended])
          for a in ("llama", "qwen2", "mistral", "phi3", "gemma", "gemma2", "gpt2", "opt")]
 ATTENTION_PATH = {"gpt2": "transformer.h.{}.attn", "opt": "model.decoder.layers.{}.self_attn"}
 # OPT's fc1/fc2 sit directly in the decoder layer, so the site is the layer
@@ -82,7 +83,7 @@ def test_compiles_with_the_default_cache_flag_and_gives_hf_logits(arch):
 
 
 # The sparse passes on the two MLP forms that needed their own reading: GPT-2 in the default run
-SPARSE_ARCHS = ["gpt2", pytest.param("phi3", marks=[pytest.mark.slow, pytest.mark.ci])]
+SPARSE_ARCHS = ["gpt2", pytest.param("phi3", marks=[pytest.mark.slow, pytest.mark.extended])]
 
 
 def _ids(shape, seed):

@@ -65,7 +65,7 @@ EXPECTED = {
 
 DEFAULT = ("CogVideoXTransformer3DModel", "WanTransformer3DModel", "PixArtTransformer2DModel",
            "MochiTransformer3DModel")
-CLASSES = [name if name in DEFAULT else pytest.param(name, marks=[pytest.mark.slow, pytest.mark.ci])
+CLASSES = [name if name in DEFAULT else pytest.param(name, marks=[pytest.mark.slow, pytest.mark.extended])
            for name in EXPECTED]
 
 

@@ -22,8 +22,8 @@ from sparsegraph.generation import Decoder
 # heavy for the default run (kept under 6 minutes on 2 cores): CI runs these after it
 pytestmark = [pytest.mark.slow, pytest.mark.ci]
 
-# Llama in the default run (its compile is shared with the other tests); every architecture in CI.
-ARCHS = [a if a == "llama" else pytest.param(a, marks=[pytest.mark.slow, pytest.mark.ci])
+# Llama in CI (its compile is shared with the other tests); every architecture with -m slow (extended).
+ARCHS = [a if a == "llama" else pytest.param(a, marks=[pytest.mark.slow, pytest.mark.extended])
          for a in ("llama", "qwen2", "mistral", "phi3", "gemma", "gemma2", "gpt2", "opt")]
 NEW = 10
 
