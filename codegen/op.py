@@ -76,6 +76,17 @@ def triton_available() -> bool:
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _device_of(args: tuple) -> torch.device:
+    """The device of an op call: its first tensor argument's, looking one level into tensor lists
+    (``roi_scores`` takes ``Tensor[]``)."""
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device
+        if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor):
+            return a[0].device
+    raise TypeError("a sparsegraph op was called without a tensor argument")
+
+
 class SparseOp:
     def __init__(self, name: str, reference: Callable, *, fake: Callable, cpu: Callable | None = None,
                  triton: str | None = None, onnx: Callable | None = None,
@@ -93,8 +104,7 @@ class SparseOp:
         self.cost = cost
 
         def dispatch(*args, **kwargs):
-            device = next(a.device for a in args if isinstance(a, torch.Tensor))  # tensors are top-level
-            return self.kernel(device)(*args, **kwargs)
+            return self.kernel(_device_of(args))(*args, **kwargs)
 
         qualname = f"sparsegraph::{name}"
         _LIBRARY.define(name + torch.library.infer_schema(reference, mutates_args=()))

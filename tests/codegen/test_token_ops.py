@@ -195,3 +195,13 @@ def test_core_scores_cpu_reference_and_onnx(tmp_path):
     gm = torch.fx.symbolic_trace(Core())
     session = OnnxModel(export_onnx(gm, tmp_path / "core.onnx", (a, mask)), gm)
     torch.testing.assert_close(session(a, mask), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_roi_scores_op_dispatches_on_a_tensor_list():
+    """The registered op (not just its reference) runs when its only tensors sit inside a list."""
+    from sparsegraph.codegen import roi_scores
+
+    scores = [torch.zeros(2, 1 + 16).index_fill_(1, torch.tensor([6]), 1.0) + 0.01 for _ in range(2)]
+    out = torch.ops.sparsegraph.roi_scores(scores, 4, 1, 0.2, 1)
+    torch.testing.assert_close(out, roi_scores.reference(scores, 4, 1, 0.2, 1))
+    assert out[:, 0].eq(1).all() and torch.isfinite(out[:, 6]).all() and torch.isinf(out[:, 16]).all()
