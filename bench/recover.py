@@ -2,8 +2,9 @@
 weight pruning loses, on MiniLM.
 
 Pipelines: static neuron removal (``neuron-pruning``) at 25% and 50% of every MLP's neurons, and 2:4 weights
-on the MLP linears (``nm-2-4``), one-shot and with ``schedule: progressive`` (the mask tightens dense → 3:4
-→ 2:4 over the first half of the recovery steps; its one-shot figures are those of ``nm-2-4``). Each is
+on the MLP linears (``nm-2-4``), one-shot, with ``schedule: progressive`` (the mask tightens dense → 3:4
+→ 2:4 over the first half of the recovery steps; its one-shot figures are those of ``nm-2-4``) and with
+``score: activation`` (Wanda's |W|·rms of the input feature, from ``linear_profile``). Each is
 compiled once (calibration: ``--calibration`` standard-library sentences in batches of 16), measured
 one-shot, then recovered for ``--steps`` Adam steps at peak learning rate ``--lr`` on the same calibration
 batches (final-output MSE to dense, normalised by the dense output's variance, plus ``--layers`` times the
@@ -13,7 +14,8 @@ average at the start and end is recorded: recovery times are only comparable on 
 
 EfficientNet-Lite0 (ImageNet weights) with ``conv_sparsity`` at 80% and 90% of its 1x1 conv weights (the
 defaults otherwise: activation-aware scores, compensation, batch norm and ReLU6 folded), calibrated and
-recovered (``--image-steps`` steps, peak lr ``--image-lr``, final-logit loss) on ``--image-train`` crops in
+recovered (``--image-steps`` steps, peak lr ``--image-lr``, final-logit loss plus ``--image-layers`` times the
+same on every 1x1 conv site's output) on ``--image-train`` crops in
 batches of ``IMAGE_BATCH``, measured on ``--image-unseen`` held-out crops: top-1 agreement with dense and
 mean KL(dense ‖ sparse) in nats. Training and held-out crops come from disjoint pixels: training crops
 from the left ``SPLIT_COLUMN`` columns of the two sample photographs, held-out ones from the columns right
@@ -54,6 +56,10 @@ def configs() -> dict[str, dict]:
     progressive["passes"] = [{"nm_weights": {**p["nm_weights"], "schedule": "progressive"}}
                              if _name(p) == "nm_weights" else p for p in progressive["passes"]]
     out["nm-2-4 progressive (MLPs)"] = progressive
+    wanda = pipelines.get("nm-2-4")
+    wanda["passes"] = ["linear_profile", *({"nm_weights": {**p["nm_weights"], "score": "activation"}}
+                                           if _name(p) == "nm_weights" else p for p in wanda["passes"])]
+    out["nm-2-4 activation-aware (MLPs)"] = wanda
     return out
 
 
@@ -130,7 +136,7 @@ def run_images(args) -> list[dict]:
         top1, kl = agreement(cm, unseen, dense)
         started = time.perf_counter()
         rc = sg.recover(cm, calibration, steps=args.image_steps, lr=args.image_lr, seed=args.seed,
-                        quiet=False)
+                        layers=args.image_layers, quiet=False)
         seconds = time.perf_counter() - started
         top1_after, kl_after = agreement(rc, unseen, dense)
         result = rc.plan.passes["recover"]["summary"]["runs"][-1]
@@ -157,7 +163,8 @@ def _markdown(rows: list[dict], args, load: tuple[float, float]) -> str:
           if args.text else []),
         *([f"EfficientNet-Lite0 rows: {args.image_train} training crops (left of column {SPLIT_COLUMN}) in "
            f"batches of {IMAGE_BATCH}, {args.image_unseen} held-out crops (right of it), {args.image_steps} "
-           f"steps at peak lr {args.image_lr:g}, seed {args.seed}; figures: top-1 agreement with dense and "
+           f"steps at peak lr {args.image_lr:g}, layer-wise weight {args.image_layers:g}, seed {args.seed}; "
+           "figures: top-1 agreement with dense and "
            "mean KL(dense ‖ sparse) in nats.", ""] if args.images else []),
         f"Load average {load[0]:.2f} at the start, {load[1]:.2f} at the end.", "",
         *table(["pipeline", "metric", "one-shot", "one-shot worst / KL", "recovered", "recovered worst / KL",
@@ -182,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--image-unseen", type=int, default=512, help="EfficientNet held-out crops")
     ap.add_argument("--image-steps", type=int, default=60)
     ap.add_argument("--image-lr", type=float, default=2e-4)
+    ap.add_argument("--image-layers", type=float, default=1.0,
+                    help="weight of the layer-wise (1x1 conv outputs) term for EfficientNet")
     ap.add_argument("--no-text", dest="text", action="store_false", help="skip the MiniLM rows")
     ap.add_argument("--no-images", dest="images", action="store_false", help="skip the EfficientNet rows")
     args = parse(ap, argv)

@@ -25,14 +25,18 @@ The loss, per calibration batch, over the floating-point outputs ``y_i`` of the 
 
 the output MSE normalised by the dense output's variance: 0 is exact, 1 is as far as predicting the
 mean, and its value means the same across models and output scales. With ``layers = λ > 0`` a layer-wise
-term is added, the same normalised MSE of every MLP site's output (the node of role ``mlp.down``) to the
-dense model's at that site, averaged over the sites both graphs have at the same shape, times λ::
+term is added, the same normalised MSE of every site's output to the dense model's at that site, averaged
+over the sites both graphs have at the same shape, times λ::
 
     L = L_out + λ · 1/|S| Σ_s mean((h_s − ĥ_s)²) / var(ĥ_s)
 
-Why: a sentence embedding is a few hundred numbers per input, a thin signal for millions of weights; the
-MLP outputs of every token and layer are many more, and each site is told where its own error is (hidden-
-state distillation, as in TinyBERT). The dense model's site outputs come from tracing it
+The sites: every MLP (its node of role ``mlp.down``) and every 1x1 convolution (role ``conv.1x1``). A
+``sparse_conv1x1`` that folded its batch norm and clamp (``fuse``) outputs what the dense graph's clamp
+does, so the dense side is tapped there (`ir.ConvSite.out`); an unfused one, and a conv no rewrite
+touched, at the conv itself. Why: a sentence embedding is a few hundred numbers per input and an
+image's logits a thousand, a thin signal for millions of weights; the site outputs of every token, pixel
+and layer are many more, and each site is told where its own error is (hidden-state distillation, as in
+TinyBERT). The dense model's site outputs come from tracing it
 (`sparsegraph.trace`, its weights shared, not copied), both graphs run through an fx interpreter that keeps
 those nodes' values. Adam with a cosine-decayed learning
 rate, one calibration batch per step in a seeded order (each epoch a new permutation), the backward
@@ -85,9 +89,10 @@ from sparsegraph.sections import Section, Table
 from sparsegraph.trace import trace
 
 NAME = "recover"  # its entry in the plan's passes
-TAP = "mlp.down"  # the role whose node is a site's output in the layer-wise loss
+TAPS = ("mlp.down", "conv.1x1")  # the roles whose node is a site's output in the layer-wise loss
 CURVE_POINTS = 200
-LOSS = "output mse / var(dense output) + layers · mean over MLP sites of mse / var(dense site output)"
+LOSS = ("output mse / var(dense output) + layers · mean over MLP and 1x1 conv sites of mse / var(dense site "
+        "output)")
 # op → positions of the arguments that are weights or biases (what training may change)
 TRAINABLE = {torch.ops.aten.linear.default: (1, 2), SPARSE_LINEAR.overload: (1, 2),
              NM_LINEAR.overload: (1, 3), SPARSE_CONV1X1.overload: (2, 3)}
@@ -97,9 +102,9 @@ def recover(cm, data, *, steps: int = 200, lr: float = 1e-4, seed: int = 0, laye
             quiet: bool = True):
     """A new `CompiledModel`: `cm` with the weights its rewrites kept trained for `steps` Adam steps (peak
     learning rate `lr`, cosine decay) toward the outputs of the model `cm` was compiled from, on `data`
-    (calibration batches as `sparsegraph.compile` takes them); `layers` weighs the layer-wise term (MLP
-    site outputs; 0: final outputs only). Module docstring: what trains, the loss, what the plan records.
-    `cm` and the user's model are left as they were."""
+    (calibration batches as `sparsegraph.compile` takes them); `layers` weighs the layer-wise term (MLP and
+    1x1 conv site outputs; 0: final outputs only). Module docstring: what trains, the loss, what the plan
+    records. `cm` and the user's model are left as they were."""
     if not (isinstance(steps, int) and steps >= 1):
         raise ConfigError(f"recover: steps={steps!r} must be an integer ≥ 1")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
@@ -125,7 +130,7 @@ def recover(cm, data, *, steps: int = 200, lr: float = 1e-4, seed: int = 0, laye
     names = [name for name in names if name not in {layer.values for layer in progressive}]
     params = [_own_copy(gm, name) for name in names]
     sync = _mirrors(gm, set(names))
-    targets = _targets(source, batches, cm.example if layers else None)
+    targets = _targets(source, batches, cm.example if layers else None, _fused_convs(cm.plan))
     loss = functools.partial(_loss, gm, layers=layers)
     backend = cm.config.backend if cm.config.backend in KERNEL_BACKENDS else "auto"
     with use_backend(backend):
@@ -246,43 +251,57 @@ def _mean_loss(loss_of, batches, targets) -> float:
         return sum(loss_of(b, t).item() for b, t in zip(batches, targets)) / len(batches)
 
 
-def _targets(source: torch.nn.Module, batches: list[Batch], example: Batch | None):
-    """Per batch, the dense model's floating-point outputs and (with an `example` to trace it at) its MLP
-    sites' outputs by site."""
+def _targets(source: torch.nn.Module, batches: list[Batch], example: Batch | None, fused: set[str]):
+    """Per batch, the dense model's floating-point outputs and (with an `example` to trace it at) its
+    sites' outputs by site, each 1x1 conv site in `fused` tapped after its norm and clamp."""
     with torch.no_grad(), _eval(source):
         outputs = [_floats(source(*b.args, **b.kwargs)) for b in batches]
     if example is None:
         return [(o, {}) for o in outputs]
     dense = trace(source, example.args, example.kwargs)
+    ends = {site.out: site.id for site in ir.conv_sites(dense) if site.id in fused}
     with torch.no_grad():
-        sites = [_run(dense, b, taps=True)[1] for b in batches]
+        sites = [_run(dense, b, taps=True, ends=ends)[1] for b in batches]
     if not sites[0]:
-        raise ConfigError("recover: layers > 0 distils MLP site outputs, and the model has no MLP site: "
-                          "recover with layers=0")
+        raise ConfigError("recover: layers > 0 distils site outputs, and the model has no MLP or 1x1 conv "
+                          "site: recover with layers=0")
     return list(zip(outputs, sites))
 
 
-class _Tapped(torch.fx.Interpreter):
-    """Runs a graph and keeps, per MLP site, the value of its last node of role ``mlp.down`` (the site's
-    output, whatever op a rewrite put there)."""
+def _fused_convs(plan: SparsityPlan) -> set[str]:
+    """The 1x1 conv sites whose ``sparse_conv1x1`` folded the norm and clamp that follow (``fuse``)."""
+    if "decided" not in plan.passes.get("conv_sparsity", {}):
+        return set()
+    decisions, _ = plan.decisions("conv_sparsity")
+    return {site for site, d in decisions.items() if d.decision.get("fuse")}
 
-    def __init__(self, gm: torch.fx.GraphModule):
+
+class _Tapped(torch.fx.Interpreter):
+    """Runs a graph and keeps, per site, the value of its last node of a role in `TAPS` (the site's output,
+    whatever op a rewrite put there), or of the node `ends` names for it instead (a fused conv's clamp)."""
+
+    def __init__(self, gm: torch.fx.GraphModule, ends: dict[torch.fx.Node, str]):
         super().__init__(gm)
+        self.ends, self.moved = ends, set(ends.values())
         self.taps: dict[str, torch.Tensor] = {}
 
     def run_node(self, n):
         value = super().run_node(n)
         info = meta.get(n)
-        if info is not None and info.role == TAP and isinstance(value, torch.Tensor):
-            self.taps[info.site] = value
+        site = self.ends.get(n)
+        if site is None and info is not None and info.role in TAPS and info.site not in self.moved:
+            site = info.site
+        if site is not None and isinstance(value, torch.Tensor):
+            self.taps[site] = value
         return value
 
 
-def _run(gm, batch: Batch, *, taps: bool) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
-    """`gm`'s floating-point outputs on `batch`, and with `taps` its MLP sites' outputs (`_Tapped`)."""
+def _run(gm, batch: Batch, *, taps: bool,
+         ends: dict | None = None) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """`gm`'s floating-point outputs on `batch`, and with `taps` its sites' outputs (`_Tapped`)."""
     if not taps:
         return _floats(gm(*batch.args, **batch.kwargs)), {}
-    interpreter = _Tapped(gm)
+    interpreter = _Tapped(gm, ends or {})
     out = interpreter.run(*ir.flatten_inputs(gm, batch.args, batch.kwargs))
     return _floats(out), interpreter.taps
 
@@ -375,6 +394,7 @@ class _Progressive:
     mask: torch.Tensor
     stages: list[tuple[int, int]] = dataclasses.field(default_factory=list)
     offsets: torch.Tensor | None = None
+    scale: torch.Tensor | None = None  # per input feature (activation-aware score), or None: magnitude
 
 
 def _progressive(gm: torch.fx.GraphModule, plan: SparsityPlan, source: torch.nn.Module) -> list[_Progressive]:
@@ -400,7 +420,9 @@ def _progressive(gm: torch.fx.GraphModule, plan: SparsityPlan, source: torch.nn.
                              "the model it was compiled from; compile it with schedule: one-shot") from e
         weight = dense.detach().float().clone().requires_grad_(True)
         out.append(_Progressive(node.name, info.site, path, d["n"], d["m"], d["ramp"], node.args[1].target,
-                                node.args[2].target, weight, torch.ones_like(weight, dtype=torch.bool)))
+                                node.args[2].target, weight, torch.ones_like(weight, dtype=torch.bool),
+                                scale=None if "input_rms" not in d else torch.tensor(d["input_rms"],
+                                                                                      dtype=torch.float64)))
     return out
 
 
@@ -435,7 +457,7 @@ def _progressive_graph(gm: torch.fx.GraphModule, layers: list[_Progressive], ste
         for layer in layers:
             for start, kept in layer.stages:
                 if start == step and kept < layer.m:
-                    layer.mask.copy_(nm_linear.tighten(layer.weight, layer.mask, kept, layer.m))
+                    layer.mask.copy_(nm_linear.tighten(layer.weight, layer.mask, kept, layer.m, layer.scale))
 
     return train, hook
 

@@ -161,6 +161,32 @@ def test_numeric_equals_the_dense_model_with_the_same_weights_pruned(options):
         torch.testing.assert_close(cm(X), expected, **TOL)
 
 
+@pytest.mark.parametrize("fuse", [True, False])
+def test_recover_distils_each_1x1_conv_at_the_output_its_op_gives(fuse):
+    """recover's layer-wise term compares like with like: a fused op's output with the dense graph's after
+    the norm (and clamp), an unfused one's with the dense conv's."""
+    from sparsegraph.context import Batch
+    from sparsegraph.recover import _fused_convs, _run, _targets
+
+    model = _tiny()
+    cm = _compile(model, target=0.5, fuse=fuse)
+    batch = Batch.of(CALIBRATION[0])
+    ((_, dense),) = _targets(model, [batch], cm.example, _fused_convs(cm.plan))
+    _, ours = _run(cm.graph_module, batch, taps=True)
+    assert set(ours) == set(dense) == {"conv:expand", "conv:project", "conv:head"}
+    pruned = _pruned_by_hand(model, cm.plan)
+    with torch.no_grad():  # conv:project is the first rewritten site (skip_first): both graphs feed it y
+        x = F.relu6(model.bn0(model.stem(batch.args[0])))
+        y = F.relu6(model.bn2(model.dw(F.relu6(model.bn1(model.expand(x))))))
+        want = [model.project(y), pruned.project(y)]
+    if fuse:
+        want = [model.bn3(w) for w in want]
+    torch.testing.assert_close(dense["conv:project"], want[0], rtol=0, atol=0)
+    torch.testing.assert_close(ours["conv:project"], want[1], **TOL)
+    run = sg.recover(cm, CALIBRATION, steps=10, lr=1e-3, layers=1.0).plan.passes["recover"]["summary"]
+    assert run["runs"][0]["loss_after"] < run["runs"][0]["loss_before"]
+
+
 def test_target_zero_refuses_every_site_and_gives_the_dense_result_exactly():
     model = _tiny()
     cm = _compile(model, target=0.0, skip_first=False)
