@@ -37,8 +37,11 @@ from sparsegraph import ir
 from sparsegraph.codegen.op import SparseOp
 
 
-def nm_pack(weight: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep the `n` largest-magnitude weights of every group of `m` inputs: ``(values, offsets)``.
+def nm_pack(weight: torch.Tensor, n: int, m: int,
+            scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the `n` largest-scoring weights of every group of `m` inputs: ``(values, offsets)``. The score
+    is |W_ij|, or |W_ij| · scale_j with a per-input `scale` (an input feature's rms: Wanda's score),
+    computed in fp64 so that the ranking is the same on any machine.
 
     Ties go to the lower position (stable sort), so packing is deterministic.
     """
@@ -46,7 +49,10 @@ def nm_pack(weight: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.T
     if in_f % m:
         raise ValueError(f"in_features {in_f} is not a multiple of m={m}")
     groups = weight.detach().reshape(out_f, in_f // m, m)
-    order = torch.sort(-groups.abs(), dim=-1, stable=True).indices[..., :n]
+    score = weight.detach().double().abs()
+    if scale is not None:
+        score = score * scale.double()
+    order = torch.sort(-score.reshape(out_f, in_f // m, m), dim=-1, stable=True).indices[..., :n]
     offsets = torch.sort(order, dim=-1).values
     values = torch.gather(groups, -1, offsets)
     return values.reshape(out_f, -1).contiguous(), offsets.reshape(out_f, -1).to(torch.uint8).contiguous()
@@ -67,12 +73,16 @@ def stages(n: int, m: int, ramp: float, steps: int) -> list[tuple[int, int]]:
     return [(min(round(k / last * ramp * steps), steps - 1), level) for k, level in enumerate(levels)]
 
 
-def tighten(weight: torch.Tensor, mask: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """The mask keeping the `n` largest |`weight`| of every group of `m` inputs among those `mask` keeps
-    (bool, the shape of `weight`, at least `n` kept per group); ties go to the lower position, as
-    `nm_pack`'s."""
+def tighten(weight: torch.Tensor, mask: torch.Tensor, n: int, m: int,
+            scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The mask keeping the `n` best-scoring weights of every group of `m` inputs among those `mask` keeps
+    (bool, the shape of `weight`, at least `n` kept per group), scored as `nm_pack` scores them (|W|, or
+    |W| · `scale` per input); ties go to the lower position, as `nm_pack`'s."""
     out_f, in_f = weight.shape
-    score = weight.detach().abs().double().masked_fill(~mask, -1.0).reshape(out_f, in_f // m, m)
+    score = weight.detach().abs().double()
+    if scale is not None:
+        score = score * scale.double()
+    score = score.masked_fill(~mask, -1.0).reshape(out_f, in_f // m, m)
     order = torch.sort(-score, dim=-1, stable=True).indices[..., :n]
     new = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, order, True)
     return new.reshape(out_f, in_f)

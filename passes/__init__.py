@@ -11,6 +11,7 @@ BUILTIN: dict[str, str] = {
     "conv_profile": "sparsegraph.passes.analysis.conv_profile",
     "cost": "sparsegraph.passes.analysis.cost",
     "head_patterns": "sparsegraph.passes.analysis.head_patterns",
+    "linear_profile": "sparsegraph.passes.analysis.linear_profile",
     "token_importance": "sparsegraph.passes.analysis.token_importance",
     "roi": "sparsegraph.passes.analysis.roi",
     # rewrite

@@ -42,7 +42,8 @@ def render() -> str:
         cls = get_pass(name)
         kind = "analysis" if issubclass(cls, AnalysisPass) else "rewrite"
         needs = " Needs calibration data." if getattr(cls, "needs_calibration", False) else ""
-        requires = f" Requires {', '.join(f'`{r}`' for r in cls.requires)} earlier." if cls.requires else ""
+        needed = cls.requires if isinstance(cls.requires, tuple) else ()  # a property: by the options
+        requires = f" Requires {', '.join(f'`{r}`' for r in needed)} earlier." if needed else ""
         lines += ["", f"## `{name}` ({kind})", "", _summary(cls) + needs + requires, ""]
         fields = dataclasses.fields(cls)
         if not fields:

@@ -399,3 +399,29 @@ class ConvInput:
         rms = e["rms"].numbers(width, lo=0.0, what="one per input channel")
         return cls(pixels=e["pixels"].integer(1),
                    mean=e["mean"].numbers(len(rms), what="one per input channel"), rms=rms)
+
+
+@dataclass(frozen=True)
+class LinearInputs:
+    """``linear_profile``'s facts at one site: per linear layer (by module path) how many rows its input had
+    on calibration data (real tokens: padding left out) and per input feature j its root mean square,
+    rms_j = ‖x_j‖ / √rows, the feature norm the activation-aware score |W_ij| · ‖x_j‖ weighs a weight
+    with (Wanda, Sun et al. 2023)."""
+
+    layers: dict[str, tuple[int, list[float]]]
+
+    def to_json(self) -> dict:
+        return {path: {"rows": rows, "rms": rms} for path, (rows, rms) in self.layers.items()}
+
+    @classmethod
+    def from_json(cls, e: Entry, widths: dict[str, int] | None = None) -> LinearInputs:
+        """Checked against `widths` (module path → input features) where given: no other layer, and one
+        rms per input feature."""
+        e.mapping(optional=widths or (), extra=widths is None)
+        layers = {}
+        for path, layer in e.items():
+            layer.mapping(required=("rows", "rms"), extra=True)
+            width = None if widths is None else widths[path]
+            layers[path] = (layer["rows"].integer(1), layer["rms"].numbers(width, lo=0.0,
+                                                                           what="one per input feature"))
+        return cls(layers)

@@ -230,6 +230,17 @@ class LinearParts:
     module_path: str
 
 
+# the roles of the linear layers of attention and MLP sites (what weight passes and `linear_profile` match)
+LINEAR_ROLES = ("attn.q", "attn.k", "attn.v", "attn.qkv", "attn.out", "mlp.up", "mlp.gate", "mlp.down")
+
+
+def role_linears(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, meta.NodeInfo]]:
+    """The linear nodes of `gm` with a role in `LINEAR_ROLES`, each with its `meta.NodeInfo`, in graph
+    order."""
+    return [(n, meta.get(n)) for n in list(gm.graph.nodes)
+            if kind(n) == "linear" and meta.get(n) is not None and meta.get(n).role in LINEAR_ROLES]
+
+
 def linear_parts(node: torch.fx.Node) -> LinearParts:
     gm = node.graph.owning_module
     if node.op == "call_module":

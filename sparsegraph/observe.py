@@ -73,3 +73,29 @@ class Observer(torch.fx.Interpreter):
         self.token_mask = found[1].bool() if found is not None else None
         with torch.no_grad():
             self.run(*flat)
+
+
+class ChannelSums(Observer):
+    """Adds, per watched node, Σ x and Σ x² per channel and the count of the rows summed into
+    ``sums[key]`` (fp64): `watched` maps a node to ``(channel axis, [keys])``. With a ``token_mask`` of the
+    node's leading [batch, tokens] shape, padding tokens are left out (the statistics of a linear's input are
+    those of the real tokens)."""
+
+    def __init__(self, gm: torch.fx.GraphModule, watched: dict, sums: dict):
+        super().__init__(gm)
+        self.watched, self.sums = watched, sums
+
+    def run_node(self, n):
+        result = super().run_node(n)
+        if n in self.watched:
+            axis, keys = self.watched[n]
+            x = result.detach().double().movedim(axis, -1)
+            mask = self.token_mask
+            if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+                x = x[mask]
+            x = x.reshape(-1, x.shape[-1])
+            total, square = x.sum(0), x.square().sum(0)
+            for key in keys:
+                before = self.sums.get(key, (0.0, 0.0, 0))
+                self.sums[key] = (before[0] + total, before[1] + square, before[2] + x.shape[0])
+        return result

@@ -28,7 +28,8 @@ def _check_loaded(cfg: Config):
     assert cfg.backend == "eager"
     assert cfg.to_dict() == {
         "passes": [{"cost": {"top": 10}}, {"nm_weights": {"n": 1, "m": 4, "roles": ["mlp.up", "mlp.down"],
-                                                          "schedule": "one-shot", "ramp": 0.5}}],
+                                                          "schedule": "one-shot", "ramp": 0.5,
+                                                          "score": "magnitude"}}],
         "overrides": CONFIG["overrides"], "backend": "eager"}
 
 

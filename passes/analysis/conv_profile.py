@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from sparsegraph import distributed, facts, ir
-from sparsegraph.observe import Observer
+from sparsegraph.observe import ChannelSums
 from sparsegraph.pass_contract import AnalysisPass
 from sparsegraph.registry import register_pass
 
@@ -40,7 +40,7 @@ class ConvProfile(AnalysisPass):
     def analyze(self, gm, ctx, stats):
         sites = ir.conv_sites(gm)
         sums: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
-        observer = _Observer(gm, {s.x: [t.id for t in sites if t.x is s.x] for s in sites}, sums)
+        observer = ChannelSums(gm, {s.x: (1, [t.id for t in sites if t.x is s.x]) for s in sites}, sums)
         rank, world = distributed.rank_and_world()
         for _, batch in ctx.progress(list(enumerate(ctx.calibration))[rank::world], "conv_profile"):
             observer.run_batch(batch.args, batch.kwargs)
@@ -60,21 +60,3 @@ class ConvProfile(AnalysisPass):
             evidence.fail(f"names {site!r}, which is not a 1x1 conv site of this graph")
         facts.ConvInput.from_json(evidence, conv.in_channels)
 
-
-class _Observer(Observer):
-    """Adds each watched node's Σ x and Σ x² per channel (axis 1) and its pixel count to `sums[site]`."""
-
-    def __init__(self, gm, watched: dict, sums: dict):
-        super().__init__(gm)
-        self.watched, self.sums = watched, sums
-
-    def run_node(self, n):
-        result = super().run_node(n)
-        if n in self.watched:
-            x = result.detach().double()
-            total, square = x.sum(dim=(0, 2, 3)), x.square().sum(dim=(0, 2, 3))
-            seen = x.shape[0] * x.shape[2] * x.shape[3]
-            for site in self.watched[n]:
-                before = self.sums.get(site, (0.0, 0.0, 0))
-                self.sums[site] = (before[0] + total, before[1] + square, before[2] + seen)
-        return result

@@ -1,12 +1,13 @@
 """nm_weights: structure (what the graph becomes), numerics (vs the pruned dense model), counts."""
 
 import copy
+import json
 
 import pytest
 import torch
 
 import sparsegraph as sg
-from sparsegraph import ir, models
+from sparsegraph import facts, ir, models
 from sparsegraph.codegen.nm_linear import OP, nm_pack, nm_unpack
 
 
@@ -80,6 +81,104 @@ def test_replay_refuses_changed_weights(explicit, tmp_path):
     # the plan's fault
     with pytest.raises(sg.PlanError, match=r"^nm_weights: the weights of blocks\.0\.mlp\.0 differ"):
         sg.compile(changed, plan=tmp_path / "plan.json", example_inputs=example, quiet=True)
+
+
+def _padded_calibration():
+    """Two batches of the explicit model's inputs, the second sequence of each padded after token 40."""
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(2):
+        ids = torch.randint(0, 1000, (2, 64), generator=g)
+        mask = torch.ones_like(ids)
+        mask[1, 40:] = 0
+        batches.append((ids, mask))
+    return batches
+
+
+def _hand_rms(model, batches) -> dict[str, tuple[int, torch.Tensor]]:
+    """Per linear module path: the rows (real tokens) and each input feature's rms over them, by hooks."""
+    sums: dict[str, tuple[int, torch.Tensor]] = {}
+    current = {}
+
+    def hook(path):
+        def record(module, inputs, output):
+            x = inputs[0].double()[current["mask"].bool()]
+            rows, total = sums.get(path, (0, 0.0))
+            sums[path] = (rows + x.shape[0], total + x.square().sum(0))
+        return record
+
+    handles = [m.register_forward_hook(hook(path)) for path, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        for ids, mask in batches:
+            current["mask"] = mask
+            model(ids, mask)
+    for h in handles:
+        h.remove()
+    return {path: (rows, (total / rows).sqrt()) for path, (rows, total) in sums.items()}
+
+
+ACTIVATION = {"passes": ["linear_profile", {"nm_weights": {"score": "activation"}}]}
+
+
+def test_linear_profile_records_each_layer_s_input_rms_over_real_tokens(explicit):
+    model, example = explicit
+    batches = _padded_calibration()
+    cm = sg.compile(model, {"passes": ["linear_profile"]}, example_inputs=example, calibration=batches,
+                    quiet=True)
+    got = {path: layer for site in cm.plan.sites
+           for path, layer in (facts.read(cm.plan, "linear_profile", site, facts.LinearInputs) or
+                               facts.LinearInputs({})).layers.items()}
+    want = _hand_rms(model, batches)
+    assert sorted(got) == sorted(want) and len(got) == 3 * 6  # q, k, v, out, up, down per block
+    for path, (rows, rms) in got.items():
+        assert rows == want[path][0] == 2 * (64 + 40)  # padding left out
+        torch.testing.assert_close(torch.tensor(rms, dtype=torch.float64), want[path][1], rtol=1e-9, atol=0)
+    assert cm.plan.passes["linear_profile"]["stats"]["matched"] == 6  # sites: 3 attention, 3 MLP
+
+
+def test_activation_score_keeps_the_largest_weight_times_input_rms(explicit):
+    """Structure (the decision carries the rms it ranked with), numerics (= the model pruned by hand with
+    Wanda's score) and that the score changes which weights are kept."""
+    model, example = explicit
+    batches = _padded_calibration()
+    cm = sg.compile(model, ACTIVATION, example_inputs=example, calibration=batches, quiet=True)
+    rms = _hand_rms(model, batches)
+    decisions = {path: d for site in cm.plan.sites
+                 for path, d in cm.plan.sites[site].get("nm_weights", {}).get("decision", {}).items()}
+    assert len(decisions) == 3 * 6 and cm.plan.passes["nm_weights"]["stats"]["rewritten"] == 18
+    pruned, moved = copy.deepcopy(model), 0
+    with torch.no_grad():
+        for path, mod in pruned.named_modules():
+            if isinstance(mod, torch.nn.Linear):
+                torch.testing.assert_close(torch.tensor(decisions[path]["input_rms"], dtype=torch.float64),
+                                           rms[path][1], rtol=1e-9, atol=0)
+                by_activation = nm_pack(mod.weight, 2, 4, rms[path][1])[1]
+                moved += int((by_activation != nm_pack(mod.weight, 2, 4)[1]).any())
+                mod.weight.copy_(nm_unpack(nm_pack(mod.weight, 2, 4, rms[path][1])[0], by_activation, 2, 4))
+        torch.testing.assert_close(cm(*example), pruned(*example), rtol=1e-5, atol=1e-5)
+    assert moved == 18  # every layer keeps some other weight than magnitude would
+
+
+def test_activation_score_needs_linear_profile_and_replays_without_it(explicit, tmp_path):
+    model, example = explicit
+    with pytest.raises(sg.ConfigError, match="nm_weights' requires 'linear_profile' earlier"):
+        _compile(model, example, score="activation")
+    overridden = {"passes": [{"nm_weights": {}}], "overrides": {"blocks.1.*": {"nm_weights": {
+        "score": "activation"}}}}  # the pipeline's options need no profile; a site's do
+    with pytest.raises(sg.PassError, match="add `- linear_profile` before nm_weights"):
+        sg.compile(model, overridden, example_inputs=example, quiet=True)
+    cm = sg.compile(model, ACTIVATION, example_inputs=example, calibration=_padded_calibration(), quiet=True)
+    cm.plan.save(tmp_path / "plan.json")
+    replayed = sg.compile(model, plan=tmp_path / "plan.json", example_inputs=example, quiet=True)
+    assert torch.equal(replayed(*example), cm(*example))
+    data = json.loads((tmp_path / "plan.json").read_text())
+    site = next(s for s, e in data["sites"].items() if "nm_weights" in e)
+    layer = next(iter(data["sites"][site]["nm_weights"]["decision"].values()))
+    layer["input_rms"] = layer["input_rms"][:-1]
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    with pytest.raises(sg.PlanError, match=r"input_rms.*one per input feature"):
+        sg.compile(model, plan=tmp_path / "bad.json", example_inputs=example, quiet=True)
 
 
 def test_bad_options_are_config_errors():
