@@ -8,6 +8,7 @@ llama_tiny: a few seconds each). Tests must treat what it returns as read-only: 
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import pytest
@@ -22,6 +23,13 @@ class Traced(NamedTuple):
     model: torch.nn.Module
     example: tuple
     gm: torch.fx.GraphModule
+
+
+def pytest_configure(config):
+    # .ci/run runs its heavy part on two pytest-xdist workers (-n 2): one core each, so that torch's and
+    # OpenMP's threads do not oversubscribe the machine
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -21,7 +21,7 @@ from sparsegraph.cli import main
 from sparsegraph.graph_edit import ADDED
 
 # heavy for the default run (kept under 6 minutes on 2 cores): CI runs these after it
-pytestmark = [pytest.mark.slow, pytest.mark.ci, pytest.mark.extended]  # out of CI for time: see .ci/run
+pytestmark = [pytest.mark.slow, pytest.mark.ci]  # heavy for the default run: CI runs it after
 
 
 @pytest.fixture(scope="module")
