@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from sparsegraph import ir
+from sparsegraph import distributed, ir
 from sparsegraph.errors import CalibrationError
 
 
@@ -84,6 +84,19 @@ class ChannelSums(Observer):
     def __init__(self, gm: torch.fx.GraphModule, watched: dict, sums: dict):
         super().__init__(gm)
         self.watched, self.sums = watched, sums
+
+    @classmethod
+    def over_calibration(cls, gm: torch.fx.GraphModule, watched: dict, ctx, what: str) -> dict:
+        """``{key: (Σ x, Σ x², rows)}`` over `ctx`'s calibration batches, sharded over processes as every
+        profile is (`sparsegraph.distributed`: this process's share, then the sums of all added)."""
+        sums: dict = {}
+        observer = cls(gm, watched, sums)
+        rank, world = distributed.rank_and_world()
+        for _, batch in ctx.progress(list(enumerate(ctx.calibration))[rank::world], what):
+            observer.run_batch(batch.args, batch.kwargs)
+        if world > 1:
+            sums = distributed.merge(sums, lambda parts: tuple(sum(p[i] for p in parts) for i in range(3)))
+        return sums
 
     def run_node(self, n):
         result = super().run_node(n)

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from sparsegraph import distributed, facts, ir
+from sparsegraph import facts, ir
 from sparsegraph.observe import ChannelSums
 from sparsegraph.pass_contract import AnalysisPass
 from sparsegraph.registry import register_pass
@@ -39,13 +37,8 @@ class ConvProfile(AnalysisPass):
 
     def analyze(self, gm, ctx, stats):
         sites = ir.conv_sites(gm)
-        sums: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
-        observer = ChannelSums(gm, {s.x: (1, [t.id for t in sites if t.x is s.x]) for s in sites}, sums)
-        rank, world = distributed.rank_and_world()
-        for _, batch in ctx.progress(list(enumerate(ctx.calibration))[rank::world], "conv_profile"):
-            observer.run_batch(batch.args, batch.kwargs)
-        if world > 1:
-            sums = distributed.merge(sums, lambda parts: tuple(sum(p[i] for p in parts) for i in range(3)))
+        watched = {s.x: (1, [t.id for t in sites if t.x is s.x]) for s in sites}
+        sums = ChannelSums.over_calibration(gm, watched, ctx, self.name)
         for site in sites:
             stats.matched += 1
             total, square, pixels = sums[site.id]

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sparsegraph import distributed, facts, ir
+from sparsegraph import facts, ir
 from sparsegraph.observe import ChannelSums
 from sparsegraph.pass_contract import AnalysisPass
 from sparsegraph.registry import register_pass
@@ -42,13 +42,7 @@ class LinearProfile(AnalysisPass):
         watched: dict = {}
         for (site, path), parts in layers.items():
             watched.setdefault(parts.x, (-1, []))[1].append((site, path))
-        sums: dict = {}
-        observer = ChannelSums(gm, watched, sums)
-        rank, world = distributed.rank_and_world()
-        for _, batch in ctx.progress(list(enumerate(ctx.calibration))[rank::world], "linear_profile"):
-            observer.run_batch(batch.args, batch.kwargs)
-        if world > 1:
-            sums = distributed.merge(sums, lambda parts: tuple(sum(p[i] for p in parts) for i in range(3)))
+        sums = ChannelSums.over_calibration(gm, watched, ctx, self.name)
         per_site: dict[str, dict] = {}
         for key in layers:
             _, square, rows = sums[key]
