@@ -37,26 +37,18 @@ from sparsegraph import ir
 from sparsegraph.codegen.op import SparseOp
 
 
-def nm_pack(weight: torch.Tensor, n: int, m: int,
-            scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep the `n` largest-scoring weights of every group of `m` inputs: ``(values, offsets)``. The score
-    is |W_ij|, or |W_ij| · scale_j with a per-input `scale` (an input feature's rms: Wanda's score),
-    computed in fp64 so that the ranking is the same on any machine.
+def nm_pack(weight: torch.Tensor, n: int, m: int, scale=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the `n` best-scoring weights of every group of `m` inputs: ``(values, offsets)``, the mask
+    `tighten` picks from every weight, packed (`pack_mask`). The score is |W_ij|, or |W_ij| · scale_j with
+    a per-input `scale` (a tensor or list: an input feature's rms, Wanda's score), computed in fp64 so that
+    the ranking is the same on any machine.
 
     Ties go to the lower position (stable sort), so packing is deterministic.
     """
-    out_f, in_f = weight.shape
+    in_f = weight.shape[1]
     if in_f % m:
         raise ValueError(f"in_features {in_f} is not a multiple of m={m}")
-    groups = weight.detach().reshape(out_f, in_f // m, m)
-    score = weight.detach().double().abs()
-    if scale is not None:
-        score = score * scale.double()
-    order = torch.sort(-score.reshape(out_f, in_f // m, m), dim=-1, stable=True).indices[..., :n]
-    offsets = torch.sort(order, dim=-1).values
-    values = torch.gather(groups, -1, offsets)
-    return values.reshape(out_f, -1).contiguous(), offsets.reshape(out_f, -1).to(torch.uint8).contiguous()
-
+    return _pack(weight, tighten(weight, torch.ones_like(weight, dtype=torch.bool), n, m, scale), n, m)
 
 
 def positions_digest(offsets: torch.Tensor) -> str:
@@ -73,15 +65,14 @@ def stages(n: int, m: int, ramp: float, steps: int) -> list[tuple[int, int]]:
     return [(min(round(k / last * ramp * steps), steps - 1), level) for k, level in enumerate(levels)]
 
 
-def tighten(weight: torch.Tensor, mask: torch.Tensor, n: int, m: int,
-            scale: torch.Tensor | None = None) -> torch.Tensor:
+def tighten(weight: torch.Tensor, mask: torch.Tensor, n: int, m: int, scale=None) -> torch.Tensor:
     """The mask keeping the `n` best-scoring weights of every group of `m` inputs among those `mask` keeps
     (bool, the shape of `weight`, at least `n` kept per group), scored as `nm_pack` scores them (|W|, or
     |W| · `scale` per input); ties go to the lower position, as `nm_pack`'s."""
     out_f, in_f = weight.shape
     score = weight.detach().abs().double()
     if scale is not None:
-        score = score * scale.double()
+        score = score * torch.as_tensor(scale, dtype=torch.float64, device=score.device)
     score = score.masked_fill(~mask, -1.0).reshape(out_f, in_f // m, m)
     order = torch.sort(-score, dim=-1, stable=True).indices[..., :n]
     new = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, order, True)
@@ -92,9 +83,15 @@ def pack_mask(weight: torch.Tensor, mask: torch.Tensor, n: int, m: int) -> tuple
     """``(values, offsets)`` as `nm_pack` gives them, of `weight` at `mask` (exactly `n` kept in every group
     of `m`): the kept positions are the mask's, whatever the values (a kept weight trained to 0 stays)."""
     out_f, in_f = weight.shape
-    groups = mask.reshape(out_f, in_f // m, m)
-    if not bool((groups.sum(-1) == n).all()):
+    if not bool((mask.reshape(out_f, in_f // m, m).sum(-1) == n).all()):
         raise ValueError(f"the mask does not keep exactly {n} of every {m}")
+    return _pack(weight, mask, n, m)
+
+
+def _pack(weight: torch.Tensor, mask: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`pack_mask` without its check, for a mask `tighten` made (exactly `n` of every `m` by construction)."""
+    out_f, in_f = weight.shape
+    groups = mask.reshape(out_f, in_f // m, m)
     offsets = torch.sort((~groups).to(torch.int8), dim=-1, stable=True).indices[..., :n]
     values = torch.gather(weight.detach().reshape(out_f, in_f // m, m), -1, offsets)
     return values.reshape(out_f, -1).contiguous(), offsets.reshape(out_f, -1).to(torch.uint8).contiguous()

@@ -394,7 +394,7 @@ class _Progressive:
     mask: torch.Tensor
     stages: list[tuple[int, int]] = dataclasses.field(default_factory=list)
     offsets: torch.Tensor | None = None
-    scale: torch.Tensor | None = None  # per input feature (activation-aware score), or None: magnitude
+    scale: list[float] | None = None  # rms per input feature (activation-aware score), or None: magnitude
 
 
 def _progressive(gm: torch.fx.GraphModule, plan: SparsityPlan, source: torch.nn.Module) -> list[_Progressive]:
@@ -421,8 +421,7 @@ def _progressive(gm: torch.fx.GraphModule, plan: SparsityPlan, source: torch.nn.
         weight = dense.detach().float().clone().requires_grad_(True)
         out.append(_Progressive(node.name, info.site, path, d["n"], d["m"], d["ramp"], node.args[1].target,
                                 node.args[2].target, weight, torch.ones_like(weight, dtype=torch.bool),
-                                scale=None if "input_rms" not in d else torch.tensor(d["input_rms"],
-                                                                                      dtype=torch.float64)))
+                                scale=d.get("input_rms")))
     return out
 
 

@@ -46,8 +46,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from sparsegraph import facts, graph_edit, ir
 from sparsegraph.codegen.nm_linear import OP, nm_pack, positions_digest
 from sparsegraph.errors import ConfigError, PlanError
@@ -111,7 +109,7 @@ class NMWeights(RewritePass):
                 if opts.n == opts.m:
                     raise Refused(f"n == m == {opts.m} keeps every weight (dense)")
                 rms = _input_rms(ctx, info.site, parts) if opts.score == "activation" else None
-                values, offsets = nm_pack(parts.weight, opts.n, opts.m, _scale(rms))
+                values, offsets = nm_pack(parts.weight, opts.n, opts.m, rms)
                 entry = decisions.setdefault(info.site, {"decision": {}, "evidence": {}})
                 entry["decision"][parts.module_path] = {
                     "n": opts.n, "m": opts.m,
@@ -162,7 +160,7 @@ class NMWeights(RewritePass):
             with ctx.at(info.site):
                 d = layer.decision[parts.module_path]
                 n, m = d["n"], d["m"]
-                values, offsets = nm_pack(parts.weight, n, m, _scale(d.get("input_rms")))
+                values, offsets = nm_pack(parts.weight, n, m, d.get("input_rms"))
                 expected = layer.evidence.get(parts.module_path, {}).get("positions_sha256")
                 if expected is not None and expected != positions_digest(offsets):
                     raise PlanError(f"the weights of {parts.module_path} differ from those the plan was made "
@@ -186,6 +184,3 @@ def _input_rms(ctx, site: str, parts: ir.LinearParts) -> list[float]:
                           "before nm_weights (it needs calibration data), or use score: magnitude")
     return profile.layers[parts.module_path][1]
 
-
-def _scale(rms: list[float] | None) -> torch.Tensor | None:
-    return None if rms is None else torch.tensor(rms, dtype=torch.float64)
