@@ -1,7 +1,9 @@
 """The one contract every pass follows, built-in or plugin.
 
 A pass is a frozen dataclass: its fields are its options (typed, documented with `option`, validated on
-construction), its class attributes say what it is (``name``, ``requires``). ``run(gm, ctx)`` returns a
+construction), its class attributes say what it is (``name``, ``requires``; a pass whose needs depend on
+its options makes ``requires`` a property, as ``nm_weights`` does: the manager reads it from the pass
+built from the config). ``run(gm, ctx)`` returns a
 `PassResult`, whose `PassStats` count what the pass matched, what it rewrote, and every site it refused
 with the reason. Nothing fails silently.
 
