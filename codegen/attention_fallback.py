@@ -7,8 +7,9 @@ query block) are grouped by how many blocks they list, their K/V blocks gathered
 (``index_select`` into a reused workspace) into [B, R, c·block, E], one batched SDPA call per group.
 Causal: blocks after the diagonal are dropped; the diagonal block (and a partial last block) is sorted
 first in its row, so one small [block, c·block] mask shared by the whole group covers it. Partial
-results merge exactly by their log-sum-exp (`attention_tiles.Accumulator`). Work and memory are ∝ the
-listed blocks; figures in ``bench/results/attention-cpu.md``.
+results merge exactly by their log-sum-exp (`attention_tiles.Accumulator`); with ``lse``, `attention`
+returns the merged one too: each query's log-sum-exp of its allowed scores, −inf where it has none. Work
+and memory are ∝ the listed blocks; figures in ``bench/results/attention-cpu.md``.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ import torch.nn.functional as F
 from sparsegraph.codegen import attention_tiles
 
 
-def attention(q, k, v, layout, mask, block: int, causal: bool, scale: float,
-              tile: bool = True) -> torch.Tensor:
-    """The op on index lists `layout` [H, nq, nsel] with `mask` None or a `_full_mask` view."""
+def attention(q, k, v, layout, mask, block: int, causal: bool, scale: float, tile: bool = True, *,
+              lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The op on index lists `layout` [H, nq, nsel] with `mask` None or a `_full_mask` view. With `lse`,
+    (out, lse): lse fp32 [B, H, L], log Σ_j e^{score} over each query's allowed keys (the softmax's
+    normaliser; −inf for a query with no allowed key)."""
     B, H, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -45,7 +48,10 @@ def attention(q, k, v, layout, mask, block: int, causal: bool, scale: float,
             else:
                 acc.put_rows(rows, o, ls)
     attention_tiles.run(tiles, q, k, v, mask, block, causal, scale, acc, whole=False)
-    return acc.result(L).to(q.dtype)  # a row with no allowed key stays 0
+    out = acc.result(L).to(q.dtype)  # a row with no allowed key: 0, lse −inf (unwritten blocks: result)
+    if not lse:
+        return out
+    return out, acc.lse[:, :, :L].to(torch.float32).contiguous()
 
 
 def _listed(layout, mask, causal, parts):

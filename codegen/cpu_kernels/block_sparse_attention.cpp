@@ -5,7 +5,10 @@
 //
 //     out[b, h, i] = Σ_j softmax_j( q_i·k_j · scale + mask[b, h, i, j]  over j with M ) · v_j
 //
-// and 0 for a query with no allowed key. fp32 in and out, fp32 accumulation.
+// and 0 for a query with no allowed key. fp32 in and out, fp32 accumulation. Optionally (lse not null)
+// also the log-sum-exp of each query's scores, the softmax's normaliser:
+//
+//     lse[b, h, i] = log Σ_{j with M} e^{q_i·k_j · scale + mask[b, h, i, j]}     (−∞ with no allowed key)
 //
 // Why a compiled kernel: SDPA's CPU flash kernel, the torch building block, splits queries in chunks
 // of 32 when a call has fewer than 192 of them, and its GEMM calls then run at 115–165 GFLOP/s here
@@ -26,7 +29,8 @@
 //     — every reduction runs over keys, i.e. across rows of S^T, so it is plain vector arithmetic;
 //   - O^T[e][lane] += Σ_key v[key][e] · P^T[key][lane]: the same micro-tile shape (KR values of e ×
 //     QC queries), v read in place;
-//   - out[query][e] = O^T[e][lane] / l at the end of the chunk (0 where l = 0).
+//   - out[query][e] = O^T[e][lane] / l at the end of the chunk (0 where l = 0), and when asked
+//     lse[query] = m + log(l) (−∞ where l = 0): l sums e^{S − m}, so that is log Σ e^S exactly.
 //
 // Causal: blocks after the query block are skipped, and in the rest keys past the chunk's last
 // query are not computed at all (half of each diagonal block); inside the computed part, key > query
@@ -167,7 +171,7 @@ void* scratch(int64_t vectors) {  // aligned_alloc wants a size that is a multip
 // The kernel with query chunks of V vectors (module comment); one OpenMP region.
 template <int V>
 int attend(const float* q, const int64_t* qs, const float* k, const int64_t* ks, const float* v,
-           const int64_t* vs, float* out, const int64_t* layout, int64_t nsel, const float* mask,
+           const int64_t* vs, float* out, float* lse, const int64_t* layout, int64_t nsel, const float* mask,
            const int64_t* ms, int64_t B, int64_t H, int64_t Hkv, int64_t L, int64_t S, int64_t E, int64_t Ev,
            int64_t block, int causal, float scale, int threads) {
   const int64_t nq = (L + block - 1) / block, nk = (S + block - 1) / block, group = H / Hkv;
@@ -254,6 +258,13 @@ int attend(const float* q, const int64_t* qs, const float* k, const int64_t* ks,
         float* o = out + ((b * H + h) * L + c0) * Ev;
         for (int64_t r = 0; r < rows; ++r)
           for (int64_t e = 0; e < Ev; ++e) o[r * Ev + e] = reinterpret_cast<const float*>(&Ot[e * V])[r];
+        if (lse) {  // once per chunk, per query: a scalar log is fine
+          float* ls = lse + (b * H + h) * L + c0;
+          for (int64_t r = 0; r < rows; ++r) {
+            const float mr = reinterpret_cast<const float*>(m)[r], lr = reinterpret_cast<const float*>(l)[r];
+            ls[r] = lr > 0.0f ? mr + std::log(lr) : neg_inf;
+          }
+        }
       }
     }
     std::free(Qt);
@@ -268,7 +279,7 @@ int attend(const float* q, const int64_t* qs, const float* k, const int64_t* ks,
 // The sha256 of the kernel sources, this stamp blanked: the Python binding refuses a library built
 // from other sources (a stale build) instead of calling it. Restamped by
 // `python -m sparsegraph.codegen.cpu_kernels` after an edit; a test checks that it is current.
-#define SG_SOURCE_HASH "13b5a7988fe014884c3135488c01262c20cbd3fea7992e8472e7857465571a38"
+#define SG_SOURCE_HASH "4c4f1f5ee2d596e3f93c2f0367540f8b016f398a7d63d009529e5a484d123cb3"
 
 extern "C" {
 
@@ -312,21 +323,22 @@ int sg_cpu_supported() {
 }
 
 // q [B, H, L, E], k [B, Hkv, S, E], v [B, Hkv, S, Ev]: strided (4 element strides each, the last 1).
-// out: contiguous [B, H, L, Ev]. layout: contiguous int64 [H, nq, nsel], −1 padded. mask: null or an
-// additive float mask read as mask[b·ms0 + h·ms1 + i·ms2 + j·ms3] (a stride of 0 broadcasts).
+// out: contiguous [B, H, L, Ev]. lse: null (not wanted) or contiguous [B, H, L], each query's log-sum-exp
+// (module comment). layout: contiguous int64 [H, nq, nsel], −1 padded. mask: null or an additive float
+// mask read as mask[b·ms0 + h·ms1 + i·ms2 + j·ms3] (a stride of 0 broadcasts).
 // Returns 0, or 1 when scratch memory could not be allocated.
 int sg_block_sparse_attention_f32(const float* q, const int64_t* qs, const float* k, const int64_t* ks,
-                                  const float* v, const int64_t* vs, float* out, const int64_t* layout,
-                                  int64_t nsel, const float* mask, const int64_t* ms, int64_t B, int64_t H,
-                                  int64_t Hkv, int64_t L, int64_t S, int64_t E, int64_t Ev, int64_t block,
-                                  int causal, float scale, int threads) {
+                                  const float* v, const int64_t* vs, float* out, float* lse,
+                                  const int64_t* layout, int64_t nsel, const float* mask, const int64_t* ms,
+                                  int64_t B, int64_t H, int64_t Hkv, int64_t L, int64_t S, int64_t E,
+                                  int64_t Ev, int64_t block, int causal, float scale, int threads) {
   // A query block of ≥ 4 vectors of queries takes chunks of 4 (K and V read once per 4 vectors, and
   // fewer loads per FMA in the micro-tiles: 8 per 16 FMAs against 10) where 16 accumulators fit;
   // smaller blocks take 2, so few lanes idle. Measured (2-core Xeon): 8–16% faster at AVX-512 with
   // block 64 and 128; with AVX2's 8 accumulators, chunks of 4 were 10% slower.
   const auto run = block >= 4 * kLanes && kAccumulators >= 16 ? attend<4> : attend<2>;
-  return run(q, qs, k, ks, v, vs, out, layout, nsel, mask, ms, B, H, Hkv, L, S, E, Ev, block, causal, scale,
-             threads);
+  return run(q, qs, k, ks, v, vs, out, lse, layout, nsel, mask, ms, B, H, Hkv, L, S, E, Ev, block, causal,
+             scale, threads);
 }
 
 }  // extern "C"

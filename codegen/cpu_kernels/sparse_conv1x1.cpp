@@ -290,7 +290,7 @@ int run(const Problem& a, int64_t threads) {
 
 // The sha256 of the kernel sources (the library's is returned by sg_source_hash, defined in
 // block_sparse_attention.cpp): restamped by `python -m sparsegraph.codegen.cpu_kernels`.
-#define SG_SOURCE_HASH "13b5a7988fe014884c3135488c01262c20cbd3fea7992e8472e7857465571a38"
+#define SG_SOURCE_HASH "4c4f1f5ee2d596e3f93c2f0367540f8b016f398a7d63d009529e5a484d123cb3"
 
 extern "C" {
 

@@ -118,6 +118,57 @@ def test_cpu_dense_heads_match_the_oracle(cpu_path, causal):
                                    atol=1e-5, msg=f"mask {name}")
 
 
+def _reference_lse(q, k, lists, mask, block, causal, scale):
+    """log Σ_j e^{score} over each query's allowed keys, densely (−inf for a query with none): [B, H, L]."""
+    H, L, S = q.shape[1], q.shape[2], k.shape[2]
+    s = (q.float() * scale) @ bsa.repeat_kv(k, H).float().transpose(-1, -2)
+    if mask is not None:
+        s = s + mask
+    return torch.logsumexp(s.masked_fill(~bsa._element_mask(lists, L, S, block, causal), float("-inf")), -1)
+
+
+def _assert_lse(got, want, msg):
+    assert got.dtype == torch.float32 and got.shape == want.shape and got.is_contiguous(), msg
+    assert torch.equal(got == float("-inf"), want == float("-inf")), msg  # the rows with no allowed key
+    finite = want.isfinite()
+    torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-5, msg=msg)
+
+
+def _lse_case(B, H, Hkv, L, E, block, causal, seed=0):
+    """Heads that take every path of the torch fallback: dense (columns tiles), local (bands), random
+    blocks and one with an empty row (gathered); a key-padding mask, a full mask with a row of −inf."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, h, L, E, generator=g) for h in (H, Hkv, Hkv))
+    nq = math.ceil(L / block)
+    bm = torch.rand(H, nq, nq, generator=g) < 0.4
+    bm[0] = True
+    bm[1] = attention_layouts.pattern_mask("local", {"window": 2}, nq, nq, causal)
+    bm[3, 2] = False  # a query block listing nothing
+    bm[3, 0, 0] = True
+    lists = bsa.lists(q, k, v, fixed_table(bm), block, causal)
+    masks = _masks(B, H, L, L)
+    masks["full"][0, 0, 7] = float("-inf")  # a query of the dense head whose every key is masked
+    return q, k, v, lists, masks
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("tile", [True, False])
+def test_fallback_returns_the_log_sum_exp(causal, tile):
+    """attention_fallback.attention(lse=True): (out, lse), lse the log-sum-exp of each query's allowed
+    scores, merged over the tiles and gathers; −inf for a query with no allowed key (a query block no call
+    wrote, a query whose keys are all masked); out the same as without it. GQA, a partial last block."""
+    B, H, Hkv, L, E, block = 2, 4, 2, 300, 8, 16  # 19 query blocks, the last of 12 rows; 304 keys ≥ MIN_KEYS
+    q, k, v, lists, masks = _lse_case(B, H, Hkv, L, E, block, causal)
+    for name, mask in masks.items():
+        full = None if mask is None else bsa._full_mask(mask, B, H, L, L)
+        out, lse = attention_fallback.attention(q, k, v, lists, full, block, causal, 0.3, tile=tile, lse=True)
+        torch.testing.assert_close(out, attention_fallback.attention(q, k, v, lists, full, block, causal, 0.3,
+                                                                     tile=tile), rtol=0, atol=0)
+        want = _reference_lse(q, k, lists, mask, block, causal, 0.3)
+        assert (want == float("-inf")).any(), "the case has a query with no allowed key"
+        _assert_lse(lse, want, f"mask {name}")
+
+
 def test_cpu_never_builds_the_dense_score_matrix(torch_path, monkeypatch):
     """The torch CPU path's attention calls see only listed blocks: no call reads every key, and the
     (query, key) pairs computed are those of the listed blocks."""
@@ -231,6 +282,32 @@ def test_triton_half_precision_accumulates_in_fp32(dtype, tol):
         got = OP(q, k, v, layout, None, 16, True, 0.25)
     assert got.dtype == dtype
     torch.testing.assert_close(got.float(), ref, rtol=tol, atol=tol)
+
+
+@triton_only
+@pytest.mark.parametrize("causal", [False, True])
+def test_triton_returns_the_log_sum_exp(causal):
+    """lse=True: (out, lse) with lse = m + log(l) of the online softmax, the log-sum-exp of each query's
+    allowed scores; −inf for a query with no allowed key; out the same as without it. GQA, a partial
+    last block, more keys than queries."""
+    from sparsegraph.codegen.triton_kernels.block_sparse_attention import block_sparse_attention
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    B, H, Hkv, L, S, E, block = 1, 2, 1, 40, 56, 16, 16
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(B, h, n, E, generator=g) for h, n in ((H, L), (Hkv, S), (Hkv, S)))
+    bm = torch.rand(H, 3, 4, generator=g) < 0.5
+    bm[0, 0, 0], bm[1, 1] = True, False  # head 1's second query block lists nothing
+    lists = layout_from_block_mask(bm)
+    full = torch.randn(B, H, L, S, generator=g)
+    full[0, 0, 3] = float("-inf")  # a query whose every key is masked
+    for name, mask in (("none", None), ("full", full)):
+        args = [t.to(device) for t in (q, k, v, lists)] + [None if mask is None else mask.to(device)]
+        out, lse = block_sparse_attention(*args, block, causal, 0.3, lse=True)
+        torch.testing.assert_close(out, block_sparse_attention(*args, block, causal, 0.3), rtol=0, atol=0)
+        want = _reference_lse(q, k, lists, mask, block, causal, 0.3)
+        assert lse.device.type == device and (want == float("-inf")).any()
+        _assert_lse(lse.cpu(), want, f"mask {name}")
 
 
 @triton_only
