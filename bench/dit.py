@@ -109,14 +109,14 @@ def make_plan(args, log) -> tuple[dict, str]:
 
 
 def trained_plan(args, log) -> tuple[dict, str]:
-    """``head_patterns`` (families dense and window_3d, recall ``--recall``, block ``--fit-block``) on the
-    trained model at its training clip (8 frames of 32x32: 4 × 8 × 8 tokens), calibrated on
-    `moving_digits_dit.calibration` (test clips noised at five timesteps). The windows are fitted on
-    tokens (their extent means the same at any grid and block), so the replay lays them out at the bench's
-    ``--block``: each site's block is set to it."""
+    """``head_patterns`` (families ``--patterns``: those that carry to another grid; recall ``--recall``,
+    block ``--fit-block``) on the trained model at its training clip (8 frames of 32x32: 4 × 8 × 8 tokens),
+    calibrated on `moving_digits_dit.calibration` (test clips noised at five timesteps). Windows (a
+    pyramid's near part too) are fitted on tokens (their extent means the same at any grid and block), so
+    the replay lays them out at the bench's ``--block``: each site's block is set to it."""
     model, example = mdd.load()
     config = {"passes": [{"head_patterns": {"block": args.fit_block, "recall": args.recall,
-                                            "patterns": ["dense", "window_3d"]}},
+                                            "patterns": list(args.patterns)}},
                          {"sparse_attention": {"max_density": 1.0}}]}
     cm = sg.compile(model, config, example_inputs=example, calibration=mdd.calibration(), quiet=True)
     plan = copy.deepcopy(cm.plan.to_json())
@@ -125,12 +125,12 @@ def trained_plan(args, log) -> tuple[dict, str]:
         decision = entry.get("sparse_attention", {}).get("decision")
         if decision is not None:
             decision["block"] = args.block
-            fitted += [h["pattern"] + (str(h["params"]["extent"]) if h["pattern"] == "window_3d" else "")
+            fitted += [h["pattern"] + (str(h["params"]["extent"]) if "extent" in h["params"] else "")
                        for h in decision["heads"]]
-    log(f"trained model's fit at 4x8x8 tokens (recall {args.recall}, block {args.fit_block}): "
-        f"{sum(f.startswith('window_3d') for f in fitted)} of {len(fitted)} heads of the rewritten sites "
-        f"window_3d: {fitted}")
-    return plan, f"the trained model's own fit (recall {args.recall}; families dense, window_3d)"
+    counts = {f: sum(x.split("[")[0] == f for x in fitted) for f in args.patterns}
+    log(f"trained model's fit at 4x8x8 tokens (recall {args.recall}, block {args.fit_block}): heads of the "
+        f"rewritten sites by family {counts}: {fitted}")
+    return plan, (f"the trained model's own fit (recall {args.recall}; families {', '.join(args.patterns)})")
 
 
 def assign(plan: dict) -> dict:
@@ -183,14 +183,15 @@ def layer_lists(cm, layer_tables: list[torch.Tensor], nb: int) -> list[torch.Ten
 
 
 def bands_over_window(table: torch.Tensor, nb: int) -> list[float | None]:
-    """Per head of a layout table: blocks of the fewest diagonals that cover its window_3d layout (every
-    diagonal the window touches, as a multi_diagonal head would list them) over the window's own blocks
-    (None for other heads): what expressing the window as bands would cost."""
+    """Per head of a layout table: blocks of the fewest diagonals that cover its window_3d layout (a
+    pyramid's near window too: every diagonal the window touches, as a multi_diagonal head would list
+    them) over the window's own blocks (None for other heads): what expressing the window as bands would
+    cost."""
     masks = attention_layouts.block_mask(table, nb, nb, False)
     rel = torch.arange(nb)[:, None] - torch.arange(nb)[None, :]
     out = []
     for h in range(table.shape[0]):
-        if int(table[h, 0]) != attention_layouts.WINDOW:
+        if int(table[h, 0]) % attention_layouts.POOLED != attention_layouts.WINDOW:
             out.append(None)
             continue
         diagonals = sorted(set(rel[masks[h]].tolist()))
@@ -282,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="the trained zoo:moving_digits_dit (all its blocks) with its own fitted windows")
     ap.add_argument("--recall", type=float, default=0.9, help="head_patterns recall of the trained fit")
     ap.add_argument("--fit-block", type=int, default=16, help="head_patterns block of the trained fit")
+    ap.add_argument("--patterns", nargs="+", default=["dense", "window_3d", "pyramid"],
+                    choices=["dense", "window_3d", "pyramid"],
+                    help="head_patterns families of the trained fit (those that carry to another grid)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--no-flex", action="store_true")
@@ -308,7 +312,10 @@ def main(argv: list[str] | None = None) -> int:
         lists = layer_lists(cm, layer_tables, nb)
         per_head = [round(float(((x >= 0).sum((1, 2)) / (nb * nb))[h]), 4)
                     for x in lists[:1] for h in range(x.shape[0])]
-        density = float(sum(int((x >= 0).sum()) for x in lists) / (len(lists) * lists[0].shape[0] * nb * nb))
+        pooled = sum(int(attention_layouts.pooled_heads(t).sum()) for t in layer_tables)
+        # a step's attention work over dense: listed blocks, and nb pooled keys a query of pyramid heads
+        density = float((sum(int((x >= 0).sum()) for x in lists) + pooled * nb * nb / args.block)
+                        / (len(lists) * lists[0].shape[0] * nb * nb))
         bands = bands_over_window(layer_tables[0], nb) if layer_tables else []
         start = time.perf_counter()
         with torch.inference_mode():
@@ -317,7 +324,10 @@ def main(argv: list[str] | None = None) -> int:
         calls = {"dense eager": lambda m=model, e=example: m(*e),
                  "ours (sparsegraph.compile)": lambda c=cm, e=example: c(*e)}
         flex_first = flex_diff = None
-        if not args.no_flex:
+        if not args.no_flex and pooled:
+            notes.append(f"{tokens} tokens: flex_attention not run: {pooled} pyramid heads read pooled keys, "
+                         "which a block mask cannot express")
+        elif not args.no_flex:
             step, flex_first, flex_out = flex_step(model, lists, args.block, example)
             calls["flex_attention (torch.compile)"] = step
             flex_diff = float((_out(ours_out) - _out(flex_out)).abs().max())
@@ -325,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         times = median_times(calls, args.warmup, args.repeats)
         base = times["dense eager"]
         case = {"frames": frames, "grid": [frames, args.canvas, args.canvas], "tokens": tokens, "model": name,
-                "density": round(density, 4), "density_per_head_layer0": per_head,
+                "density": round(density, 4), "density_per_head_layer0": per_head, "pyramid_heads": pooled,
                 "bands_over_window_blocks_layer0": bands,
                 "attention_share_of_dense_step": round(share, 3), "seconds": times,
                 "speedup": {k: round(base / v, 2) for k, v in times.items()},
@@ -350,7 +360,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{'x'.join(map(str, PATCH))}). Patterns: "
           f"{source}, fitted/made at {args.calib_frames}x8x8 tokens and replayed at each size with "
           "sparsegraph.compile(plan=...) (window_3d heads re-specialised to the long grid). Density = listed "
-          f"blocks / all blocks (block {args.block}). Median of {args.repeats} interleaved rounds after "
+          f"blocks / all blocks (block {args.block}), a pyramid head's pooled keys counted as blocks' worth "
+          "(nb keys a query: nb / block blocks a query block). "
+          f"Median of {args.repeats} interleaved rounds after "
           f"{args.warmup} warm-up; speed-up vs dense eager in the same run. First call: ours' first call "
           "after the replay (no compile step); flex: torch.compile + first call. Load average (1 min) at "
           "each size: "
@@ -363,9 +375,10 @@ def main(argv: list[str] | None = None) -> int:
           "over the window's blocks, per head (layer 0): "
           + "; ".join(f"{c['tokens']}: {c['bands_over_window_blocks_layer0']}" for c in results["cases"])
           + ".", ""]
-    if not args.no_flex:
+    if any(c["max_abs_ours_minus_flex"] is not None for c in results["cases"]):
         md.append("Max |ours - flex_attention| of the step output: "
-                  + ", ".join(f"{c['tokens']}: {c['max_abs_ours_minus_flex']:.1e}" for c in results["cases"]))
+                  + ", ".join(f"{c['tokens']}: {c['max_abs_ours_minus_flex']:.1e}" for c in results["cases"]
+                            if c["max_abs_ours_minus_flex"] is not None))
     if not args.trained:
         md.append(f"\nPer-head assignment (extents [a_t, a_h, a_w] in tokens, cycled over heads): "
                   f"{ASSIGNMENT}.")

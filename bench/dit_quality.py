@@ -7,9 +7,10 @@ Calibration: `moving_digits_dit.calibration` (test clips noised at ``--timesteps
 batches of ``--batch`` clips per timestep, labels cycling through the digits).
 
 1. **Patterns.** For each recall r in ``--recalls`` the model is compiled with ``head_patterns`` (block
-   ``--block``, every family it offers) + ``sparse_attention`` (``max_density`` 1: every site with a
-   sparse head is rewritten) on all the calibration batches; per layer and head the family chosen, its
-   parameters and its block density (listed blocks / all blocks) are reported.
+   ``--block``, its default families, or ``--patterns``) + ``sparse_attention`` (``max_density`` 1: every
+   site with a sparse head is rewritten) on all the calibration batches; per layer and head the family
+   chosen, its parameters and its block density (listed blocks / all blocks; a pyramid's pooled keys
+   counted as blocks' worth) are reported.
 2. **Stability over timesteps** (Sparse-vDiT's claim: a head's pattern is stable enough to fix offline).
    ``head_patterns`` is fitted again on each timestep's batches alone, at ``--stability-recall``. Per head
    and timestep: whether the family is the one of the all-timestep fit, the Jaccard overlap of the two
@@ -61,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--guidance", type=float, default=2.0)
     ap.add_argument("--strip", type=int, default=3, help="clips shown dense vs sparse in the HTML report")
+    ap.add_argument("--patterns", default="", help="head_patterns families, comma-separated (default: its "
+                    "default candidates; add pyramid to offer it)")
     args = parse(ap, argv)
     started = time.perf_counter()
     recalls = [float(r) for r in args.recalls.split(",")]
@@ -72,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     # 1. patterns at each recall (and the compiled models for 3.)
     compiled, patterns = {}, {}
     for r in recalls:
-        cm = sg.compile(model, _config(args.block, r, rewrite=True), example_inputs=example,
-                        calibration=batches, quiet=True)
+        cm = sg.compile(model, _config(args.block, r, rewrite=True, patterns=args.patterns),
+                        example_inputs=example, calibration=batches, quiet=True)
         rewritten = cm.plan.passes["sparse_attention"]["stats"]["rewritten"]
         # a recall where every head stays dense rewrites nothing: no fidelity row for it (it would be dense's)
         compiled[r] = cm if rewritten > 0 else None
@@ -128,8 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _config(block: int, recall: float, rewrite: bool) -> dict:
-    passes: list = [{"head_patterns": {"block": block, "recall": recall}}]
+def _config(block: int, recall: float, rewrite: bool, patterns: str = "") -> dict:
+    options = {"block": block, "recall": recall}
+    if patterns:
+        options["patterns"] = patterns.split(",")
+    passes: list = [{"head_patterns": options}]
     if rewrite:
         passes.append({"sparse_attention": {"max_density": 1.0}})
     return {"passes": passes}
@@ -194,12 +200,10 @@ def block_mass(model: mdd.MovingDigitsDiT, batches, block: int) -> list[torch.Te
 def _stability(model, example, batches, by_t, args) -> dict:
     """Per head: the all-timestep fit at the stability recall, and per timestep the family, the Jaccard
     overlap with the all-timestep block mask and the recall R_t of the all-timestep mask (docstring)."""
-    r = args.stability_recall
-    fits = {"all": _heads(sg.compile(model, _config(args.block, r, rewrite=False), example_inputs=example,
-                                     calibration=batches, quiet=True))}
+    config = _config(args.block, args.stability_recall, rewrite=False, patterns=args.patterns)
+    fits = {"all": _heads(sg.compile(model, config, example_inputs=example, calibration=batches, quiet=True))}
     for t, bs in by_t.items():
-        fits[t] = _heads(sg.compile(model, _config(args.block, r, rewrite=False), example_inputs=example,
-                                    calibration=bs, quiet=True))
+        fits[t] = _heads(sg.compile(model, config, example_inputs=example, calibration=bs, quiet=True))
         print(f"stability: fitted at t = {t}", flush=True)
     mass = {t: block_mass(model, bs, args.block) for t, bs in by_t.items()}
     heads = []
@@ -226,7 +230,7 @@ def _stability(model, example, batches, by_t, args) -> dict:
     jac = [e["jaccard"] for row in heads for e in row["per_t"].values() if e["jaccard"] is not None]
     fixed = {str(t): [row["per_t"][str(t)]["fixed_recall"] for row in heads
                       if row["per_t"][str(t)]["fixed_recall"] is not None] for t in by_t}
-    return {"recall": r, "heads": heads,
+    return {"recall": args.stability_recall, "heads": heads,
             "summary": {"family_same_share": sum(same) / len(same),
                         "heads_same_at_every_t": sum(all(e["same"] for e in row["per_t"].values())
                                                      for row in heads),
@@ -258,9 +262,9 @@ def _compare(clip: torch.Tensor, dense: torch.Tensor) -> dict:
 
 def _short(head: dict) -> str:
     p = head["params"]
-    if head["pattern"] == "window_3d":
+    if "extent" in p:  # window_3d, or a pyramid's near window
         detail = "×".join(str(2 * int(a) + 1) for a in p["extent"])
-    elif head["pattern"] in ("local", "sink_local"):
+    elif head["pattern"] in ("local", "sink_local") or p.get("near") == "local":
         detail = f"w{p['window']}" + (f" s{p['sinks']}" if "sinks" in p else "")
     elif head["pattern"] in ("multi_diagonal", "vertical_slash"):
         detail = f"{len(p.get('diagonals', []))}d" + (f" {len(p['columns'])}c" if "columns" in p else "")

@@ -17,6 +17,23 @@ it; a fixed head (``block_topk``, or a block mask given with ``fixed_table``) is
 grid and dense elsewhere, with a `LayoutWarning`; a ``window_3d`` head exists at its token grid only
 and raises `attention_layouts.ResolutionError` at another length (naming both and the fix).
 
+**Pyramid heads** (the table's ``POOLED`` flag, `attention_layouts.pooled_heads`) also read every key
+block J their list leaves out, through one pooled key: the block's mean key k̄_J and mean value v̄_J,
+weighted by its n_J tokens (n_J = block, or fewer in a partial last block). With L(i) the listed keys
+and F(i) the unlisted blocks of query i,
+
+    out_i = (Σ_{j ∈ L(i)} e^{s_ij} v_j + Σ_{J ∈ F(i)} n_J e^{s̄_iJ} v̄_J)
+            / (Σ_{j ∈ L(i)} e^{s_ij} + Σ_{J ∈ F(i)} n_J e^{s̄_iJ}),
+
+    s_ij = q_i·k_j·scale,   s̄_iJ = q_i·k̄_J·scale:
+
+a block's pooled term replaces Σ_{j ∈ J} e^{s_ij} v_j by what it is when the block's scores are equal
+(n_J e^{s̄} ≤ Σ e^{s} by Jensen: far blocks are under-weighted where their scores spread). Pyramid heads
+take no additive mask and no causal attention (a pooled key would mix keys the mask tells apart): such a
+call is refused. Every backend computes the listed part as for any head, with its log-sum-exp, and the
+pooled part densely over the nk pooled keys (``far``: L·nk scores a head, 1 / block of dense), merged
+exactly by log-sum-exp; the reference appends the pooled keys to the keys (one softmax over both).
+
 Why index lists inside: a kernel walks only the listed blocks, in place. ``layout_from_block_mask``
 converts a bool [H, nq, nk] block mask into them.
 
@@ -32,7 +49,9 @@ Backends:
 - ONNX: the block mask is laid out from the same table at the run-time lengths (``onnx_table_mask``:
   the bands compared against ``Range`` grids, the fixed grid where the lengths match, window rows from
   their token-level mask reduced to blocks: `onnx_window_mask`), expanded to [H, L, S] with two
-  ``Gather``s, then dense masked softmax attention. Exact, at dense speed. (A window row at another
+  ``Gather``s, then dense masked softmax attention, with the pooled keys of pyramid heads appended when
+  the call has no mask and is not causal (for every head, masked off where it is not pooled). Exact, at
+  dense speed. (A window row at another
   length than its grid's is not refused there: the ONNX file is exported at the traced size.)
 
 Autograd: the reference differentiated (`op.by_reference`), the layout fixed: gradients to q, k, v and
@@ -50,7 +69,7 @@ from onnxscript import opset18 as op
 from sparsegraph import attention_layouts as layouts
 from sparsegraph import ir
 from sparsegraph.attention_layouts import block_mask_from_layout
-from sparsegraph.codegen import attention_fallback, cpu_kernels
+from sparsegraph.codegen import attention_fallback, attention_tiles, cpu_kernels
 from sparsegraph.codegen.op import SparseOp, by_reference
 
 # ----------------------------------------------------------------------------------------- layouts
@@ -100,47 +119,148 @@ def onnx_repeat_kv(x, q):
     return op.Reshape(x5, op.Concat(op.Shape(q, start=0, end=2), op.Shape(x, start=2), axis=0))
 
 
+def pooled_of(table: torch.Tensor, mask, causal: bool) -> torch.Tensor | None:
+    """bool [H]: the table's pyramid heads (None when it has none); refuses them with a mask or causal."""
+    pooled = layouts.pooled_heads(table)
+    if not bool(pooled.any()):
+        return None
+    if causal or mask is not None:
+        raise ValueError(f"block_sparse_attention: {int(pooled.sum())} pyramid head(s) read far key blocks "
+                         f"pooled, which needs attention without an additive mask and not causal; this call "
+                         f"is {'causal' if causal else 'masked'}. Fit that site without the pyramid family "
+                         "(head_patterns' patterns)")
+    return pooled
+
+
+def block_sums(x: torch.Tensor, block: int, dtype=torch.float32) -> torch.Tensor:
+    """x [B, h, T, E] → [B, h, ⌈T / block⌉, E] in `dtype`: the sum of each block of rows (a partial last
+    block sums the rows it has). Read in place: splitting the row axis is a view, so no padded copy of x
+    is made."""
+    full = x.shape[2] // block * block
+    sums = x[:, :, :full].unflatten(2, (-1, block)).sum(3, dtype=dtype)
+    if full < x.shape[2]:
+        sums = torch.cat([sums, x[:, :, full:].sum(2, keepdim=True, dtype=dtype)], 2)
+    return sums
+
+
+def pooled_keys(k: torch.Tensor, v: torch.Tensor, block: int):
+    """The pooled keys of every key block: k̄ [B, Hkv, nk, E], v̄ [B, Hkv, nk, Ev] (block means, at least
+    fp32) and log n_J [nk] (module docstring)."""
+    wide = torch.promote_types(k.dtype, torch.float32)
+    S = k.shape[2]
+    nk = math.ceil(S / block)
+    counts = torch.full((nk,), float(block), dtype=wide, device=k.device)
+    counts[-1] = S - (nk - 1) * block
+    return (block_sums(k, block, wide) / counts[:, None], block_sums(v, block, wide) / counts[:, None],
+            counts.log())
+
+
+def far(q, k, v, lists_: torch.Tensor, heads: torch.Tensor, block: int, scale: float, rows: int = 4096):
+    """The pooled part of pyramid heads `heads` (indices into q's heads): attention of each query over the
+    pooled keys of the blocks its list [H, nq, nsel] leaves out, as (out [B, P, L, Ev], lse [B, P, L]),
+    fp32, `rows` queries at a time (memory O(rows · nk) a head)."""
+    H, L = q.shape[1], q.shape[2]
+    nk, group = math.ceil(k.shape[2] / block), H // k.shape[1]
+    kbar, vbar, logn = pooled_keys(k, v, block)
+    kh = kbar[:, heads // group].transpose(-1, -2)  # [B, P, E, nk]
+    vh = vbar[:, heads // group]  # [B, P, nk, Ev]
+    listed = block_mask_from_layout(lists_.to(q.device)[heads], nk)  # [P, nq, nk]
+    rows = max(block, rows // block * block)
+    outs, lses = [], []
+    for r0 in range(0, L, rows):
+        qs = q[:, heads, r0:r0 + rows].to(kh.dtype) * scale
+        near = listed[:, r0 // block:math.ceil((r0 + qs.shape[2]) / block)].repeat_interleave(block, 1)
+        s = (qs @ kh + logn).masked_fill(near[:, :qs.shape[2]], float("-inf"))
+        lse = torch.logsumexp(s, -1)
+        outs.append((s - lse[..., None]).exp().nan_to_num(0.0) @ vh)  # a row with no far block: 0
+        lses.append(lse)
+    return torch.cat(outs, 2), torch.cat(lses, 2)
+
+
+def with_far(exact, q, k, v, lists_, mask, block, causal, scale, pooled, **kw):
+    """`exact` (a kernel on index lists) and, for `pooled` heads (bool [H] or None), its result merged
+    with their pooled part (`far`) by log-sum-exp."""
+    if pooled is None:
+        return exact(q, k, v, lists_, mask, block, causal, scale, **kw)
+    out, lse = exact(q, k, v, lists_, mask, block, causal, scale, lse=True, **kw)
+    heads = pooled.nonzero().view(-1).to(q.device)
+    o_far, lse_far = far(q, k, v, lists_, heads, block, scale)
+    wide = torch.promote_types(out.dtype, o_far.dtype)  # fp32 at least (fp64 stays fp64)
+    o, ls = out[:, heads].to(wide), lse[:, heads].to(wide)
+    attention_tiles.merge(o, ls, o_far.to(wide), lse_far.to(wide))
+    out[:, heads] = o.to(out.dtype)
+    return out
+
+
 # ----------------------------------------------------------------------------------------- kernels
 
 
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: torch.Tensor,
               mask: torch.Tensor | None, block: int, causal: bool, scale: float) -> torch.Tensor:
-    return reference_lists(q, k, v, lists(q, k, v, layout, block, causal), mask, block, causal, scale)
+    return reference_lists(q, k, v, lists(q, k, v, layout, block, causal), mask, block, causal, scale,
+                           pooled_of(layout, mask, causal))
 
 
-def reference_lists(q, k, v, layout, mask, block, causal, scale):
-    """`reference` on index lists [H, nq, nsel] (the oracle of every kernel)."""
+def reference_lists(q, k, v, layout, mask, block, causal, scale, pooled=None):
+    """`reference` on index lists [H, nq, nsel] (the oracle of every kernel); `pooled` (bool [H] or None):
+    pyramid heads, whose pooled keys are appended to the keys (module docstring)."""
     H, L, S = q.shape[1], q.shape[2], k.shape[2]
     wide = torch.promote_types(q.dtype, torch.float32)  # fp32 at least; fp64 stays fp64 (gradcheck)
     s = (q.to(wide) * scale) @ repeat_kv(k, H).to(wide).transpose(-1, -2)
     if mask is not None:
         s = s + mask.to(wide)
     s = s.masked_fill(~_element_mask(layout, L, S, block, causal), float("-inf"))
-    p = torch.softmax(s, -1).nan_to_num(0.0)  # rows with no allowed key: 0
-    return (p @ repeat_kv(v, H).to(wide)).to(q.dtype)
+    values = repeat_kv(v, H).to(wide)
+    if pooled is None:
+        return (torch.softmax(s, -1).nan_to_num(0.0) @ values).to(q.dtype)  # rows with no allowed key: 0
+    kbar, vbar, logn = pooled_keys(k.to(wide), v.to(wide), block)
+    listed = block_mask_from_layout(layout, kbar.shape[2]).repeat_interleave(block, 1)[:, :L]  # [H, L, nk]
+    s_far = (q.to(wide) * scale) @ repeat_kv(kbar, H).transpose(-1, -2) + logn
+    return attend_with_pooled(s, values, s_far, repeat_kv(vbar, H), listed, pooled.to(q.device)).to(q.dtype)
+
+
+def attend_with_pooled(s, v, s_far, v_far, listed, pooled):
+    """Softmax attention over keys and pooled keys at once (the reference's form): s [B, H, r, S] the
+    scores of the keys (−∞ where not allowed), v [B, H, S, Ev]; s_far [B, H, r, nk] the pooled keys'
+    (log n_J included), v_far [B, H, nk, Ev]; listed bool [H, r, nk] each row's listed blocks, pooled
+    bool [H]: a pooled key counts for a row of a pyramid head whose list leaves its block out."""
+    far_ok = ~listed & pooled[:, None, None]
+    logits = torch.cat([s, s_far.masked_fill(~far_ok, float("-inf"))], -1)
+    return torch.softmax(logits, -1).nan_to_num(0.0) @ torch.cat([v, v_far], -2)  # rows with no key: 0
 
 
 def cpu(q, k, v, layout, mask, block, causal, scale):
-    return cpu_lists(q, k, v, lists(q, k, v, layout, block, causal), mask, block, causal, scale)
+    return cpu_lists(q, k, v, lists(q, k, v, layout, block, causal), mask, block, causal, scale,
+                     pooled=pooled_of(layout, mask, causal))
 
 
 def triton(q, k, v, layout, mask, block, causal, scale):
+    return triton_lists(q, k, v, lists(q, k, v, layout, block, causal), mask, block, causal, scale,
+                        pooled_of(layout, mask, causal))
+
+
+def triton_lists(q, k, v, layout, mask, block, causal, scale, pooled=None):
+    """The Triton kernel on index lists, with the pooled part of `pooled` heads (`with_far`)."""
     from sparsegraph.codegen.triton_kernels.block_sparse_attention import block_sparse_attention
 
-    return block_sparse_attention(q, k, v, lists(q, k, v, layout, block, causal), mask, block, causal, scale)
+    return with_far(block_sparse_attention, q, k, v, layout, mask, block, causal, scale, pooled)
 
 
-def cpu_lists(q, k, v, layout, mask, block, causal, scale, tile: bool = True):
+def cpu_lists(q, k, v, layout, mask, block, causal, scale, tile: bool = True, pooled=None):
     """The CPU path on index lists (module docstring): the compiled kernel when it is built, else the
     torch fallback (`attention_fallback`); `tile` False there gathers every block (for layouts new at
-    every call, whose tiling would cost more than it saves)."""
+    every call, whose tiling would cost more than it saves); `pooled` heads: `with_far`."""
+    return with_far(_cpu_exact, q, k, v, layout, mask, block, causal, scale, pooled, tile=tile)
+
+
+def _cpu_exact(q, k, v, layout, mask, block, causal, scale, tile: bool = True, lse: bool = False):
     B, H, L, _ = q.shape
     mask = None if mask is None else _full_mask(mask.to(q.dtype), B, H, L, k.shape[2])
     if q.device.type == "cpu":
-        out = cpu_kernels.block_sparse_attention(q, k, v, layout, mask, block, causal, scale)
+        out = cpu_kernels.block_sparse_attention(q, k, v, layout, mask, block, causal, scale, lse=lse)
         if out is not None:
-            return out.to(q.dtype)
-    return attention_fallback.attention(q, k, v, layout, mask, block, causal, scale, tile=tile)
+            return (out[0].to(q.dtype), out[1]) if lse else out.to(q.dtype)
+    return attention_fallback.attention(q, k, v, layout, mask, block, causal, scale, tile=tile, lse=lse)
 
 
 def _full_mask(mask, B, H, L, S):
@@ -177,12 +297,15 @@ def onnx_sizes(q, k, block: int):
             zero, one, size)
 
 
-def onnx_block_attention(q, k, v, block_mask, mask, block: int, causal: bool, scale: float):
+def onnx_block_attention(q, k, v, block_mask, mask, block: int, causal: bool, scale: float, pooled=None):
     """Dense masked attention over the (query, key) pairs whose blocks `block_mask` lists (float
-    [..., nq, nk], > 0 where listed; leading dims broadcast against [B, H]); rows with no key give 0."""
-    L, S, _, _, zero, one, size = onnx_sizes(q, k, block)
+    [..., nq, nk], > 0 where listed; leading dims broadcast against [B, H]); rows with no key give 0.
+    `pooled` (None, or from `onnx_pooled`: bool [H, 1, 1]): the pooled keys of the blocks a pyramid head
+    does not list are appended to its keys (`reference_lists`)."""
+    L, S, _, nk, zero, one, size = onnx_sizes(q, k, block)
     qpos, kpos = op.Range(zero, L, one), op.Range(zero, S, one)
-    allowed = op.Gather(op.Gather(block_mask, op.Div(qpos, size), axis=-2), op.Div(kpos, size), axis=-1)
+    listed_rows = op.Gather(block_mask, op.Div(qpos, size), axis=-2)  # [..., L, nk]
+    allowed = op.Gather(listed_rows, op.Div(kpos, size), axis=-1)
     allowed = op.Greater(allowed, op.Constant(value_float=0.0))  # [..., L, S]
     if causal:
         allowed = op.And(allowed, op.LessOrEqual(op.Unsqueeze(kpos, op.Constant(value_ints=[0])),
@@ -192,9 +315,53 @@ def onnx_block_attention(q, k, v, block_mask, mask, block: int, causal: bool, sc
     if mask is not None:
         s = op.Add(s, op.CastLike(mask, s))
     s = op.Where(allowed, s, op.CastLike(op.Constant(value_float=float("-inf")), s))
+    values = onnx_repeat_kv(v, q)
+    if pooled is not None:
+        kbar, vbar, logn = _onnx_pooled_keys(k, v, S, nk, size)
+        s_far = op.Add(op.MatMul(op.Mul(q, op.CastLike(op.Constant(value_float=scale), q)),
+                                 op.Transpose(onnx_repeat_kv(kbar, q), perm=[0, 1, 3, 2])),
+                       op.CastLike(logn, q))
+        far_ok = op.And(pooled, op.Not(op.Greater(listed_rows, op.Constant(value_float=0.0))))  # [.., L, nk]
+        s = op.Concat(s, op.Where(far_ok, s_far, op.CastLike(op.Constant(value_float=float("-inf")), s)),
+                      axis=-1)
+        values = op.Concat(values, onnx_repeat_kv(vbar, q), axis=-2)
     p = op.Softmax(s, axis=-1)
     p = op.Where(op.IsNaN(p), op.CastLike(op.Constant(value_float=0.0), p), p)
-    return op.MatMul(p, onnx_repeat_kv(v, q))
+    return op.MatMul(p, values)
+
+
+def onnx_pooled(table):
+    """bool [H, 1, 1]: the table's pyramid heads (kind ≥ ``POOLED``), in onnxscript."""
+    first = op.Constant(value_ints=[0])
+    kind = op.Slice(table, first, op.Constant(value_ints=[1]), op.Constant(value_ints=[1]))  # [H, 1]
+    return op.Unsqueeze(op.GreaterOrEqual(kind, op.Constant(value_int=layouts.POOLED)),
+                        op.Constant(value_ints=[2]))
+
+
+def onnx_block_sums(x, n, length, size):
+    """`block_sums` in onnxscript: x [B, h, length, E] zero-padded to n blocks of `size` rows → the sum of
+    each block's rows [B, h, n, E] (n, length, size: int64 scalars)."""
+    def ints(*xs):
+        return op.Constant(value_ints=list(xs))
+
+    pad = op.Concat(ints(0, 0, 0, 0, 0, 0), op.Unsqueeze(op.Sub(op.Mul(n, size), length), ints(0)), ints(0),
+                    axis=0)
+    shape = op.Concat(op.Shape(x, start=0, end=2), op.Unsqueeze(n, ints(0)), op.Unsqueeze(size, ints(0)),
+                      ints(-1), axis=0)
+    return op.ReduceSum(op.Reshape(op.Pad(x, pad), shape), ints(3), keepdims=0)
+
+
+def _onnx_pooled_keys(k, v, S, nk, size):
+    """`pooled_keys` in onnxscript: the block means of k and v (each block's sum over its n_J tokens) and
+    log n_J [nk]."""
+    starts = op.Mul(op.Range(op.Constant(value_int=0), nk, op.Constant(value_int=1)), size)
+    counts = op.Cast(op.Min(op.Sub(S, starts), size), to=1)  # [nk] float
+    column = op.Unsqueeze(counts, op.Constant(value_ints=[1]))
+
+    def means(x):
+        return op.Div(onnx_block_sums(x, nk, S, size), op.CastLike(column, x))
+
+    return means(k), means(v), op.Log(counts)
 
 
 def onnx_block_mask(lists, nk):
@@ -218,8 +385,8 @@ def onnx_window_mask(table, kind, nq, nk, block: int):
     # the 7 parameter slots; a table narrower than that (no window row) is widened with zeros
     wide = op.Concat(table, op.Expand(ints(0), op.Concat(heads, ints(layouts.WINDOW_SLOTS), axis=0)), axis=1)
     params = op.Slice(wide, ints(layouts.HEADER), ints(layouts.HEADER + layouts.WINDOW_SLOTS), ints(1))
-    is_window = op.Equal(op.Slice(table, ints(0), ints(1), ints(1)),
-                         op.Constant(value_int=layouts.WINDOW))  # [H, 1]
+    kinds = op.Mod(op.Slice(table, ints(0), ints(1), ints(1)), op.Constant(value_int=layouts.POOLED))
+    is_window = op.Equal(kinds, op.Constant(value_int=layouts.WINDOW))  # [H, 1] (a pyramid's near window too)
     safe = op.Where(is_window, params, ints(0, 0, 0, 1, 1, 1, block))
     present = op.Cast(op.ReduceMax(op.Cast(is_window, to=7), keepdims=0), to=7)  # 1 if any window row
     nqw, nkw = op.Mul(nq, present), op.Mul(nk, present)
@@ -277,7 +444,7 @@ def onnx_table_mask(table, nq, nk, causal: bool, block: int | None = None):
     on_column = op.ReduceMax(op.Cast(op.Equal(op.Unsqueeze(cols, ints(0, 2)),
                                               op.Unsqueeze(columns, ints(1))), to=1),
                              ints(2), keepdims=1)  # [H, nk, 1]
-    kind = op.Unsqueeze(column(0), ints(2))  # [H, 1, 1]
+    kind = op.Unsqueeze(op.Mod(column(0), op.Constant(value_int=layouts.POOLED)), ints(2))  # [H, 1, 1]
     dense = op.Cast(op.Equal(kind, op.Constant(value_int=layouts.DENSE)), to=1)
     banded = op.Max(on_diagonal, op.Transpose(on_column, perm=[0, 2, 1]), dense)
     bits = column(op.Add(ints(layouts.HEADER), op.Add(n_diag, n_col)), op.Mul(nq0, nk0))
@@ -299,11 +466,12 @@ def onnx_table_mask(table, nq, nk, causal: bool, block: int | None = None):
 def onnx(q, k, v, layout, mask, block: int, causal: bool, scale: float):
     _, _, nq, nk, _, _, _ = onnx_sizes(q, k, block)
     return onnx_block_attention(q, k, v, onnx_table_mask(layout, nq, nk, causal, block), mask, block, causal,
-                                scale)
+                                scale, None if mask is not None or causal else onnx_pooled(layout))
 
 
 def cost(node: torch.fx.Node) -> tuple[int, int]:
-    """MACs and bytes of the listed blocks only: 2·B·H·(listed key positions per query)·E."""
+    """MACs and bytes of the listed blocks only: 2·B·H·(listed key positions per query)·E, and of a
+    pyramid head's pooled keys (nk a query)."""
     q, k, v = (ir.val(a) for a in node.args[:3])
     B, H, L, E = q.shape
     S, Ev = k.shape[2], v.shape[3]
@@ -314,6 +482,7 @@ def cost(node: torch.fx.Node) -> tuple[int, int]:
         table = ir.get_attr(node.graph.owning_module, layout_node.target)
         lists_ = layouts.layout(table, *block_counts(L, S, block), bool(node.args[6]))
         listed = int((lists_ >= 0).sum()) * block * block  # (query, key) pairs in listed blocks
+        listed += int(layouts.pooled_heads(table).sum()) * L * math.ceil(S / block)  # and pooled keys
     if listed is None:
         listed = H * L * S
     listed = min(listed, H * math.ceil(L / block) * block * S)

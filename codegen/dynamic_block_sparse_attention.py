@@ -20,7 +20,7 @@ Backends: reference, CPU and Triton share the estimate (``estimate``) and fold t
 heads (query head b·H + h, kv head b·Hkv + h // group) so the per-input layouts are one
 [B·H, nq, ·] layout of the static kernels (on the CPU the compiled kernel, which takes any layout as
 it comes; its torch fallback skips the tiling here, a new layout every call). ONNX: the same
-estimate in standard ops (``ReduceMean``, ``MatMul``, ``ReduceMax``, ``TopK`` with k read from
+estimate in standard ops (block sums: ``ReduceSum``, ``MatMul``, ``ReduceMax``, ``TopK`` with k read from
 ``topk``), the chosen blocks turned into a block mask, then dense masked attention.
 """
 
@@ -58,13 +58,8 @@ def estimate(q, k, mask, block: int, causal: bool, scale: float) -> torch.Tensor
 
 def _block_means(x, block: int) -> torch.Tensor:
     """x [B, h, T, E] → fp32 [B, h, ⌈T / block⌉, E]: the sum over each block of rows / block (a partial
-    last block counts its missing rows as 0). Read in place: splitting the row axis is a view, so no
-    padded copy of x is made (that copy cost as much as the rest of the estimate)."""
-    full = x.shape[2] // block * block
-    sums = x[:, :, :full].unflatten(2, (-1, block)).sum(3, dtype=torch.float32)
-    if full < x.shape[2]:
-        sums = torch.cat([sums, x[:, :, full:].sum(2, keepdim=True, dtype=torch.float32)], 2)
-    return sums / block
+    last block counts its missing rows as 0), read in place (`block_sparse_attention.block_sums`)."""
+    return bsa.block_sums(x, block) / block
 
 
 def layouts(q, k, layout, topk, mask, block, causal, scale) -> torch.Tensor:
@@ -84,7 +79,8 @@ def layouts(q, k, layout, topk, mask, block, causal, scale) -> torch.Tensor:
 
 def _folded(kernel, q, k, v, layout, topk, mask, block, causal, scale, **kw):
     """Run a static-layout kernel (on index lists) on the per-input layouts, the batch folded into the
-    heads."""
+    heads (pyramid heads' flags with them)."""
+    pooled = bsa.pooled_of(layout, mask, causal)
     layout = bsa.lists(q, k, v, layout, block, causal)
     B, H, L, _ = q.shape
     per_input = attention_layouts.layout_from_block_mask(attention_layouts.block_mask_from_layout(
@@ -97,7 +93,7 @@ def _folded(kernel, q, k, v, layout, topk, mask, block, causal, scale, **kw):
         m = bsa._full_mask(mask, B, H, L, k.shape[2])
         mask = fold((m[:, :, :1] if m.stride(2) == 0 else m).expand(B, H, -1, -1))
     out = kernel(fold(q), fold(k), fold(v), per_input.reshape(B * H, *per_input.shape[2:]), mask, block,
-                 causal, scale, **kw)
+                 causal, scale, pooled=None if pooled is None else pooled.repeat(B), **kw)
     return out.reshape(B, H, L, -1)
 
 
@@ -111,9 +107,7 @@ def cpu(q, k, v, layout, topk, mask, block, causal, scale):
 
 
 def triton(q, k, v, layout, topk, mask, block, causal, scale):
-    from sparsegraph.codegen.triton_kernels.block_sparse_attention import block_sparse_attention
-
-    return _folded(block_sparse_attention, q, k, v, layout, topk, mask, block, causal, scale)
+    return _folded(bsa.triton_lists, q, k, v, layout, topk, mask, block, causal, scale)
 
 
 def dense(q, k, v, layout, topk, mask, block, causal, scale):
@@ -132,10 +126,7 @@ def onnx(q, k, v, layout, topk, mask, block: int, causal: bool, scale: float):
     L, S, nq, nk, zero, one, size = bsa.onnx_sizes(q, k, block)
 
     def block_means(x, n, length):  # [B, h, length, E] zero-padded to n·block → [B, h, n, E]
-        pad = op.Concat(ints(0, 0, 0, 0, 0, 0), op.Unsqueeze(op.Sub(op.Mul(n, size), length), ints(0)),
-                        ints(0), axis=0)
-        shape = op.Concat(op.Shape(x, start=0, end=2), op.Unsqueeze(n, ints(0)), ints(block, -1), axis=0)
-        return op.ReduceMean(op.Reshape(op.Pad(x, pad), shape), ints(3), keepdims=0)
+        return op.Div(bsa.onnx_block_sums(x, n, length, size), op.CastLike(size, x))
 
     qm, km = block_means(q, nq, L), bsa.onnx_repeat_kv(block_means(k, nk, S), q)
     est = op.Mul(op.MatMul(op.Cast(qm, to=1), op.Transpose(op.Cast(km, to=1), perm=[0, 1, 3, 2])),
@@ -166,7 +157,8 @@ def onnx(q, k, v, layout, topk, mask, block: int, causal: bool, scale: float):
     dynamic = op.Where(keep, chosen, op.Constant(value_int=-1))  # [B, H, nq, t]
     static = op.Unsqueeze(bsa.onnx_table_mask(layout, nq, nk, causal, block), ints(0))  # [1, H, nq, nk]
     block_mask = op.Max(static, bsa.onnx_block_mask(dynamic, nk))  # [B, H, nq, nk]
-    return bsa.onnx_block_attention(q, k, v, block_mask, mask, block, causal, scale)
+    return bsa.onnx_block_attention(q, k, v, block_mask, mask, block, causal, scale,
+                                    None if mask is not None or causal else bsa.onnx_pooled(layout))
 
 
 def cost(node: torch.fx.Node) -> tuple[int, int]:
@@ -183,6 +175,7 @@ def cost(node: torch.fx.Node) -> tuple[int, int]:
         layout = attention_layouts.layout(table, nq, nk, bool(node.args[7]))
         topk = ir.get_attr(node.graph.owning_module, topk_node.target)
         listed = min(listed, int((layout >= 0).sum()) + int(topk.clamp(max=nk).sum()) * nq)
+        listed += int(attention_layouts.pooled_heads(table).sum()) * nq * nk / block  # pooled keys, in blocks
     macs = B * listed * block * block * (E + Ev) + B * H * nq * nk * E
     moved = sum(t.numel() * t.element_size() for t in (q, k, v)) + q.numel() // E * Ev * q.element_size()
     return int(macs), moved

@@ -18,7 +18,13 @@ key blocks J. A head's *pattern* says which blocks (I, J) it computes. Every pat
   order (n = t·H·W + h·W + w, as a Conv3d patch embedding flattens them); query token (t, h, w) sees key
   token (t', h', w') iff |t − t'| ≤ a_t, |h − h'| ≤ a_h and |w − w'| ≤ a_w (a frame neighbourhood in time
   × space, PSA / Sparse-vDiT style). A block (I, J) is listed iff some query token of I sees some key
-  token of J (`window_block_mask`), so the token window is kept whole.
+  token of J (`window_block_mask`), so the token window is kept whole;
+- ``pyramid`` (``near``: ``local`` or ``window_3d``, with that family's parameters): the near pattern's
+  blocks exactly, and every other key block through one *pooled* key (module `sparsegraph.codegen.
+  block_sparse_attention`: its mean key and value, weighted by its token count). Its block mask is the
+  near pattern's; the table marks the row ``POOLED`` (below). A two-level pyramid (tokens near, blocks
+  far); why not more levels: the pooled level costs nk keys per query, 1 / block of dense attention,
+  so a coarser third level could save at most that.
 
 **Why the 3-D window is a kind of its own, not bands.** In frame-major order the window is *almost*
 a set of diagonals: the key rows of query row (t, h) sit at token offsets Δt·H·W + Δh·W + [−a_w, a_w],
@@ -39,7 +45,8 @@ length, in PyTorch and in ONNX alike (the ONNX translation reads the same table)
 
     [kind, nq0, nk0, n_diag, n_col, d_1 … d_n_diag, c_1 … c_n_col, bits of the fixed grid (nq0·nk0)]
 
-``kind`` is ``BANDS``, ``DENSE``, ``FIXED`` or ``WINDOW``; every row holds the site's fixed grid
+``kind`` is ``BANDS``, ``DENSE``, ``FIXED`` or ``WINDOW``, plus ``POOLED`` (a flag: kind | 4) for a
+``pyramid`` head, whose far blocks are read pooled (`pooled_heads`); every row holds the site's fixed grid
 nq0 × nk0 (1 × 1 when no head is fixed: no slice of the table is ever empty) and the slot counts;
 unused diagonal slots hold ``NO_DIAGONAL`` (matches no offset), unused column slots −1. A ``FIXED``
 head (``block_topk``, or a layout given as a block mask) is sparse at its own grid only: at any other
@@ -62,8 +69,10 @@ import torch
 from sparsegraph import ir
 
 FAMILIES = ("dense", "local", "sink_local", "window_3d", "multi_diagonal", "vertical_slash", "block_topk",
-            "dynamic_topk", "skip")
+            "dynamic_topk", "pyramid", "skip")
 BANDS, DENSE, FIXED, WINDOW = 0, 1, 2, 3
+POOLED = 4  # a flag on a row's kind: the head also reads its unlisted key blocks pooled (``pyramid``)
+PYRAMID_NEAR = ("local", "window_3d")  # what a pyramid's exact near part may be
 WINDOW_SLOTS = 7  # a_t, a_h, a_w, T, H, W, block
 NO_DIAGONAL = -(2**40)
 HEADER = 5  # kind, nq0, nk0, n_diag, n_col
@@ -85,7 +94,8 @@ def allowed_blocks(nq: int, nk: int, causal: bool) -> torch.Tensor:
 
 
 def bands(pattern: str, params: dict) -> tuple[list[int], list[int], int]:
-    """``(diagonals, columns, kind)`` of a pattern family (module docstring); ``FIXED`` for block_topk."""
+    """``(diagonals, columns, kind)`` of a pattern family (module docstring); ``FIXED`` for block_topk; a
+    pyramid's is its near part's, with the ``POOLED`` flag."""
     if pattern == "dense":
         return [], [], DENSE
     if pattern in ("local", "sink_local"):
@@ -101,6 +111,13 @@ def bands(pattern: str, params: dict) -> tuple[list[int], list[int], int]:
         return [], [], FIXED
     if pattern == "window_3d":
         return [int(x) for x in params["extent"]] + [int(x) for x in params["grid"]], [], WINDOW
+    if pattern == "pyramid":
+        near = params.get("near")
+        if near not in PYRAMID_NEAR:
+            raise ValueError(f"a pyramid head's near part is {near!r}; it must be one of "
+                             f"{list(PYRAMID_NEAR)}")
+        diagonals, columns, kind = bands(near, params)
+        return diagonals, columns, kind | POOLED
     raise ValueError(f"unknown attention pattern {pattern!r}")
 
 
@@ -150,6 +167,7 @@ def pattern_mask(pattern: str, params: dict, nq: int, nk: int, causal: bool,
     single-head form of `block_mask`, which lays out a whole table; head_patterns fits with this one).
     `block` is needed by ``window_3d`` only (its grid is in tokens)."""
     diagonals, columns, kind = bands(pattern, params)
+    kind &= ~POOLED  # a pyramid's listed blocks are its near part's
     if kind == WINDOW:
         if block is None:
             raise ValueError("window_3d heads need the block size: pattern_mask(..., block=...)")
@@ -190,10 +208,11 @@ def table(heads: list[dict], block: int | None = None) -> torch.Tensor:
     """The int64 [H, W] table of heads given as ``{"pattern", "params"}`` (module docstring); `block`, the
     op's block size, is needed (and stored) only when a head is ``window_3d``."""
     rows = [bands(h["pattern"], h["params"]) for h in heads]
-    if any(kind == WINDOW for _, _, kind in rows):
+    if any(kind & ~POOLED == WINDOW for _, _, kind in rows):
         if block is None:
             raise ValueError("window_3d heads need the block size of the site: table(heads, block=...)")
-        rows = [([*d, int(block)], c, kind) if kind == WINDOW else (d, c, kind) for d, c, kind in rows]
+        rows = [([*d, int(block)], c, kind) if kind & ~POOLED == WINDOW else (d, c, kind)
+                for d, c, kind in rows]
     fixed = [_fixed_bits(h["params"]) if kind == FIXED else None for h, (_, _, kind) in zip(heads, rows)]
     return _pack(rows, fixed)
 
@@ -222,7 +241,7 @@ def _pack(rows: list[tuple[list[int], list[int], int]], fixed: list[torch.Tensor
     out = torch.zeros(len(rows), HEADER + n_diag + n_col + nq0 * nk0, dtype=torch.int64)
     for h, ((diagonals, columns, kind), bits) in enumerate(zip(rows, fixed)):
         out[h, :HEADER] = torch.tensor([kind, nq0, nk0, n_diag, n_col])
-        if kind == WINDOW:  # parameters in order, not a set of offsets
+        if kind & ~POOLED == WINDOW:  # parameters in order, not a set of offsets
             padded = diagonals + [NO_DIAGONAL] * (n_diag - len(diagonals))
             out[h, HEADER:HEADER + n_diag] = torch.tensor(padded)
             out[h, HEADER + n_diag:HEADER + n_diag + n_col] = -1
@@ -246,9 +265,10 @@ def check_table(t: torch.Tensor, heads: int) -> None:
     if t.shape[1] != HEADER + n_diag + n_col + nq0 * nk0 or min(n_diag, n_col, nq0, nk0) < 1:
         raise ValueError(f"layout table of width {t.shape[1]} does not match its header "
                          f"({n_diag} diagonals, {n_col} columns, fixed grid {nq0}×{nk0})")
-    if not bool(((t[:, 0] >= BANDS) & (t[:, 0] <= WINDOW)).all()):
-        raise ValueError(f"layout table kinds {sorted(set(t[:, 0].tolist()))} are not all in (0, 1, 2, 3)")
-    if bool((t[:, 0] == WINDOW).any()) and n_diag < WINDOW_SLOTS:
+    if not bool(((t[:, 0] >= BANDS) & (t[:, 0] <= (WINDOW | POOLED))).all()):
+        raise ValueError(f"layout table kinds {sorted(set(t[:, 0].tolist()))} are not all in 0 … 7 (0–3, "
+                         "plus 4 for pooled far blocks)")
+    if bool((t[:, 0] % POOLED == WINDOW).any()) and n_diag < WINDOW_SLOTS:
         raise ValueError(f"layout table has window_3d rows but {n_diag} < {WINDOW_SLOTS} parameter slots")
 
 
@@ -269,7 +289,7 @@ def _laid_out(t: torch.Tensor, nq: int, nk: int, causal: bool) -> tuple[torch.Te
     rel = torch.arange(nq)[:, None] + (nk - nq) - torch.arange(nk)[None, :]
     mask = (rel[None, :, :, None] == diagonals[:, None, None, :]).any(-1)
     mask |= (torch.arange(nk)[None, :, None] == columns[:, None, :]).any(-1)[:, None, :]
-    kind = t[:, 0]
+    kind = t[:, 0] % POOLED  # the listed blocks; the pooled flag adds none
     mask |= (kind == DENSE)[:, None, None]
     for h in (kind == WINDOW).nonzero().view(-1).tolist():
         p = t[h, HEADER:HEADER + WINDOW_SLOTS].tolist()
@@ -287,6 +307,11 @@ def _laid_out(t: torch.Tensor, nq: int, nk: int, causal: bool) -> tuple[torch.Te
                     f"at {nq}×{nk} blocks they run dense (exact, not sparse). Calibrate at this length, or "
                     "leave block_topk out of head_patterns' patterns for length-independent layouts")
     return mask & allowed_blocks(nq, nk, causal), note
+
+
+def pooled_heads(t: torch.Tensor) -> torch.Tensor:
+    """bool [H]: the heads of table `t` that read their unlisted key blocks pooled (``pyramid``)."""
+    return (t[:, 0] & POOLED) != 0
 
 
 def layout_from_block_mask(bm: torch.Tensor) -> torch.Tensor:

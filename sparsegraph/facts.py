@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sparsegraph.attention_layouts import PYRAMID_NEAR
 from sparsegraph.pass_contract import Entry
 
 FIX = "restore the facts the pass wrote, or profile again (compile with a config and calibration data)"
@@ -202,6 +203,16 @@ PARAMS = {
     "skip": {"mean": lambda e: e.numbers()},
     "window_3d": {"extent": _extent, "grid": _token_grid},
 }
+# ``pyramid``: its near part's family (``near``, one of `attention_layouts.PYRAMID_NEAR`) and that family's
+# parameters (`pattern_params`)
+
+
+def pattern_params(pattern: str, params: Entry) -> dict:
+    """{parameter: check} of one head's `pattern`: `PARAMS`', or a pyramid's near family's and ``near``."""
+    if pattern != "pyramid":
+        return PARAMS[pattern]
+    params.mapping(required=("near",), extra=True)
+    return {"near": lambda e: e.text(PYRAMID_NEAR), **PARAMS[params["near"].text(PYRAMID_NEAR)]}
 
 
 def check_head(head: Entry, width: int | None) -> None:
@@ -209,10 +220,11 @@ def check_head(head: Entry, width: int | None) -> None:
     parameters, listing blocks; `width` is the site's output channels per head (a ``skip`` head's mean;
     None: any)."""
     head.mapping(required=("pattern", "params"), extra=True)
-    pattern = head["pattern"].text(PARAMS)
+    pattern = head["pattern"].text([*PARAMS, "pyramid"])
     params = head["params"]
-    params.mapping(required=PARAMS[pattern])
-    for name, check in PARAMS[pattern].items():
+    checks = pattern_params(pattern, params)
+    params.mapping(required=checks)
+    for name, check in checks.items():
         check(params[name])
     if pattern == "skip":
         params["mean"].numbers(width, what="one per output channel of the head")
@@ -232,7 +244,8 @@ def check_head(head: Entry, width: int | None) -> None:
 @dataclass(frozen=True)
 class HeadChoice:
     """One head's pattern (``head_patterns``): family, its parameters, the recall and block density it
-    reached on calibration, the blocks it lists and the head's share of the site's output variation."""
+    reached on calibration, the blocks it lists and the head's share of the site's output variation; a
+    pyramid's output error and the bound it met."""
 
     pattern: str
     params: dict
@@ -240,13 +253,14 @@ class HeadChoice:
     density: float
     blocks: int | None = None
     output_share: float | None = None
+    error: float | None = None  # pyramid: relative output error on calibration, and the bound it met
+    error_bound: float | None = None
 
     def to_json(self) -> dict:
         out = {"pattern": self.pattern, "params": self.params, "recall": self.recall, "density": self.density}
-        if self.blocks is not None:
-            out["blocks"] = self.blocks
-        if self.output_share is not None:
-            out["output_share"] = self.output_share
+        for key in ("blocks", "output_share", "error", "error_bound"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
         return out
 
     @classmethod
@@ -256,7 +270,9 @@ class HeadChoice:
         return cls(pattern=e["pattern"].text(), params=e["params"].mapping(extra=True),
                    recall=e["recall"].number(0.0, 1.0), density=e["density"].number(0.0, 1.0),
                    blocks=e["blocks"].integer(0) if "blocks" in e else None,
-                   output_share=e["output_share"].number(0.0, 1.0) if "output_share" in e else None)
+                   output_share=e["output_share"].number(0.0, 1.0) if "output_share" in e else None,
+                   error=e["error"].number(0.0) if "error" in e else None,
+                   error_bound=e["error_bound"].number(0.0) if "error_bound" in e else None)
 
 
 @dataclass(frozen=True)

@@ -135,7 +135,7 @@ def test_malformed_tables_are_refused_with_a_reason():
     with pytest.raises(ValueError, match="does not match its header"):
         layouts.check_table(table[:, :-1], 2)
     bad = table.clone()
-    bad[1, 0] = 7
+    bad[1, 0] = 8  # 0–3, plus the pooled flag 4: 8 is no kind
     with pytest.raises(ValueError, match="kinds"):
         layouts.check_table(bad, 2)
     with pytest.raises(ValueError, match="unknown attention pattern"):

@@ -47,6 +47,26 @@ A pattern is a set of blocks A; its recall is R(A) = Σ_{(I,J) ∈ A} M[h, I, J]
   and used on long ones; a box in grid units carries over (re-specialised by ``sparse_attention``),
   a block-level fit at the short grid would not;
 
+- ``pyramid`` (near part ``window_3d`` where the grid is known, else ``local``): the near part's blocks
+  exactly and every other block through its pooled key (mean key and value, weighted by its tokens:
+  `sparsegraph.codegen.block_sparse_attention`). It changes values beyond the listed blocks, so recall
+  does not judge it; its output does, in a second calibration pass. Near parts are fitted at the near
+  recalls r ∈ `NEAR_RECALLS` (``fit_window`` / ``local`` as above), and for each the head's output
+  error on calibration is measured,
+
+      err(A) = Σ_b Σ_i ‖o_A,i − o_i‖² / Σ_b Σ_i ‖o_i‖²      (o: dense attention output of the head),
+
+  against the error of ``block_topk`` at ``recall`` (the fewest exact blocks that keep the recall). A
+  near part whose pyramid errs no more than that is a candidate, costed as its blocks plus the pooled
+  keys (nq · nk / block blocks' worth); the cheapest is offered. The head's recall is the near part's
+  exact mass, its density its cost over the dense blocks, and ``error`` / ``error_bound`` record the
+  two errors. Only at non-causal SDPA sites without a mask (a pooled key would mix keys a mask tells
+  apart); not a default candidate (the second pass costs a calibration run). Why the error test, not
+  recall: far blocks read pooled still hold their mass, so recall would call every pyramid perfect;
+  judged by output, a pyramid is taken only where it is at least as faithful as the best exact pattern
+  the recall target allows. On long clips the pooled level is what keeps far context for heads whose
+  attention is broad (`docs/diffusion.md`);
+
 - ``skip``: the head computes nothing and its output is replaced by its calibrated mean ō_h. Recall
   does not judge this one; the head's output does: with o_h [E] the head's attention output per query
   row, its share of the site's output variation is
@@ -84,12 +104,16 @@ import torch.nn.functional as F
 
 from sparsegraph import attention_scores, facts, ir, png, svg
 from sparsegraph.attention_layouts import FAMILIES, allowed_blocks, pattern_mask, token_grid
+from sparsegraph.codegen import block_sparse_attention as bsa
 from sparsegraph.codegen import dynamic_block_sparse_attention as dynamic
 from sparsegraph.errors import CalibrationError, ConfigError
 from sparsegraph.observe import Observer
 from sparsegraph.pass_contract import AnalysisPass, option
 from sparsegraph.registry import register_pass
 from sparsegraph.sections import Section
+
+DEFAULT_FAMILIES = tuple(f for f in FAMILIES if f != "pyramid")
+NEAR_RECALLS = (0.5, 0.6, 0.7, 0.8, 0.9)  # the near parts a pyramid is tried with (module docstring)
 
 
 @register_pass("head_patterns")
@@ -103,7 +127,9 @@ class HeadPatterns(AnalysisPass):
                            "head would take a pattern that lists no block and outputs zeros)",
                            range=(0.001, 1.0))
     block: int = option(64, "block size of the kernel the layouts are for", range=(1, None))
-    patterns: tuple[str, ...] = option(FAMILIES, "candidate pattern families", choices=None)
+    patterns: tuple[str, ...] = option(DEFAULT_FAMILIES, "candidate pattern families (all: "
+                                       f"{', '.join(FAMILIES)}; pyramid is not a default: it costs a second "
+                                       "calibration pass)", choices=None)
     topk_overhead: float = option(0.25, "relative cost added to block_topk (fitted to calibration)",
                                   range=(0.0, None))
     min_saving: float = option(0.2, "a sparse pattern must list at most (1 − this) of the dense blocks",
@@ -160,7 +186,7 @@ class HeadPatterns(AnalysisPass):
         observer = _Observer(gm, sites, self.block, self.query_chunk, grids)
         for batch in ctx.progress(ctx.calibration, "head_patterns"):
             observer.run_batch(batch.args, batch.kwargs)
-        per_layer = {}
+        fits = {}  # site → (options, length, mass, shifts)
         for site in sites:
             opts = ctx.options(self, site.id, site.module_path)
             observed = observer.result(site)
@@ -176,15 +202,23 @@ class HeadPatterns(AnalysisPass):
                 raise CalibrationError(f"no attention was observed at site {site.id}: every query row of "
                                        "every calibration batch was padding; give batches with real tokens")
             _check_coverage(site, length, mass[0].sum(-1), self.block)
+            shifts = observer.displacements.get(site.id, {}).get(length) if site.id in grids else None
+            fits[site.id] = (opts, length, mass, shifts)
+        pyramids = self._pyramids(gm, ctx, sites, fits, grids, stats)
+        per_layer = {}
+        for site in sites:
+            if site.id not in fits:
+                continue
+            opts, length, mass, shifts = fits[site.id]
             shares, means = observer.output_shares(site)
             captured = observer.captured.get(site.id, {}).get(length)
             grid = grids.get(site.id)
-            shifts = observer.displacements.get(site.id, {}).get(length) if grid else None
             windows = [None if shifts is None or "window_3d" not in opts.patterns
                        else fit_window(shifts[h], grid, opts.recall) for h in range(len(mass))]
+            offered = pyramids.get(site.id, [None] * len(mass))
             heads = [choose(m, site.causal, opts.recall, opts.patterns, opts.topk_overhead, opts.min_saving,
                             captured=None if captured is None else captured[h], window=windows[h],
-                            block=self.block) for h, m in enumerate(mass)]
+                            block=self.block, pyramid=offered[h]) for h, m in enumerate(mass)]
             for h, head in enumerate(heads):
                 head["output_share"] = round(float(shares[h]), 6)
                 if "skip" in opts.patterns and opts.skip_share > 0 and shares[h] <= opts.skip_share:
@@ -204,6 +238,33 @@ class HeadPatterns(AnalysisPass):
                                          "block": self.block})
         stats.counters.update(batches=len(ctx.calibration),
                               heads=sum(len(next(iter(m.values()))) for m in observer.masses.values()))
+
+    def _pyramids(self, gm, ctx, sites, fits, grids, stats) -> dict[str, list[dict | None]]:
+        """Per site, per head: the cheapest ``pyramid`` that errs no more than ``block_topk`` at the recall
+        (module docstring), or None; measured in a second calibration pass over the sites that offer it."""
+        offered, refused = {}, {}
+        for site in sites:
+            if site.id not in fits or "pyramid" not in fits[site.id][0].patterns:
+                continue
+            if site.causal or site.masks or site.form != "sdpa" or not site.readable:
+                refused[site.id] = ("causal or masked attention (a pooled key would mix keys the mask tells "
+                                    "apart)" if site.causal or site.masks else "not an SDPA call")
+                continue
+            opts, length, mass, shifts = fits[site.id]
+            offered[site.id] = (length, [pyramid_candidates(m, opts.recall, self.block, grids.get(site.id),
+                                                            None if shifts is None else shifts[h])
+                                         for h, m in enumerate(mass)])
+        if refused:
+            stats.counters["pyramid_not_offered"] = refused
+        if not offered:
+            return {}
+        errors = _OutputErrors(gm, [s for s in sites if s.id in offered], offered, self.block,
+                               self.query_chunk)
+        for batch in ctx.progress(ctx.calibration, "head_patterns (pyramid errors)"):
+            errors.run_batch(batch.args, batch.kwargs)
+        stats.counters["pyramid_error_batches"] = len(ctx.calibration)
+        return {site: [best_pyramid(c, errors.relative(site)[h]) for h, c in enumerate(per_head)]
+                for site, (_, per_head) in offered.items()}
 
 
 def _check_coverage(site, length: int, rows: torch.Tensor, block: int) -> None:
@@ -227,12 +288,13 @@ def _check_coverage(site, length: int, rows: torch.Tensor, block: int) -> None:
 
 def choose(mass: torch.Tensor, causal: bool, recall: float, families=FAMILIES, topk_overhead: float = 0.25,
            min_saving: float = 0.2, captured: torch.Tensor | None = None, window: dict | None = None,
-           block: int | None = None) -> dict:
+           block: int | None = None, pyramid: dict | None = None) -> dict:
     """The cheapest pattern of `families` whose recall on `mass` [nq, nk] is ≥ `recall`.
 
     `captured` [nk]: C(t) of ``dynamic_topk`` for t = 1 … nk (None: that family is not available).
     `window`: the ``window_3d`` parameters `fit_window` chose (None: not available), laid out at the
-    site's `block`.
+    site's `block`. `pyramid`: the ``pyramid`` `best_pyramid` found (None: not available), judged by its
+    output error rather than recall.
     Dense is always a candidate; a sparse pattern must cost at most (1 − min_saving) of it, and one
     whose kept mass falls short of the recall is never taken, whatever its fit said.
     """
@@ -245,6 +307,11 @@ def choose(mass: torch.Tensor, causal: bool, recall: float, families=FAMILIES, t
     possible = int(allowed.sum())
     found = []
     for family in families:
+        if family == "pyramid":
+            if pyramid is not None and pyramid["cost"] <= (1 - min_saving) * possible:
+                found.append((pyramid["cost"], FAMILIES.index(family), family, pyramid["params"],
+                              pyramid["blocks"], pyramid["kept"] * total))
+            continue
         if family == "dynamic_topk":
             fitted = _fit_dynamic(captured, allowed, recall * total)
         elif family == "window_3d":
@@ -267,8 +334,56 @@ def choose(mass: torch.Tensor, causal: bool, recall: float, families=FAMILIES, t
     if not found or "dense" not in families:
         found.append((possible, 0, "dense", {}, possible, total))
     cost, _, family, params, blocks, kept = min(found, key=lambda t: (t[0], t[1]))
+    if family == "pyramid":  # its density is its work: the near blocks and the pooled keys
+        return {"pattern": family, "params": params, "recall": round(kept / total, 6),
+                "density": round(cost / max(possible, 1), 6), "blocks": blocks,
+                "error": round(pyramid["error"], 8), "error_bound": round(pyramid["error_bound"], 8)}
     return {"pattern": family, "params": params, "recall": round(kept / total, 6),
             "density": round(blocks / max(possible, 1), 6), "blocks": blocks}
+
+
+def pyramid_candidates(mass: torch.Tensor, recall: float, block: int, grid=None,
+                       shifts: torch.Tensor | None = None) -> list[dict]:
+    """What a ``pyramid`` is measured against and tried as, for one head's block mass [nq, nk]: first the
+    reference, ``block_topk`` at `recall` (exact: ``pooled`` False), then one pyramid per near recall in
+    `NEAR_RECALLS` (distinct near parts only): ``window_3d`` fitted on the displacement mass `shifts`
+    where the token `grid` is known, else ``local``. Each holds its block ``mask`` [nq, nk]; pyramids also
+    their ``params``, listed ``blocks``, ``cost`` (blocks + nq · nk / block: the pooled keys) and the
+    exact mass share they ``kept``."""
+    nq, nk = mass.shape
+    mass = mass.double()
+    total = float(mass.sum())
+    allowed = allowed_blocks(nq, nk, False)
+    topk = _fit("block_topk", mass, allowed, False, recall * total)
+    out = [{"mask": pattern_mask("block_topk", topk, nq, nk, False), "pooled": False}]
+    seen = set()
+    for r in NEAR_RECALLS:
+        if grid is not None and shifts is not None:
+            near = fit_window(shifts, grid, r)
+            params = None if near is None else {"near": "window_3d", **near}
+        else:
+            near = _fit("local", mass, allowed, False, r * total)
+            params = None if near is None else {"near": "local", **near}
+        key = json.dumps(params, sort_keys=True)
+        if params is None or key in seen:
+            continue
+        seen.add(key)
+        mask = pattern_mask("pyramid", params, nq, nk, False, block=block)
+        out.append({"params": params, "mask": mask, "pooled": True, "blocks": int(mask.sum()),
+                    "cost": int(mask.sum()) + nq * nk / block, "kept": float((mass * mask).sum()) / total})
+    return out
+
+
+def best_pyramid(candidates: list[dict], error: torch.Tensor) -> dict | None:
+    """The cheapest pyramid of `candidates` (`pyramid_candidates`) whose relative output error (`error`
+    [C], in the same order) is at most the reference's (the first), with both errors; None if none is."""
+    bound = float(error[0])
+    fit = [(c["cost"], i) for i, c in enumerate(candidates) if i and float(error[i]) <= bound]
+    if not fit:
+        return None
+    i = min(fit)[1]
+    return {**{k: candidates[i][k] for k in ("params", "cost", "blocks", "kept")},
+            "error": float(error[i]), "error_bound": bound}
 
 
 def fit_window(shifts: torch.Tensor, grid, recall: float) -> dict | None:
@@ -513,12 +628,68 @@ class _Observer(Observer):
         return length, by_length[length]
 
 
+class _OutputErrors(Observer):
+    """The second pass of ``pyramid``: at each offered site (SDPA, no mask, not causal), per head and
+    candidate (`pyramid_candidates`), Σ ‖o_c − o‖² over the calibration rows, and Σ ‖o‖², o being the
+    dense attention output; `query_chunk` rows at a time."""
+
+    def __init__(self, gm, sites, offered, block, chunk):
+        super().__init__(gm)
+        self.at = {s.out: s for s in sites}
+        self.offered = offered  # site → (length, per head [candidates])
+        self.block, self.chunk = block, max(block, chunk // block * block)
+        self.sums: dict[str, list[torch.Tensor]] = {}  # site → [error [H, C], energy [H]]
+
+    def run_node(self, n):
+        site = self.at.get(n)
+        if site is not None:
+            self._measure(site, attention_scores.operands(site, self.env.__getitem__))
+        return super().run_node(n)
+
+    def _measure(self, site, ops):
+        length, per_head = self.offered[site.id]
+        H, L = ops.q.shape[1], ops.q.shape[2]
+        if length != L:
+            return
+        block, count = self.block, max(len(c) for c in per_head)
+        S = ops.k.shape[2]
+        pick = [[c[min(i, len(c) - 1)] for c in per_head] for i in range(count)]  # [C][H]
+        masks = torch.stack([torch.stack([c["mask"] for c in row]) for row in pick])  # [C, H, nq, nk]
+        pooled = torch.tensor([[c["pooled"] for c in row] for row in pick])  # [C, H]
+        k, v = (bsa.repeat_kv(x, H).float() for x in (ops.k, ops.v))
+        kbar, vbar, logn = bsa.pooled_keys(k, v, block)
+        error = torch.zeros(H, count, dtype=torch.float64)
+        energy = torch.zeros(H, dtype=torch.float64)
+        for r0 in range(0, L, self.chunk):
+            q = ops.q[:, :, r0:r0 + self.chunk].float() * ops.scale
+            rows = q.shape[2]
+            s = q @ k.transpose(-1, -2)
+            o = torch.softmax(s, -1) @ v
+            s_far = q @ kbar.transpose(-1, -2) + logn
+            energy += o.double().pow(2).sum((0, 2, 3))
+            listed = masks[:, :, r0 // block:math.ceil((r0 + rows) / block)].repeat_interleave(block, 2)
+            listed = listed[:, :, :rows]  # [C, H, rows, nk]
+            for c in range(count):
+                keys = listed[c].repeat_interleave(block, -1)[..., :S]
+                exact = s.masked_fill(~keys, float("-inf"))
+                approx = bsa.attend_with_pooled(exact, v, s_far, vbar, listed[c], pooled[c])
+                error[:, c] += (approx - o).double().pow(2).sum((0, 2, 3))
+        acc = self.sums.setdefault(site.id, [torch.zeros_like(error), torch.zeros_like(energy)])
+        acc[0] += error
+        acc[1] += energy
+
+    def relative(self, site: str) -> torch.Tensor:
+        """[H, C]: each candidate's error energy over the head's output energy."""
+        error, energy = self.sums[site]
+        return error / energy.clamp_min(1e-30)[:, None]
+
+
 # --------------------------------------------------------------------------------------- report
 
 
 PATTERN_COLOURS = {"dense": "#bbbbbb", "local": "#4878d0", "sink_local": "#6acc64",
                    "vertical_slash": "#ee854a", "block_topk": "#956cb4", "multi_diagonal": "#d65f5f",
-                   "dynamic_topk": "#8c613c", "skip": "#ffffff", "window_3d": "#82c6e2"}
+                   "dynamic_topk": "#8c613c", "skip": "#ffffff", "window_3d": "#82c6e2", "pyramid": "#d5bb67"}
 OTHER_COLOUR = "#888888"  # a pattern family without a colour of its own (a plugin's)
 
 

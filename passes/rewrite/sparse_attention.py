@@ -31,10 +31,15 @@ traced at another grid (a longer clip, a larger canvas) is handled per family:
   `PlanEntryError` naming both grids: their offsets are in blocks of the frame-major sequence, so a
   diagonal that meant "the same place one frame back" means another place when H·W changes;
 - ``dense``, ``skip``, ``dynamic_topk``: valid at any grid (nothing laid out, or chosen per input).
+- ``pyramid``: as its near part (``window_3d``: re-specialised; ``local``: refused); its pooled keys
+  are every block's, at any grid.
 
 A compiled graph called at another token count than its window heads' grid raises
 `attention_layouts.ResolutionError` (the same message and fix); the plan stays valid across timesteps,
 which change no shape.
+
+A ``pyramid`` head is its near part's blocks plus the table's ``POOLED`` flag (the op reads its other
+blocks pooled); a decision with pyramid heads at a causal or masked site is refused.
 
 A ``skip`` head lists no block (the op returns zeros for it) and its calibrated mean output is added
 after the op. A site with ``dynamic_topk`` heads calls ``sparsegraph::dynamic_block_sparse_attention``
@@ -44,7 +49,7 @@ static heads): those heads work at any length.
 Refused, with the reason: sites head_patterns did not measure; every head dense (nothing skipped);
 mean density above ``max_density``; dropout in the attention; causal attention with L ≠ S; explicit
 chains with other ops between the scores and the softmax. Counts are in sites; the counters add heads
-rewritten and the heads whose layout is length-bound.
+rewritten, the heads whose layout is length-bound and the pyramid heads.
 
 A decision from a plan must hold one head per query head of the site, each a known pattern with
 exactly its parameters (`facts.PARAMS`), which must describe blocks: windows, sinks, ``k`` and block sizes ≥
@@ -120,6 +125,9 @@ class SparseAttention(RewritePass):
         if reason is not None:
             entry.fail(f"the site cannot take block-sparse attention: {reason}")
         heads = d["heads"].elements(found.heads, what="one per query head of the site")
+        if (found.causal or found.masks) and any(h["pattern"].value == "pyramid" for h in heads):
+            d["heads"].fail("has pyramid heads at a causal or masked site: a pooled key would mix keys the "
+                            "mask tells apart. Fit this site without the pyramid family")
         width = (ir.shape(found.v) or (found.head_dim,))[-1]
         for head in heads:
             head.mapping(required=("pattern", "params"))  # a decision's head is its pattern, nothing else
@@ -141,7 +149,7 @@ class SparseAttention(RewritePass):
             density.number(0.0, 1.0)
 
     def apply(self, gm, ctx, decisions, stats):
-        heads = bound = moved = 0
+        heads = bound = moved = pyramids = 0
         for site in ir.attention_sites(gm):
             decision = decisions.get(site.id)
             if decision is None:
@@ -151,12 +159,19 @@ class SparseAttention(RewritePass):
                 moved += respecialised
                 _replace(gm, site, d, decision.evidence.get("density"))
                 heads += sum(h["pattern"] != "dense" for h in d["heads"])
+                pyramids += sum(h["pattern"] == "pyramid" for h in d["heads"])
                 bound += sum(h["pattern"] == "block_topk" for h in d["heads"])
                 stats.rewritten += 1
-        stats.counters.update(sparse_heads=heads, length_bound_heads=bound, respecialised_window_heads=moved)
+        stats.counters.update(sparse_heads=heads, length_bound_heads=bound, respecialised_window_heads=moved,
+                              pyramid_heads=pyramids)
 
 
 _GRID_BOUND = ("local", "sink_local", "multi_diagonal", "vertical_slash", "block_topk")
+
+
+def _family(head: dict) -> str:
+    """A head's pattern as far as the token grid goes: a pyramid is its near part."""
+    return head["params"]["near"] if head["pattern"] == "pyramid" else head["pattern"]
 
 
 def _traced_grid(site, recorded) -> tuple[int, int, int] | None:
@@ -175,8 +190,8 @@ def _check_resolution(site, d) -> None:
     here = _traced_grid(site, recorded)
     if here == recorded:
         return
-    bound = sorted({h["pattern"] for h in d["heads"].value if h["pattern"] in _GRID_BOUND})
-    windows = any(h["pattern"] == "window_3d" for h in d["heads"].value)
+    bound = sorted({h["pattern"] for h in d["heads"].value if _family(h) in _GRID_BOUND})
+    windows = any(_family(h) == "window_3d" for h in d["heads"].value)
     size = "x".join(map(str, recorded))
     now = "x".join(map(str, here)) if here is not None else f"{_lengths(site)[0]} tokens (no grid found)"
     if bound:
@@ -200,8 +215,8 @@ def _at_grid(site, d: dict) -> tuple[dict, int]:
     if here is None or list(here) == list(d["grid"]):
         return d, 0
     heads = [{"pattern": h["pattern"], "params": {**h["params"], "grid": list(here)}}
-             if h["pattern"] == "window_3d" else h for h in d["heads"]]
-    return {**d, "grid": list(here), "heads": heads}, sum(h["pattern"] == "window_3d" for h in d["heads"])
+             if _family(h) == "window_3d" else h for h in d["heads"]]
+    return {**d, "grid": list(here), "heads": heads}, sum(_family(h) == "window_3d" for h in d["heads"])
 
 
 def _lengths(site) -> tuple[int, int]:
