@@ -22,7 +22,7 @@ batches of ``--batch`` clips per timestep, labels cycling through the digits).
    with M_t the block attention mass of the timestep's batches, measured here from the eager model's
    own q and k (softmax(q kᵀ/√E) summed over the batch and each block's queries and keys; hooks on each
    attention's ``qkv`` linear). ``dynamic_topk`` and ``skip`` heads list no static blocks: no Jaccard or
-   R_t for them.
+   R_t for them; for a ``pyramid`` head both are of its exact near blocks (the rest it reads pooled).
 3. **Fidelity of sparse sampling.** ``--samples`` clips (labels 0, 1, …, 9, 0, …), the same seeded noise,
    ``--steps`` Euler steps with guidance ``--guidance`` (`moving_digits_dit.sample`), sampled with the
    dense eager model and with each compiled model. Against the dense clips: PSNR on the pixel scale
@@ -316,7 +316,8 @@ def _markdown(res: dict, recalls, timesteps, args) -> str:
               + ", ".join(f"t={t}: {s['fixed_recall_mean'][t]:.3f} / {s['fixed_recall_min'][t]:.3f}"
                           for t in s["fixed_recall_mean"]) + ".", "",
               "Per head: all-timestep family and density; per timestep: family (= if the same), Jaccard J, "
-              "recall R of the all-timestep pattern.", ""]
+              "recall R of the all-timestep pattern (a pyramid's: of its exact near blocks; it reads the "
+              "rest pooled).", ""]
     ts = [str(t) for t in timesteps]
 
     def cell(e):
