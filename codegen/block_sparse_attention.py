@@ -30,9 +30,10 @@ and F(i) the unlisted blocks of query i,
 a block's pooled term replaces Σ_{j ∈ J} e^{s_ij} v_j by what it is when the block's scores are equal
 (n_J e^{s̄} ≤ Σ e^{s} by Jensen: far blocks are under-weighted where their scores spread). Pyramid heads
 take no additive mask and no causal attention (a pooled key would mix keys the mask tells apart): such a
-call is refused. Every backend computes the listed part as for any head, with its log-sum-exp, and the
-pooled part densely over the nk pooled keys (``far``: L·nk scores a head, 1 / block of dense), merged
-exactly by log-sum-exp; the reference appends the pooled keys to the keys (one softmax over both).
+call is refused. The compiled CPU kernel reads the pooled keys after the listed blocks in the same
+online softmax (nk more keys a query, 1 / block of dense); the torch fallback and Triton compute the
+listed part with its log-sum-exp and the pooled part densely (``far``), merged exactly by log-sum-exp
+(`with_far`); the reference appends the pooled keys to the keys (one softmax over both).
 
 Why index lists inside: a kernel walks only the listed blocks, in place. ``layout_from_block_mask``
 converts a bool [H, nq, nk] block mask into them.
@@ -247,20 +248,19 @@ def triton_lists(q, k, v, layout, mask, block, causal, scale, pooled=None):
 
 
 def cpu_lists(q, k, v, layout, mask, block, causal, scale, tile: bool = True, pooled=None):
-    """The CPU path on index lists (module docstring): the compiled kernel when it is built, else the
-    torch fallback (`attention_fallback`); `tile` False there gathers every block (for layouts new at
-    every call, whose tiling would cost more than it saves); `pooled` heads: `with_far`."""
-    return with_far(_cpu_exact, q, k, v, layout, mask, block, causal, scale, pooled, tile=tile)
-
-
-def _cpu_exact(q, k, v, layout, mask, block, causal, scale, tile: bool = True, lse: bool = False):
+    """The CPU path on index lists (module docstring): the compiled kernel when it is built (pyramid heads'
+    pooled keys in the same pass), else the torch fallback (`attention_fallback`, pooled part by
+    `with_far`); `tile` False there gathers every block (for layouts new at every call, whose tiling
+    would cost more than it saves)."""
     B, H, L, _ = q.shape
     mask = None if mask is None else _full_mask(mask.to(q.dtype), B, H, L, k.shape[2])
     if q.device.type == "cpu":
-        out = cpu_kernels.block_sparse_attention(q, k, v, layout, mask, block, causal, scale, lse=lse)
+        far_keys = None if pooled is None else (*pooled_keys(k, v, block), pooled)
+        out = cpu_kernels.block_sparse_attention(q, k, v, layout, mask, block, causal, scale, far_keys)
         if out is not None:
-            return (out[0].to(q.dtype), out[1]) if lse else out.to(q.dtype)
-    return attention_fallback.attention(q, k, v, layout, mask, block, causal, scale, tile=tile, lse=lse)
+            return out.to(q.dtype)
+    return with_far(attention_fallback.attention, q, k, v, layout, mask, block, causal, scale, pooled,
+                    tile=tile)
 
 
 def _full_mask(mask, B, H, L, S):

@@ -128,13 +128,14 @@ def _strides(t: torch.Tensor) -> ctypes.Array:
     return _Strides(*(s if n > 1 else 0 for n, s in zip(t.shape, t.stride())))
 
 
-def block_sparse_attention(q, k, v, layout, mask, block: int, causal: bool, scale: float, *,
-                           lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None:
+def block_sparse_attention(q, k, v, layout, mask, block: int, causal: bool, scale: float,
+                           pooled=None) -> torch.Tensor | None:
     """The op's CPU result from the compiled kernel (fp32 inside; other dtypes are converted), or None
     when the library is not available. q [B, H, L, E], k [B, Hkv, S, E], v [B, Hkv, S, Ev] on the CPU;
     layout int64 index lists [H, nq, nsel]; mask None or an additive mask as a [Mb, Mh, L, S] view
-    (Mb ∈ {1, B}, Mh ∈ {1, H}; any strides). With `lse`, (out, lse): lse fp32 [B, H, L], each query's
-    log-sum-exp of its allowed scores (the softmax's normaliser; −inf for a query with no allowed key).
+    (Mb ∈ {1, B}, Mh ∈ {1, H}; any strides). `pooled`: None, or pyramid heads' ``(k̄, v̄, log n, heads)``
+    (`block_sparse_attention.pooled_keys` and bool [H]): those heads also read their unlisted key blocks
+    pooled, in the same pass.
 
     q, k and v are copied to rows of one head side by side ([.., S, E] contiguous) unless they are
     already: views of a packed projection (``qkv(x).view(B, S, 3, H, E).permute(...)``, a DiT's or ViT's
@@ -145,24 +146,35 @@ def block_sparse_attention(q, k, v, layout, mask, block: int, causal: bool, scal
     lib = library()
     if lib is None:
         return None
-    q, k, v = (t.float() if t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] else t.float().contiguous()
-               for t in (q, k, v))
+    q, k, v = (_rows(t) for t in (q, k, v))
     B, H, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
     out = torch.empty(B, H, L, Ev, dtype=torch.float32)
-    lse_out = torch.empty(B, H, L, dtype=torch.float32) if lse else None
     layout = layout.to("cpu", torch.int64).contiguous()
     if mask is not None:  # varying over queries: stored query-fastest, so the kernel loads a vector per key
         mask = (mask.float() if mask.stride(2) in (0, 1)
                 else mask.float().transpose(2, 3).contiguous().transpose(2, 3))
+    if pooled is not None:
+        kbar, vbar, logn, heads = pooled
+        kbar, vbar = _rows(kbar), _rows(vbar)
+        logn, heads = logn.float().contiguous(), heads.to("cpu", torch.int64).contiguous()
+        far = (kbar.data_ptr(), _strides(kbar), vbar.data_ptr(), _strides(vbar), logn.data_ptr(),
+               heads.data_ptr())
+    else:
+        far = (None,) * 6
     failed = lib.sg_block_sparse_attention_f32(
-        q.data_ptr(), _strides(q), k.data_ptr(), _strides(k), v.data_ptr(), _strides(v), out.data_ptr(),
-        None if lse_out is None else lse_out.data_ptr(), layout.data_ptr(), layout.shape[2],
-        None if mask is None else mask.data_ptr(), None if mask is None else _strides(mask), B, H, Hkv, L, S,
-        E, Ev, block, int(causal), float(scale), torch.get_num_threads())
+        q.data_ptr(), _strides(q), k.data_ptr(), _strides(k), v.data_ptr(), _strides(v), out.data_ptr(), *far,
+        layout.data_ptr(), layout.shape[2], None if mask is None else mask.data_ptr(),
+        None if mask is None else _strides(mask), B, H, Hkv, L, S, E, Ev, block, int(causal), float(scale),
+        torch.get_num_threads())
     if failed:
         raise MemoryError("sparsegraph's CPU attention kernel could not allocate its scratch memory")
-    return out if lse_out is None else (out, lse_out)
+    return out
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """fp32 with each head's rows side by side (see `block_sparse_attention`): as it is, or a copy."""
+    return t.float() if t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] else t.float().contiguous()
 
 
 GEMV_MAX_ROWS = 4  # rows the compiled sparse GEMV takes (decoding: one token of a few sequences)

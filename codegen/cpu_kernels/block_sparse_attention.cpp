@@ -5,10 +5,12 @@
 //
 //     out[b, h, i] = Σ_j softmax_j( q_i·k_j · scale + mask[b, h, i, j]  over j with M ) · v_j
 //
-// and 0 for a query with no allowed key. fp32 in and out, fp32 accumulation. Optionally (lse not null)
-// also the log-sum-exp of each query's scores, the softmax's normaliser:
-//
-//     lse[b, h, i] = log Σ_{j with M} e^{q_i·k_j · scale + mask[b, h, i, j]}     (−∞ with no allowed key)
+// and 0 for a query with no allowed key. fp32 in and out, fp32 accumulation. Pyramid heads (pooled[h]
+// ≠ 0, when pooled keys are given) also read every key block J their list leaves out through its mean
+// key k̄_J and value v̄_J, as one more key with score q_i·k̄_J · scale + log n_J (n_J: the block's keys):
+// the same online softmax runs on over those nk pooled keys after the listed blocks, so the pooled
+// part costs one pass of nk keys a query, fused (done in torch, its score matrix took 2x the listed
+// blocks' time at 32k tokens: elementwise passes over L × nk scores).
 //
 // Why a compiled kernel: SDPA's CPU flash kernel, the torch building block, splits queries in chunks
 // of 32 when a call has fewer than 192 of them, and its GEMM calls then run at 115–165 GFLOP/s here
@@ -29,8 +31,7 @@
 //     — every reduction runs over keys, i.e. across rows of S^T, so it is plain vector arithmetic;
 //   - O^T[e][lane] += Σ_key v[key][e] · P^T[key][lane]: the same micro-tile shape (KR values of e ×
 //     QC queries), v read in place;
-//   - out[query][e] = O^T[e][lane] / l at the end of the chunk (0 where l = 0), and when asked
-//     lse[query] = m + log(l) (−∞ where l = 0): l sums e^{S − m}, so that is log Σ e^S exactly.
+//   - out[query][e] = O^T[e][lane] / l at the end of the chunk (0 where l = 0).
 //
 // Causal: blocks after the query block are skipped, and in the rest keys past the chunk's last
 // query are not computed at all (half of each diagonal block); inside the computed part, key > query
@@ -168,16 +169,45 @@ void* scratch(int64_t vectors) {  // aligned_alloc wants a size that is a multip
   return std::aligned_alloc(64, std::max<int64_t>(1, vectors) * sizeof(vf));
 }
 
+// One online-softmax step over n keys whose scores St[r][·] are in place (top: their max per lane):
+// St becomes e^{S − m'}, the running max m, sum l and the accumulator O^T are rescaled (module comment).
+template <int V>
+void fold(vf* St, int64_t n, int64_t Ev, const vf* top, vf* m, vf* l, vf* Ot) {
+  for (int u = 0; u < V; ++u) {
+    const vf m2 = vmax(m[u], top[u]);
+    const vf base = m2 == splat(-INFINITY) ? vf{} : m2;  // nothing seen yet: e^{−∞ − 0} = 0
+    const vf alpha = vexp(m[u] - base);
+    vf sum = {};
+    for (int64_t r = 0; r < n; ++r) {
+      const vf p = vexp(St[r * V + u] - base);
+      St[r * V + u] = p;
+      sum += p;
+    }
+    l[u] = l[u] * alpha + sum;
+    m[u] = m2;
+    for (int64_t e = 0; e < Ev; ++e) Ot[e * V + u] *= alpha;
+  }
+}
+
+struct Pooled {  // pyramid heads' pooled keys (module comment); kbar null: none
+  const float* kbar;
+  const int64_t* kbs;
+  const float* vbar;
+  const int64_t* vbs;
+  const float* logn;     // [nk]
+  const int64_t* heads;  // [H]: 1 for a pyramid head
+};
+
 // The kernel with query chunks of V vectors (module comment); one OpenMP region.
 template <int V>
 int attend(const float* q, const int64_t* qs, const float* k, const int64_t* ks, const float* v,
-           const int64_t* vs, float* out, float* lse, const int64_t* layout, int64_t nsel, const float* mask,
-           const int64_t* ms, int64_t B, int64_t H, int64_t Hkv, int64_t L, int64_t S, int64_t E, int64_t Ev,
-           int64_t block, int causal, float scale, int threads) {
+           const int64_t* vs, float* out, const Pooled& pooled, const int64_t* layout, int64_t nsel,
+           const float* mask, const int64_t* ms, int64_t B, int64_t H, int64_t Hkv, int64_t L, int64_t S,
+           int64_t E, int64_t Ev, int64_t block, int causal, float scale, int threads) {
   const int64_t nq = (L + block - 1) / block, nk = (S + block - 1) / block, group = H / Hkv;
   const int64_t items = B * H * nq;
   constexpr int kChunk = kLanes * V;  // queries per chunk (QC)
-  const Tensor4 Q{q, qs}, K{k, ks}, Val{v, vs};
+  const Tensor4 Q{q, qs}, K{k, ks}, Val{v, vs}, KB{pooled.kbar, pooled.kbs}, VB{pooled.vbar, pooled.vbs};
   const float neg_inf = -INFINITY;
   int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
@@ -185,7 +215,8 @@ int attend(const float* q, const int64_t* qs, const float* k, const int64_t* ks,
     vf* Qt = static_cast<vf*>(scratch(V * E));
     vf* St = static_cast<vf*>(scratch(V * block));
     vf* Ot = static_cast<vf*>(scratch(V * Ev));
-    failed = !Qt || !St || !Ot;
+    char* far = static_cast<char*>(std::malloc(std::max<int64_t>(1, nk)));  // pooled key J is read
+    failed = !Qt || !St || !Ot || !far;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item) {
       if (failed) continue;
@@ -235,21 +266,29 @@ int attend(const float* q, const int64_t* qs, const float* k, const int64_t* ks,
               top[u] = vmax(top[u], s);
             }
           }
-          for (int u = 0; u < V; ++u) {
-            const vf m2 = vmax(m[u], top[u]);
-            const vf base = m2 == splat(neg_inf) ? vf{} : m2;  // nothing seen yet: e^{−∞ − 0} = 0
-            const vf alpha = vexp(m[u] - base);
-            vf sum = {};
-            for (int64_t r = 0; r < n; ++r) {
-              const vf p = vexp(St[r * V + u] - base);
-              St[r * V + u] = p;
-              sum += p;
-            }
-            l[u] = l[u] * alpha + sum;
-            m[u] = m2;
-            for (int64_t e = 0; e < Ev; ++e) Ot[e * V + u] *= alpha;
-          }
+          fold<V>(St, n, Ev, top, m, l, Ot);
           accumulate<V>(Val.row(b, hk, k0), vs[2], n, Ev, St, Ot);
+        }
+        if (pooled.kbar && pooled.heads[h]) {  // the unlisted blocks' pooled keys, `block` at a time
+          std::memset(far, 1, nk);
+          for (int64_t t = 0; t < nsel; ++t)
+            if (listed[t] >= 0 && listed[t] < nk) far[listed[t]] = 0;
+          for (int64_t j0 = 0; j0 < nk; j0 += block) {
+            const int64_t n = std::min(block, nk - j0);
+            scores<V>(KB.row(b, hk, j0), pooled.kbs[2], n, E, Qt, St);
+            vf top[V];
+            for (int u = 0; u < V; ++u) top[u] = splat(neg_inf);
+            for (int64_t r = 0; r < n; ++r) {
+              const float bias = far[j0 + r] ? pooled.logn[j0 + r] : neg_inf;
+              for (int u = 0; u < V; ++u) {
+                const vf s = St[r * V + u] * scale + bias;
+                St[r * V + u] = s;
+                top[u] = vmax(top[u], s);
+              }
+            }
+            fold<V>(St, n, Ev, top, m, l, Ot);
+            accumulate<V>(VB.row(b, hk, j0), pooled.vbs[2], n, Ev, St, Ot);
+          }
         }
         for (int u = 0; u < V; ++u) {
           const vf inv = l[u] > vf{} ? 1.0f / l[u] : vf{};
@@ -258,18 +297,12 @@ int attend(const float* q, const int64_t* qs, const float* k, const int64_t* ks,
         float* o = out + ((b * H + h) * L + c0) * Ev;
         for (int64_t r = 0; r < rows; ++r)
           for (int64_t e = 0; e < Ev; ++e) o[r * Ev + e] = reinterpret_cast<const float*>(&Ot[e * V])[r];
-        if (lse) {  // once per chunk, per query: a scalar log is fine
-          float* ls = lse + (b * H + h) * L + c0;
-          for (int64_t r = 0; r < rows; ++r) {
-            const float mr = reinterpret_cast<const float*>(m)[r], lr = reinterpret_cast<const float*>(l)[r];
-            ls[r] = lr > 0.0f ? mr + std::log(lr) : neg_inf;
-          }
-        }
       }
     }
     std::free(Qt);
     std::free(St);
     std::free(Ot);
+    std::free(far);
   }
   return failed;
 }
@@ -279,7 +312,7 @@ int attend(const float* q, const int64_t* qs, const float* k, const int64_t* ks,
 // The sha256 of the kernel sources, this stamp blanked: the Python binding refuses a library built
 // from other sources (a stale build) instead of calling it. Restamped by
 // `python -m sparsegraph.codegen.cpu_kernels` after an edit; a test checks that it is current.
-#define SG_SOURCE_HASH "4c4f1f5ee2d596e3f93c2f0367540f8b016f398a7d63d009529e5a484d123cb3"
+#define SG_SOURCE_HASH "cd57f74d13d94f20d7e800aeff45da7c88d70ea5a6592bdf4b6ba762345be029"
 
 extern "C" {
 
@@ -323,21 +356,25 @@ int sg_cpu_supported() {
 }
 
 // q [B, H, L, E], k [B, Hkv, S, E], v [B, Hkv, S, Ev]: strided (4 element strides each, the last 1).
-// out: contiguous [B, H, L, Ev]. lse: null (not wanted) or contiguous [B, H, L], each query's log-sum-exp
-// (module comment). layout: contiguous int64 [H, nq, nsel], −1 padded. mask: null or an additive float
-// mask read as mask[b·ms0 + h·ms1 + i·ms2 + j·ms3] (a stride of 0 broadcasts).
+// out: contiguous [B, H, L, Ev]. layout: contiguous int64 [H, nq, nsel], −1 padded. mask: null or an
+// additive float mask read as mask[b·ms0 + h·ms1 + i·ms2 + j·ms3] (a stride of 0 broadcasts). kbar: null
+// (no pyramid head), or the pooled keys k̄ [B, Hkv, nk, E] and v̄ [B, Hkv, nk, Ev] (strided as q), log n_J
+// [nk] and pooled_heads [H] (1: the head reads its unlisted blocks pooled; module comment).
 // Returns 0, or 1 when scratch memory could not be allocated.
 int sg_block_sparse_attention_f32(const float* q, const int64_t* qs, const float* k, const int64_t* ks,
-                                  const float* v, const int64_t* vs, float* out, float* lse,
-                                  const int64_t* layout, int64_t nsel, const float* mask, const int64_t* ms,
-                                  int64_t B, int64_t H, int64_t Hkv, int64_t L, int64_t S, int64_t E,
-                                  int64_t Ev, int64_t block, int causal, float scale, int threads) {
+                                  const float* v, const int64_t* vs, float* out, const float* kbar,
+                                  const int64_t* kbs, const float* vbar, const int64_t* vbs, const float* logn,
+                                  const int64_t* pooled_heads, const int64_t* layout, int64_t nsel,
+                                  const float* mask, const int64_t* ms, int64_t B, int64_t H, int64_t Hkv,
+                                  int64_t L, int64_t S, int64_t E, int64_t Ev, int64_t block, int causal,
+                                  float scale, int threads) {
   // A query block of ≥ 4 vectors of queries takes chunks of 4 (K and V read once per 4 vectors, and
   // fewer loads per FMA in the micro-tiles: 8 per 16 FMAs against 10) where 16 accumulators fit;
   // smaller blocks take 2, so few lanes idle. Measured (2-core Xeon): 8–16% faster at AVX-512 with
   // block 64 and 128; with AVX2's 8 accumulators, chunks of 4 were 10% slower.
   const auto run = block >= 4 * kLanes && kAccumulators >= 16 ? attend<4> : attend<2>;
-  return run(q, qs, k, ks, v, vs, out, lse, layout, nsel, mask, ms, B, H, Hkv, L, S, E, Ev, block, causal,
+  const Pooled pooled{kbar, kbs, vbar, vbs, logn, pooled_heads};
+  return run(q, qs, k, ks, v, vs, out, pooled, layout, nsel, mask, ms, B, H, Hkv, L, S, E, Ev, block, causal,
              scale, threads);
 }
 

@@ -64,8 +64,9 @@ def test_the_c_prototypes_are_the_binding():
 
     found = cpu_kernels.signatures(cpu_kernels.SOURCES[0].read_text())
     restype, argtypes = found["sg_block_sparse_attention_f32"]
-    assert restype is ctypes.c_int and len(argtypes) == 23
-    assert argtypes[:9] == [ctypes.c_void_p] * 9 and argtypes[9] is ctypes.c_int64  # … out, lse, layout; nsel
+    assert restype is ctypes.c_int and len(argtypes) == 28
+    # q, qs, k, ks, v, vs, out, the pooled keys (kbar, kbs, vbar, vbs, logn, heads), layout; then nsel
+    assert argtypes[:14] == [ctypes.c_void_p] * 14 and argtypes[14] is ctypes.c_int64
     assert argtypes[-3:] == [ctypes.c_int, ctypes.c_float, ctypes.c_int]
     assert found["sg_source_hash"] == (ctypes.c_char_p, [])
 
@@ -170,49 +171,33 @@ def test_every_mask_layout_matches_the_reference(causal):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"mask {name}")
 
 
-def _reference_lse(q, k, layout, mask, block, causal, scale):
-    """log Σ_j e^{score} over each query's allowed keys, densely (−inf for a query with none): [B, H, L]."""
-    H, L, S = q.shape[1], q.shape[2], k.shape[2]
-    s = (q * scale) @ bsa.repeat_kv(k, H).transpose(-1, -2)
-    if mask is not None:
-        s = s + mask
-    return torch.logsumexp(s.masked_fill(~bsa._element_mask(layout, L, S, block, causal), float("-inf")), -1)
-
-
-def _assert_lse(got, want, msg):
-    assert got.dtype == torch.float32 and got.shape == want.shape and got.is_contiguous(), msg
-    assert torch.equal(got == float("-inf"), want == float("-inf")), msg  # the rows with no allowed key
-    finite = want.isfinite()
-    torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-5, msg=msg)
-
-
 @native
-@pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("shape", [
     (2, 4, 2, 100, 100, 16, 64),  # GQA; query blocks of 64 (chunks of 4 vectors with AVX-512) and 36
     (2, 3, 1, 70, 90, 12, 16),    # MQA, more keys than queries, partial last blocks of both
     (1, 2, 2, 50, 50, 8, 24),     # a block that is not a power of two
+    (1, 2, 2, 600, 600, 8, 8),    # more pooled keys (75) than a block: read `block` at a time
 ])
-def test_kernel_returns_the_log_sum_exp(shape, causal):
-    """lse=True: (out, lse), lse = log Σ e^{score} over each query's allowed keys (the softmax's
-    normaliser), −inf for a query with none (an empty layout row, a mask row of −inf); out is the same
-    bits as without it."""
+def test_kernel_reads_pyramid_heads_pooled_keys_in_the_same_pass(shape):
+    """Pyramid heads (pooled keys given) match the reference, which appends the pooled keys to the keys:
+    a query block listing nothing reads only pooled keys, one listing everything none; other heads are
+    the same bits as without pooled keys."""
     B, H, Hkv, L, S, E, block = shape
     g = torch.Generator().manual_seed(L + block)
     q, k = torch.randn(B, H, L, E, generator=g), torch.randn(B, Hkv, S, E, generator=g)
     v = torch.randn(B, Hkv, S, E, generator=g)
-    bm = torch.rand(H, math.ceil(L / block), math.ceil(S / block), generator=g) < 0.6
+    bm = torch.rand(H, math.ceil(L / block), math.ceil(S / block), generator=g) < 0.3
     bm[0, 0] = True
     bm[-1, -1] = False  # a query block listing nothing
+    bm[-1, 0] = True  # one listing everything
     layout = layout_from_block_mask(bm)
-    for name, mask in _masks(B, H, L, S, g).items():
-        full = None if mask is None else bsa._full_mask(mask, B, H, L, S)
-        args = (q, k, v, layout, full, block, causal, E ** -0.5)
-        out, lse = cpu_kernels.block_sparse_attention(*args, lse=True)
-        assert torch.equal(out, cpu_kernels.block_sparse_attention(*args)), f"mask {name}"
-        want = _reference_lse(q, k, layout, mask, block, causal, E ** -0.5)
-        assert (want == float("-inf")).any(), "the case has a query with no allowed key"
-        _assert_lse(lse, want, f"mask {name}")
+    pooled = torch.zeros(H, dtype=torch.bool)
+    pooled[-1] = True
+    args = (q, k, v, layout, None, block, False, E ** -0.5)
+    got = cpu_kernels.block_sparse_attention(*args, (*bsa.pooled_keys(k, v, block), pooled))
+    want = bsa.reference_lists(*args, pooled)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[:, :-1], cpu_kernels.block_sparse_attention(*args)[:, :-1])
 
 
 # --- the sparse GEMV (sparse_gemv.cpp): sparsegraph::sparse_linear for up to 4 rows -----------------
