@@ -5,7 +5,8 @@ against the op's reference, replay at another grid, and the sites where it is no
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from test_window_patterns import LocalVideo  # the tests of window_3d: their video attention
+from test_window_patterns import clip as window_clip
 
 import sparsegraph as sg
 from sparsegraph import attention_layouts
@@ -13,43 +14,23 @@ from sparsegraph.codegen import block_sparse_attention as bsa
 from sparsegraph.errors import PlanError
 from sparsegraph.passes.analysis.head_patterns import best_pyramid, choose, pyramid_candidates
 
-OMEGA = 0.3
 GRID = (4, 6, 6)
 SDPA = F.scaled_dot_product_attention  # the real one, for the tests that swap it
 
 
-class Video(nn.Module):
-    """Video attention with q = k = per-axis [α cos(ω p), α sin(ω p)] features of the token's grid position
-    (q·k = Σ_axes α² cos(ω Δ)): head 0 sharp (α 6), head 1 broad (α 1.5). With these weights (seed 0) the
-    fit gives head 0 a pyramid (its frame neighbours exact, the rest pooled) and keeps head 1 dense: no
-    near part made its pyramid as faithful as block_topk at the recall."""
+class Video(LocalVideo):
+    """`LocalVideo` (q = k = per-axis [α cos(ω p), α sin(ω p)] features of the token's grid position, so
+    q·k = Σ_axes α² cos(ω Δ)) with head 0 sharp (α 6) and head 1 broad (α 1.5). With these weights (seed
+    0) the fit gives head 0 a pyramid (its frame neighbours exact, the rest pooled) and keeps head 1
+    dense: no near part made its pyramid as faithful as block_topk at the recall."""
 
-    def __init__(self, dim=16, causal=False):
-        super().__init__()
-        self.embed = nn.Conv3d(1, dim, (1, 2, 2), stride=(1, 2, 2))
-        self.v = nn.Linear(dim, dim)
-        self.proj = nn.Linear(dim, dim)
-        self.causal = causal
-        self.register_buffer("alpha", torch.tensor([[6.0] * 3, [1.5] * 3]))
-
-    def forward(self, x):
-        z = self.embed(x)
-        B, D, T, H, W = z.shape
-        z = z.flatten(2).transpose(1, 2)
-        axes = [torch.arange(T).repeat_interleave(H * W), torch.arange(H).repeat_interleave(W).repeat(T),
-                torch.arange(W).repeat(T * H)]
-        feats = []
-        for a, p in enumerate(axes):
-            ang = OMEGA * p.float()
-            feats += [self.alpha[:, a, None] * torch.cos(ang), self.alpha[:, a, None] * torch.sin(ang)]
-        qk = F.pad(torch.stack(feats, -1), (0, 2))[None].expand(B, -1, -1, -1)
-        v = self.v(z).view(B, -1, 2, D // 2).transpose(1, 2)
-        o = F.scaled_dot_product_attention(qk, qk, v, scale=1.0, is_causal=self.causal)
-        return self.proj(o.transpose(1, 2).reshape(B, -1, D))
+    def __init__(self, causal=False):
+        super().__init__(causal=causal)
+        self.alpha.copy_(torch.tensor([[6.0] * 3, [1.5] * 3]))
 
 
 def clip(frames=4, side=6, seed=0):
-    return (torch.randn(1, 1, frames, 2 * side, 2 * side, generator=torch.Generator().manual_seed(seed)),)
+    return window_clip(frames, side, seed)
 
 
 CALIBRATION = [clip(seed=s) for s in range(2)]

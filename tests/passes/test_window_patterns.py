@@ -22,10 +22,12 @@ class LocalVideo(nn.Module):
     """A video attention whose heads are local in (t, h, w) by construction: q = k = per-axis
     [α cos(ω p), α sin(ω p)] features of the token's grid position, so q_i·k_j = Σ_axes α² cos(ω Δ),
     largest at Δ = 0 and falling off as exp(−α² ω² Δ² / 2) (no wrap for |Δ| < π / ω ≈ 10). Head 0 is
-    sharp on every axis, head 1 wide in time. Any grid: positions come from the Conv3d output's shape."""
+    sharp on every axis, head 1 wide in time. Any grid: positions come from the Conv3d output's shape.
+    `causal`: the same, with SDPA's causal mask."""
 
-    def __init__(self, dim=16):
+    def __init__(self, dim=16, causal=False):
         super().__init__()
+        self.causal = causal
         self.embed = nn.Conv3d(1, dim, (1, 2, 2), stride=(1, 2, 2))
         self.v = nn.Linear(dim, dim)
         self.proj = nn.Linear(dim, dim)
@@ -44,7 +46,7 @@ class LocalVideo(nn.Module):
         qk = torch.stack(feats, -1)  # [heads, L, 6]
         qk = F.pad(qk, (0, 2))[None].expand(B, -1, -1, -1)
         v = self.v(z).view(B, -1, 2, D // 2).transpose(1, 2)
-        o = F.scaled_dot_product_attention(qk, qk, v, scale=1.0)
+        o = F.scaled_dot_product_attention(qk, qk, v, scale=1.0, is_causal=self.causal)
         return self.proj(o.transpose(1, 2).reshape(B, -1, D))
 
 
