@@ -224,6 +224,12 @@ int attend(const float* q, const int64_t* qs, const float* k, const int64_t* ks,
       const int64_t* listed = layout + (h * nq + qi) * nsel;
       const float* mh = mask ? mask + b * ms[0] + h * ms[1] : nullptr;
       const int64_t qend = std::min(L, (qi + 1) * block);
+      const bool read_pooled = pooled.kbar && pooled.heads[h];
+      if (read_pooled) {  // which pooled keys this query block reads: those of the blocks it does not list
+        std::memset(far, 1, nk);
+        for (int64_t t = 0; t < nsel; ++t)
+          if (listed[t] >= 0 && listed[t] < nk) far[listed[t]] = 0;
+      }
       for (int64_t c0 = qi * block; c0 < qend; c0 += kChunk) {
         const int64_t rows = std::min<int64_t>(kChunk, qend - c0), last = c0 + rows - 1;
         for (int64_t d = 0; d < E; ++d) {
@@ -269,10 +275,7 @@ int attend(const float* q, const int64_t* qs, const float* k, const int64_t* ks,
           fold<V>(St, n, Ev, top, m, l, Ot);
           accumulate<V>(Val.row(b, hk, k0), vs[2], n, Ev, St, Ot);
         }
-        if (pooled.kbar && pooled.heads[h]) {  // the unlisted blocks' pooled keys, `block` at a time
-          std::memset(far, 1, nk);
-          for (int64_t t = 0; t < nsel; ++t)
-            if (listed[t] >= 0 && listed[t] < nk) far[listed[t]] = 0;
+        if (read_pooled) {  // the unlisted blocks' pooled keys, `block` at a time
           for (int64_t j0 = 0; j0 < nk; j0 += block) {
             const int64_t n = std::min(block, nk - j0);
             scores<V>(KB.row(b, hk, j0), pooled.kbs[2], n, E, Qt, St);
@@ -312,7 +315,7 @@ int attend(const float* q, const int64_t* qs, const float* k, const int64_t* ks,
 // The sha256 of the kernel sources, this stamp blanked: the Python binding refuses a library built
 // from other sources (a stale build) instead of calling it. Restamped by
 // `python -m sparsegraph.codegen.cpu_kernels` after an edit; a test checks that it is current.
-#define SG_SOURCE_HASH "cd57f74d13d94f20d7e800aeff45da7c88d70ea5a6592bdf4b6ba762345be029"
+#define SG_SOURCE_HASH "e7b4cb393936c5c771ed396977c8f85b80e129a8dc8debbffc1855cf2397783c"
 
 extern "C" {
 

@@ -337,7 +337,7 @@ int run(const T* x, int64_t rows, int64_t xs0, int64_t xs1, const void* w, int64
 
 // The sha256 of the kernel sources (the library's is returned by sg_source_hash, defined in
 // block_sparse_attention.cpp): restamped by `python -m sparsegraph.codegen.cpu_kernels`.
-#define SG_SOURCE_HASH "cd57f74d13d94f20d7e800aeff45da7c88d70ea5a6592bdf4b6ba762345be029"
+#define SG_SOURCE_HASH "e7b4cb393936c5c771ed396977c8f85b80e129a8dc8debbffc1855cf2397783c"
 
 extern "C" {
 

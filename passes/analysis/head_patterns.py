@@ -656,8 +656,8 @@ class _OutputErrors(Observer):
         pick = [[c[min(i, len(c) - 1)] for c in per_head] for i in range(count)]  # [C][H]
         masks = torch.stack([torch.stack([c["mask"] for c in row]) for row in pick])  # [C, H, nq, nk]
         pooled = torch.tensor([[c["pooled"] for c in row] for row in pick])  # [C, H]
-        k, v = (bsa.repeat_kv(x, H).float() for x in (ops.k, ops.v))
-        kbar, vbar, logn = bsa.pooled_keys(k, v, block)
+        kbar, vbar, logn = bsa.pooled_keys(ops.k, ops.v, block)  # per kv head, then repeated as k and v
+        k, v, kbar, vbar = (bsa.repeat_kv(x, H).float() for x in (ops.k, ops.v, kbar, vbar))
         error = torch.zeros(H, count, dtype=torch.float64)
         energy = torch.zeros(H, dtype=torch.float64)
         for r0 in range(0, L, self.chunk):
