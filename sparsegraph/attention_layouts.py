@@ -167,7 +167,7 @@ def pattern_mask(pattern: str, params: dict, nq: int, nk: int, causal: bool,
     single-head form of `block_mask`, which lays out a whole table; head_patterns fits with this one).
     `block` is needed by ``window_3d`` only (its grid is in tokens)."""
     diagonals, columns, kind = bands(pattern, params)
-    kind &= ~POOLED  # a pyramid's listed blocks are its near part's
+    kind = base_kind(kind)  # a pyramid's listed blocks are its near part's
     if kind == WINDOW:
         if block is None:
             raise ValueError("window_3d heads need the block size: pattern_mask(..., block=...)")
@@ -208,10 +208,10 @@ def table(heads: list[dict], block: int | None = None) -> torch.Tensor:
     """The int64 [H, W] table of heads given as ``{"pattern", "params"}`` (module docstring); `block`, the
     op's block size, is needed (and stored) only when a head is ``window_3d``."""
     rows = [bands(h["pattern"], h["params"]) for h in heads]
-    if any(kind & ~POOLED == WINDOW for _, _, kind in rows):
+    if any(base_kind(kind) == WINDOW for _, _, kind in rows):
         if block is None:
             raise ValueError("window_3d heads need the block size of the site: table(heads, block=...)")
-        rows = [([*d, int(block)], c, kind) if kind & ~POOLED == WINDOW else (d, c, kind)
+        rows = [([*d, int(block)], c, kind) if base_kind(kind) == WINDOW else (d, c, kind)
                 for d, c, kind in rows]
     fixed = [_fixed_bits(h["params"]) if kind == FIXED else None for h, (_, _, kind) in zip(heads, rows)]
     return _pack(rows, fixed)
@@ -241,7 +241,7 @@ def _pack(rows: list[tuple[list[int], list[int], int]], fixed: list[torch.Tensor
     out = torch.zeros(len(rows), HEADER + n_diag + n_col + nq0 * nk0, dtype=torch.int64)
     for h, ((diagonals, columns, kind), bits) in enumerate(zip(rows, fixed)):
         out[h, :HEADER] = torch.tensor([kind, nq0, nk0, n_diag, n_col])
-        if kind & ~POOLED == WINDOW:  # parameters in order, not a set of offsets
+        if base_kind(kind) == WINDOW:  # parameters in order, not a set of offsets
             padded = diagonals + [NO_DIAGONAL] * (n_diag - len(diagonals))
             out[h, HEADER:HEADER + n_diag] = torch.tensor(padded)
             out[h, HEADER + n_diag:HEADER + n_diag + n_col] = -1
@@ -268,7 +268,7 @@ def check_table(t: torch.Tensor, heads: int) -> None:
     if not bool(((t[:, 0] >= BANDS) & (t[:, 0] <= (WINDOW | POOLED))).all()):
         raise ValueError(f"layout table kinds {sorted(set(t[:, 0].tolist()))} are not all in 0 … 7 (0–3, "
                          "plus 4 for pooled far blocks)")
-    if bool((t[:, 0] % POOLED == WINDOW).any()) and n_diag < WINDOW_SLOTS:
+    if bool((base_kind(t[:, 0]) == WINDOW).any()) and n_diag < WINDOW_SLOTS:
         raise ValueError(f"layout table has window_3d rows but {n_diag} < {WINDOW_SLOTS} parameter slots")
 
 
@@ -289,7 +289,7 @@ def _laid_out(t: torch.Tensor, nq: int, nk: int, causal: bool) -> tuple[torch.Te
     rel = torch.arange(nq)[:, None] + (nk - nq) - torch.arange(nk)[None, :]
     mask = (rel[None, :, :, None] == diagonals[:, None, None, :]).any(-1)
     mask |= (torch.arange(nk)[None, :, None] == columns[:, None, :]).any(-1)[:, None, :]
-    kind = t[:, 0] % POOLED  # the listed blocks; the pooled flag adds none
+    kind = base_kind(t[:, 0])  # the listed blocks; the pooled flag adds none
     mask |= (kind == DENSE)[:, None, None]
     for h in (kind == WINDOW).nonzero().view(-1).tolist():
         p = t[h, HEADER:HEADER + WINDOW_SLOTS].tolist()
@@ -307,6 +307,13 @@ def _laid_out(t: torch.Tensor, nq: int, nk: int, causal: bool) -> tuple[torch.Te
                     f"at {nq}×{nk} blocks they run dense (exact, not sparse). Calibrate at this length, or "
                     "leave block_topk out of head_patterns' patterns for length-independent layouts")
     return mask & allowed_blocks(nq, nk, causal), note
+
+
+def base_kind(kind):
+    """A row's kind without the `POOLED` flag: the kind of its listed blocks (a pyramid's near part).
+    Takes an int or an int tensor of kinds (ONNX, which has no bitwise and before opset 18, writes it
+    as ``Mod(kind, POOLED)``: the flag is the highest bit)."""
+    return kind & ~POOLED
 
 
 def pooled_heads(t: torch.Tensor) -> torch.Tensor:

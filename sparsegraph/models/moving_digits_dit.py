@@ -94,6 +94,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import math
 import pathlib
 import time
@@ -406,28 +407,82 @@ def build(**sizes) -> MovingDigitsDiT:
     return MovingDigitsDiT(**sizes)
 
 
+def _lr_factor(step: int, steps: int) -> float:
+    """5% linear warm-up, then cosine decay to 0 (the factor on `LR` at `step`)."""
+    warm = max(1, round(WARMUP * steps))
+    if step < warm:
+        return (step + 1) / warm
+    return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+
+def _save_state(path: pathlib.Path, step: int, steps: int, sizes: dict, model, ema, opt, g, losses) -> None:
+    """A resumable training state: tensors in safetensors, the rest in JSON (no pickles), written to a
+    temporary name and renamed, so an interrupted write leaves the previous state intact."""
+    from safetensors.torch import save_file
+
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors |= {f"ema.{k}": v for k, v in ema.state_dict().items()}
+    for i, p in enumerate(model.parameters()):
+        for key, value in opt.state.get(p, {}).items():
+            tensors[f"opt.{i}.{key}"] = value.reshape(-1) if key == "step" else value
+    tensors["generator"] = g.get_state()
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "state.tmp"))
+    (path / "state.json.tmp").write_text(json.dumps({"step": step, "steps": steps, "sizes": sizes,
+                                                      "losses": losses}))
+    (path / "state.tmp").replace(path / "state.safetensors")
+    (path / "state.json.tmp").replace(path / "state.json")
+
+
+def _load_state(path: pathlib.Path, steps: int, sizes: dict, model, ema, opt, g) -> tuple[int, list[float]]:
+    """Restore `_save_state`'s state into fresh objects; returns (next step, losses so far). Refuses a
+    state written for another run length or size."""
+    from safetensors.torch import load_file
+
+    meta = json.loads((path / "state.json").read_text())
+    if meta["steps"] != steps or meta["sizes"] != sizes:
+        raise ValueError(f"the training state in {path} is for steps={meta['steps']} sizes={meta['sizes']}, "
+                         f"not steps={steps} sizes={sizes}; pass the same arguments or another --checkpoint")
+    tensors = load_file(str(path / "state.safetensors"))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+    for i, p in enumerate(model.parameters()):
+        if f"opt.{i}.step" in tensors:
+            opt.state[p] = {key: tensors[f"opt.{i}.{key}"].reshape(()) if key == "step"
+                            else tensors[f"opt.{i}.{key}"] for key in ("step", "exp_avg", "exp_avg_sq")}
+    g.set_state(tensors["generator"])
+    return meta["step"], meta["losses"]
+
+
 def train(seed: int = 0, steps: int = STEPS, batch: int = BATCH, threads: int = 2, log: bool = False,
-          every: int = 0, on_checkpoint=None, **sizes) -> tuple[MovingDigitsDiT, list[float]]:
+          every: int = 0, on_checkpoint=None, checkpoint: str | pathlib.Path | None = None,
+          save_every: int = 50, **sizes) -> tuple[MovingDigitsDiT, list[float]]:
     """Train from scratch (recipe in the module docstring); returns the EMA model in eval mode and the loss
     per step. Seeded; the caller's RNG state and thread setting are restored. With `every` > 0,
-    ``on_checkpoint(step, ema_model)`` is called every `every` steps."""
+    ``on_checkpoint(step, ema_model)`` is called every `every` steps. With `checkpoint` (a directory), the
+    state is saved every `save_every` steps and a run resumes from it: a resumed run takes the same steps
+    as an uninterrupted one (the data are seeded per step and the noise generator's state is saved)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
-    losses = []
+    losses: list[float] = []
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = build(**sizes)
             ema = copy.deepcopy(model).requires_grad_(False)
             opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.99), weight_decay=0.0)
-            warm = max(1, round(WARMUP * steps))
-            sched = torch.optim.lr_scheduler.LambdaLR(
-                opt, lambda s: (s + 1) / warm if s < warm
-                else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))
             g = torch.Generator().manual_seed(seed + 1)
+            first = 0
+            path = pathlib.Path(checkpoint) if checkpoint is not None else None
+            if path is not None and (path / "state.json").is_file():
+                first, losses = _load_state(path, steps, sizes, model, ema, opt, g)
+                if log:
+                    print(f"resumed from {path} at step {first}", flush=True)
             model.train()
             start = time.perf_counter()
-            for step in range(steps):
+            for step in range(first, steps):
+                for group in opt.param_groups:
+                    group["lr"] = LR * _lr_factor(step, steps)
                 x0, labels = clips(batch, "train", seed=seed * 1_000_003 + step)
                 t = torch.sigmoid(torch.randn(batch, generator=g))
                 noise = torch.randn(x0.shape, generator=g)
@@ -438,7 +493,6 @@ def train(seed: int = 0, steps: int = STEPS, batch: int = BATCH, threads: int = 
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
-                sched.step()
                 decay = min(EMA, (1 + step) / (10 + step))  # a short memory while the weights move fast
                 for e, p in zip(ema.parameters(), model.parameters()):
                     e.lerp_(p.detach(), 1 - decay)
@@ -446,6 +500,8 @@ def train(seed: int = 0, steps: int = STEPS, batch: int = BATCH, threads: int = 
                 if log and (step % 25 == 0 or step == steps - 1):
                     print(f"step {step} loss {sum(losses[-25:]) / len(losses[-25:]):.4f} "
                           f"{time.perf_counter() - start:.0f} s", flush=True)
+                if path is not None and ((step + 1) % save_every == 0 or step == steps - 1):
+                    _save_state(path, step + 1, steps, sizes, model, ema, opt, g, losses)
                 if every and on_checkpoint is not None and (step + 1) % every == 0:
                     on_checkpoint(step + 1, ema.eval())
     finally:
@@ -479,7 +535,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=STEPS)
     ap.add_argument("--out", default=str(WEIGHTS))
     ap.add_argument("--every", type=int, default=0, help="report the recognition rate every N steps")
+    ap.add_argument("--checkpoint", default=None,
+                    help="a directory for a resumable training state (saved every 50 steps, resumed from)")
+    for size, default in (("dim", DIM), ("depth", DEPTH), ("heads", HEADS)):
+        ap.add_argument(f"--{size}", type=int, default=default)
     args = ap.parse_args()
+    sizes = {"dim": args.dim, "depth": args.depth, "heads": args.heads}
     classifier = DigitClassifier()
     labels = torch.arange(40) % NUM_CLASSES
 
@@ -488,7 +549,8 @@ def main() -> None:
         print(f"step {step}: EMA model recognised {rate:.0%} of 40 sampled clips", flush=True)
 
     start = time.perf_counter()
-    model, losses = train(steps=args.steps, log=True, every=args.every, on_checkpoint=report)
+    model, losses = train(steps=args.steps, log=True, every=args.every, on_checkpoint=report,
+                          checkpoint=args.checkpoint, **sizes)
     seconds = time.perf_counter() - start
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -132,6 +132,28 @@ def test_missing_weights_error_says_how_to_rebuild(monkeypatch, tmp_path):
         mdd.load()
 
 
+def test_an_interrupted_training_resumes_to_the_same_weights(tmp_path):
+    """A run stopped after 3 of 6 steps and resumed from its checkpoint directory ends with the same losses
+    and bit-identical EMA weights as an uninterrupted run; a state made for another run is refused."""
+    sizes = {"dim": 48, "depth": 1, "heads": 2}
+    whole, whole_losses = mdd.train(steps=6, batch=4, **sizes)
+
+    class Interrupt(Exception):
+        pass
+
+    def interrupt(step, ema):
+        raise Interrupt
+
+    with pytest.raises(Interrupt):
+        mdd.train(steps=6, batch=4, checkpoint=tmp_path, save_every=3, every=3, on_checkpoint=interrupt,
+                  **sizes)
+    resumed, resumed_losses = mdd.train(steps=6, batch=4, checkpoint=tmp_path, save_every=3, **sizes)
+    assert resumed_losses == whole_losses and len(whole_losses) == 6
+    assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()))
+    with pytest.raises(ValueError, match=r"steps=6 sizes=.*not steps=8"):
+        mdd.train(steps=8, batch=4, checkpoint=tmp_path, **sizes)
+
+
 @pytest.mark.slow
 @pytest.mark.ci
 def test_samples_show_the_requested_digit(shipped):
