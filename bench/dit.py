@@ -8,7 +8,7 @@ frame-major, 3-D sin-cos positions that extend to any grid, AdaLN-Zero blocks, `
 
 Patterns, two sources:
 
-- ``--trained``: the shipped trained weights (all 6 blocks: one real step) and the trained model's own
+- ``--trained``: the shipped trained weights (all its blocks: one real step) and the trained model's own
   fit: ``head_patterns`` (families dense and ``window_3d``) on its calibration clips at the training size
   (8 frames of 32x32 pixels: 4 × 8 × 8 tokens) over five timesteps. Windows are fitted on token
   displacements, so their extents mean the same on the long grid.
@@ -274,8 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frames", type=int, nargs="+", default=[8, 16, 32],
                     help="clip lengths in frames of 32 x 32 tokens (8, 16, 32: 8k, 16k, 32k tokens)")
     ap.add_argument("--canvas", type=int, default=CANVAS, help="tokens per side of a frame")
-    ap.add_argument("--dim", type=int, default=128, help="width (MovingDigitsDiT's: 128)")
-    ap.add_argument("--heads", type=int, default=4, help="heads (MovingDigitsDiT's: 4 of 32)")
+    ap.add_argument("--dim", type=int, default=128, help="width of the random-weight model")
+    ap.add_argument("--heads", type=int, default=4, help="heads of the random-weight model")
     ap.add_argument("--depth", type=int, default=2, help="blocks (a step is the same work per block)")
     ap.add_argument("--block", type=int, default=64)
     ap.add_argument("--calib-frames", type=int, default=4, help="frames of the short clip the plan is fit at")

@@ -117,7 +117,7 @@ def test_npz_data_fills_every_input_by_name(tmp_path, capsys):
     assert main(["profile", "zoo:moving_digits_dit", "--config", str(config), "--data", str(data),
                  "-o", str(plan)]) == 0
     evidence = json.loads(plan.read_text())["sites"]["attn:blocks.0.attn"]["head_patterns"]["evidence"]
-    assert evidence["seq_len"] == 256 and len(evidence["heads"]) == 4
+    assert evidence["seq_len"] == 256 and len(evidence["heads"]) == mdd.HEADS
     np.savez(tmp_path / "named.npz", x=x.numpy(), time=t.numpy(), label=label.numpy())
     assert main(["profile", "zoo:moving_digits_dit", "--config", str(config), "--data",
                  str(tmp_path / "named.npz"), "-o", str(tmp_path / "p2.json")]) == 2

@@ -36,19 +36,21 @@ Model (`MovingDigitsDiT`)
     plain module (``qkv`` Linear → reshape → ``F.scaled_dot_product_attention`` → ``proj`` Linear) that
     reads its sizes from the input; the MLP is Linear → GELU(tanh) → Linear (ratio 4). A final AdaLN
     LayerNorm and a zero-initialised Linear give each token its patch of the output, unpatchified back
-    to [B, 1, T, H, W]. Shipped size: dim 128, depth 6, 4 heads of 32: 1.87 M parameters, 0.59 M of them
+    to [B, 1, T, H, W]. Shipped size: dim 192, depth 8, 6 heads of 32: 5.51 M parameters, 1.78 M of them
     in the AdaLN modulations (they run once per sample, not per token). The class takes any size
-    (``MovingDigitsDiT(dim=256, heads=8)`` is 7.4 M parameters). It traces with
-    ``torch.export.export(model, (x, t, label), strict=False)``; `sparsegraph.ir` finds 6 self-attention
-    and 6 MLP sites (the AdaLN and timestep-embedding SiLU → Linear chains are conditioning, broadcast
-    over the tokens, so they are not MLP sites).
+    (``MovingDigitsDiT(dim=128, depth=6, heads=4)``, the first shipped size, is 1.87 M parameters). It
+    traces with ``torch.export.export(model, (x, t, label), strict=False)``; `sparsegraph.ir` finds 8
+    self-attention and 8 MLP sites (the AdaLN and timestep-embedding SiLU → Linear chains are
+    conditioning, broadcast over the tokens, so they are not MLP sites).
 
-    Why this size: the issue asks for 5–20 M parameters *and* training in minutes on a shared 2-core
-    CPU; the two do not meet here. 8 frames of 32x32 in (2, 4, 4) patches (256 tokens, a latent frame is
-    8 rows of 8 tokens: 4 blocks of 16) is enough tokens for block patterns to mean something. One
-    training step of 32 clips measured 5 s at dim 192 and at dim 128 with the machine at load 7 (three
-    other engineers' runs), and 1.0–1.3 s at dim 128 on the quiet machine, so dim 256 (7.4 M, about 4x
-    the work per step) was out of reach for the thousands of steps a denoiser needs; dim 128 it is.
+    Why this size: the issue asks for 5–20 M parameters and for retraining in minutes on a 2-core CPU;
+    the two do not meet here. 8 frames of 32x32 in (2, 4, 4) patches (256 tokens, a latent frame is 8
+    rows of 8 tokens: 4 blocks of 16) is enough tokens for block patterns to mean something. One training
+    step of 32 clips takes 1.0–1.1 s at dim 128 / depth 6 and 2.7–3.6 s at dim 192 / depth 8 (2-core AMD
+    EPYC, quiet; ``torch.compile`` of the model gains about 10%, the math SDPA backend loses), so the
+    first shipped model was the 1.87 M one (3000 steps, 71 min) and this one (2000 steps) took 1.9 hours (6950 s).
+    The trainer saves a resumable state (``--checkpoint DIR``), so a longer or larger run can span
+    sessions.
 
 Objective (rectified flow)
     x_t = (1 − t)·x0 + t·ε with ε ~ N(0, I); the model predicts the velocity v = ε − x0 (mean squared
@@ -63,7 +65,7 @@ Sampling (`sample`)
 
 Training (`train`)
     AdamW (lr 1e-3, betas 0.9/0.99, weight decay 0.0), 5% linear warm-up then cosine decay, gradient
-    clipping at 1.0, batch 32 fresh clips a step (train digits, a seeded generator), 3000 steps, 2
+    clipping at 1.0, batch 32 fresh clips a step (train digits, a seeded generator), 2000 steps, 2
     intra-op threads. The shipped weights are an exponential moving average of the trained ones (decay
     0.999, min(0.999, (1 + s)/(10 + s)) at step s: DiT's practice; an average over the last thousand
     steps samples cleaner than the last step's weights). ``python -m sparsegraph.models.moving_digits_dit``
@@ -77,16 +79,14 @@ Recognisability (`DigitClassifier`, `recognised`)
     frames of train digits at random places (3–45 s, depending on the load). A generated clip is
     recognised when the majority vote of its 8 frames' predictions is the requested label; chance is 10%.
 
-Figures measured (2-core Xeon, torch 2.14.1, 2 threads, ``--every 500``; load average 2–2.6 for most
-of the run: the trainer plus an engineer's edits and short tests): 3000 steps in 4276 s (1.2–1.5 s a
-step); loss (mean of the last 50 steps) 0.071, from 1.89 at step 0 (the variance of ε − x0 is about
-1.3; 0.167 after the first recipe's 400 steps of 16 clips). The EMA model recognised the requested digit
-in 12% / 20% / 35% / 50% / 55% / 60% of 40 sampled clips (16 Euler steps, guidance 2, seed 0; chance 10%)
-after 500 / 1000 / 1500 / 2000 / 2500 / 3000 steps, and 60% as shipped (fp16 weights loaded as fp32);
-the shipped weights at guidance 1.5 / 2 / 3 / 4: 60 / 60 / 75 / 82% with 16 steps, 55 / 65 / 70 / 73%
-with 32.
-The classifier reads 95% of real test frames and 95% of real test clips. The rate was still rising when
-training stopped: a longer run (or a GPU) would give cleaner digits; the attention figures are in
+Figures measured (2-core AMD EPYC, torch 2.14.1, 2 threads, ``--every 500 --checkpoint DIR``; the
+machine otherwise quiet but for an engineer's edits and a few short tests): 2000 steps in 6950 s (3.2–3.4 s
+a step); loss (mean of the last 50 steps) 0.066, from 1.89 at step 0 (the variance of ε − x0 is about
+1.3). The EMA model recognised the requested digit in 17% / 28% / 55% / 68% of 40 sampled clips (16 Euler
+steps, guidance 2, seed 0; chance 10%) after 500 / 1000 / 1500 / 2000 steps, and as shipped (fp16
+weights loaded as fp32) at guidance 1.5 / 2 / 3 / 4: 57.5 / 67.5 / 85 / 87.5%. The first shipped model
+(1.87 M parameters, 3000 steps, a 2-core Xeon) had reached 60% at guidance 2 and 82% at guidance 4, with
+a final loss of 0.071. The classifier reads 92% of 100 real test clips. The attention figures are in
 ``bench/results/dit-quality-cpu.md``.
 """
 
@@ -110,13 +110,13 @@ WEIGHTS = pathlib.Path(__file__).parent / "weights" / "moving_digits_dit.safeten
 
 FRAMES, CANVAS, DIGIT = 8, 32, 16
 PATCH = (2, 4, 4)
-DIM, DEPTH, HEADS, MLP_RATIO = 128, 6, 4, 4.0
+DIM, DEPTH, HEADS, MLP_RATIO = 192, 8, 6, 4.0
 NUM_CLASSES = 10
 NULL = NUM_CLASSES  # the label of the unconditional ("null") class
 MAX_SPEED = 3
 
 # Training recipe (see the module docstring).
-STEPS = 3000
+STEPS = 2000
 BATCH = 32
 LR = 1e-3
 EMA = 0.999

@@ -2,9 +2,9 @@
 tracing, and that its samples show the digit they were asked for.
 
 Recognisability, measured with the shipped weights (see the model's docstring, ``Figures measured``): the
-classifier's majority vote over frames equals the requested label for 82% of 40 clips at guidance 4 (4 per
-digit, 16 Euler steps, seed 0) and 60% at guidance 2 (what `bench dit_quality` samples with); chance is
-10%. The issue asks for far above chance; the test asks for at least RECOGNISED_FLOOR (five times
+classifier's majority vote over frames equals the requested label for 87.5% of 40 clips at guidance 4 (4
+per digit, 16 Euler steps, seed 0) and 67.5% at guidance 2 (what `bench dit_quality` samples with); chance
+is 10%. The issue asks for far above chance; the test asks for at least RECOGNISED_FLOOR (five times
 chance) at guidance 4, where a few clips changing their vote on another CPU's rounding cannot fail it.
 """
 
