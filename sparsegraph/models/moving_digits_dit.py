@@ -48,7 +48,7 @@ Model (`MovingDigitsDiT`)
     rows of 8 tokens: 4 blocks of 16) is enough tokens for block patterns to mean something. One training
     step of 32 clips takes 1.0–1.1 s at dim 128 / depth 6 and 2.7–3.6 s at dim 192 / depth 8 (2-core AMD
     EPYC, quiet; ``torch.compile`` of the model gains about 10%, the math SDPA backend loses), so the
-    first shipped model was the 1.87 M one (3000 steps, 71 min) and this one (2000 steps) took 1.9 hours (6950 s).
+    first shipped model was the 1.87 M one (3000 steps, 71 min) and this one (2000 steps) took 6950 s.
     The trainer saves a resumable state (``--checkpoint DIR``), so a longer or larger run can span
     sessions.
 
