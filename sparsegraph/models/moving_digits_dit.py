@@ -447,9 +447,10 @@ def _load_state(path: pathlib.Path, steps: int, sizes: dict, model, ema, opt, g)
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
     for i, p in enumerate(model.parameters()):
-        if f"opt.{i}.step" in tensors:
-            opt.state[p] = {key: tensors[f"opt.{i}.{key}"].reshape(()) if key == "step"
-                            else tensors[f"opt.{i}.{key}"] for key in ("step", "exp_avg", "exp_avg_sq")}
+        prefix = f"opt.{i}."  # whatever keys `_save_state` wrote for this parameter
+        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if state:
+            opt.state[p] = {key: v.reshape(()) if key == "step" else v for key, v in state.items()}
     g.set_state(tensors["generator"])
     return meta["step"], meta["losses"]
 
