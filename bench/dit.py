@@ -9,16 +9,19 @@ frame-major, 3-D sin-cos positions that extend to any grid, AdaLN-Zero blocks, `
 Patterns, two sources:
 
 - ``--trained``: the shipped trained weights (all its blocks: one real step) and the trained model's own
-  fit: ``head_patterns`` (families dense and ``window_3d``) on its calibration clips at the training size
-  (8 frames of 32x32 pixels: 4 × 8 × 8 tokens) over five timesteps. Windows are fitted on token
-  displacements, so their extents mean the same on the long grid.
+  fit: ``head_patterns`` (families dense, ``window_3d`` and ``pyramid``) on its calibration clips at the
+  training size (8 frames of 32x32 pixels: 4 × 8 × 8 tokens) over five timesteps, costed at each long
+  clip's grid (``target_grid``; ``--cost-at calibration``: at the calibration grid, one fit for all
+  sizes). Windows are fitted on token displacements, so their extents mean the same on the long grid;
+  costed at the long grid, a head is dense or a pyramid (its far blocks read pooled: calibration never
+  saw the mass beyond the short clip, so no head drops it).
 - default: random weights, ``--depth`` blocks of width ``--dim`` with ``--heads`` heads (a step is the same
   work per block, so a few blocks give the per-step ratio). Random weights give near-uniform attention,
   which no sparse pattern fits, so the plan's heads are set to the documented per-head assignment
   `ASSIGNMENT` (extents in tokens: local 3-D, spatial-only, temporal-only, wider neighbourhoods, the head
   kinds Sparse-vDiT reports in video DiTs); the bench says so in its output.
 
-Either plan is made once at the short clip and replayed at every long size with
+Each plan is made at the short clip and replayed at its long size(s) with
 ``sparsegraph.compile(model, plan=...)``: window heads are re-specialised to the long grid.
 
 Candidates, same inputs, same run, interleaved after warm-up, median of ``--repeats``: dense eager (the
@@ -89,11 +92,12 @@ def inputs(frames: int, side: int, seed: int = 0):
 # ------------------------------------------------------------------------------------------ plan
 
 
-def make_plan(args, log) -> tuple[dict, str]:
-    """The plan fitted at the short clip: with ``--trained``, the trained model's own fit; else its heads
-    set to `ASSIGNMENT`."""
+def make_plan(args, log, frames: int) -> tuple[dict, str]:
+    """The plan fitted at the short clip for clips of `frames` token frames: with ``--trained``, the
+    trained model's own fit; else its heads set to `ASSIGNMENT`."""
     if args.trained:
-        return trained_plan(args, log)
+        target = (frames, args.canvas, args.canvas) if args.cost_at == "target" else None
+        return trained_plan(args, log, target)
     model, _ = build(args.calib_frames, 8, args)
     calib = [inputs(args.calib_frames, 8, seed) for seed in range(1, 3)]
     config = {"passes": [{"head_patterns": {"block": args.block, "recall": 0.9,
@@ -108,16 +112,19 @@ def make_plan(args, log) -> tuple[dict, str]:
     return assign(plan), "documented per-head assignment (random weights fit no sparse pattern)"
 
 
-def trained_plan(args, log) -> tuple[dict, str]:
+def trained_plan(args, log, target) -> tuple[dict, str]:
     """``head_patterns`` (families ``--patterns``: those that carry to another grid; recall ``--recall``,
     block ``--fit-block``) on the trained model at its training clip (8 frames of 32x32: 4 × 8 × 8 tokens),
-    calibrated on `moving_digits_dit.calibration` (test clips noised at five timesteps). Windows (a
-    pyramid's near part too) are fitted on tokens (their extent means the same at any grid and block), so
-    the replay lays them out at the bench's ``--block``: each site's block is set to it."""
+    calibrated on `moving_digits_dit.calibration` (test clips noised at five timesteps), costed at the
+    token grid `target` of the long clip (``target_grid``: dense or pyramid per head) or, None, at the
+    calibration grid. Windows (a pyramid's near part too) are fitted on tokens (their extent means the
+    same at any grid and block), so the replay lays them out at the bench's ``--block``: each site's
+    block is set to it."""
     model, example = mdd.load()
-    config = {"passes": [{"head_patterns": {"block": args.fit_block, "recall": args.recall,
-                                            "patterns": list(args.patterns)}},
-                         {"sparse_attention": {"max_density": 1.0}}]}
+    options = {"block": args.fit_block, "recall": args.recall, "patterns": list(args.patterns)}
+    if target is not None:
+        options["target_grid"] = list(target)
+    config = {"passes": [{"head_patterns": options}, {"sparse_attention": {"max_density": 1.0}}]}
     cm = sg.compile(model, config, example_inputs=example, calibration=mdd.calibration(), quiet=True)
     plan = copy.deepcopy(cm.plan.to_json())
     fitted = []
@@ -128,9 +135,11 @@ def trained_plan(args, log) -> tuple[dict, str]:
             fitted += [h["pattern"] + (str(h["params"]["extent"]) if "extent" in h["params"] else "")
                        for h in decision["heads"]]
     counts = {f: sum(x.split("[")[0] == f for x in fitted) for f in args.patterns}
-    log(f"trained model's fit at 4x8x8 tokens (recall {args.recall}, block {args.fit_block}): heads of the "
-        f"rewritten sites by family {counts}: {fitted}")
-    return plan, (f"the trained model's own fit (recall {args.recall}; families {', '.join(args.patterns)})")
+    at = "the calibration grid" if target is None else "x".join(map(str, target))
+    log(f"trained model's fit at 4x8x8 tokens (recall {args.recall}, block {args.fit_block}, costed at "
+        f"{at}): heads of the rewritten sites by family {counts}: {fitted}")
+    return plan, (f"the trained model's own fit (recall {args.recall}; families {', '.join(args.patterns)}; "
+                  + ("costed at the calibration grid)" if target is None else "costed at each clip's grid)"))
 
 
 def assign(plan: dict) -> dict:
@@ -286,16 +295,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--patterns", nargs="+", default=["dense", "window_3d", "pyramid"],
                     choices=["dense", "window_3d", "pyramid"],
                     help="head_patterns families of the trained fit (those that carry to another grid)")
+    ap.add_argument("--cost-at", choices=["target", "calibration"], default="target",
+                    help="the trained fit's costs: at each clip's grid (head_patterns' target_grid, one fit "
+                         "per size) or at the calibration grid (one fit for every size)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--no-flex", action="store_true")
     args = parse(ap, argv)
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="bench-dit-inductor-"))
     notes: list[str] = []
-    plan, source = make_plan(args, notes.append)
-    path = os.path.join(tempfile.mkdtemp(prefix="bench-dit-"), "plan.json")
-    with open(path, "w") as f:
-        json.dump(plan, f)
+    per_size = args.trained and args.cost_at == "target"
+    plans = {}  # frames → plan path
+    for frames in (args.frames if per_size else args.frames[:1]):
+        plan, source = make_plan(args, notes.append, frames)
+        plans[frames] = os.path.join(tempfile.mkdtemp(prefix="bench-dit-"), "plan.json")
+        with open(plans[frames], "w") as f:
+            json.dump(plan, f)
     results = {"machine": machine(args.threads), "settings": vars(args), "patterns": source,
                "assignment": None if args.trained else ASSIGNMENT, "cpu_kernels": cpu_kernels.status(),
                "notes": notes, "cases": []}
@@ -305,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         example = inputs(frames, args.canvas)
         tokens = frames * args.canvas * args.canvas
         start = time.perf_counter()
-        cm = sg.compile(model, plan=path, example_inputs=example)
+        cm = sg.compile(model, plan=plans.get(frames, plans[args.frames[0]]), example_inputs=example)
         replay = time.perf_counter() - start
         layer_tables = tables(cm)
         nb = math.ceil(tokens / args.block)

@@ -32,6 +32,10 @@ batches of ``--batch`` clips per timestep, labels cycling through the digits).
    each recall, are drawn frame by frame in the HTML report of the sparsest compiled model
    (``<out>/<name>-report.html``, beside its per-layer × per-head pattern grid).
 
+``--target-grid T,H,W`` fits the plans as ``bench dit`` does for long clips (``head_patterns``'
+``target_grid``: costed at that grid, dense or pyramid per head); their fidelity is measured here, at the
+training size, the one size the model was trained for.
+
 Quality figures do not depend on the machine's load; the seconds recorded do.
 """
 
@@ -64,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--strip", type=int, default=3, help="clips shown dense vs sparse in the HTML report")
     ap.add_argument("--patterns", default="", help="head_patterns families, comma-separated (default: its "
                     "default candidates; add pyramid to offer it)")
+    ap.add_argument("--target-grid", default="", help="head_patterns' target_grid T,H,W (tokens): cost the "
+                    "patterns at that grid, as a plan for long clips is (densities are then at that grid)")
     args = parse(ap, argv)
     started = time.perf_counter()
     recalls = [float(r) for r in args.recalls.split(",")]
@@ -75,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     # 1. patterns at each recall (and the compiled models for 3.)
     compiled, patterns = {}, {}
     for r in recalls:
-        cm = sg.compile(model, _config(args.block, r, rewrite=True, patterns=args.patterns),
+        cm = sg.compile(model, _config(args.block, r, rewrite=True, patterns=args.patterns,
+                                       target_grid=args.target_grid),
                         example_inputs=example, calibration=batches, quiet=True)
         rewritten = cm.plan.passes["sparse_attention"]["stats"]["rewritten"]
         # a recall where every head stays dense rewrites nothing: no fidelity row for it (it would be dense's)
@@ -131,10 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _config(block: int, recall: float, rewrite: bool, patterns: str = "") -> dict:
+def _config(block: int, recall: float, rewrite: bool, patterns: str = "", target_grid: str = "") -> dict:
     options = {"block": block, "recall": recall}
     if patterns:
         options["patterns"] = patterns.split(",")
+    if target_grid:
+        options["target_grid"] = [int(x) for x in target_grid.split(",")]
     passes: list = [{"head_patterns": options}]
     if rewrite:
         passes.append({"sparse_attention": {"max_density": 1.0}})
@@ -282,7 +291,10 @@ def _markdown(res: dict, recalls, timesteps, args) -> str:
              f"sites, "
              f"{m['tokens']} tokens), block {args.block} ({math.ceil(m['tokens'] / args.block)}² blocks per "
              f"head). Calibration: {args.calibration} batches of {args.batch} test clips at each timestep of "
-             f"{timesteps}. Wall time of the run {res['seconds']:.0f} s.", ""]
+             f"{timesteps}. Wall time of the run {res['seconds']:.0f} s."
+             + (f" Patterns costed at the target grid {args.target_grid} (head_patterns' target_grid: "
+                "densities are at that grid, the samples at the training size)" if args.target_grid else ""),
+             ""]
     for r in recalls:
         sites = res["patterns"][str(r)]
         counts: dict[str, int] = {}

@@ -279,7 +279,8 @@ class HeadChoice:
 class SitePatterns:
     """``head_patterns``' facts at one attention site: the block size and calibration length they were
     fitted at, causality, the recall target, a `HeadChoice` per query head, the heads grouped by
-    identical pattern and parameters, and the mean block density."""
+    identical pattern and parameters, and the mean block density; for a video site its token grid, and
+    the grid the densities were counted at where that is another (``target_grid``)."""
 
     block: int
     seq_len: int
@@ -289,13 +290,15 @@ class SitePatterns:
     groups: list[dict]
     density: float
     grid: list[int] | None = None  # the (T, H, W) token grid of a video site, where it was found
+    cost_grid: list[int] | None = None  # the token grid densities are counted at (None: calibration's)
 
     def to_json(self) -> dict:
         out = {"block": self.block, "seq_len": self.seq_len, "causal": self.causal,
                "recall_target": self.recall_target, "heads": [h.to_json() for h in self.heads],
                "groups": self.groups, "density": self.density}
-        if self.grid is not None:
-            out["grid"] = list(self.grid)
+        for key in ("grid", "cost_grid"):
+            if getattr(self, key) is not None:
+                out[key] = list(getattr(self, key))
         return out
 
     @classmethod
@@ -308,8 +311,12 @@ class SitePatterns:
                           for h in e["heads"].elements(heads, what="one per query head of the site")],
                    groups=[g.mapping(extra=True) for g in e["groups"].elements()] if "groups" in e else [],
                    density=e["density"].number(0.0, 1.0),
-                   grid=[x.integer(1) for x in e["grid"].elements(3, what="[T, H, W] tokens")]
-                   if "grid" in e and e["grid"].value is not None else None)
+                   grid=_grid(e, "grid"), cost_grid=_grid(e, "cost_grid"))
+
+
+def _grid(e: Entry, key: str) -> list[int] | None:
+    return ([x.integer(1) for x in e[key].elements(3, what="[T, H, W] tokens")]
+            if key in e and e[key].value is not None else None)
 
 
 # --------------------------------------------------------------------------------------- token_importance

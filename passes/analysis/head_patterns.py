@@ -75,6 +75,19 @@ A pattern is a set of blocks A; its recall is R(A) = Σ_{(I,J) ∈ A} M[h, I, J]
 
   and a head with share_h ≤ ``skip_share`` is skipped (off by default: ``skip_share`` = 0).
 
+**Costed at the target grid** (``target_grid: [T, H, W]``, video sites). A DiT is calibrated on the short
+clips it was trained on and run on long ones, where a pattern costs something else: a window covering
+most of a 4-frame clip is a few percent of a 32-frame one, so a head the short clip keeps dense can be
+cheap at the long one. With a target grid, each candidate's blocks, its density and the ``min_saving``
+test are counted on the target's grid of blocks (`blocks_at`); recall and a pyramid's error are still
+judged on calibration, the only attention observed. Only dense and pyramid are candidates there
+(`TARGET_FAMILIES`): a plain window drops every key beyond its box, and on a grid larger than
+calibration's that is mass calibration never saw (a window covering the whole short clip has recall 1
+and says nothing about the long one), whereas a pyramid reads those blocks pooled and drops none; the
+block-offset families and ``block_topk`` are bound to the calibration grid (``sparse_attention``
+refuses them at another) and ``dynamic_topk``'s block count to its length. Sites without a token grid
+are costed at calibration (counter ``costed_at_calibration``); the evidence records ``cost_grid``.
+
 Each family's parameters are grown until R ≥ ``recall`` (per site through config overrides), and the
 head takes the family with the lowest cost = blocks · (1 + overhead). ``block_topk`` is the minimum
 number of blocks by construction, but it is fitted to the calibration sample and tied to its length,
@@ -137,6 +150,10 @@ class HeadPatterns(AnalysisPass):
     query_chunk: int = option(256, "query rows per step when recomputing SDPA probabilities", range=(1, None))
     grid: tuple[int, ...] = option((), "token grid [T, H, W] of video sites (frame-major tokens) for "
                                    "window_3d; empty: found from the Conv3d patch embedding", choices=None)
+    target_grid: tuple[int, ...] = option((), "token grid [T, H, W] the compiled model will run at (a longer "
+                                          "clip, a larger canvas): video sites are costed there, with the "
+                                          "families that carry to it; empty: at the calibration grid",
+                                          choices=None)
     skip_share: float = option(0.0, "skip a head (replace its output by its calibrated mean) when its output "
                                "varies by at most this share of the site's output energy; 0: never",
                                range=(0.0, 1.0))
@@ -146,9 +163,12 @@ class HeadPatterns(AnalysisPass):
         unknown = [p for p in self.patterns if p not in FAMILIES]
         if unknown:
             raise ConfigError(f"head_patterns: unknown pattern families {unknown}; known: {list(FAMILIES)}")
-        if len(self.grid) not in (0, 3) or any(int(x) < 1 for x in self.grid):
-            raise ConfigError(f"option 'grid' of pass 'head_patterns' is {list(self.grid)}: give [T, H, W] "
-                              "token counts (each ≥ 1), or leave it empty to find it from a Conv3d")
+        for name, why in (("grid", "to find it from a Conv3d"),
+                          ("target_grid", "to cost at the calibration grid")):
+            value = getattr(self, name)
+            if len(value) not in (0, 3) or any(int(x) < 1 for x in value):
+                raise ConfigError(f"option '{name}' of pass 'head_patterns' is {list(value)}: give [T, H, W] "
+                                  f"token counts (each ≥ 1), or leave it empty {why}")
         if not self.patterns:
             raise ConfigError("option 'patterns' of pass 'head_patterns' is empty, so every head would stay "
                               f"dense; list candidate families from {list(FAMILIES)}")
@@ -183,6 +203,7 @@ class HeadPatterns(AnalysisPass):
                 raise ConfigError(f"head_patterns: grid {list(self.grid)} has {math.prod(self.grid)} tokens, "
                                   f"site {site.id} has {q[2]} (and must not be causal): give the token "
                                   "grid of this model at the example's size")
+        targets = self._targets(sites, grids, stats)
         observer = _Observer(gm, sites, self.block, self.query_chunk, grids)
         for batch in ctx.progress(ctx.calibration, "head_patterns"):
             observer.run_batch(batch.args, batch.kwargs)
@@ -204,7 +225,7 @@ class HeadPatterns(AnalysisPass):
             _check_coverage(site, length, mass[0].sum(-1), self.block)
             shifts = observer.displacements.get(site.id, {}).get(length) if site.id in grids else None
             fits[site.id] = (opts, length, mass, shifts)
-        pyramids = self._pyramids(gm, ctx, sites, fits, grids, stats)
+        pyramids = self._pyramids(gm, ctx, sites, fits, grids, targets, stats)
         per_layer = {}
         for site in sites:
             if site.id not in fits:
@@ -218,7 +239,8 @@ class HeadPatterns(AnalysisPass):
             offered = pyramids.get(site.id, [None] * len(mass))
             heads = [choose(m, site.causal, opts.recall, opts.patterns, opts.topk_overhead, opts.min_saving,
                             captured=None if captured is None else captured[h], window=windows[h],
-                            block=self.block, pyramid=offered[h]) for h, m in enumerate(mass)]
+                            block=self.block, pyramid=offered[h], target=targets.get(site.id))
+                     for h, m in enumerate(mass)]
             for h, head in enumerate(heads):
                 head["output_share"] = round(float(shares[h]), 6)
                 if "skip" in opts.patterns and opts.skip_share > 0 and shares[h] <= opts.skip_share:
@@ -232,14 +254,28 @@ class HeadPatterns(AnalysisPass):
                 heads=[facts.HeadChoice(**h) for h in heads],
                 groups=[{"pattern": json.loads(key)[0], "heads": hs} for key, hs in groups.items()],
                 density=sum(h["density"] for h in heads) / len(heads),
-                grid=list(grid) if grid else None).to_json())
+                grid=list(grid) if grid else None,
+                cost_grid=list(targets[site.id]) if site.id in targets else None).to_json())
             per_layer[site.id] = sum(h["density"] for h in heads) / len(heads)
         ctx.plan.set_summary(self.name, {"batches": len(ctx.calibration), "density_per_site": per_layer,
                                          "block": self.block})
         stats.counters.update(batches=len(ctx.calibration),
                               heads=sum(len(next(iter(m.values()))) for m in observer.masses.values()))
 
-    def _pyramids(self, gm, ctx, sites, fits, grids, stats) -> dict[str, list[dict | None]]:
+    def _targets(self, sites, grids, stats) -> dict[str, tuple[int, int, int]]:
+        """Per video site, the ``target_grid`` its patterns are costed at (where it differs from the
+        calibration grid); sites without a token grid are costed at calibration, and counted."""
+        if not self.target_grid:
+            return {}
+        target = tuple(int(x) for x in self.target_grid)
+        missed = [s.id for s in sites if s.id not in grids]
+        if missed:
+            stats.counters["costed_at_calibration"] = {
+                s: "no token grid (no Conv3d patch embedding, or causal): target_grid applies to video sites"
+                for s in missed}
+        return {s.id: target for s in sites if s.id in grids and grids[s.id] != target}
+
+    def _pyramids(self, gm, ctx, sites, fits, grids, targets, stats) -> dict[str, list[dict | None]]:
         """Per site, per head: the cheapest ``pyramid`` that errs no more than ``block_topk`` at the recall
         (module docstring), or None; measured in a second calibration pass over the sites that offer it."""
         offered, refused = {}, {}
@@ -252,7 +288,8 @@ class HeadPatterns(AnalysisPass):
                 continue
             opts, length, mass, shifts = fits[site.id]
             offered[site.id] = (length, [pyramid_candidates(m, opts.recall, self.block, grids.get(site.id),
-                                                            None if shifts is None else shifts[h])
+                                                            None if shifts is None else shifts[h],
+                                                            targets.get(site.id))
                                          for h, m in enumerate(mass)])
         if refused:
             stats.counters["pyramid_not_offered"] = refused
@@ -288,13 +325,16 @@ def _check_coverage(site, length: int, rows: torch.Tensor, block: int) -> None:
 
 def choose(mass: torch.Tensor, causal: bool, recall: float, families=FAMILIES, topk_overhead: float = 0.25,
            min_saving: float = 0.2, captured: torch.Tensor | None = None, window: dict | None = None,
-           block: int | None = None, pyramid: dict | None = None) -> dict:
+           block: int | None = None, pyramid: dict | None = None, target=None) -> dict:
     """The cheapest pattern of `families` whose recall on `mass` [nq, nk] is ≥ `recall`.
 
     `captured` [nk]: C(t) of ``dynamic_topk`` for t = 1 … nk (None: that family is not available).
     `window`: the ``window_3d`` parameters `fit_window` chose (None: not available), laid out at the
     site's `block`. `pyramid`: the ``pyramid`` `best_pyramid` found (None: not available), judged by its
-    output error rather than recall.
+    output error rather than recall, its cost already at the cost grid (`pyramid_candidates`).
+    `target`: the token grid [T, H, W] to cost at (None: the calibration grid): only the families that
+    carry to it (`TARGET_FAMILIES`) are candidates, recall is still judged on calibration, and blocks,
+    density and ``min_saving`` are counted on the target's grid of blocks (`blocks_at`).
     Dense is always a candidate; a sparse pattern must cost at most (1 − min_saving) of it, and one
     whose kept mass falls short of the recall is never taken, whatever its fit said.
     """
@@ -304,9 +344,11 @@ def choose(mass: torch.Tensor, causal: bool, recall: float, families=FAMILIES, t
     total = float(mass.sum())
     if not total > 0:
         raise ValueError(f"no attention mass to choose a pattern from (total {total})")
-    possible = int(allowed.sum())
+    possible = int(allowed.sum()) if target is None else blocks_at("dense", {}, target, block)
     found = []
     for family in families:
+        if target is not None and family not in TARGET_FAMILIES:
+            continue
         if family == "pyramid":
             if pyramid is not None and pyramid["cost"] <= (1 - min_saving) * possible:
                 found.append((pyramid["cost"], FAMILIES.index(family), family, pyramid["params"],
@@ -327,6 +369,8 @@ def choose(mass: torch.Tensor, causal: bool, recall: float, families=FAMILIES, t
         params, blocks, kept = fitted
         if kept < recall * total - 1e-9 * total:
             continue
+        if target is not None:
+            blocks = blocks_at(family, params, target, block)
         cost = blocks * (1 + (topk_overhead if family in ("block_topk", "dynamic_topk") else 0.0))
         if family != "dense" and cost > (1 - min_saving) * possible:
             continue
@@ -342,14 +386,28 @@ def choose(mass: torch.Tensor, causal: bool, recall: float, families=FAMILIES, t
             "density": round(blocks / max(possible, 1), 6), "blocks": blocks}
 
 
+TARGET_FAMILIES = ("dense", "pyramid")  # what is costed at a target grid (module docstring: why not windows)
+
+
+def blocks_at(family: str, params: dict, target, block: int) -> int:
+    """The blocks a ``dense`` or ``pyramid`` (its near part, a ``window_3d``) head lists on the token grid
+    `target` [T, H, W] in blocks of `block` tokens: its extents are tokens, so they carry (as
+    ``sparse_attention`` re-specialises them)."""
+    n = -(-math.prod(target) // block)
+    if family == "dense":
+        return n * n
+    return int(pattern_mask(family, {**params, "grid": list(target)}, n, n, False, block=block).sum())
+
+
 def pyramid_candidates(mass: torch.Tensor, recall: float, block: int, grid=None,
-                       shifts: torch.Tensor | None = None) -> list[dict]:
+                       shifts: torch.Tensor | None = None, target=None) -> list[dict]:
     """What a ``pyramid`` is measured against and tried as, for one head's block mass [nq, nk]: first the
     reference, ``block_topk`` at `recall` (exact: ``pooled`` False), then one pyramid per near recall in
     `NEAR_RECALLS` (distinct near parts only): ``window_3d`` fitted on the displacement mass `shifts`
     where the token `grid` is known, else ``local``. Each holds its block ``mask`` [nq, nk]; pyramids also
     their ``params``, listed ``blocks``, ``cost`` (blocks + nq · nk / block: the pooled keys) and the
-    exact mass share they ``kept``."""
+    exact mass share they ``kept``; blocks and cost on the grid of token grid `target` (`blocks_at`),
+    where given, else on the calibration grid."""
     nq, nk = mass.shape
     mass = mass.double()
     total = float(mass.sum())
@@ -369,8 +427,11 @@ def pyramid_candidates(mass: torch.Tensor, recall: float, block: int, grid=None,
             continue
         seen.add(key)
         mask = pattern_mask("pyramid", params, nq, nk, False, block=block)
-        out.append({"params": params, "mask": mask, "pooled": True, "blocks": int(mask.sum()),
-                    "cost": int(mask.sum()) + nq * nk / block, "kept": float((mass * mask).sum()) / total})
+        blocks, cells = int(mask.sum()), nq * nk
+        if target is not None:
+            blocks, cells = blocks_at("pyramid", params, target, block), blocks_at("dense", {}, target, block)
+        out.append({"params": params, "mask": mask, "pooled": True, "blocks": blocks,
+                    "cost": blocks + cells / block, "kept": float((mass * mask).sum()) / total})
     return out
 
 

@@ -169,6 +169,37 @@ def test_fallback_returns_the_log_sum_exp(causal, tile):
         _assert_lse(lse, want, f"mask {name}")
 
 
+def test_the_compiled_kernel_leaves_dense_heads_to_sdpa(monkeypatch):
+    """Without a mask, not causal: the kernel gets the dense heads' lists emptied (and the lists trimmed to
+    the sparse heads' longest), and one SDPA call computes those heads; the result is the oracle's. With a
+    mask, every head stays in the kernel."""
+    from sparsegraph.codegen import cpu_kernels
+
+    if cpu_kernels.library() is None:
+        pytest.skip(f"compiled CPU kernels: {cpu_kernels.status()}")
+    B, H, Hkv, L, E, block = 2, 4, 2, 70, 16, 16
+    q, k, v, _, bm = _case(B, H, Hkv, L, L, E, block)
+    bm[1] = bm[3] = True  # heads 1 and 3 dense
+    bm[0] = bm[2] = torch.eye(5, dtype=torch.bool)
+    layout = fixed_table(bm)
+    seen, calls = [], []
+    kernel, sdpa = cpu_kernels.block_sparse_attention, F.scaled_dot_product_attention
+    monkeypatch.setattr(cpu_kernels, "block_sparse_attention", lambda q, k, v, lists, *a: seen.append(lists)
+                        or kernel(q, k, v, lists, *a))
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, *a, **kw: calls.append(q.shape[1])
+                        or sdpa(q, *a, **kw))
+    got = bsa.cpu(q, k, v, layout, None, block, False, 0.25)
+    torch.testing.assert_close(got, bsa.reference(q, k, v, layout, None, block, False, 0.25), rtol=1e-5,
+                               atol=1e-5)
+    assert calls == [2] and seen[0].shape == (H, 5, 1)
+    assert (seen[0][[1, 3]] == -1).all() and seen[0][[0, 2], :, 0].tolist() == [list(range(5))] * 2
+    seen.clear(), calls.clear()
+    mask = torch.zeros(B, 1, 1, L)
+    torch.testing.assert_close(bsa.cpu(q, k, v, layout, mask, block, False, 0.25),
+                               bsa.reference(q, k, v, layout, mask, block, False, 0.25), rtol=1e-5, atol=1e-5)
+    assert calls == [] and seen[0].shape == (H, 5, 5)
+
+
 def test_cpu_never_builds_the_dense_score_matrix(torch_path, monkeypatch):
     """The torch CPU path's attention calls see only listed blocks: no call reads every key, and the
     (query, key) pairs computed are those of the listed blocks."""
