@@ -30,7 +30,9 @@ compiled CPU kernel; no compile step of ours: its first call is timed), and the 
 calls routed to ``torch.compile(flex_attention)`` with the same block masks (a ``BlockMask`` built from
 the layouts' index lists, every listed block full; its compile + first call timed separately). Also: the
 share of a dense step spent in attention (SDPA calls timed inside one dense step), per-head density,
-and the max |ours − flex| of the step outputs (the same sparse attention, two kernels).
+the step output of ours against dense eager (relative L2 error and cosine: what the sparse attention
+changes at the long size, where the model has no trained reference), and the max |ours − flex| of the
+step outputs where both run the same sparse attention.
 """
 
 from __future__ import annotations
@@ -258,21 +260,24 @@ def attention_share(model, example) -> float:
     return spent[0] / total
 
 
-def median_times(calls: dict, warmup: int, repeats: int) -> dict[str, float]:
+def median_times(calls: dict, warmup: int, repeats: int) -> tuple[dict[str, float], dict]:
     """Median seconds per call, candidates interleaved, the order rotated every round (none always
-    follows the same one)."""
+    follows the same one); and each candidate's output from the first warm-up round (empty without one)."""
     names = list(calls)
     times: dict[str, list[float]] = {n: [] for n in names}
+    outputs = {}
     with torch.inference_mode():
-        for _ in range(warmup):
+        for w in range(warmup):
             for n in names:
-                calls[n]()
+                out = calls[n]()
+                if w == 0:
+                    outputs[n] = out
         for r in range(repeats):
             for n in names[r % len(names):] + names[:r % len(names)]:
                 start = time.perf_counter()
                 calls[n]()
                 times[n].append(time.perf_counter() - start)
-    return {n: sorted(t)[len(t) // 2] for n, t in times.items()}
+    return {n: sorted(t)[len(t) // 2] for n, t in times.items()}, outputs
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -349,7 +354,12 @@ def main(argv: list[str] | None = None) -> int:
                 calls["flex_attention (torch.compile)"] = step
                 flex_diff = float((_out(ours_out) - _out(flex_out)).abs().max())
         share = attention_share(model, example)
-        times = median_times(calls, args.warmup, args.repeats)
+        times, outputs = median_times(calls, args.warmup, args.repeats)
+        error = None
+        if "dense eager" in outputs:  # the sparse step against the dense one: same weights, same input
+            dense_y, ours_y = _out(outputs["dense eager"]), _out(ours_out)
+            error = {"relative_l2": round(float((ours_y - dense_y).norm() / dense_y.norm()), 5),
+                     "cosine": round(float(F.cosine_similarity(ours_y.flatten(), dense_y.flatten(), 0)), 6)}
         base = times["dense eager"]
         case = {"frames": frames, "grid": [frames, args.canvas, args.canvas], "tokens": tokens, "model": name,
                 "density": round(density, 4), "density_per_head_layer0": per_head, "pyramid_heads": pooled,
@@ -358,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
                 "speedup": {k: round(base / v, 2) for k, v in times.items()},
                 "ours_first_call_s": round(first, 2), "replay_compile_s": round(replay, 2),
                 "flex_compile_and_first_call_s": None if flex_first is None else round(flex_first, 2),
-                "max_abs_ours_minus_flex": flex_diff, "load_average": os.getloadavg()[0],
+                "max_abs_ours_minus_flex": flex_diff, "ours_vs_dense_step_output": error,
+                "load_average": os.getloadavg()[0],
                 "respecialised_window_heads":
                     cm.plan.passes["sparse_attention"]["stats"]["counters"].get("respecialised_window_heads")}
         results["cases"].append(case)
@@ -392,6 +403,12 @@ def main(argv: list[str] | None = None) -> int:
           "over the window's blocks, per head (layer 0): "
           + "; ".join(f"{c['tokens']}: {c['bands_over_window_blocks_layer0']}" for c in results["cases"])
           + ".", ""]
+    if any(c["ours_vs_dense_step_output"] for c in results["cases"]):
+        md += ["Step output (the velocity) of ours against dense eager, the same weights and input (relative "
+               "L2 error, cosine): "
+               + ", ".join(f"{c['tokens']}: {c['ours_vs_dense_step_output']['relative_l2']:.4f}, "
+                           f"{c['ours_vs_dense_step_output']['cosine']:.5f}"
+                           for c in results["cases"] if c["ours_vs_dense_step_output"]) + ".", ""]
     if any(c["max_abs_ours_minus_flex"] is not None for c in results["cases"]):
         md.append("Max |ours - flex_attention| of the step output: "
                   + ", ".join(f"{c['tokens']}: {c['max_abs_ours_minus_flex']:.1e}" for c in results["cases"]
